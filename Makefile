@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make demo   set everything up (.venv from this repo's own files) and run the main job on the built-in data
+#   make test   set everything up and run the default test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-large lint bench clean
+
+$(VENV)/.installed: setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m mm_ads.data.synthetic --flagfile=configs/data/demo.flags --output_dir=$(RUN_DIR)/data --overwrite
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-large: setup
+	$(PY) -m pytest -q --run_large $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check mm_ads tests tools
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

