@@ -1,0 +1,81 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mm_ads.layers.sparse_embedding import SparseEmbedding
+
+
+def _layer(**kw):
+    args = dict(num_buckets=10, output_dim=3,
+                embeddings_initializer=keras.initializers.Constant(np.arange(30).reshape(10, 3)))
+    args.update(kw)
+    return SparseEmbedding(**args)
+
+
+def test_exact_values_bucketing_and_padding():
+    layer = _layer()
+    ids = tf.constant([[4, 0, -1, 23, (1 << 62) + 3]], tf.int64)
+    out = layer(ids).numpy()
+    table = np.arange(30, dtype=np.float32).reshape(10, 3)
+    # floormod bucketing: -1 → 9, 23 → 3, 2^62+3 → (2^62 mod 10 + 3) mod 10 = 7; 0 is padding → zeros
+    np.testing.assert_array_equal(out[0], [table[4], np.zeros(3), table[9], table[3], table[7]])
+    np.testing.assert_array_equal(layer.compute_mask(ids).numpy(), [[True, False, True, True, True]])
+    assert len(layer.trainable_weights) == 1 and layer.embeddings.shape == (10, 3)
+
+
+def test_no_padding_and_validation():
+    out = _layer(padding_id=None)(tf.constant([0], tf.int64)).numpy()
+    np.testing.assert_array_equal(out, [[0.0, 1.0, 2.0]])
+    for kw, match in [({"num_buckets": 0}, "num_buckets"), ({"output_dim": 2.5}, "output_dim"),
+                      ({"padding_id": "x"}, "padding_id")]:
+        with pytest.raises(ValueError, match=match):
+            _layer(**kw)
+
+
+def test_gradient_is_row_sparse_and_skips_padding():
+    layer = _layer()
+    layer.build()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(tf.constant([[2, 2, 0, 5]], tf.int64)))
+    g = tape.gradient(loss, layer.embeddings.value)
+    assert isinstance(g, tf.IndexedSlices)
+    dense = tf.convert_to_tensor(g).numpy()
+    assert np.flatnonzero(dense.any(axis=1)).tolist() == [2, 5]
+    np.testing.assert_array_equal(dense[2], [2, 2, 2])
+
+
+def test_shared_table_between_features():
+    layer = _layer()
+    target = keras.Input((), dtype="int64", name="item_id")
+    hist = keras.Input((4,), dtype="int64", name="hist_item_id")
+    out = keras.layers.Concatenate(axis=1)([keras.layers.Reshape((1, 3))(layer(target)), layer(hist)])
+    model = keras.Model([target, hist], out)
+    assert len(model.trainable_weights) == 1
+    y = model([tf.constant([1], tf.int64), tf.constant([[1, 0, 0, 2]], tf.int64)]).numpy()
+    np.testing.assert_array_equal(y[0, 0], y[0, 1])
+
+
+def test_bfloat16_policy_keeps_float32_table():
+    layer = _layer(dtype="mixed_bfloat16")
+    out = layer(tf.constant([1, 2], tf.int64))
+    assert out.dtype == tf.bfloat16 and layer.embeddings.dtype == "float32"
+    np.testing.assert_array_equal(out.numpy().astype(np.float32), [[3, 4, 5], [6, 7, 8]])
+
+
+def test_round_trip_config_and_keras_file(tmp_path):
+    layer = _layer(padding_id=-5)
+    ids = tf.constant([[1, -5, 7]], tf.int64)
+    expected = layer(ids).numpy()
+    again = keras.layers.deserialize(keras.layers.serialize(layer))
+    assert again.get_config() == layer.get_config()
+    if not again.built:
+        again.build()
+    again.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(again(ids).numpy(), expected)
+    inp = keras.Input((3,), dtype="int64")
+    model = keras.Model(inp, layer(inp))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded(ids).numpy(), expected)
