@@ -1,0 +1,26 @@
+"""Public Keras layers of mm_ads (all registered under the "mm_ads" package, all `.keras`-serializable).
+
+- `DINAttention`: DIN target attention over a behaviour sequence (optional side information).
+- `SimTier`: histogram of target-to-history similarities (paper section 4.2).
+- `SimScore`: per-item similarity to the target (the paper's SimScore baseline, side information to DIN).
+- `MLP`: dense tower (relu/prelu/dice/any Keras activation, dropout, batch/layer norm, float32 logit).
+- `Dice`: DIN's data-adaptive activation.
+- `SparseEmbedding`: large id table (integer bucketing, row gathers, sparse gradients).
+"""
+
+from mm_ads.layers.dice import Dice
+from mm_ads.layers.din_attention import DINAttention
+from mm_ads.layers.mlp import MLP
+from mm_ads.layers.sim_score import SimScore
+from mm_ads.layers.sim_tier import SimTier
+
+from mm_ads.layers.sparse_embedding import SparseEmbedding
+
+__all__ = [
+    "DINAttention",
+    "Dice",
+    "MLP",
+    "SimScore",
+    "SimTier",
+    "SparseEmbedding",
+]

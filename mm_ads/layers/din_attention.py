@@ -1,0 +1,217 @@
+"""DINAttention: target attention of the Deep Interest Network over a behaviour sequence."""
+
+import keras
+import ml_dtypes
+import numpy as np
+from keras import ops
+
+from mm_ads.layers.mlp import MLP, check_activation
+
+NORMALIZATIONS = ("softmax", "none")
+
+
+def mask_fill_value(dtype):
+    """A large negative value representable in `dtype` (half its lowest value, so that subtracting a
+    moderate maximum stays finite): fp16 -32752, bf16/fp32 about -1.7e38."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    finfo = ml_dtypes.finfo(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.finfo(dtype)
+    return float(finfo.min) / 2.0
+
+
+@keras.saving.register_keras_serializable(package="mm_ads")
+class DINAttention(keras.layers.Layer):
+    """Target attention of DIN: pools a behaviour sequence with weights computed from the target.
+
+    For each history position, an attention MLP reads `[q, k, q - k, q * k]` (plus optional per-position
+    side information, e.g. the `SimScore` similarity of the item to the target — this is how SimScore is
+    used "as side information to DIN") and outputs one score. With `normalization="softmax"` the scores
+    are soft-maxed over the valid positions; with `"none"` (the DIN paper's original) the raw scores are
+    the weights and padded positions get weight 0. The output is the weighted sum of the values
+    (default: the keys).
+
+    Padded positions (mask False) get weight exactly 0, so padding never changes the output; an
+    all-padded history gives zeros. Mixed precision: the attention MLP runs in the compute dtype, its
+    logits, the mask fill and the softmax in float32, and the pooling accumulates in float32; the output
+    has the compute dtype.
+
+    Args:
+        hidden_units: sequence of ints, hidden widths of the attention MLP (DIN: 80, 40).
+        activation: hidden activation of the attention MLP: "dice", "prelu", "sigmoid" or any Keras
+            activation name.
+        normalization: "softmax" (masked softmax; weights sum to 1) or "none" (DIN paper: unnormalised
+            weights, sum pooling).
+        dropout: dropout rate of the attention MLP's hidden layers.
+        kernel_initializer: initializer of the attention MLP's kernels.
+        bias_initializer: initializer of the attention MLP's biases.
+        kernel_regularizer: optional regularizer of the attention MLP's kernels.
+
+    Call arguments:
+        query: `[B, E]` target item representation.
+        keys: `[B, S, E]` behaviour sequence (same width as `query`).
+        value: optional `[B, S, Ev]` values to pool; default `keys`.
+        side_features: optional `[B, S]` or `[B, S, F]` per-position side information, concatenated to the
+            attention MLP input.
+        mask: optional `[B, S]` bool, True = valid position. Must be passed explicitly (a Keras mask on
+            `keys` is not picked up). None: every position is valid.
+        training: Python bool, for dropout and Dice statistics.
+        return_attention_scores: also return the weights.
+
+    Returns:
+        `[B, Ev]` pooled history in the compute dtype; with `return_attention_scores=True` a tuple
+        `(pooled [B, Ev], weights [B, S] float32)`.
+
+    Example:
+
+    ```python
+    att = DINAttention(hidden_units=(80, 40), activation="dice")
+    pooled = att(target_emb, history_emb, mask=history_mask)  # [B, E]
+    # SimScore as side information:
+    sim = SimScore()(target_vec, history_vec, mask=history_mask)  # [B, S]
+    pooled = att(target_emb, history_emb, side_features=sim, mask=history_mask)
+    ```
+
+    References:
+        - [Zhou et al. 2018, Deep Interest Network for Click-Through Rate Prediction](
+          https://arxiv.org/abs/1706.06978), section 4.3 and Fig. 2.
+        - Sheng et al. 2024, Enhancing Taobao Display Advertising with Multimodal Representations (SimScore
+          baseline: similarity scores as side information to DIN).
+    """
+
+    def __init__(
+        self,
+        hidden_units=(80, 40),
+        activation="dice",
+        normalization="softmax",
+        dropout=0.0,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        hidden_units = list(hidden_units)
+        if not all(isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in hidden_units):
+            raise ValueError(f"`hidden_units` must be positive ints. Received: hidden_units={hidden_units}")
+        check_activation(activation)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"`normalization` must be one of {NORMALIZATIONS}. Received: normalization={normalization!r}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+        self.hidden_units = hidden_units
+        self.activation = activation
+        self.normalization = normalization
+        self.dropout = float(dropout)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+
+    def build(self, query_shape, keys_shape, value_shape=None, side_features_shape=None):
+        if len(query_shape) != 2 or len(keys_shape) != 3:
+            raise ValueError(
+                f"DINAttention expects query [B, E] and keys [B, S, E]. Received: query_shape={query_shape}, "
+                f"keys_shape={keys_shape}"
+            )
+        if query_shape[-1] != keys_shape[-1]:
+            raise ValueError(
+                "query and keys must have the same width (pass wider/narrower vectors as `value`). Received: "
+                f"query_shape={query_shape}, keys_shape={keys_shape}"
+            )
+        if value_shape is not None and (len(value_shape) != 3 or value_shape[-1] is None):
+            raise ValueError(f"`value` must be [B, S, Ev] with known Ev. Received: value_shape={value_shape}")
+        side_width = 0
+        if side_features_shape is not None:
+            if len(side_features_shape) == 2:
+                side_width = 1
+            elif len(side_features_shape) == 3 and side_features_shape[-1] is not None:
+                side_width = side_features_shape[-1]
+            else:
+                raise ValueError(
+                    f"`side_features` must be [B, S] or [B, S, F]. Received: side_features_shape={side_features_shape}"
+                )
+        self.attention_mlp = MLP(
+            hidden_units=self.hidden_units,
+            activation=self.activation,
+            dropout=self.dropout,
+            output_units=1,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            kernel_regularizer=self.kernel_regularizer,
+            dtype=self.dtype_policy,
+            name="attention_mlp",
+        )
+        self.attention_mlp.build((keys_shape[0], keys_shape[1], 4 * keys_shape[-1] + side_width))
+
+    def call(
+        self,
+        query,
+        keys,
+        value=None,
+        side_features=None,
+        mask=None,
+        training=None,
+        return_attention_scores=False,
+    ):
+        if value is None:
+            value = keys
+        seq_len = ops.shape(keys)[1]
+        if mask is None:
+            mask = ops.ones(ops.shape(keys)[:2], dtype="bool")  # [B, S]
+        mask = ops.cast(mask, "bool")
+        # Zero the padded positions first, so that even inf/NaN padding cannot leak into the batch statistics,
+        # a 0 * inf product or a gradient.
+        valid_3d = ops.expand_dims(mask, -1)  # [B, S, 1]
+        keys = ops.where(valid_3d, keys, ops.zeros_like(keys))
+        value = ops.where(valid_3d, value, ops.zeros_like(value))
+        q = ops.repeat(ops.expand_dims(query, 1), seq_len, axis=1)  # [B, S, E]
+        parts = [q, keys, q - keys, q * keys]
+        if side_features is not None:
+            side = ops.cast(side_features, self.compute_dtype)
+            if len(side.shape) == 2:
+                side = ops.expand_dims(side, -1)  # [B, S, 1]
+            parts.append(ops.where(valid_3d, side, ops.zeros_like(side)))
+        features = ops.concatenate(parts, axis=-1)  # [B, S, 4E + F]
+        logits = self.attention_mlp(features, training=training, mask=mask)  # [B, S, 1]
+        logits = ops.squeeze(ops.cast(logits, "float32"), -1)  # [B, S]
+        valid = ops.cast(mask, "float32")
+        if self.normalization == "softmax":
+            masked = ops.where(mask, logits, mask_fill_value("float32"))
+            shifted = masked - ops.stop_gradient(ops.max(masked, axis=1, keepdims=True))
+            exp = ops.exp(shifted) * valid  # [B, S]; exactly 0 at padding
+            weights = exp / ops.maximum(ops.sum(exp, axis=1, keepdims=True), 1e-30)  # all-padded row -> 0
+        else:
+            weights = ops.where(mask, logits, 0.0)  # [B, S]
+        pooled = ops.einsum("bs,bsd->bd", weights, ops.cast(value, "float32"))  # [B, Ev]
+        pooled = ops.cast(pooled, self.compute_dtype)
+        if return_attention_scores:
+            return pooled, weights
+        return pooled
+
+    def compute_output_spec(
+        self, query, keys, value=None, side_features=None, mask=None, training=None, return_attention_scores=False
+    ):
+        value = keys if value is None else value
+        pooled = keras.KerasTensor((query.shape[0], value.shape[-1]), dtype=self.compute_dtype)
+        if return_attention_scores:
+            return pooled, keras.KerasTensor(tuple(keys.shape[:2]), dtype="float32")
+        return pooled
+
+    def compute_mask(self, inputs, previous_mask=None):
+        # The sequence axis is pooled away: no mask on the output.
+        return None
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_units": list(self.hidden_units),
+                "activation": self.activation,
+                "normalization": self.normalization,
+                "dropout": self.dropout,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            }
+        )
+        return config

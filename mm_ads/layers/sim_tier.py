@@ -1,0 +1,140 @@
+"""SimTier: histogram of target-to-history semantic similarities (paper section 4.2, Algorithm 1)."""
+
+import keras
+from keras import ops
+
+from mm_ads.layers.sim_score import similarity_and_validity
+
+COUNT_TRANSFORMS = ("none", "log1p")
+
+
+@keras.saving.register_keras_serializable(package="mm_ads")
+class SimTier(keras.layers.Layer):
+    """Counts how many history items fall into each of `num_tiers` similarity tiers w.r.t. the target.
+
+    Follows Algorithm 1 of the paper — similarity `[B, S]` → tier index `[B, S]` → equality against
+    `range(N)` `[B, S, N]` → sum over the sequence `[B, N]` — with two corrections of the pseudocode:
+
+    - Tier index `clip(ceil((s + 1) / 2 * N) - 1, 0, N - 1)`: tier `k` holds the scores in
+      `(2k/N - 1, 2(k+1)/N - 1]` (tier 0 also holds -1.0), so s = -1.0 → tier 0, s = 1.0 → tier N-1 and
+      every valid score is counted exactly once. (The pseudocode's `ceil((s + 1) / 2 * N)` yields 0..N
+      but compares against `range(0, N)`: every score above `1 - 2/N`, the near-duplicates, is dropped.)
+      Scores slightly outside [-1, 1] (rounding, or un-normalised inputs with `normalize=False`) are
+      clipped into the first/last tier.
+    - Positions with `mask` False are never counted (the pseudocode counts zero-padded items, s = 0, in
+      the middle tier). Items whose vector is all zeros are treated as missing and not counted either,
+      with or without `mask`: a zero vector has no direction, so no similarity. A zero target vector
+      therefore gives an all-zero row. Consequently, without a count transform or tier weights, the
+      row sum equals the number of valid, non-zero history items.
+
+    Similarity and tier boundaries are computed in float32 whatever the dtype policy (float inputs are
+    not autocast to bf16/fp16), and the output is float32: counts above 256 are not exact in bfloat16.
+
+    Args:
+        num_tiers: int N >= 1, number of equal-width tiers over [-1, 1]. Default 20 (width 0.1, as in
+            the authors' public MUSE implementation).
+        count_transform: "none" (raw counts, the paper's definition) or "log1p" (`log(1 + count)`, MUSE).
+        normalize: L2-normalise both inputs (cosine similarity). Set False when the inputs are already
+            unit vectors (then the similarity is their dot product, as in the paper's Eq. 2).
+        learnable_tier_weights: multiply the (transformed) counts by a learnable float32 weight per tier,
+            initialised to ones (MUSE).
+        scale: multiplier applied to integer (int8-quantised) inputs after casting them to float32, e.g. a
+            vector table's `scale`. Float inputs are used as given. Cosine is scale-invariant; the value
+            matters only with `normalize=False`.
+
+    Call arguments:
+        target: `[B, D]` float or int8 target-item vectors.
+        history: `[B, S, D]` float or int8 history vectors.
+        mask: optional `[B, S]` bool, True = valid history position. None: every non-zero vector is valid.
+
+    Returns:
+        `[B, N]` float32 tier counts (transformed/weighted if configured).
+
+    Example:
+
+    ```python
+    tiers = SimTier(num_tiers=20)(target_vec, history_vec, mask=history_mask)  # [B, 20]
+    features = keras.layers.Concatenate()([id_features, tiers])
+    ```
+
+    References:
+        - Sheng et al. 2024, Enhancing Taobao Display Advertising with Multimodal Representations:
+          Challenges, Approaches and Insights (CIKM 2024), section 4.2 and Algorithm 1.
+        - MUSE (Wu et al. 2024), the same team's public PyTorch SimTier: tier width 0.1, log(1 + count),
+          learnable per-tier weights.
+    """
+
+    def __init__(
+        self,
+        num_tiers=20,
+        count_transform="none",
+        normalize=True,
+        learnable_tier_weights=False,
+        scale=1.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(num_tiers, int) or isinstance(num_tiers, bool) or num_tiers < 1:
+            raise ValueError(f"`num_tiers` must be an int >= 1. Received: num_tiers={num_tiers!r}")
+        if count_transform not in COUNT_TRANSFORMS:
+            raise ValueError(
+                f"`count_transform` must be one of {COUNT_TRANSFORMS}. Received: count_transform={count_transform!r}"
+            )
+        if not scale > 0:
+            raise ValueError(f"`scale` must be > 0. Received: scale={scale}")
+        self.num_tiers = num_tiers
+        self.count_transform = count_transform
+        self.normalize = bool(normalize)
+        self.learnable_tier_weights = bool(learnable_tier_weights)
+        self.scale = float(scale)
+
+    @property
+    def input_dtype(self):
+        # Similarities and tier boundaries in float32: float inputs are never autocast to bf16/fp16.
+        return "float32"
+
+    def build(self, target_shape, history_shape):
+        if len(target_shape) != 2 or len(history_shape) != 3 or target_shape[-1] != history_shape[-1]:
+            raise ValueError(
+                "SimTier expects target [B, D] and history [B, S, D]. Received: "
+                f"target_shape={target_shape}, history_shape={history_shape}"
+            )
+        self.tier_weights = None
+        if self.learnable_tier_weights:
+            self.tier_weights = self.add_weight(
+                shape=(self.num_tiers,), initializer="ones", dtype="float32", autocast=False, name="tier_weights"
+            )
+
+    def call(self, target, history, mask=None):
+        n = self.num_tiers
+        scores, valid = similarity_and_validity(target, history, self.normalize, self.scale, mask)  # [B, S]
+        indices = ops.clip(ops.ceil((scores + 1.0) / 2.0 * n) - 1.0, 0.0, n - 1.0)
+        indices = ops.cast(indices, "int32")  # [B, S] in 0..N-1
+        tiers = ops.reshape(ops.arange(n, dtype="int32"), (1, 1, n))  # [1, 1, N]
+        hits = ops.logical_and(ops.equal(ops.expand_dims(indices, -1), tiers), ops.expand_dims(valid, -1))  # [B, S, N]
+        counts = ops.sum(ops.cast(hits, "float32"), axis=1)  # [B, N]
+        if self.count_transform == "log1p":
+            counts = ops.log1p(counts)
+        if self.tier_weights is not None:
+            counts = counts * self.tier_weights
+        return counts
+
+    def compute_output_spec(self, target, history, mask=None):
+        return keras.KerasTensor((target.shape[0], self.num_tiers), dtype="float32")
+
+    def compute_mask(self, inputs, previous_mask=None):
+        # The sequence axis is counted away: no mask on the output.
+        return None
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_tiers": self.num_tiers,
+                "count_transform": self.count_transform,
+                "normalize": self.normalize,
+                "learnable_tier_weights": self.learnable_tier_weights,
+                "scale": self.scale,
+            }
+        )
+        return config
