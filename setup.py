@@ -18,6 +18,7 @@ def _version():
 # The stack measured to work together (see BUILD.md): TF 2.21 with Keras 3 (TF backend), numpy 2.
 INSTALL_REQUIRES = [
     "tensorflow~=2.21.0",
+    "tensorboard~=2.21.0",  # tf.summary needs it; TF 2.21 no longer depends on it
     "keras~=3.15.1",
     "numpy>=2.0,<3",
     "absl-py>=2.1,<3",

@@ -187,7 +187,9 @@ class DatasetWriter:
         num_shards = max(1, min(int(num_shards), max(n, 1)))
         os.makedirs(os.path.join(self.tmp_dir, "ctr"), exist_ok=True)
         feats = spec.stored_features
-        cols = [(f.name, f.dtype == "float32", np.asarray(columns[f.name]).reshape(n, -1)) for f in feats]
+        # reshape to an explicit width: `reshape(n, -1)` is ambiguous (and fails) for an empty split
+        cols = [(f.name, f.dtype == "float32", np.asarray(columns[f.name]).reshape(n, int(np.prod(f.shape))))
+                for f in feats]
         # Python lists convert to protobuf repeated fields much faster than numpy rows.
         cols = [(name, is_float, arr.tolist()) for name, is_float, arr in cols]
         rel = []

@@ -90,7 +90,7 @@ class WorldConfig:
     train_days: int = 6
     test_days: int = 1
     new_item_fraction: float = 0.03
-    new_item_boost: float = 4.0
+    new_item_boost: float = 1.0
     history_temperature: float = 2.0
     retrieval_temperature: float = 0.5
     candidates_per_draw: int = 32

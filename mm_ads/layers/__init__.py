@@ -13,7 +13,6 @@ from mm_ads.layers.din_attention import DINAttention
 from mm_ads.layers.mlp import MLP
 from mm_ads.layers.sim_score import SimScore
 from mm_ads.layers.sim_tier import SimTier
-
 from mm_ads.layers.sparse_embedding import SparseEmbedding
 
 __all__ = [
