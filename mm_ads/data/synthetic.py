@@ -58,7 +58,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
-from absl import app, flags, logging
+from absl import app, logging
 
 from mm_ads.data import render
 from mm_ads.data.dataset import DatasetWriter
@@ -518,40 +518,51 @@ def write_world(world, output_dir, overwrite=False, progress=True, provenance=No
 
 
 # -- entry point ---------------------------------------------------------------------------
-_DEFAULTS = WorldConfig()
-FLAGS = flags.FLAGS
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory to write the dataset to (created atomically).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
-_CONTENT = flags.DEFINE_bool("content", True, "Render images/titles and search logs (off: ids only).")
-_FLOAT_FIELDS = [f.name for f in dataclasses.fields(WorldConfig) if f.type is float]
-_INT_FIELDS = [f.name for f in dataclasses.fields(WorldConfig) if f.type is int]
-_FLAG_HOLDERS = {}
-for _name in _INT_FIELDS:
-    _FLAG_HOLDERS[_name] = flags.DEFINE_integer(_name, getattr(_DEFAULTS, _name), f"WorldConfig.{_name}.")
-for _name in _FLOAT_FIELDS:
-    _FLAG_HOLDERS[_name] = flags.DEFINE_float(_name, getattr(_DEFAULTS, _name), f"WorldConfig.{_name}.")
+# Flags are defined only when this module runs as the program, so that importing the library above
+# (tests, other tools) never collides with another entry point's flags.
 
 
-def config_from_flags():
-    values = {name: holder.value for name, holder in _FLAG_HOLDERS.items()}
-    return WorldConfig(content=_CONTENT.value, **values).validate()
+def _define_flags():
+    from absl import flags
+
+    defaults = WorldConfig()
+    holders = {
+        "output_dir": flags.DEFINE_string("output_dir", None, "Directory to write the dataset to (atomically)."),
+        "overwrite": flags.DEFINE_bool("overwrite", False, "Replace an existing output directory."),
+        "content": flags.DEFINE_bool("content", True, "Render images/titles and search logs (off: ids only)."),
+    }
+    for field in dataclasses.fields(WorldConfig):
+        if field.type is int:
+            holders[field.name] = flags.DEFINE_integer(field.name, getattr(defaults, field.name),
+                                                       f"WorldConfig.{field.name}.")
+        elif field.type is float:
+            holders[field.name] = flags.DEFINE_float(field.name, getattr(defaults, field.name),
+                                                     f"WorldConfig.{field.name}.")
+    return holders
 
 
-def main(argv):
+def config_from_flags(holders):
+    values = {name: h.value for name, h in holders.items() if name not in ("output_dir", "overwrite")}
+    return WorldConfig(**values).validate()
+
+
+def main(argv, holders):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not _OUTPUT_DIR.value:
+    output_dir = holders["output_dir"].value
+    if not output_dir:
         raise app.UsageError("--output_dir is required")
-    config = config_from_flags()
+    config = config_from_flags(holders)
     logging.info("Generating the synthetic world: %s", config)
     world = World(config).generate()
-    write_world(world, _OUTPUT_DIR.value, overwrite=_OVERWRITE.value,
+    write_world(world, output_dir, overwrite=holders["overwrite"].value,
                 provenance={"command": " ".join(sys.argv), "generator": "mm_ads.data.synthetic"})
     from mm_ads.data.dataset import Manifest
 
-    print(Manifest.load(_OUTPUT_DIR.value).summary())
-    print(f"written to {os.path.abspath(_OUTPUT_DIR.value)}")
+    print(Manifest.load(output_dir).summary())
+    print(f"written to {os.path.abspath(output_dir)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _holders = _define_flags()
+    app.run(lambda argv: main(argv, _holders))
