@@ -1,0 +1,185 @@
+"""Experiment configuration: dataclasses + validation. The only place flags become values.
+
+`python -m mm_ads.train --flagfile=configs/ctr/<variant>.flags` defines flags in
+`mm_ads.flags`; `config_from_flags()` turns them into an `ExperimentConfig`, which is
+validated and written to `<model_dir>/config.json` before training starts.
+"""
+
+import dataclasses
+import json
+
+CTR_VARIANTS = ("id", "vector", "simscore", "simtier")
+ACTIVATIONS = ("relu", "prelu", "dice", "sigmoid", "gelu")
+SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+def _check(cond, message):
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the data is and how it is batched.
+
+    Args:
+        data_dir: a canonical dataset directory (manifest.json inside).
+        vector_table: item→vector table for multimodal variants: a path, or the name of a
+            table listed in the manifest (`extra.vector_tables`); "" = none.
+        train_split / eval_split: split names of the `ctr` component.
+        batch_size: global training batch size (split across replicas).
+        eval_batch_size: evaluation batch size.
+        shuffle_buffer: shuffle buffer of the training input (0 = no shuffling).
+    """
+
+    data_dir: str = ""
+    vector_table: str = ""
+    train_split: str = "train"
+    eval_split: str = "test"
+    batch_size: int = 1024
+    eval_batch_size: int = 4096
+    shuffle_buffer: int = 100_000
+
+    def validate(self):
+        _check(bool(self.data_dir), "data.data_dir is required (--data_dir)")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+
+
+@dataclasses.dataclass
+class CTRModelConfig:
+    """The CTR model (see `mm_ads.ctr.model.build_ctr_model`).
+
+    Args:
+        variant: one of `CTR_VARIANTS`.
+        embedding_dim: width of every id embedding.
+        attention_units: hidden units of DIN's attention MLP.
+        mlp_units: hidden units of the final MLP.
+        activation: activation of the MLPs.
+        dropout: dropout of the final MLP.
+        num_tiers: SimTier tiers over [-1, 1].
+        tier_transform: "none" (raw counts, the paper) or "log1p".
+        vector_projection_dim: width the Vector variant projects multimodal vectors to.
+    """
+
+    variant: str = "id"
+    embedding_dim: int = 16
+    attention_units: tuple = (80, 40)
+    mlp_units: tuple = (200, 80)
+    activation: str = "prelu"
+    dropout: float = 0.0
+    num_tiers: int = 20
+    tier_transform: str = "none"
+    vector_projection_dim: int = 16
+
+    def validate(self):
+        _check(self.variant in CTR_VARIANTS, f"model.variant must be one of {CTR_VARIANTS}, got {self.variant!r}")
+        _check(self.embedding_dim >= 1, f"model.embedding_dim must be >= 1, got {self.embedding_dim}")
+        _check(all(u >= 1 for u in self.mlp_units), f"model.mlp_units must be positive, got {self.mlp_units}")
+        _check(all(u >= 1 for u in self.attention_units),
+               f"model.attention_units must be positive, got {self.attention_units}")
+        _check(self.activation in ACTIVATIONS, f"model.activation must be one of {ACTIVATIONS}, got "
+               f"{self.activation!r}")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.num_tiers >= 2, f"model.num_tiers must be >= 2, got {self.num_tiers}")
+        _check(self.tier_transform in ("none", "log1p"),
+               f"model.tier_transform must be 'none' or 'log1p', got {self.tier_transform!r}")
+        _check(self.vector_projection_dim >= 1,
+               f"model.vector_projection_dim must be >= 1, got {self.vector_projection_dim}")
+
+    @property
+    def uses_vectors(self):
+        return self.variant != "id"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training loop.
+
+    Args:
+        epochs: passes over the training split (the id model: 1, as in industry).
+        max_steps: stop after this many steps in total (0 = no limit).
+        sparse_optimizer / sparse_learning_rate: for the embedding tables (row-sparse updates).
+        dense_optimizer / dense_learning_rate: for every other variable.
+        checkpoint_every: save a checkpoint every N steps (and always at the end).
+        eval_every: evaluate every N steps; 0 = at the end of every epoch.
+        log_every: progress line / summaries every N steps.
+        seed: seeds initialisers, shuffling and dropout.
+        strategy: "default" (one device), "mirrored" (all local devices) or "multi_worker".
+        num_devices: for "mirrored" on CPU: split the CPU into this many logical devices.
+        deterministic: enable TF op determinism (reproducible runs; slower).
+        export: export a SavedModel to `<model_dir>/export/<version>` at the end.
+    """
+
+    epochs: int = 1
+    max_steps: int = 0
+    sparse_optimizer: str = "adagrad"
+    sparse_learning_rate: float = 0.05
+    dense_optimizer: str = "adam"
+    dense_learning_rate: float = 0.001
+    checkpoint_every: int = 1000
+    eval_every: int = 0
+    log_every: int = 100
+    seed: int = 0
+    strategy: str = "default"
+    num_devices: int = 1
+    deterministic: bool = False
+    export: bool = True
+
+    def validate(self):
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        _check(self.sparse_optimizer in SPARSE_OPTIMIZERS,
+               f"train.sparse_optimizer must be one of {SPARSE_OPTIMIZERS}, got {self.sparse_optimizer!r}")
+        _check(self.dense_optimizer in DENSE_OPTIMIZERS,
+               f"train.dense_optimizer must be one of {DENSE_OPTIMIZERS}, got {self.dense_optimizer!r}")
+        _check(self.sparse_learning_rate > 0 and self.dense_learning_rate > 0, "learning rates must be > 0")
+        _check(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.strategy in STRATEGIES, f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        _check(self.num_devices >= 1, f"train.num_devices must be >= 1, got {self.num_devices}")
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    task: str = "ctr"
+    model_dir: str = ""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: CTRModelConfig = dataclasses.field(default_factory=CTRModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def validate(self):
+        _check(self.task in ("ctr",), f"task must be 'ctr', got {self.task!r}")
+        _check(bool(self.model_dir), "model_dir is required (--model_dir)")
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+    def dumps(self):
+        return json.dumps(self.to_json(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, obj):
+        def build(kind, values):
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"Unknown {kind.__name__} fields: {sorted(unknown)}")
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            return kind(**values)
+
+        return cls(
+            task=obj.get("task", "ctr"),
+            model_dir=obj.get("model_dir", ""),
+            data=build(DataConfig, obj.get("data", {})),
+            model=build(CTRModelConfig, obj.get("model", {})),
+            train=build(TrainConfig, obj.get("train", {})),
+        )

@@ -1,0 +1,137 @@
+"""The CTR model builder: an ID model (sparse embeddings + DIN + MLP) and the paper's integrations.
+
+Variants (paper section 6.1.3):
+  * `id`       — the production baseline: embeddings of user/context ids, of the target item's
+                 ids and of the behaviour sequence's ids; DIN target attention over the sequence;
+                 an MLP on the concatenation.
+  * `vector`   — multimodal vectors of the target and history items, projected by one shared
+                 Dense layer, concatenated with the id embeddings of target and history (so DIN
+                 attends over [ids, projected vector]).
+  * `simscore` — the cosine similarity of each history item's vector to the target's, given to
+                 DIN as side information.
+  * `simtier`  — SimTier: the histogram of those similarities over N tiers, concatenated into the
+                 MLP input (paper eq. 2).
+Every multimodal variant also feeds the target's `item_vector_missing` flag to the MLP and
+excludes history items without a vector from the similarity statistics.
+
+The model is forward-only: it maps the FeatureSpec's model inputs (named after the features)
+to `{"ctr": [B], "logit": [B]}`; losses and metrics live in the task. `extra_block` is the seam
+for MAKE: a callable `(inputs, parts) -> list of [B, F] tensors` appended to the MLP input.
+"""
+
+import keras
+
+from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR, missing_flag_name
+from mm_ads.layers.din_attention import DINAttention
+from mm_ads.layers.mlp import MLP
+from mm_ads.layers.sim_score import SimScore
+from mm_ads.layers.sim_tier import SimTier
+from mm_ads.layers.sparse_embedding import SparseEmbedding
+
+_DTYPES = {"int64": "int64", "float32": "float32", "int8": "int8"}
+
+
+def model_input_names(spec, variant):
+    """Names of the model's inputs for a variant: every id feature, plus vectors and flags when used."""
+    names = [f.name for f in spec if f.is_id]
+    if variant != "id":
+        names += [ITEM_VECTOR, missing_flag_name(ITEM_VECTOR), HIST_ITEM_VECTOR, missing_flag_name(HIST_ITEM_VECTOR)]
+    return names
+
+
+def make_inputs(spec, variant):
+    """`keras.Input`s named after the features (batch dimension first)."""
+    inputs = {}
+    for f in spec:
+        if f.is_id:
+            inputs[f.name] = keras.Input(f.shape, dtype="int64", name=f.name)
+    if variant != "id":
+        if ITEM_VECTOR not in spec or HIST_ITEM_VECTOR not in spec:
+            raise ValueError(
+                f"Variant {variant!r} needs the vector features {ITEM_VECTOR!r} and {HIST_ITEM_VECTOR!r} in the "
+                "FeatureSpec (give the pipeline a vector table)"
+            )
+        s, d = spec.seq_len, spec.vector_dim
+        inputs[ITEM_VECTOR] = keras.Input((d,), dtype="float32", name=ITEM_VECTOR)
+        inputs[HIST_ITEM_VECTOR] = keras.Input((s, d), dtype="float32", name=HIST_ITEM_VECTOR)
+        inputs[missing_flag_name(ITEM_VECTOR)] = keras.Input((), dtype="float32", name=missing_flag_name(ITEM_VECTOR))
+        inputs[missing_flag_name(HIST_ITEM_VECTOR)] = keras.Input(
+            (s,), dtype="float32", name=missing_flag_name(HIST_ITEM_VECTOR))
+    return inputs
+
+
+def _pair_history_with_target(spec):
+    """[(history feature, target item feature)] sharing a table, in history order."""
+    items = spec.by_role("item")
+    pairs = []
+    for h in spec.by_role("history"):
+        match = [f for f in items if f.table == h.table]
+        if not match:
+            raise ValueError(
+                f"History feature {h.name!r} (table {h.table!r}) has no target-item feature with the same table; "
+                f"item features: {[(f.name, f.table) for f in items]}"
+            )
+        pairs.append((h, match[0]))
+    if not pairs:
+        raise ValueError("The FeatureSpec has no history feature: DIN needs a behaviour sequence")
+    return pairs
+
+
+def build_ctr_model(spec, config, extra_block=None, name=None):
+    """Builds the CTR model of `config.variant` for `spec`.
+
+    Args:
+        spec: the dataset's `FeatureSpec` (with vector features for multimodal variants).
+        config: a `mm_ads.config.CTRModelConfig`.
+        extra_block: optional seam (MAKE): `(inputs, parts) -> list of [B, F] tensors`.
+        name: model name (default `ctr_<variant>`).
+
+    Returns:
+        A functional `keras.Model` from named inputs to `{"ctr": [B], "logit": [B]}`.
+    """
+    config.validate()
+    variant = config.variant
+    inputs = make_inputs(spec, variant)
+    e = config.embedding_dim
+    tables = {t: SparseEmbedding(n, e, padding_id=0, name=f"emb_{t}") for t, n in spec.tables().items()}
+
+    def embed(feature):
+        return tables[spec[feature].table](inputs[feature])
+
+    pairs = _pair_history_with_target(spec)
+    hist_item = pairs[0][0].name
+    mask = keras.ops.not_equal(inputs[hist_item], spec[hist_item].padding_id)  # [B, S]
+    query = keras.ops.concatenate([embed(t.name) for _, t in pairs], axis=-1)  # [B, E·k]
+    keys = keras.ops.concatenate([embed(h.name) for h, _ in pairs], axis=-1)  # [B, S, E·k]
+    other_item = [embed(f.name) for f in spec.by_role("item") if f.name not in {t.name for _, t in pairs}]
+    user = [embed(f.name) for f in spec.by_role("user") + spec.by_role("context")]
+
+    parts = {"query": query, "keys": keys, "mask": mask}
+    side = None
+    mlp_inputs = []
+    if variant != "id":
+        target_vec, hist_vec = inputs[ITEM_VECTOR], inputs[HIST_ITEM_VECTOR]
+        hist_has_vec = keras.ops.logical_and(mask, keras.ops.equal(inputs[missing_flag_name(HIST_ITEM_VECTOR)], 0.0))
+        mlp_inputs.append(keras.ops.expand_dims(inputs[missing_flag_name(ITEM_VECTOR)], -1))  # [B, 1]
+        if variant == "vector":
+            proj = keras.layers.Dense(config.vector_projection_dim, name="vector_projection")
+            query = keras.ops.concatenate([query, proj(target_vec)], axis=-1)  # [B, E·k + P]
+            keys = keras.ops.concatenate([keys, proj(hist_vec)], axis=-1)  # [B, S, E·k + P]
+        elif variant == "simscore":
+            side = SimScore(keepdims=True, name="sim_score")(target_vec, hist_vec, mask=hist_has_vec)  # [B, S, 1]
+        elif variant == "simtier":
+            tiers = SimTier(num_tiers=config.num_tiers, count_transform=config.tier_transform,
+                            name="sim_tier")(target_vec, hist_vec, mask=hist_has_vec)  # [B, N]
+            mlp_inputs.append(tiers)
+        parts.update({"target_vector": target_vec, "history_vector": hist_vec, "history_has_vector": hist_has_vec})
+
+    attention = DINAttention(hidden_units=config.attention_units, activation=config.activation, name="din")
+    interest = attention(query, keys, side_features=side, mask=mask)  # [B, E·k (+P)]
+    if extra_block is not None:
+        mlp_inputs += list(extra_block(inputs, parts))
+    features = keras.ops.concatenate(user + [query, interest] + other_item + mlp_inputs, axis=-1)  # [B, F]
+    mlp = MLP(hidden_units=config.mlp_units, activation=config.activation, dropout=config.dropout, output_units=1,
+              name="mlp")
+    logit = keras.ops.squeeze(mlp(features), -1)  # [B]
+    ctr = keras.ops.sigmoid(logit)
+    return keras.Model(inputs, {"ctr": ctr, "logit": logit}, name=name or f"ctr_{variant}")

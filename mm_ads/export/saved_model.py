@@ -1,0 +1,70 @@
+"""Exports CTR models as SavedModels that TF Serving loads, in its versioned layout.
+
+`<export_base>/<version>/` with `version` a positive integer (TF Serving serves the largest).
+A version is written into a temporary sibling directory and renamed into place, so a server
+watching `<export_base>` never sees a half-written version.
+
+The `serving_default` signature takes the model's inputs by their FeatureSpec names — the
+multimodal vectors are input features (`item_vector` [B, D], `hist_item_vector` [B, S, D],
+float32, plus their `_missing` flags) — and returns `{"ctr": [B]}`. Only stock TF ops are in
+the graph, so a stock TF Serving loads it.
+"""
+
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+
+def serving_signature_specs(model):
+    """`{input name: tf.TensorSpec}` of a functional model's inputs (batch dimension None)."""
+    specs = {}
+    for t in model.inputs:
+        name = t.name.split(":")[0]
+        specs[name] = tf.TensorSpec((None,) + tuple(t.shape[1:]), tf.as_dtype(t.dtype), name=name)
+    return specs
+
+
+def latest_version(export_base):
+    """The largest integer version under `export_base`, or 0."""
+    if not os.path.isdir(export_base):
+        return 0
+    versions = [int(d) for d in os.listdir(export_base) if d.isdigit()]
+    return max(versions, default=0)
+
+
+def export_saved_model(model, export_base, version=None, outputs=("ctr",)):
+    """Writes `model` to `<export_base>/<version>/` atomically and returns that path.
+
+    Args:
+        model: a functional Keras model with named inputs and a dict output.
+        export_base: the TF Serving model base path.
+        version: integer version; default the latest existing + 1.
+        outputs: which of the model's outputs the signature returns.
+    """
+    version = latest_version(export_base) + 1 if version is None else int(version)
+    if version < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    final = os.path.join(export_base, str(version))
+    if os.path.exists(final):
+        raise FileExistsError(f"Export version {final} already exists")
+    os.makedirs(export_base, exist_ok=True)
+    specs = serving_signature_specs(model)
+
+    def serve(inputs):
+        result = model(inputs, training=False)
+        return {k: tf.identity(result[k], name=k) for k in outputs}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve, input_signature=[specs])
+    tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=export_base)
+    try:
+        archive.write_out(tmp, verbose=False)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

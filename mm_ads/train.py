@@ -1,0 +1,85 @@
+r"""Trains a model: `python -m mm_ads.train --flagfile=configs/ctr/<variant>.flags --data_dir=DIR --model_dir=DIR`.
+
+Only wiring: flags → validated config (written to `<model_dir>/config.json`) → strategy →
+task → trainer → `metrics.json` and a SavedModel under `<model_dir>/export/<version>/`.
+Flags given on the command line override the flagfile. Re-running the same command resumes
+from the last checkpoint in `model_dir`.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, logging
+
+from mm_ads import flags as flags_lib
+from mm_ads.utils import io as io_utils
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+
+def _check_resume_config(model_dir, config):
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = config.to_json()
+    # the number of epochs/steps may grow when continuing a run; everything else must match
+    for section in ("data", "model"):
+        if old.get(section) != json.loads(json.dumps(new[section])):
+            raise ValueError(
+                f"{path} holds a different {section} config than this run ({old.get(section)} vs {new[section]}): "
+                "use a new --model_dir, or the same flags to resume"
+            )
+
+
+def run(config):
+    """Trains `config` (an `ExperimentConfig`); returns the final metrics dict."""
+    from mm_ads.ctr.task import CTRTask
+    from mm_ads.export import export_saved_model
+    from mm_ads.training import distribute
+    from mm_ads.training import trainer as trainer_lib
+
+    os.makedirs(config.model_dir, exist_ok=True)
+    _check_resume_config(config.model_dir, config)
+    strategy = distribute.make_strategy(config.train.strategy, config.train.num_devices)
+    if config.train.deterministic:
+        trainer_lib.set_global_determinism(config.train.seed)
+    chief = distribute.is_chief(strategy)
+    if chief:
+        io_utils.write_json(os.path.join(config.model_dir, CONFIG_FILE), config.to_json())
+    task = CTRTask(config)
+    trainer = trainer_lib.Trainer(task, config.train, config.data.batch_size, config.model_dir, strategy)
+    logging.info("Training %s: %s", config.model.variant, task.describe())
+    metrics = trainer.train()
+    metrics = dict(metrics)
+    metrics["variant"] = config.model.variant
+    metrics["steps"] = trainer.total_steps
+    metrics["epochs"] = config.train.epochs
+    metrics["eval_history"] = trainer.history
+    if chief and config.train.export:
+        metrics["export_path"] = export_saved_model(trainer.model, os.path.join(config.model_dir, "export"))
+    if chief:
+        io_utils.write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
+    return metrics
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        config = flags_lib.config_from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    metrics = run(config)
+    keys = ("auc", "gauc", "logloss", "calibration", "num_examples")
+    print(json.dumps({k: metrics.get(k) for k in keys}, indent=None))
+    print(f"metrics: {os.path.join(os.path.abspath(config.model_dir), METRICS_FILE)}")
+    if "export_path" in metrics:
+        print(f"export: {metrics['export_path']}")
+
+
+if __name__ == "__main__":
+    app.run(main, argv=sys.argv)

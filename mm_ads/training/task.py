@@ -1,0 +1,46 @@
+"""The Task interface: what the one training loop needs from a CTR or SCL task.
+
+A task owns the model construction, the input pipelines, the loss and the evaluation;
+the `Trainer` owns the loop, the strategy, optimizers, checkpoints and summaries. Models
+stay forward-only so that the same model trains and exports unchanged.
+"""
+
+import abc
+
+from mm_ads.layers.sparse_embedding import SparseEmbedding
+
+
+class Task(abc.ABC):
+    @abc.abstractmethod
+    def build_model(self):
+        """Returns a `keras.Model` (built, variables created)."""
+
+    @abc.abstractmethod
+    def build_inputs(self, split, batch_size, input_context=None, epoch=0, training=True):
+        """A `tf.data.Dataset` of `(features, labels)` with `batch_size` examples per batch.
+
+        With an `input_context`, the dataset is this input pipeline's shard and
+        `batch_size` is the per-replica batch size. `epoch` seeds the shuffle so that
+        a resumed run replays exactly the same order.
+        """
+
+    @abc.abstractmethod
+    def num_examples(self, split):
+        """Number of examples of a split (for steps per epoch)."""
+
+    @abc.abstractmethod
+    def per_example_loss(self, model, features, labels, training):
+        """Per-example loss `[B]` (the trainer averages it over the global batch)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model, split):
+        """Exact evaluation on the host: a dict of metrics (JSON-serialisable)."""
+
+    def sparse_variables(self, model):
+        """Variables updated by the sparse optimizer: the tables of every `SparseEmbedding`."""
+        out, seen = [], set()
+        for layer in model._flatten_layers(include_self=False):
+            if isinstance(layer, SparseEmbedding) and id(layer) not in seen:
+                seen.add(id(layer))
+                out.append(layer.embeddings)
+        return out

@@ -1,0 +1,227 @@
+"""The one custom training loop, used under every tf.distribute strategy.
+
+A `tf.function` step runs under `strategy.run`: per-example losses are averaged over the
+**global** batch (so replicas' gradients sum to the single-device gradient), embedding
+tables go to a sparse optimizer (row-sparse updates), all other variables to a dense one.
+
+Fault tolerance: a checkpoint (model, both optimizers, global step) is written every
+`checkpoint_every` steps and at the end. The input order of epoch `e` is a pure function
+of (seed, e), so a restarted run restores the last checkpoint and skips the batches of the
+current epoch it had already trained on: a kill loses at most the steps since the last
+checkpoint and never trains a batch twice in the resulting model.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mm_ads.training import distribute
+from mm_ads.training.sparse_optimizers import SparseAdagrad, SparseAdam, SparseSGD
+from mm_ads.utils import io as io_utils
+
+_SPARSE = {"sgd": SparseSGD, "adagrad": SparseAdagrad, "adam": SparseAdam}
+_DENSE = {"sgd": keras.optimizers.SGD, "adagrad": keras.optimizers.Adagrad, "adam": keras.optimizers.Adam}
+
+
+class _Progress:
+    """One progress line: a bar, the loss and examples/s (rewritten in place on a terminal)."""
+
+    def __init__(self, total_steps, stream=sys.stderr):
+        self.total, self.stream = total_steps, stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def show(self, step, epoch, loss, rate, final=False):
+        frac = step / max(self.total, 1)
+        bar = "=" * int(frac * 24)
+        line = (f"step {step}/{self.total} [{bar:<24}] epoch {epoch} loss {loss:.4f} "
+                f"{rate:,.0f} examples/s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+class Trainer:
+    """Trains a `Task` with the custom loop.
+
+    Args:
+        task: a `mm_ads.training.task.Task`.
+        config: a `mm_ads.config.TrainConfig`.
+        batch_size: global training batch size.
+        model_dir: where checkpoints (`ckpt/`), summaries (`summaries/`) and logs go.
+        strategy: a `tf.distribute.Strategy` (default: the current one).
+    """
+
+    def __init__(self, task, config, batch_size, model_dir, strategy=None):
+        self.task = task
+        self.config = config
+        self.global_batch = int(batch_size)
+        self.model_dir = model_dir
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.chief = distribute.is_chief(self.strategy)
+        replicas = self.strategy.num_replicas_in_sync
+        if self.global_batch % replicas:
+            raise ValueError(f"batch_size {self.global_batch} must be divisible by the {replicas} replicas")
+        keras.utils.set_random_seed(config.seed)
+        with self.strategy.scope():
+            self.model = task.build_model()
+            sparse = task.sparse_variables(self.model)
+            sparse_ids = {id(v) for v in sparse}
+            self.sparse_vars = sparse
+            self.dense_vars = [v for v in self.model.trainable_variables if id(v) not in sparse_ids]
+            self.sparse_opt = _SPARSE[config.sparse_optimizer](config.sparse_learning_rate)
+            self.dense_opt = _DENSE[config.dense_optimizer](config.dense_learning_rate)
+            if self.sparse_vars:
+                self.sparse_opt.build(self.sparse_vars)
+            if self.dense_vars:
+                self.dense_opt.build(self.dense_vars)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.checkpoint = tf.train.Checkpoint(model=self.model, sparse_optimizer=self.sparse_opt,
+                                              dense_optimizer=self.dense_opt, step=self.step)
+        ckpt_dir = os.path.join(model_dir, "ckpt") if self.chief else os.path.join(
+            model_dir, f".ckpt-worker-{os.getpid()}")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=3)
+        self.steps_per_epoch = task.num_examples("train") // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"The training split has {task.num_examples('train')} examples, fewer than one batch of "
+                f"{self.global_batch}"
+            )
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self._train_step = None
+        self.history = []
+
+    # -- the step ------------------------------------------------------------------------
+    def _make_train_step(self):
+        task, model = self.task, self.model
+        sparse_vars, dense_vars = self.sparse_vars, self.dense_vars
+        k = len(sparse_vars)
+        global_batch = self.global_batch
+        strategy = self.strategy
+
+        def step_fn(features, labels):
+            with tf.GradientTape() as tape:
+                per_example = task.per_example_loss(model, features, labels, training=True)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                if model.losses:
+                    loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
+            targets = [v.value for v in sparse_vars] + [v.value for v in dense_vars]
+            grads = tape.gradient(loss, targets)
+            if k:
+                self.sparse_opt.apply_gradients(zip(grads[:k], sparse_vars))
+            if dense_vars:
+                self.dense_opt.apply_gradients(zip(grads[k:], dense_vars))
+            return loss
+
+        @tf.function
+        def train_step(iterator):
+            features, labels = next(iterator)
+            per_replica = strategy.run(step_fn, args=(features, labels))
+            self.step.assign_add(1)
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        return train_step
+
+    def _dataset(self, epoch, skip):
+        def fn(input_context):
+            per_replica = input_context.get_per_replica_batch_size(self.global_batch)
+            ds = self.task.build_inputs("train", per_replica, input_context=input_context, epoch=epoch,
+                                        training=True)
+            return ds.skip(skip) if skip else ds
+
+        return self.strategy.distribute_datasets_from_function(fn)
+
+    # -- the loop ------------------------------------------------------------------------
+    def restore(self):
+        latest = self.manager.latest_checkpoint
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            logging.info("Restored %s (step %d)", latest, int(self.step.numpy()))
+        return int(self.step.numpy())
+
+    def save(self):
+        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        logging.info("Saved checkpoint %s", path)
+        return path
+
+    def _load_history(self):
+        path = os.path.join(self.model_dir, "eval_history.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                self.history = json.load(f)
+
+    def _evaluate(self, epoch, step):
+        metrics = self.task.evaluate(self.model, "eval")
+        entry = {"epoch": epoch, "step": step, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}}
+        self.history = [h for h in self.history if h["step"] != step] + [entry]
+        if self.chief:
+            io_utils.write_json(os.path.join(self.model_dir, "eval_history.json"), self.history)
+            with self.writer.as_default(step=step):
+                for k, v in entry.items():
+                    if isinstance(v, float) and math.isfinite(v):
+                        tf.summary.scalar(f"eval/{k}", v)
+        logging.info("eval at step %d (epoch %.2f): %s", step, epoch, entry)
+        return metrics
+
+    def train(self):
+        """Runs (or resumes) training to `total_steps`; returns the final evaluation metrics."""
+        cfg = self.config
+        os.makedirs(self.model_dir, exist_ok=True)
+        self.writer = tf.summary.create_file_writer(
+            os.path.join(self.model_dir, "summaries") if self.chief else os.path.join(
+                self.model_dir, f".summaries-worker-{os.getpid()}"))
+        self._load_history()
+        step = self.restore()
+        if self._train_step is None:
+            self._train_step = self._make_train_step()
+        progress = _Progress(self.total_steps)
+        last_eval = None
+        t0, n0, loss_sum, loss_n = time.time(), step, 0.0, 0
+        while step < self.total_steps:
+            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            iterator = iter(self._dataset(epoch, in_epoch))
+            while in_epoch < self.steps_per_epoch and step < self.total_steps:
+                loss = float(self._train_step(iterator))
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"Loss became {loss} at step {step + 1}; the last checkpoint "
+                        f"({self.manager.latest_checkpoint}) is intact"
+                    )
+                step += 1
+                in_epoch += 1
+                loss_sum, loss_n = loss_sum + loss, loss_n + 1
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    rate = (step - n0) * self.global_batch / max(time.time() - t0, 1e-9)
+                    progress.show(step, epoch + 1, loss_sum / loss_n, rate, final=step == self.total_steps)
+                    if self.chief:
+                        with self.writer.as_default(step=step):
+                            tf.summary.scalar("train/loss", loss_sum / loss_n)
+                            tf.summary.scalar("train/examples_per_second", rate)
+                    t0, n0, loss_sum, loss_n = time.time(), step, 0.0, 0
+                if step % cfg.checkpoint_every == 0:
+                    self.save()
+                end_of_epoch = in_epoch == self.steps_per_epoch
+                if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch):
+                    last_eval = self._evaluate(step / self.steps_per_epoch, step)
+        if self.manager.latest_checkpoint is None or not self.manager.latest_checkpoint.endswith(f"-{step}"):
+            self.save()
+        if last_eval is None:
+            last_eval = self._evaluate(step / self.steps_per_epoch, step)
+        self.writer.flush()
+        return last_eval
+
+
+def set_global_determinism(seed):
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    np.random.seed(seed)
