@@ -182,11 +182,14 @@ class MLP(keras.layers.Layer):
             )
             self.output_layer.build(shape)
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None, first_dense_applied=False):
+        # `first_dense_applied=True`: `inputs` already is the first hidden layer's pre-activation (a caller
+        # such as DINAttention computed `inputs @ kernel + bias` of `dense_layers[0]` in a cheaper way).
         x = inputs
         hidden = []
         for i, dense in enumerate(self.dense_layers):
-            x = dense(x)  # [B, ..., hidden_units[i]]
+            if not (first_dense_applied and i == 0):
+                x = dense(x)  # [B, ..., hidden_units[i]]
             if self.norm_layers:
                 norm = self.norm_layers[i]
                 if isinstance(norm, keras.layers.BatchNormalization):
@@ -206,7 +209,7 @@ class MLP(keras.layers.Layer):
             return x, hidden
         return x
 
-    def compute_output_spec(self, inputs, training=None, mask=None):
+    def compute_output_spec(self, inputs, training=None, mask=None, first_dense_applied=False):
         lead = tuple(inputs.shape[:-1])
         hidden = [keras.KerasTensor((*lead, u), dtype=self.compute_dtype) for u in self.hidden_units]
         if self.output_units is None:
