@@ -17,6 +17,7 @@ from mm_ads.utils import io as io_utils
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+SPEC_FILE = "feature_spec.json"
 
 
 def _check_resume_config(model_dir, config):
@@ -51,6 +52,9 @@ def run(config):
     if chief:
         io_utils.write_json(os.path.join(config.model_dir, CONFIG_FILE), config.to_json())
     task = CTRTask(config)
+    if chief:
+        # the model's own FeatureSpec (with the vector features it was trained with): export needs no data
+        io_utils.write_json(os.path.join(config.model_dir, SPEC_FILE), task.spec.to_json())
     trainer = trainer_lib.Trainer(task, config.train, config.data.batch_size, config.model_dir, strategy)
     logging.info("Training %s: %s", config.model.variant, task.describe())
     metrics = trainer.train()

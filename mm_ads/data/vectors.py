@@ -127,6 +127,11 @@ class VectorTable:
         col = table.column("vector").combine_chunks()
         vecs = col.values.to_numpy(zero_copy_only=False).reshape(len(ids), dim)
         vecs = vecs.astype(np.int8 if dtype == "int8" else np.float32, copy=False)
+        if dtype != "int8":
+            bad = ~np.isfinite(vecs).all(axis=1)
+            if bad.any():
+                raise ValueError(f"Vector table {path}: the vector of item_id {int(ids[bad][0])} has NaN/inf "
+                                 f"({int(bad.sum())} such rows)")
         return cls(ids, vecs, dtype, float(meta[_META + "scale"]), version, path)
 
     def float_vectors(self):

@@ -30,7 +30,15 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def per_example_loss(self, model, features, labels, training):
-        """Per-example loss `[B]` (the trainer averages it over the global batch)."""
+        """Per-example loss `[B]` (the trainer averages it over the global batch).
+
+        May return `(loss [B], aux)`: `aux` is then handed to `after_apply_gradients` in the same
+        replica step (e.g. the keys a contrastive task enqueues).
+        """
+
+    def after_apply_gradients(self, model, aux):
+        """Called in replica context after the optimizers stepped (momentum encoders, queues). No-op here."""
+        del model, aux
 
     @abc.abstractmethod
     def evaluate(self, model, split):

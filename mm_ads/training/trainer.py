@@ -30,6 +30,22 @@ _SPARSE = {"sgd": SparseSGD, "adagrad": SparseAdagrad, "adam": SparseAdam}
 _DENSE = {"sgd": keras.optimizers.SGD, "adagrad": keras.optimizers.Adagrad, "adam": keras.optimizers.Adam}
 
 
+def model_checkpoint(model):
+    """A `tf.train.Checkpoint` of every variable of a Keras-3 model, keyed by the variable's path.
+
+    A Keras-3 functional model is not itself a checkpoint dependency graph of its variables, so a
+    `tf.train.Checkpoint(model=model)` saves nothing of it; keying by path (`emb_item/embeddings`,
+    `din/attention_mlp/dense_0/kernel`, ...) makes a checkpoint restorable into a freshly built model.
+    """
+    variables = {}
+    for v in model.variables:
+        key = v.path.replace("/", ".")
+        if key in variables:
+            raise ValueError(f"Two variables of model {model.name!r} share the path {v.path!r}")
+        variables[key] = v.value if isinstance(v, keras.Variable) else v
+    return tf.train.Checkpoint(**variables)
+
+
 class _Progress:
     """One progress line: a bar, the loss and examples/s (rewritten in place on a terminal)."""
 
@@ -84,7 +100,7 @@ class Trainer:
             if self.dense_vars:
                 self.dense_opt.build(self.dense_vars)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self.checkpoint = tf.train.Checkpoint(model=self.model, sparse_optimizer=self.sparse_opt,
+        self.checkpoint = tf.train.Checkpoint(model=model_checkpoint(self.model), sparse_optimizer=self.sparse_opt,
                                               dense_optimizer=self.dense_opt, step=self.step)
         ckpt_dir = os.path.join(model_dir, "ckpt") if self.chief else os.path.join(
             model_dir, f".ckpt-worker-{os.getpid()}")
@@ -112,6 +128,9 @@ class Trainer:
         def step_fn(features, labels):
             with tf.GradientTape() as tape:
                 per_example = task.per_example_loss(model, features, labels, training=True)
+                aux = None
+                if isinstance(per_example, tuple):
+                    per_example, aux = per_example
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 if model.losses:
                     loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
@@ -121,6 +140,7 @@ class Trainer:
                 self.sparse_opt.apply_gradients(zip(grads[:k], sparse_vars))
             if dense_vars:
                 self.dense_opt.apply_gradients(zip(grads[k:], dense_vars))
+            task.after_apply_gradients(model, aux)
             return loss
 
         @tf.function

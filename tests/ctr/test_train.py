@@ -156,3 +156,31 @@ def test_entry_point_helpfull_and_bad_flags(repo_root):
                            "--variant=bogus", "--data_dir=x", "--model_dir=y"], cwd=repo_root, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "model.variant must be one of" in proc.stderr
+
+
+def test_export_entry_point_from_checkpoint(tiny_world, tmp_path, repo_root):
+    cfg = _config(tiny_world, tmp_path / "m", "simscore", max_steps=4)
+    metrics = run(cfg)
+    proc = subprocess.run([sys.executable, "-m", "mm_ads.export", f"--model_dir={tmp_path / 'm'}"], cwd=repo_root,
+                          env=_env(repo_root), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = os.path.join(str(tmp_path / "m"), "export", "2")
+    assert proc.stdout.strip().endswith(second)
+    task = CTRTask(cfg)
+    features, _ = next(iter(task.build_inputs("eval", 32, training=False)))
+    x = task.model_inputs(features)
+    first = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"](**x)["ctr"].numpy()
+    again = tf.saved_model.load(second).signatures["serving_default"](**x)["ctr"].numpy()
+    np.testing.assert_allclose(again, first, rtol=1e-6)
+    # no temporary directories are left next to the versions
+    assert sorted(os.listdir(tmp_path / "m" / "export")) == ["1", "2"]
+    proc = subprocess.run([sys.executable, "-m", "mm_ads.export", f"--model_dir={tmp_path}"], cwd=repo_root,
+                          env=_env(repo_root), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "is not a model dir" in proc.stderr
+
+
+def test_multimodal_variant_without_vector_table_is_a_clear_error(tiny_world, tmp_path):
+    cfg = _config(tiny_world, tmp_path / "m", "simtier")
+    cfg.data.vector_table = "no_such_table"
+    with pytest.raises(ValueError, match="no_such_table.*attributes"):
+        CTRTask(cfg)

@@ -65,3 +65,15 @@ def test_load_refuses_mixed_versions_and_dims(tmp_path):
     pq.write_table(pa.table({"a": [1]}), str(tmp_path / "plain.parquet"))
     with pytest.raises(ValueError, match="write_vector_table"):
         VectorTable.load(str(tmp_path / "plain.parquet"))
+
+
+def test_load_rejects_nan_written_by_another_tool(tmp_path):
+    path = str(tmp_path / "v.parquet")
+    write_vector_table(path, np.arange(3), _unit(3, 4), encoder_version="v1")
+    table = pq.read_table(path)
+    flat = np.asarray(table.column("vector").combine_chunks().values).copy()
+    flat[5] = np.nan
+    bad = table.set_column(1, "vector", pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), 4))
+    pq.write_table(bad.replace_schema_metadata(table.schema.metadata), path)
+    with pytest.raises(ValueError, match="item_id 1 has NaN/inf"):
+        VectorTable.load(path)
