@@ -19,6 +19,8 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) -m mm_ads.data.synthetic --flagfile=configs/data/demo.flags --output_dir=$(RUN_DIR)/data --overwrite
+	rm -rf $(RUN_DIR)/ctr_id
+	$(PY) -m mm_ads.train --flagfile=configs/ctr/id.flags --data_dir=$(RUN_DIR)/data --model_dir=$(RUN_DIR)/ctr_id
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
