@@ -109,16 +109,36 @@ class Manifest:
         return "\n".join(lines)
 
 
-def _int64_feature(values):
+def serialize_examples(columns):
+    """Serialises rows as `tf.train.Example` protos, vectorised (C++ `encode_proto`, ~3× Python protobuf).
+
+    Args:
+        columns: ordered `{feature name: (values [n, k] int64 or float32, is_float)}`.
+
+    Returns:
+        A numpy object array of n serialized `tf.train.Example` byte strings.
+    """
     import tensorflow as tf
 
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
-
-
-def _float_feature(values):
-    import tensorflow as tf
-
-    return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+    n = len(next(iter(columns.values()))[0])
+    one = tf.ones([n, 1], tf.int32)
+    entries = []
+    for name, (values, is_float) in columns.items():
+        values = tf.constant(values, tf.float32 if is_float else tf.int64)  # [n, k]
+        kind = ("FloatList", "float_list") if is_float else ("Int64List", "int64_list")
+        value_list = tf.io.encode_proto(sizes=tf.fill([n, 1], values.shape[1]), values=[values],
+                                        field_names=["value"], message_type=f"tensorflow.{kind[0]}")
+        feature = tf.io.encode_proto(sizes=one, values=[value_list[:, None]], field_names=[kind[1]],
+                                     message_type="tensorflow.Feature")
+        entries.append(tf.io.encode_proto(sizes=tf.ones([n, 2], tf.int32),
+                                          values=[tf.fill([n, 1], name), feature[:, None]],
+                                          field_names=["key", "value"],
+                                          message_type="tensorflow.Features.FeatureEntry"))
+    features = tf.io.encode_proto(sizes=tf.fill([n, 1], len(entries)), values=[tf.stack(entries, 1)],
+                                  field_names=["feature"], message_type="tensorflow.Features")
+    examples = tf.io.encode_proto(sizes=one, values=[features[:, None]], field_names=["features"],
+                                  message_type="tensorflow.Example")
+    return examples.numpy()
 
 
 def check_columns(columns, spec, where):
@@ -188,24 +208,21 @@ class DatasetWriter:
         os.makedirs(os.path.join(self.tmp_dir, "ctr"), exist_ok=True)
         feats = spec.stored_features
         # reshape to an explicit width: `reshape(n, -1)` is ambiguous (and fails) for an empty split
-        cols = [(f.name, f.dtype == "float32", np.asarray(columns[f.name]).reshape(n, int(np.prod(f.shape))))
-                for f in feats]
-        # Python lists convert to protobuf repeated fields much faster than numpy rows.
-        cols = [(name, is_float, arr.tolist()) for name, is_float, arr in cols]
+        cols = {f.name: (np.asarray(columns[f.name]).reshape(n, int(np.prod(f.shape))), f.dtype == "float32")
+                for f in feats}
         rel = []
         bounds = np.linspace(0, n, num_shards + 1).astype(np.int64)
+        chunk = 65536
         for s in range(num_shards):
             name = f"ctr/{split}-{s:05d}-of-{num_shards:05d}.tfrecord"
             rel.append(name)
             with tf.io.TFRecordWriter(os.path.join(self.tmp_dir, name)) as w:
-                for i in range(bounds[s], bounds[s + 1]):
-                    feature = {
-                        fname: (_float_feature(vals[i]) if is_float else _int64_feature(vals[i]))
-                        for fname, is_float, vals in cols
-                    }
-                    w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+                for lo in range(bounds[s], bounds[s + 1], chunk):
+                    hi = min(lo + chunk, bounds[s + 1])
+                    for record in serialize_examples({k: (v[lo:hi], f) for k, (v, f) in cols.items()}):
+                        w.write(record)
                     if progress is not None:
-                        progress.add(1)
+                        progress.add(hi - lo)
         self._register("ctr", split, rel, n)
         return rel
 
