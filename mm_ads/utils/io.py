@@ -21,26 +21,6 @@ def _fsync_dir(path):
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode="w", **kwargs):
-    """Yields a file object; on success the file appears at `path` in one rename."""
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path next to `path`; on success it is renamed to `path`.
 
@@ -59,6 +39,15 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="w", **kwargs):
+    """Yields a file object; on success the file appears at `path` in one rename."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path, obj):
