@@ -1,0 +1,25 @@
+"""Every entry point answers --helpfull with its own flags (absl prints the help and exits 1)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENTRY_POINTS = {
+    "mm_ads.data.synthetic": "--num_items",
+    "mm_ads.data.prepare": "--format",
+    "mm_ads.train": "--variant",
+    "mm_ads.export": "--export_base",
+    "tools.bench.input_pipeline": "--num_vectors",
+    "tools.bench.ctr_step": "--big_rows",
+}
+
+
+@pytest.mark.parametrize("module,flag", sorted(ENTRY_POINTS.items()))
+def test_helpfull(module, flag, repo_root):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=repo_root)
+    proc = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert flag in proc.stdout, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
