@@ -13,6 +13,8 @@ ACTIVATIONS = ("relu", "prelu", "dice", "sigmoid", "gelu")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+TASKS = ("ctr", "scl")
+SCL_MODALITIES = ("text", "image")
 
 
 def _check(cond, message):
@@ -145,19 +147,95 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class SCLConfig:
+    """SCL pre-training of one modality's encoder (paper §3, §6.1.2; see `mm_ads.scl`).
+
+    Field names are prefixed where they would collide with another section's flag.
+
+    Args:
+        modality: "text" (`pretrain/text_pairs`) or "image" (`pretrain/image_pairs`).
+        output_dim: D, the width of the item vectors.
+        projection_hidden: hidden width of the projection head (0 = linear).
+        text_width / text_layers / text_heads: the text transformer (token width, blocks, heads).
+        max_tokens: words kept per text.
+        vocab_size: words in the vocabulary built from the training pairs (most frequent first).
+        min_count: a word enters the vocabulary only if seen at least this often.
+        num_oov_buckets: hash buckets for out-of-vocabulary words.
+        image_size: images are decoded and resized to image_size².
+        image_widths: channels of the image tower's residual stages.
+        image_blocks: residual blocks per stage.
+        augment: random crop/flip/colour jitter of training images (seeded).
+        use_queue: MoCo (momentum key encoder + queue) on; off = in-batch negatives only.
+        queue_size: K (any K: the queue wraps around).
+        momentum: m of the key encoder update.
+        temperature_init / temperature_min / temperature_max: τ at start and its clamp.
+        learn_temperature: τ is trained (log-parameterised) or fixed.
+        use_triplet: add the triplet loss on <query, positive, hard negative>.
+        triplet_weight / triplet_margin: its weight and margin (cosine).
+    """
+
+    modality: str = "text"
+    output_dim: int = 128
+    projection_hidden: int = 256
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    max_tokens: int = 32
+    vocab_size: int = 30000
+    min_count: int = 1
+    num_oov_buckets: int = 64
+    image_size: int = 32
+    image_widths: tuple = (32, 64, 128)
+    image_blocks: int = 1
+    augment: bool = True
+    use_queue: bool = True
+    queue_size: int = 196_800
+    momentum: float = 0.999
+    temperature_init: float = 0.07
+    temperature_min: float = 0.01
+    temperature_max: float = 1.0
+    learn_temperature: bool = True
+    use_triplet: bool = True
+    triplet_weight: float = 1.0
+    triplet_margin: float = 0.2
+
+    def validate(self):
+        _check(self.modality in SCL_MODALITIES,
+               f"scl.modality must be one of {SCL_MODALITIES}, got {self.modality!r}")
+        for name in ("output_dim", "text_width", "text_heads", "max_tokens", "vocab_size", "min_count",
+                     "num_oov_buckets", "image_blocks", "queue_size"):
+            _check(getattr(self, name) >= 1, f"scl.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.projection_hidden >= 0, f"scl.projection_hidden must be >= 0, got {self.projection_hidden}")
+        _check(self.text_layers >= 0, f"scl.text_layers must be >= 0, got {self.text_layers}")
+        _check(self.text_width % self.text_heads == 0,
+               f"scl.text_width ({self.text_width}) must be divisible by scl.text_heads ({self.text_heads})")
+        _check(self.image_size >= 8, f"scl.image_size must be >= 8, got {self.image_size}")
+        _check(len(self.image_widths) >= 1 and all(w >= 1 for w in self.image_widths),
+               f"scl.image_widths must be positive, got {self.image_widths}")
+        _check(0.0 <= self.momentum <= 1.0, f"scl.momentum must be in [0, 1], got {self.momentum}")
+        _check(0.0 < self.temperature_min <= self.temperature_init <= self.temperature_max,
+               "scl temperatures must satisfy 0 < temperature_min <= temperature_init <= temperature_max, got "
+               f"{self.temperature_min}, {self.temperature_init}, {self.temperature_max}")
+        _check(self.triplet_weight >= 0, f"scl.triplet_weight must be >= 0, got {self.triplet_weight}")
+        _check(self.triplet_margin >= 0, f"scl.triplet_margin must be >= 0, got {self.triplet_margin}")
+
+
+@dataclasses.dataclass
 class ExperimentConfig:
     task: str = "ctr"
     model_dir: str = ""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: CTRModelConfig = dataclasses.field(default_factory=CTRModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    scl: SCLConfig = dataclasses.field(default_factory=SCLConfig)
 
     def validate(self):
-        _check(self.task in ("ctr",), f"task must be 'ctr', got {self.task!r}")
+        _check(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
         _check(bool(self.model_dir), "model_dir is required (--model_dir)")
         self.data.validate()
         self.model.validate()
         self.train.validate()
+        self.scl.validate()
         return self
 
     def to_json(self):
@@ -182,4 +260,5 @@ class ExperimentConfig:
             data=build(DataConfig, obj.get("data", {})),
             model=build(CTRModelConfig, obj.get("model", {})),
             train=build(TrainConfig, obj.get("train", {})),
+            scl=build(SCLConfig, obj.get("scl", {})),
         )

@@ -12,11 +12,11 @@ from absl import flags
 
 from mm_ads import config as config_lib
 
-TASK = flags.DEFINE_enum("task", "ctr", ["ctr"], "Which task to train.")
+TASK = flags.DEFINE_enum("task", "ctr", list(config_lib.TASKS), "Which task to train: ctr or scl.")
 MODEL_DIR = flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, config.json, metrics.json, export.")
 
 _SECTIONS = (("data", config_lib.DataConfig), ("model", config_lib.CTRModelConfig),
-             ("train", config_lib.TrainConfig))
+             ("train", config_lib.TrainConfig), ("scl", config_lib.SCLConfig))
 _HOLDERS = {}
 
 
@@ -56,4 +56,5 @@ def config_from_flags():
         data=config_lib.DataConfig(**values["data"]),
         model=config_lib.CTRModelConfig(**values["model"]),
         train=config_lib.TrainConfig(**values["train"]),
+        scl=config_lib.SCLConfig(**values["scl"]),
     ).validate()

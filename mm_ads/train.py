@@ -1,7 +1,9 @@
-r"""Trains a model: `python -m mm_ads.train --flagfile=configs/ctr/<variant>.flags --data_dir=DIR --model_dir=DIR`.
+r"""Trains a model: `python -m mm_ads.train --flagfile=configs/{ctr,scl}/<name>.flags --data_dir=DIR --model_dir=DIR`.
 
 Only wiring: flags → validated config (written to `<model_dir>/config.json`) → strategy →
-task → trainer → `metrics.json` and a SavedModel under `<model_dir>/export/<version>/`.
+task (`CTRTask` or `SCLTask`) → trainer → `metrics.json` and a SavedModel under
+`<model_dir>/export/<version>/` (for SCL: the encoder, raw text / encoded image bytes in → vectors;
+the trained encoder is also saved as `<model_dir>/encoder.keras` for `python -m mm_ads.encode`).
 Flags given on the command line override the flagfile. Re-running the same command resumes
 from the last checkpoint in `model_dir`.
 """
@@ -18,6 +20,7 @@ from mm_ads.utils import io as io_utils
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 SPEC_FILE = "feature_spec.json"
+ENCODER_FILE = "encoder.keras"
 
 
 def _check_resume_config(model_dir, config):
@@ -28,7 +31,7 @@ def _check_resume_config(model_dir, config):
         old = json.load(f)
     new = config.to_json()
     # the number of epochs/steps may grow when continuing a run; everything else must match
-    for section in ("data", "model"):
+    for section in ("data", "model", "scl") if config.task == "scl" else ("data", "model"):
         if old.get(section) != json.loads(json.dumps(new[section])):
             raise ValueError(
                 f"{path} holds a different {section} config than this run ({old.get(section)} vs {new[section]}): "
@@ -38,8 +41,6 @@ def _check_resume_config(model_dir, config):
 
 def run(config):
     """Trains `config` (an `ExperimentConfig`); returns the final metrics dict."""
-    from mm_ads.ctr.task import CTRTask
-    from mm_ads.export import export_saved_model
     from mm_ads.training import distribute
     from mm_ads.training import trainer as trainer_lib
 
@@ -51,6 +52,11 @@ def run(config):
     chief = distribute.is_chief(strategy)
     if chief:
         io_utils.write_json(os.path.join(config.model_dir, CONFIG_FILE), config.to_json())
+    if config.task == "scl":
+        return _run_scl(config, strategy, chief)
+    from mm_ads.ctr.task import CTRTask
+    from mm_ads.export import export_saved_model
+
     task = CTRTask(config)
     if chief:
         # the model's own FeatureSpec (with the vector features it was trained with): export needs no data
@@ -70,6 +76,29 @@ def run(config):
     return metrics
 
 
+def _run_scl(config, strategy, chief):
+    from mm_ads.scl.export import export_encoder
+    from mm_ads.scl.task import SCLTask
+    from mm_ads.training import trainer as trainer_lib
+
+    task = SCLTask(config)
+    if chief:
+        task.write_vocabulary(config.model_dir)
+    trainer = trainer_lib.Trainer(task, config.train, config.data.batch_size, config.model_dir, strategy)
+    logging.info("Training SCL: %s", task.describe())
+    metrics = dict(trainer.train())
+    metrics.update(task="scl", modality=config.scl.modality, steps=trainer.total_steps, epochs=config.train.epochs,
+                   eval_history=trainer.history)
+    if chief:
+        encoder = trainer.model.encoder
+        encoder.save(os.path.join(config.model_dir, ENCODER_FILE))
+        if config.train.export:
+            metrics["export_path"] = export_encoder(encoder, os.path.join(config.model_dir, "export"),
+                                                    config.scl.modality, config.scl.image_size)
+        io_utils.write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
+    return metrics
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -78,7 +107,8 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     metrics = run(config)
-    keys = ("auc", "gauc", "logloss", "calibration", "num_examples")
+    keys = (("acc@1", "acc@5", "acc@10", "num_queries") if config.task == "scl" else
+            ("auc", "gauc", "logloss", "calibration", "num_examples"))
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=None))
     print(f"metrics: {os.path.join(os.path.abspath(config.model_dir), METRICS_FILE)}")
     if "export_path" in metrics:

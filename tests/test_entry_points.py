@@ -11,6 +11,8 @@ ENTRY_POINTS = {
     "mm_ads.data.prepare": "--format",
     "mm_ads.train": "--variant",
     "mm_ads.export": "--export_base",
+    "mm_ads.encode": "--register",
+    "tools.bench.scl_step": "--modalities",
     "tools.bench.input_pipeline": "--num_vectors",
     "tools.bench.ctr_step": "--big_rows",
 }

@@ -44,13 +44,6 @@ def export_saved_model(model, export_base, version=None, outputs=("ctr",)):
         version: integer version; default the latest existing + 1.
         outputs: which of the model's outputs the signature returns.
     """
-    version = latest_version(export_base) + 1 if version is None else int(version)
-    if version < 1:
-        raise ValueError(f"version must be a positive integer, got {version}")
-    final = os.path.join(export_base, str(version))
-    if os.path.exists(final):
-        raise FileExistsError(f"Export version {final} already exists")
-    os.makedirs(export_base, exist_ok=True)
     specs = serving_signature_specs(model)
 
     def serve(inputs):
@@ -60,6 +53,21 @@ def export_saved_model(model, export_base, version=None, outputs=("ctr",)):
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serving_default", serve, input_signature=[specs])
+    return write_archive(archive, export_base, version)
+
+
+def write_archive(archive, export_base, version=None):
+    """Writes a `keras.export.ExportArchive` to `<export_base>/<version>/` atomically; returns that path.
+
+    `version` defaults to the latest existing + 1; an existing version is never overwritten.
+    """
+    version = latest_version(export_base) + 1 if version is None else int(version)
+    if version < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    final = os.path.join(export_base, str(version))
+    if os.path.exists(final):
+        raise FileExistsError(f"Export version {final} already exists")
+    os.makedirs(export_base, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=export_base)
     try:
         archive.write_out(tmp, verbose=False)

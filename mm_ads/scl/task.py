@@ -1,0 +1,210 @@
+"""The SCL task: pair tables → (query, positive, hard negative) batches, InfoNCE + triplet loss, Acc@N eval.
+
+Per step and replica (b examples, B = b × replicas global):
+  q = encoder(query) `[b, D]`; k = key encoder(positive) `[b, D]` (no gradient with MoCo);
+  keys = all_gather(k) `[B, D]` ∪ queue `[K, D]`; loss_i = InfoNCE(q_i; keys, positive = own column,
+  same-item keys masked) + w · triplet(q_i, k_i, key encoder(negative_i)) (rows without a hard negative: 0).
+After the optimizer step (`after_apply_gradients`): key encoder ← m·key + (1−m)·encoder, enqueue the
+all-gathered keys with their item ids, clamp log τ. Every replica applies the same update.
+"""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tensorflow as tf
+
+from mm_ads.data.dataset import Manifest
+from mm_ads.metrics.retrieval import acc_at_n
+from mm_ads.scl import augment as augment_lib
+from mm_ads.scl.image_tower import ImageTower
+from mm_ads.scl.losses import info_nce, triplet
+from mm_ads.scl.model import SCLModel
+from mm_ads.scl.momentum import update_variables
+from mm_ads.scl.text_tower import TextTower, build_vocabulary
+from mm_ads.training.task import Task
+
+VOCAB_FILE = "vocab.json"
+
+
+def build_encoder(scl, vocabulary=None):
+    """The tower of `scl.modality` described by an `SCLConfig`."""
+    if scl.modality == "text":
+        return TextTower(vocabulary or [], scl.max_tokens, scl.num_oov_buckets, scl.text_width, scl.text_layers,
+                         scl.text_heads, scl.output_dim, scl.projection_hidden, name="text_tower")
+    return ImageTower(scl.image_widths, scl.image_blocks, 8, scl.output_dim, scl.projection_hidden,
+                      name="image_tower")
+
+
+def build_scl_model(scl, vocabulary=None):
+    model = SCLModel(build_encoder(scl, vocabulary), scl.use_queue, scl.queue_size, scl.momentum,
+                     scl.temperature_init, scl.temperature_min, scl.temperature_max, scl.learn_temperature,
+                     name="scl")
+    # a concrete input shape: Keras derives the tower's default SavedModel signature from it
+    model.build((None,) if scl.modality == "text" else (None, None, None, 3))
+    return model
+
+
+class SCLTask(Task):
+    """SCL pre-training of a text or image encoder on a dataset's `pretrain/<modality>_pairs` tables.
+
+    Args:
+        config: a validated `mm_ads.config.ExperimentConfig` with `task="scl"`.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.scl = config.scl
+        self.manifest = Manifest.load(config.data.data_dir)
+        self.component = f"pretrain/{self.scl.modality}_pairs"
+        if self.component not in self.manifest.components:
+            raise ValueError(f"Dataset {config.data.data_dir} has no {self.component} table "
+                             f"(it has {sorted(self.manifest.components)})")
+        self.needs_augmentation = bool(self.manifest.extra.get("pairs_need_augmentation", False))
+        if self.needs_augmentation and self.scl.modality == "image" and not self.scl.augment:
+            raise ValueError(f"Dataset {config.data.data_dir} pairs query == positive and needs augmentation: "
+                             "set --augment")
+        self._columns_cache = {}
+        self.vocabulary, self.vocabulary_stats = None, None
+        if self.scl.modality == "text":
+            cols = self._columns("train")
+            texts = list(cols["query"]) + list(cols["positive"])
+            self.vocabulary, self.vocabulary_stats = build_vocabulary(texts, self.scl.vocab_size, self.scl.min_count)
+
+    # -- data ----------------------------------------------------------------------------
+    def _split(self, split):
+        return self.config.data.train_split if split == "train" else self.config.data.eval_split
+
+    def _columns(self, split):
+        name = self._split(split)
+        if name not in self._columns_cache:
+            table = pa.concat_tables([pq.read_table(p) for p in self.manifest.files(self.component, name)])
+            cols = {}
+            for c in ("query", "positive", "negative"):
+                cols[c] = np.asarray(table.column(c).to_pylist(), dtype=object)
+            for c in ("positive_id", "negative_id"):
+                cols[c] = table.column(c).to_numpy().astype(np.int64)
+            self._columns_cache[name] = cols
+        return self._columns_cache[name]
+
+    def num_examples(self, split):
+        return self.manifest.num_rows(self.component, self._split(split))
+
+    def build_inputs(self, split, batch_size, input_context=None, epoch=0, training=True):
+        cols = self._columns(split)
+        n = len(cols["positive_id"])
+        data = {k: tf.constant(list(v), tf.string) if v.dtype == object else v for k, v in cols.items()}
+        data["index"] = np.arange(n, dtype=np.int64)
+        ds = tf.data.Dataset.from_tensor_slices(data)
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        seed = self.config.train.seed * 1000 + int(epoch)
+        if training and self.config.data.shuffle_buffer > 0:
+            ds = ds.shuffle(min(self.config.data.shuffle_buffer, n), seed=seed, reshuffle_each_iteration=False)
+        if self.scl.modality == "image":
+            ds = ds.map(self._image_fn(training, seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(lambda row: (row, row["positive_id"]))
+        return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+    def _image_fn(self, training, seed):
+        size, aug, needs = self.scl.image_size, self.scl.augment, self.needs_augmentation
+
+        def fn(row):
+            out = dict(row)
+            q, p, neg = (augment_lib.decode_image(row[c], size) for c in ("query", "positive", "negative"))
+            base = tf.stack([tf.constant(seed, tf.int64), row["index"]])
+            if training and aug:
+                q = augment_lib.augment_image(q, base * 3)
+                p = augment_lib.augment_image(p, base * 3 + 1)
+            elif needs:  # evaluation on self-paired images: a fixed (seeded) view of the query
+                q = augment_lib.augment_image(q, tf.stack([tf.constant(7919, tf.int64), row["index"]]))
+            out.update(query=q, positive=p, negative=neg)
+            return out
+
+        return fn
+
+    # -- model and loss ------------------------------------------------------------------
+    def build_model(self):
+        return build_scl_model(self.scl, self.vocabulary)
+
+    def per_example_loss(self, model, features, labels, training):
+        scl = self.scl
+        queries = model(features["query"], training=training)  # [b, D]
+        keys = model.keys(features["positive"])  # [b, D]
+        # tf.identity places the ids on this replica's device: a collective (all_gather under
+        # MultiWorkerMirroredStrategy) rejects an input-pipeline tensor that has no device
+        ids = tf.identity(tf.cast(features["positive_id"], tf.int64))  # [b]
+        ctx = tf.distribute.get_replica_context()
+        b = tf.shape(ids)[0]
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            all_keys = ctx.all_gather(keys, axis=0)  # [B, D]
+            all_ids = ctx.all_gather(ids, axis=0)  # [B]
+            offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * b
+        else:
+            all_keys, all_ids, offset = keys, ids, 0
+        labels = offset + tf.range(b)
+        queue = {}
+        if model.use_queue:
+            queue = dict(queue_keys=tf.convert_to_tensor(model.queue.keys),  # [K, D]
+                         queue_ids=tf.convert_to_tensor(model.queue.ids), queue_valid=model.queue.valid())
+        loss = info_nce(queries, all_keys, labels, ids, all_ids, model.temperature.tau(), **queue)  # [b]
+        if scl.use_triplet and scl.triplet_weight > 0:
+            neg_ids = tf.cast(features["negative_id"], tf.int64)
+            negatives = model.keys(features["negative"])  # [b, D]
+            has_negative = tf.logical_and(neg_ids >= 0, tf.not_equal(neg_ids, ids))
+            loss += scl.triplet_weight * triplet(queries, keys, negatives, scl.triplet_margin, has_negative)
+        return loss, ((all_keys, all_ids) if model.use_queue else None)
+
+    def after_apply_gradients(self, model, aux):
+        ops = []
+        if model.use_queue:
+            ops.append(model.update_key_encoder())
+            ops.append(model.queue.enqueue(*aux))
+        if model.learn_temperature:
+            clamp = model.temperature.clamped_log_value
+            ops.append(update_variables(lambda v: v.assign(clamp(v)), [model.temperature.log_temperature]))
+        return tf.group(ops)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def encode_split(self, model, split):
+        """(query vectors, positive vectors, positive ids) of a split, encoded by the query encoder."""
+        ds = self.build_inputs(split, self.config.data.eval_batch_size, training=False)
+        predict = tf.function(lambda x: model(x, training=False))
+        queries, positives, ids = [], [], []
+        for features, _ in ds:
+            queries.append(predict(features["query"]).numpy())
+            positives.append(predict(features["positive"]).numpy())
+            ids.append(features["positive_id"].numpy())
+        return np.concatenate(queries), np.concatenate(positives), np.concatenate(ids)
+
+    def evaluate(self, model, split="eval"):
+        """Exact Acc@1/5/10 (eq. 6) against all distinct positives of the split (deduped by item id)."""
+        queries, positives, ids = self.encode_split(model, split)
+        result = acc_at_n(queries, positives, ns=(1, 5, 10), positive_ids=ids)
+        result["num_queries"] = int(len(ids))
+        result["num_candidates"] = int(len(np.unique(ids)))
+        result["temperature"] = float(model.temperature.tau())
+        if model.use_queue:
+            result["queue_fill"] = int(model.queue.count.numpy())
+        if self.scl.modality == "text":
+            cols = self._columns(split)
+            result["oov_fraction"] = model.encoder.oov_fraction(list(cols["query"]) + list(cols["positive"]))
+        return result
+
+    def write_vocabulary(self, model_dir):
+        """`<model_dir>/vocab.json`: the words and counts of the text tower's vocabulary (text only)."""
+        from mm_ads.utils import io as io_utils
+
+        if self.vocabulary is None:
+            return None
+        path = os.path.join(model_dir, VOCAB_FILE)
+        io_utils.write_json(path, {"vocabulary": self.vocabulary, **self.vocabulary_stats})
+        return path
+
+    def describe(self):
+        return {"modality": self.scl.modality, "data_dir": os.path.abspath(self.config.data.data_dir),
+                "num_train": self.num_examples("train"), "num_eval": self.num_examples("eval"),
+                "use_queue": self.scl.use_queue, "use_triplet": self.scl.use_triplet,
+                "vocabulary": None if self.vocabulary is None else {
+                    k: v for k, v in self.vocabulary_stats.items() if k != "counts"}}
