@@ -318,8 +318,8 @@ class World:
                 buf.append(items[j] + 1)
                 if len(buf) > 2 * s:
                     del buf[:-s]
-            if j % 100_000 == 0:
-                bar.add(min(100_000, n - j))
+            if (j + 1) % 100_000 == 0 or j + 1 == n:
+                bar.add((j % 100_000) + 1)
         self.impressions = {
             "user": users, "item": items, "time": times.astype(np.int64), "label": clicks, "hist": hist,
             "affinity": a, "train": train,
