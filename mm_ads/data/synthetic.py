@@ -63,6 +63,7 @@ from absl import app, logging
 from mm_ads.data import render
 from mm_ads.data.dataset import DatasetWriter
 from mm_ads.data.spec import FeatureSpec
+from mm_ads.utils.progress import Progress
 
 DAY = 86400
 EPOCH = 1_700_000_000  # fixed start of the log, seconds
@@ -121,25 +122,6 @@ class WorldConfig:
 
 ATTRS = ("category", "colour", "pattern", "material")
 BETAS = {"category": 1.0, "colour": 0.6, "pattern": 0.4, "material": 0.4}
-
-
-class _Progress:
-    """A quiet progress line on stderr for long steps."""
-
-    def __init__(self, what, total, enabled=True):
-        self.what, self.total, self.enabled = what, max(int(total), 1), enabled
-        self.done, self.t0, self.last = 0, time.time(), 0.0
-
-    def add(self, k):
-        self.done += k
-        now = time.time()
-        if self.enabled and (now - self.last > 1.0 or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            sys.stderr.write(f"\r  {self.what}: {self.done:,}/{self.total:,} ({rate:,.0f}/s)   ")
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 class World:
@@ -308,7 +290,7 @@ class World:
         # histories in time order: prior history, then the user's earlier clicks
         hist = np.zeros((n, s), np.int64)
         buffers = [list(p + 1) for p in prior]  # 1-based item ids
-        bar = _Progress("histories", n, progress and n >= 200_000)
+        bar = Progress("histories", n, enabled=progress and n >= 200_000)
         for j in range(n):
             buf = buffers[users[j]]
             k = min(len(buf), s)
@@ -361,7 +343,7 @@ class World:
         args = [it["category"], it["colour"], it["pattern"], it["material"], it["size"], it["brand"]]
         self.titles = render.make_titles(*args, self.rng)
         self.images = []
-        bar = _Progress("item images", c.num_items, progress and c.num_items >= 20000)
+        bar = Progress("item images", c.num_items, enabled=progress and c.num_items >= 20000)
         for s in range(0, c.num_items, 2048):
             chunk = [a[s:s + 2048] for a in args]
             self.images += render.encode_png(render.render_images(*chunk, image_size=c.image_size))
@@ -401,7 +383,7 @@ class World:
         args = [it[k][bought] for k in ("category", "colour", "pattern", "material", "size", "brand")]
         text_q = render.make_queries(*args, rng)
         photos = []
-        bar = _Progress("query photos", n, progress and n >= 20000)
+        bar = Progress("query photos", n, enabled=progress and n >= 20000)
         for s in range(0, n, 2048):
             chunk = [a[s:s + 2048] for a in args]
             photos += render.encode_png(render.render_images(*chunk, image_size=c.image_size, rng=rng, query=True))
@@ -480,7 +462,7 @@ def write_world(world, output_dir, overwrite=False, progress=True, provenance=No
                        provenance=provenance, overwrite=overwrite) as w:
         w.manifest.extra.update(extra)
         n = len(imp["label"])
-        bar = _Progress("impressions", n, progress and n >= 200_000)
+        bar = Progress("impressions", n, enabled=progress and n >= 200_000)
         for split, mask in (("train", imp["train"]), ("test", ~imp["train"])):
             shards = c.num_shards if split == "train" else max(1, c.num_shards // 2)
             w.write_ctr(split, world.ctr_columns(mask), num_shards=shards, progress=bar)

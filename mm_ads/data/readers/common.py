@@ -1,12 +1,10 @@
-"""Helpers shared by the format readers: error type, fingerprints, progress, streamed CTR splits."""
+"""Helpers shared by the format readers: error type, fingerprints, streamed CTR splits."""
 
 import hashlib
 import os
-import time
 import unicodedata
 
 import numpy as np
-from absl import logging
 
 from mm_ads.data.dataset import check_columns
 
@@ -54,39 +52,6 @@ def fingerprint_bytes(data):
 def fingerprint_text(text):
     """`fingerprint_bytes` of the UTF-8 of `normalize_text(text)`: equal texts up to case/spacing share an id."""
     return fingerprint_bytes(normalize_text(text).encode("utf-8"))
-
-
-class Progress:
-    """Logs `what: done/total (pct) rate` at most every `every_seconds` (and once at `done()`).
-
-    Has the `add(n)` method that `DatasetWriter.write_ctr(progress=...)` expects.
-    """
-
-    def __init__(self, what, total=None, every_seconds=10.0):
-        self.what = what
-        self.total = total
-        self.every_seconds = every_seconds
-        self.count = 0
-        self._start = time.monotonic()
-        self._last = self._start
-
-    def add(self, n):
-        self.count += int(n)
-        now = time.monotonic()
-        if now - self._last >= self.every_seconds:
-            self._last = now
-            self._log(now)
-
-    def done(self):
-        self._log(time.monotonic())
-
-    def _log(self, now):
-        rate = self.count / max(now - self._start, 1e-9)
-        if self.total:
-            logging.info("%s: %s/%s (%.0f%%), %.0f/s", self.what, f"{self.count:,}", f"{self.total:,}",
-                         100.0 * self.count / self.total, rate)
-        else:
-            logging.info("%s: %s, %.0f/s", self.what, f"{self.count:,}", rate)
 
 
 class CtrSplitWriter:

@@ -59,8 +59,9 @@ import pyarrow.csv as pacsv
 from absl import logging
 
 from mm_ads.data.dataset import DatasetWriter
-from mm_ads.data.readers.common import CtrSplitWriter, DataFormatError, ItemCounter, Progress
+from mm_ads.data.readers.common import CtrSplitWriter, DataFormatError, ItemCounter
 from mm_ads.data.spec import FeatureSpec
+from mm_ads.utils.progress import Progress
 
 FORMAT = "movielens"
 RATINGS = ("ratings.csv", ("userId", "movieId", "rating", "timestamp"))

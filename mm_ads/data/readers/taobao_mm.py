@@ -67,9 +67,10 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from mm_ads.data.dataset import DatasetWriter
-from mm_ads.data.readers.common import CtrSplitWriter, DataFormatError, ItemCounter, Progress
+from mm_ads.data.readers.common import CtrSplitWriter, DataFormatError, ItemCounter
 from mm_ads.data.spec import Feature, FeatureSpec
 from mm_ads.data.vectors import quantize_int8, write_vector_table
+from mm_ads.utils.progress import Progress
 
 FORMAT = "taobao_mm"
 USER = "129_1"
