@@ -41,6 +41,7 @@ class CTRTask(Task):
             self.spec = base
         self.input_names = model_input_names(self.spec, config.model.variant)
         self._eval_fn = None
+        self._train_counts = None
 
     def build_model(self):
         return build_ctr_model(self.spec, self.config.model, extra_block=self.extra_block)
@@ -68,12 +69,14 @@ class CTRTask(Task):
         return tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)  # [B]
 
     def train_counts(self):
-        """(item ids, training impressions) from the dataset's item_stats, or None."""
+        """(item ids, training impressions) from the dataset's item_stats, or None (read once)."""
         if "item_stats" not in self.manifest.components:
             return None
-        table = pq.read_table(self.manifest.files("item_stats", "all")[0], columns=["item_id", "train_count"])
-        return (table.column("item_id").to_numpy().astype(np.int64),
-                table.column("train_count").to_numpy().astype(np.int64))
+        if self._train_counts is None:
+            table = pq.read_table(self.manifest.files("item_stats", "all")[0], columns=["item_id", "train_count"])
+            self._train_counts = (table.column("item_id").to_numpy().astype(np.int64),
+                                  table.column("train_count").to_numpy().astype(np.int64))
+        return self._train_counts
 
     def evaluate(self, model, split="eval"):
         """Exact AUC, GAUC (by user), LogLoss, calibration and frequency/new-item/age slices."""

@@ -241,7 +241,7 @@ class DatasetWriter:
         self._register(component, split, [name], table.num_rows)
         return name
 
-    def write_item_stats(self, train_item_ids, timestamps=None, extra_item_ids=()):
+    def write_item_stats(self, train_item_ids, timestamps=None):
         """Per-item training frequency (the basis of the frequency-group slices)."""
         ids, counts = np.unique(np.asarray(train_item_ids, np.int64), return_counts=True)
         cols = {"item_id": ids, "train_count": counts.astype(np.int64)}
@@ -253,9 +253,3 @@ class DatasetWriter:
             cols["first_seen"] = first
         return self.write_parquet("item_stats", None, pa.table(cols))
 
-
-def read_parquet(data_dir, component, split=None):
-    """Reads a parquet component of a dataset as a pyarrow Table."""
-    m = Manifest.load(data_dir)
-    files = m.files(component, split or "all")
-    return pa.concat_tables([pq.read_table(p) for p in files])
