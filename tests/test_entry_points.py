@@ -12,6 +12,7 @@ ENTRY_POINTS = {
     "mm_ads.train": "--variant",
     "mm_ads.export": "--export_base",
     "mm_ads.encode": "--register",
+    "mm_ads.reports.table2": "--pair_benchmarks",
     "tools.bench.scl_step": "--modalities",
     "tools.bench.input_pipeline": "--num_vectors",
     "tools.bench.ctr_step": "--big_rows",

@@ -503,6 +503,31 @@ def write_world(world, output_dir, overwrite=False, progress=True, provenance=No
     return output_dir
 
 
+def world_config_from_flagfile(path, **overrides):
+    """A validated `WorldConfig` from a `configs/data/*.flags` profile (plus overrides), without absl."""
+    from mm_ads.config import _convert, read_flagfile
+
+    values = {**read_flagfile(path), **overrides}
+    values.pop("output_dir", None)
+    values.pop("overwrite", None)
+    defaults = WorldConfig()
+    names = {f.name for f in dataclasses.fields(WorldConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown world options {unknown}")
+    return WorldConfig(**{k: _convert(k, getattr(defaults, k), v) for k, v in values.items()}).validate()
+
+
+def generate(config, output_dir, overwrite=False, progress=True, provenance=None):
+    """Generates the world of `config` and writes it to `output_dir`; returns the `Manifest`."""
+    from mm_ads.data.dataset import Manifest
+
+    logging.info("Generating the synthetic world: %s", config)
+    write_world(World(config).generate(progress), output_dir, overwrite=overwrite, progress=progress,
+                provenance=provenance or {"generator": "mm_ads.data.synthetic"})
+    return Manifest.load(output_dir)
+
+
 # -- entry point ---------------------------------------------------------------------------
 # Flags are defined only when this module runs as the program, so that importing the library above
 # (tests, other tools) never collides with another entry point's flags.
@@ -539,13 +564,9 @@ def main(argv, holders):
     if not output_dir:
         raise app.UsageError("--output_dir is required")
     config = config_from_flags(holders)
-    logging.info("Generating the synthetic world: %s", config)
-    world = World(config).generate()
-    write_world(world, output_dir, overwrite=holders["overwrite"].value,
-                provenance={"command": " ".join(sys.argv), "generator": "mm_ads.data.synthetic"})
-    from mm_ads.data.dataset import Manifest
-
-    print(Manifest.load(output_dir).summary())
+    manifest = generate(config, output_dir, overwrite=holders["overwrite"].value,
+                        provenance={"command": " ".join(sys.argv), "generator": "mm_ads.data.synthetic"})
+    print(manifest.summary())
     print(f"written to {os.path.abspath(output_dir)}")
 
 

@@ -44,8 +44,10 @@ class SCLModel(keras.Model):
         self.key_encoder = None
         self.queue = None
         if self.use_queue:
-            config = dict(encoder.get_config(), name="key_encoder")
-            self.key_encoder = type(encoder).from_config(config)
+            if hasattr(encoder, "clone_architecture"):
+                self.key_encoder = encoder.clone_architecture("key_encoder")
+            else:
+                self.key_encoder = type(encoder).from_config(dict(encoder.get_config(), name="key_encoder"))
             self.queue = KeyQueue(self.queue_size, encoder.output_dim, name="queue")
 
     def build(self, input_shape=None):

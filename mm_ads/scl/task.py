@@ -28,9 +28,15 @@ from mm_ads.training.task import Task
 VOCAB_FILE = "vocab.json"
 
 
-def build_encoder(scl, vocabulary=None):
-    """The tower of `scl.modality` described by an `SCLConfig`."""
-    if scl.modality == "text":
+def build_encoder(scl, vocabulary=None, modality=None):
+    """The tower of `modality` (default `scl.modality`) described by an `SCLConfig`."""
+    modality = modality or scl.modality
+    if modality == "text" and scl.text_encoder == "minilm":
+        from mm_ads.scl.pretrained_tower import PretrainedTextTower
+
+        return PretrainedTextTower(scl.pretrained_path, scl.max_tokens, scl.output_dim, scl.projection_hidden,
+                                   name="text_tower")
+    if modality == "text":
         return TextTower(vocabulary or [], scl.max_tokens, scl.num_oov_buckets, scl.text_width, scl.text_layers,
                          scl.text_heads, scl.output_dim, scl.projection_hidden, name="text_tower")
     return ImageTower(scl.image_widths, scl.image_blocks, 8, scl.output_dim, scl.projection_hidden,
@@ -67,7 +73,7 @@ class SCLTask(Task):
                              "set --augment")
         self._columns_cache = {}
         self.vocabulary, self.vocabulary_stats = None, None
-        if self.scl.modality == "text":
+        if self.scl.modality == "text" and self.scl.text_encoder == "scratch":
             cols = self._columns("train")
             texts = list(cols["query"]) + list(cols["positive"])
             self.vocabulary, self.vocabulary_stats = build_vocabulary(texts, self.scl.vocab_size, self.scl.min_count)
@@ -167,10 +173,10 @@ class SCLTask(Task):
         return tf.group(ops)
 
     # -- evaluation ----------------------------------------------------------------------
-    def encode_split(self, model, split):
-        """(query vectors, positive vectors, positive ids) of a split, encoded by the query encoder."""
+    def encode_split(self, encoder, split):
+        """(query vectors, positive vectors, positive ids) of a split, encoded by `encoder` (the query tower)."""
         ds = self.build_inputs(split, self.config.data.eval_batch_size, training=False)
-        predict = tf.function(lambda x: model(x, training=False))
+        predict = tf.function(lambda x: encoder(x, training=False))
         queries, positives, ids = [], [], []
         for features, _ in ds:
             queries.append(predict(features["query"]).numpy())
@@ -178,18 +184,24 @@ class SCLTask(Task):
             ids.append(features["positive_id"].numpy())
         return np.concatenate(queries), np.concatenate(positives), np.concatenate(ids)
 
-    def evaluate(self, model, split="eval"):
-        """Exact Acc@1/5/10 (eq. 6) against all distinct positives of the split (deduped by item id)."""
-        queries, positives, ids = self.encode_split(model, split)
+    def evaluate_encoder(self, encoder, split="eval"):
+        """Exact Acc@1/5/10 (eq. 6) of any tower of this modality on a split: each query against all distinct
+        positives of the split (deduped by item id). Also used for untrained, zero-shot and CLIP-E towers."""
+        queries, positives, ids = self.encode_split(encoder, split)
         result = acc_at_n(queries, positives, ns=(1, 5, 10), positive_ids=ids)
         result["num_queries"] = int(len(ids))
         result["num_candidates"] = int(len(np.unique(ids)))
+        if self.scl.modality == "text" and hasattr(encoder, "oov_fraction"):
+            cols = self._columns(split)
+            result["oov_fraction"] = encoder.oov_fraction(list(cols["query"]) + list(cols["positive"]))
+        return result
+
+    def evaluate(self, model, split="eval"):
+        """`evaluate_encoder` of the SCL model's query encoder, plus τ and the queue fill."""
+        result = self.evaluate_encoder(model.encoder, split)
         result["temperature"] = float(model.temperature.tau())
         if model.use_queue:
             result["queue_fill"] = int(model.queue.count.numpy())
-        if self.scl.modality == "text":
-            cols = self._columns(split)
-            result["oov_fraction"] = model.encoder.oov_fraction(list(cols["query"]) + list(cols["positive"]))
         return result
 
     def write_vocabulary(self, model_dir):

