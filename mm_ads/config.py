@@ -9,7 +9,9 @@ import dataclasses
 import json
 import os
 
-CTR_VARIANTS = ("id", "vector", "simscore", "simtier")
+CTR_VARIANTS = ("id", "vector", "simscore", "simtier", "make", "simtier_make", "make_only")
+# Variants whose ID model reads a MAKE module (paper section 4.3); "make_only" is MAKE alone (its pre-training).
+MAKE_VARIANTS = ("make", "simtier_make")
 ACTIVATIONS = ("relu", "prelu", "dice", "sigmoid", "gelu")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
@@ -67,6 +69,12 @@ class CTRModelConfig:
         num_tiers: SimTier tiers over [-1, 1].
         tier_transform: "none" (raw counts, the paper) or "log1p".
         vector_projection_dim: width the Vector variant projects multimodal vectors to.
+        make_units: hidden widths of MAKE's MLP (paper: "four-layer", sizes unpublished; then a 1-unit logit).
+        make_attention_units: hidden units of the attention MLP of MAKE's DIN over the vectors.
+        make_epochs: epochs of MAKE pre-training (phase A, in `<model_dir>/make/`) before the ID model trains
+            with the pre-trained MAKE; 0 = no pre-training: MAKE trains jointly with the ID model.
+        make_trainable: fine-tune the pre-trained MAKE with the ID model (default: frozen). Ignored with
+            `make_epochs=0` (MAKE then has to train with the ID model).
     """
 
     variant: str = "id"
@@ -78,6 +86,10 @@ class CTRModelConfig:
     num_tiers: int = 20
     tier_transform: str = "none"
     vector_projection_dim: int = 16
+    make_units: tuple = (256, 128, 64, 32)
+    make_attention_units: tuple = (80, 40)
+    make_epochs: int = 4
+    make_trainable: bool = False
 
     def validate(self):
         _check(self.variant in CTR_VARIANTS, f"model.variant must be one of {CTR_VARIANTS}, got {self.variant!r}")
@@ -93,10 +105,25 @@ class CTRModelConfig:
                f"model.tier_transform must be 'none' or 'log1p', got {self.tier_transform!r}")
         _check(self.vector_projection_dim >= 1,
                f"model.vector_projection_dim must be >= 1, got {self.vector_projection_dim}")
+        _check(len(self.make_units) >= 1 and all(u >= 1 for u in self.make_units),
+               f"model.make_units must be one or more positive ints, got {self.make_units}")
+        _check(all(u >= 1 for u in self.make_attention_units),
+               f"model.make_attention_units must be positive, got {self.make_attention_units}")
+        _check(self.make_epochs >= 0, f"model.make_epochs must be >= 0, got {self.make_epochs}")
 
     @property
     def uses_vectors(self):
         return self.variant != "id"
+
+    @property
+    def pretrains_make(self):
+        """Whether training starts with MAKE's own multi-epoch pre-training (phase A)."""
+        return self.variant in MAKE_VARIANTS and self.make_epochs > 0
+
+    @property
+    def make_frozen(self):
+        """Whether the ID model's MAKE is frozen: pre-trained and not fine-tuned."""
+        return self.pretrains_make and not self.make_trainable
 
 
 @dataclasses.dataclass
@@ -116,6 +143,8 @@ class TrainConfig:
         num_devices: for "mirrored" on CPU: split the CPU into this many logical devices.
         deterministic: enable TF op determinism (reproducible runs; slower).
         export: export a SavedModel to `<model_dir>/export/<version>` at the end.
+        make_learning_rate: learning rate of MAKE's pre-training (phase A, dense optimizer); 0 = the
+            `dense_learning_rate`.
     """
 
     epochs: int = 1
@@ -132,6 +161,7 @@ class TrainConfig:
     num_devices: int = 1
     deterministic: bool = False
     export: bool = True
+    make_learning_rate: float = 0.0
 
     def validate(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -141,6 +171,7 @@ class TrainConfig:
         _check(self.dense_optimizer in DENSE_OPTIMIZERS,
                f"train.dense_optimizer must be one of {DENSE_OPTIMIZERS}, got {self.dense_optimizer!r}")
         _check(self.sparse_learning_rate > 0 and self.dense_learning_rate > 0, "learning rates must be > 0")
+        _check(self.make_learning_rate >= 0, f"train.make_learning_rate must be >= 0, got {self.make_learning_rate}")
         _check(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")

@@ -7,6 +7,9 @@ Only wiring: flags → validated config (written to `<model_dir>/config.json`) �
 task (`CTRTask` or `SCLTask`) → trainer → `metrics.json` and a SavedModel under
 `<model_dir>/export/<version>/` (for SCL: the encoder, raw text / encoded image bytes in → vectors;
 the trained encoder is also saved as `<model_dir>/encoder.keras` for `python -m mm_ads.encode`).
+The MAKE variants (`make`, `simtier_make`) first pre-train MAKE in `<model_dir>/make/` for
+`--make_epochs` epochs (phase A; skipped when already done), then train the ID model with it
+(phase B); `metrics.json` holds phase A's metrics under `make_pretrain` (see `mm_ads.ctr.make`).
 Flags given on the command line override the flagfile. Re-running the same command resumes
 from the last checkpoint in `model_dir`.
 """
@@ -18,6 +21,7 @@ import time
 
 from absl import app, logging
 
+from mm_ads import config as config_lib
 from mm_ads.utils import io as io_utils
 
 CONFIG_FILE = "config.json"
@@ -32,6 +36,11 @@ def _check_resume_config(model_dir, config):
         return
     with open(path) as f:
         old = json.load(f)
+    try:
+        # fields added since that run (e.g. the MAKE ones) take their defaults, as when it was trained
+        old = json.loads(json.dumps(config_lib.ExperimentConfig.from_json(old).to_json()))
+    except (ValueError, TypeError):
+        pass
     new = config.to_json()
     # the number of epochs/steps may grow when continuing a run; everything else must match
     for section in ("data", "model", "scl") if config.task in ("scl", "clip") else ("data", "model"):
@@ -60,10 +69,39 @@ def run(config):
         return _run_scl(config, strategy, chief, start)
     if config.task == "clip":
         return _run_clip(config, strategy, chief, start)
+    return _run_ctr(config, strategy, chief, start)
+
+
+def _pretrain_make(config, strategy, chief):
+    """Phase A of a MAKE variant (skipped when finished); returns `(metrics, checkpoint)`."""
+    import tensorflow as tf
+
+    from mm_ads.ctr import make as make_lib
+
+    done = make_lib.finished_pretraining(config)
+    if done is not None:
+        logging.info("MAKE pre-training already done (%s): skipped", os.path.join(config.model_dir, make_lib.MAKE_DIR))
+        return done
+    cfg = make_lib.pretrain_config(config)
+    logging.info("MAKE pre-training (phase A): %d epochs in %s", cfg.train.epochs, cfg.model_dir)
+    os.makedirs(cfg.model_dir, exist_ok=True)
+    _check_resume_config(cfg.model_dir, cfg)
+    if chief:
+        io_utils.write_json(os.path.join(cfg.model_dir, CONFIG_FILE), cfg.to_json())
+    metrics = _run_ctr(cfg, strategy, chief, time.time())
+    return metrics, tf.train.latest_checkpoint(os.path.join(cfg.model_dir, "ckpt"))
+
+
+def _run_ctr(config, strategy, chief, start):
     from mm_ads.ctr.task import CTRTask
     from mm_ads.export import export_saved_model
+    from mm_ads.training import trainer as trainer_lib
 
-    task = CTRTask(config)
+    make_metrics = make_checkpoint = None
+    if config.model.pretrains_make:
+        make_metrics, make_checkpoint = _pretrain_make(config, strategy, chief)
+        logging.info("MAKE (%s) from %s", "frozen" if config.model.make_frozen else "fine-tuned", make_checkpoint)
+    task = CTRTask(config, make_checkpoint=make_checkpoint)
     if chief:
         # the model's own FeatureSpec (with the vector features it was trained with): export needs no data
         io_utils.write_json(os.path.join(config.model_dir, SPEC_FILE), task.spec.to_json())
@@ -76,6 +114,8 @@ def run(config):
     metrics["epochs"] = config.train.epochs
     metrics["eval_history"] = trainer.history
     metrics["wall_seconds"] = round(time.time() - start, 1)  # of this invocation (a resumed run: its part)
+    if make_metrics is not None:
+        metrics["make_pretrain"] = make_metrics
     if chief and config.train.export:
         metrics["export_path"] = export_saved_model(trainer.model, os.path.join(config.model_dir, "export"))
     if chief:
@@ -135,6 +175,8 @@ def main(argv):
     keys = (("acc@1", "acc@5", "acc@10", "num_queries") if config.task in ("scl", "clip") else
             ("auc", "gauc", "logloss", "calibration", "num_examples"))
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=None))
+    if "make_pretrain" in metrics:
+        print("make_pretrain: " + json.dumps({k: metrics["make_pretrain"].get(k) for k in keys}, indent=None))
     print(f"metrics: {os.path.join(os.path.abspath(config.model_dir), METRICS_FILE)}")
     if "export_path" in metrics:
         print(f"export: {metrics['export_path']}")

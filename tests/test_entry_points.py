@@ -9,7 +9,7 @@ import pytest
 ENTRY_POINTS = {
     "mm_ads.data.synthetic": "--num_items",
     "mm_ads.data.prepare": "--format",
-    "mm_ads.train": "--variant",
+    "mm_ads.train": ("--variant", "--make_epochs", "--[no]make_trainable", "--make_learning_rate", "--make_units"),
     "mm_ads.export": "--export_base",
     "mm_ads.encode": "--register",
     "mm_ads.reports.table2": "--pair_benchmarks",
@@ -19,10 +19,11 @@ ENTRY_POINTS = {
 }
 
 
-@pytest.mark.parametrize("module,flag", sorted(ENTRY_POINTS.items()))
-def test_helpfull(module, flag, repo_root):
+@pytest.mark.parametrize("module,flags", sorted(ENTRY_POINTS.items()))
+def test_helpfull(module, flags, repo_root):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=repo_root)
     proc = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=repo_root, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert flag in proc.stdout, proc.stderr[-2000:]
+    for flag in (flags,) if isinstance(flags, str) else flags:
+        assert flag in proc.stdout, (flag, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr

@@ -11,18 +11,28 @@ Variants (paper section 6.1.3):
                  DIN as side information.
   * `simtier`  — SimTier: the histogram of those similarities over N tiers, concatenated into the
                  MLP input (paper eq. 2).
+  * `make`     — MAKE (paper section 4.3): a `mm_ads.layers.MAKE` module (DIN over the vectors, MLP to
+                 a logit) whose v_MAKE, intermediate MLP outputs and logit are concatenated into the
+                 ID model's MLP input. Frozen when it was pre-trained (`make_epochs > 0`, the
+                 default) unless `make_trainable`; see `mm_ads.ctr.make` for the two phases.
+  * `simtier_make` — SimTier and MAKE together.
+  * `make_only` — MAKE alone, no id features: its logit is the model's logit (MAKE's pre-training,
+                 paper eq. 5).
 Every multimodal variant also feeds the target's `item_vector_missing` flag to the MLP and
-excludes history items without a vector from the similarity statistics.
+excludes history items without a vector from the similarity statistics (and from MAKE's attention).
 
 The model is forward-only: it maps the FeatureSpec's model inputs (named after the features)
-to `{"ctr": [B], "logit": [B]}`; losses and metrics live in the task. `extra_block` is the seam
-for MAKE: a callable `(inputs, parts) -> list of [B, F] tensors` appended to the MLP input.
+to `{"ctr": [B], "logit": [B]}`; losses and metrics live in the task. `extra_block` is a seam
+for more MLP inputs: a callable `(inputs, parts) -> list of [B, F] tensors` appended to the MLP
+input (the MAKE variants use it for MAKE's outputs).
 """
 
 import keras
 
+from mm_ads.config import MAKE_VARIANTS
 from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR, missing_flag_name
 from mm_ads.layers.din_attention import DINAttention
+from mm_ads.layers.make import MAKE
 from mm_ads.layers.mlp import MLP
 from mm_ads.layers.sim_score import SimScore
 from mm_ads.layers.sim_tier import SimTier
@@ -31,26 +41,42 @@ from mm_ads.layers.sparse_embedding import SparseEmbedding
 _DTYPES = {"int64": "int64", "float32": "float32", "int8": "int8"}
 
 
+# Name of the MAKE layer in every model that has one: phase B restores phase A's MAKE variables by this path.
+MAKE_LAYER = "make"
+
+
+def _check_vectors(spec, variant):
+    if ITEM_VECTOR not in spec or HIST_ITEM_VECTOR not in spec:
+        raise ValueError(
+            f"Variant {variant!r} needs the vector features {ITEM_VECTOR!r} and {HIST_ITEM_VECTOR!r} in the "
+            "FeatureSpec (give the pipeline a vector table)"
+        )
+
+
 def model_input_names(spec, variant):
-    """Names of the model's inputs for a variant: every id feature, plus vectors and flags when used."""
+    """Names of the model's inputs for a variant: every id feature, plus vectors and flags when used.
+
+    `make_only` reads no id feature but the history ids its vectors are joined from (for the padding mask).
+    """
+    vectors = [ITEM_VECTOR, missing_flag_name(ITEM_VECTOR), HIST_ITEM_VECTOR, missing_flag_name(HIST_ITEM_VECTOR)]
+    if variant == "make_only":
+        _check_vectors(spec, variant)
+        return [spec[HIST_ITEM_VECTOR].source] + vectors
     names = [f.name for f in spec if f.is_id]
     if variant != "id":
-        names += [ITEM_VECTOR, missing_flag_name(ITEM_VECTOR), HIST_ITEM_VECTOR, missing_flag_name(HIST_ITEM_VECTOR)]
+        names += vectors
     return names
 
 
 def make_inputs(spec, variant):
     """`keras.Input`s named after the features (batch dimension first)."""
     inputs = {}
+    names = model_input_names(spec, variant)
     for f in spec:
-        if f.is_id:
+        if f.is_id and f.name in names:
             inputs[f.name] = keras.Input(f.shape, dtype="int64", name=f.name)
     if variant != "id":
-        if ITEM_VECTOR not in spec or HIST_ITEM_VECTOR not in spec:
-            raise ValueError(
-                f"Variant {variant!r} needs the vector features {ITEM_VECTOR!r} and {HIST_ITEM_VECTOR!r} in the "
-                "FeatureSpec (give the pipeline a vector table)"
-            )
+        _check_vectors(spec, variant)
         s, d = spec.seq_len, spec.vector_dim
         inputs[ITEM_VECTOR] = keras.Input((d,), dtype="float32", name=ITEM_VECTOR)
         inputs[HIST_ITEM_VECTOR] = keras.Input((s, d), dtype="float32", name=HIST_ITEM_VECTOR)
@@ -83,7 +109,8 @@ def build_ctr_model(spec, config, extra_block=None, name=None):
     Args:
         spec: the dataset's `FeatureSpec` (with vector features for multimodal variants).
         config: a `mm_ads.config.CTRModelConfig`.
-        extra_block: optional seam (MAKE): `(inputs, parts) -> list of [B, F] tensors`.
+        extra_block: optional seam: `(inputs, parts) -> list of [B, F] tensors`, more MLP inputs (the MAKE
+            variants add MAKE's outputs themselves).
         name: model name (default `ctr_<variant>`).
 
     Returns:
@@ -92,6 +119,13 @@ def build_ctr_model(spec, config, extra_block=None, name=None):
     config.validate()
     variant = config.variant
     inputs = make_inputs(spec, variant)
+    if variant == "make_only":
+        return _build_make_only(spec, config, inputs, name)
+    if variant in MAKE_VARIANTS:
+        user_block = extra_block
+
+        def extra_block(inputs, parts):
+            return _make_features(config, inputs, parts) + (list(user_block(inputs, parts)) if user_block else [])
     e = config.embedding_dim
     tables = {t: SparseEmbedding(n, e, padding_id=0, name=f"emb_{t}") for t, n in spec.tables().items()}
 
@@ -119,7 +153,7 @@ def build_ctr_model(spec, config, extra_block=None, name=None):
             keys = keras.ops.concatenate([keys, proj(hist_vec)], axis=-1)  # [B, S, E·k + P]
         elif variant == "simscore":
             side = SimScore(keepdims=True, name="sim_score")(target_vec, hist_vec, mask=hist_has_vec)  # [B, S, 1]
-        elif variant == "simtier":
+        elif variant in ("simtier", "simtier_make"):
             tiers = SimTier(num_tiers=config.num_tiers, count_transform=config.tier_transform,
                             name="sim_tier")(target_vec, hist_vec, mask=hist_has_vec)  # [B, N]
             mlp_inputs.append(tiers)
@@ -135,3 +169,27 @@ def build_ctr_model(spec, config, extra_block=None, name=None):
     logit = keras.ops.squeeze(mlp(features), -1)  # [B]
     ctr = keras.ops.sigmoid(logit)
     return keras.Model(inputs, {"ctr": ctr, "logit": logit}, name=name or f"ctr_{variant}")
+
+
+def _make_layer(config):
+    """The MAKE module of `config` (frozen when pre-trained and not fine-tuned)."""
+    return MAKE(mlp_units=config.make_units, attention_units=config.make_attention_units,
+                activation=config.activation, trainable=not config.make_frozen, name=MAKE_LAYER)
+
+
+def _make_features(config, inputs, parts):
+    """MAKE's knowledge for the ID model's MLP: [v_MAKE [B, 2D], hidden_1 [B, H1], ..., logit [B, 1]]."""
+    out = _make_layer(config)(parts["target_vector"], parts["history_vector"], mask=parts["history_has_vector"],
+                              target_missing=inputs[missing_flag_name(ITEM_VECTOR)])
+    return [out["v_make"]] + list(out["hidden"]) + [out["logit"]]
+
+
+def _build_make_only(spec, config, inputs, name):
+    """MAKE alone (its pre-training model): vectors in, MAKE's logit out (paper eqs. 3-5)."""
+    source = spec[HIST_ITEM_VECTOR].source
+    mask = keras.ops.not_equal(inputs[source], spec[source].padding_id)  # [B, S]
+    has_vector = keras.ops.logical_and(mask, keras.ops.equal(inputs[missing_flag_name(HIST_ITEM_VECTOR)], 0.0))
+    out = _make_layer(config)(inputs[ITEM_VECTOR], inputs[HIST_ITEM_VECTOR], mask=has_vector,
+                              target_missing=inputs[missing_flag_name(ITEM_VECTOR)])
+    logit = keras.ops.squeeze(out["logit"], -1)  # [B]
+    return keras.Model(inputs, {"ctr": keras.ops.sigmoid(logit), "logit": logit}, name=name or "ctr_make_only")

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
 
+from mm_ads.ctr.make import restore_make
 from mm_ads.ctr.model import build_ctr_model, model_input_names
 from mm_ads.data import pipeline
 from mm_ads.data.dataset import Manifest
@@ -20,12 +21,15 @@ class CTRTask(Task):
 
     Args:
         config: a validated `mm_ads.config.ExperimentConfig`.
-        extra_block: forwarded to `build_ctr_model` (the MAKE seam).
+        extra_block: forwarded to `build_ctr_model` (more MLP inputs).
+        make_checkpoint: for the MAKE variants, a checkpoint of MAKE's pre-training (phase A) whose MAKE
+            variables `build_model` restores into the new model (see `mm_ads.ctr.make`).
     """
 
-    def __init__(self, config, extra_block=None):
+    def __init__(self, config, extra_block=None, make_checkpoint=None):
         self.config = config
         self.extra_block = extra_block
+        self.make_checkpoint = make_checkpoint
         data = config.data
         self.manifest = Manifest.load(data.data_dir)
         spec = self.manifest.spec
@@ -44,7 +48,10 @@ class CTRTask(Task):
         self._train_counts = None
 
     def build_model(self):
-        return build_ctr_model(self.spec, self.config.model, extra_block=self.extra_block)
+        model = build_ctr_model(self.spec, self.config.model, extra_block=self.extra_block)
+        if self.make_checkpoint:
+            restore_make(model, self.make_checkpoint)
+        return model
 
     def num_examples(self, split):
         name = self.config.data.train_split if split == "train" else self.config.data.eval_split

@@ -2,6 +2,7 @@
 
 - `DINAttention`: DIN target attention over a behaviour sequence (optional side information).
 - `SimTier`: histogram of target-to-history similarities (paper section 4.2).
+- `MAKE`: Multimodal Knowledge Extractor — DIN over multimodal vectors + MLP to a logit (paper section 4.3).
 - `SimScore`: per-item similarity to the target (the paper's SimScore baseline, side information to DIN).
 - `MLP`: dense tower (relu/prelu/dice/any Keras activation, dropout, batch/layer norm, float32 logit).
 - `Dice`: DIN's data-adaptive activation.
@@ -10,6 +11,7 @@
 
 from mm_ads.layers.dice import Dice
 from mm_ads.layers.din_attention import DINAttention
+from mm_ads.layers.make import MAKE
 from mm_ads.layers.mlp import MLP
 from mm_ads.layers.sim_score import SimScore
 from mm_ads.layers.sim_tier import SimTier
@@ -18,6 +20,7 @@ from mm_ads.layers.sparse_embedding import SparseEmbedding
 __all__ = [
     "DINAttention",
     "Dice",
+    "MAKE",
     "MLP",
     "SimScore",
     "SimTier",

@@ -57,6 +57,17 @@ def model_checkpoint(model):
     return tf.train.Checkpoint(**variables)
 
 
+def planned_steps(num_examples, global_batch, config):
+    """`(steps per epoch, total steps)` of training `num_examples` with `config` (a `TrainConfig`)."""
+    steps_per_epoch = num_examples // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"The training split has {num_examples} examples, fewer than one batch of {global_batch}")
+    total = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    return steps_per_epoch, total
+
+
 class _Progress:
     """One progress line: a bar, the loss and examples/s (rewritten in place on a terminal)."""
 
@@ -116,15 +127,7 @@ class Trainer:
         ckpt_dir = os.path.join(model_dir, "ckpt") if self.chief else os.path.join(
             model_dir, f".ckpt-worker-{os.getpid()}")
         self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=3)
-        self.steps_per_epoch = task.num_examples("train") // self.global_batch
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"The training split has {task.num_examples('train')} examples, fewer than one batch of "
-                f"{self.global_batch}"
-            )
-        self.total_steps = self.steps_per_epoch * config.epochs
-        if config.max_steps:
-            self.total_steps = min(self.total_steps, config.max_steps)
+        self.steps_per_epoch, self.total_steps = planned_steps(task.num_examples("train"), self.global_batch, config)
         self._train_step = None
         self.history = []
 

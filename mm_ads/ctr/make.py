@@ -1,0 +1,87 @@
+"""MAKE's two phases (paper section 4.3): multi-epoch pre-training, then knowledge utilisation.
+
+`python -m mm_ads.train --variant=make|simtier_make --make_epochs=K` (see `mm_ads.train`):
+
+* **Phase A — pre-training.** `<model_dir>/make/` is a complete model dir of the `make_only` variant
+  (MAKE alone: DIN over the multimodal vectors, MLP, BCE on the click label, paper eqs. 3-5), trained
+  for `make_epochs` epochs by the same trainer: its own optimizers, checkpoints (`make/ckpt/`),
+  `config.json`, `eval_history.json` (one evaluation per epoch) and `metrics.json`. Its learning rate is
+  `--make_learning_rate` (0 = `--dense_learning_rate`); `--max_steps` caps it like any training. It is
+  resumable like any run; once `make/metrics.json` is written, re-running the command skips it.
+* **Phase B — knowledge utilisation.** The ID model (`epochs`, one in the flagfiles) is built with a MAKE
+  layer of the same name and sizes, so its variables have the same paths; `restore_make` loads them from
+  phase A's last checkpoint before the trainer restores phase B's own checkpoint (a resumed phase B keeps
+  its own MAKE values). MAKE's v_MAKE, hidden outputs and logit enter the ID model's MLP; MAKE is frozen
+  (`make_trainable=false`, the default: its variables are not trainable, it runs in inference mode and
+  stays bit-identical) or fine-tuned with the ID model's dense optimizer (`--make_trainable`).
+
+With `make_epochs=0` there is no phase A: MAKE starts from its initialisation and trains jointly with
+the ID model in phase B (the paper's "0 epochs" point of Fig. 6(c)).
+"""
+
+import copy
+import json
+import os
+
+import tensorflow as tf
+
+from mm_ads.ctr.model import MAKE_LAYER
+from mm_ads.data.dataset import Manifest
+from mm_ads.training.trainer import model_checkpoint, planned_steps
+
+MAKE_DIR = "make"
+
+
+def pretrain_config(config):
+    """The `ExperimentConfig` of phase A for the `ExperimentConfig` of a MAKE variant.
+
+    Same data, batch size, seed, optimizers and MAKE sizes; variant `make_only`, model dir
+    `<model_dir>/make`, `make_epochs` epochs, learning rate `make_learning_rate` (if set), no export.
+    """
+    if not config.model.pretrains_make:
+        raise ValueError(f"Variant {config.model.variant!r} with make_epochs={config.model.make_epochs} has no "
+                         "MAKE pre-training")
+    cfg = copy.deepcopy(config)
+    cfg.model_dir = os.path.join(config.model_dir, MAKE_DIR)
+    cfg.model.variant = "make_only"
+    cfg.train.epochs = config.model.make_epochs
+    if config.train.make_learning_rate:
+        cfg.train.dense_learning_rate = config.train.make_learning_rate
+    cfg.train.export = False
+    return cfg.validate()
+
+
+def finished_pretraining(config):
+    """`(metrics, checkpoint)` of a finished phase A for a MAKE variant's config, or None if it must (still) run.
+
+    Phase A is finished when `<model_dir>/make/metrics.json` records the number of steps this config
+    plans. Raises ValueError when a finished phase A of another length already fed a phase B.
+    """
+    cfg = pretrain_config(config)
+    path = os.path.join(cfg.model_dir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        metrics = json.load(f)
+    num_train = Manifest.load(cfg.data.data_dir).num_rows("ctr", cfg.data.train_split)
+    _, steps = planned_steps(num_train, cfg.data.batch_size, cfg.train)
+    checkpoint = tf.train.latest_checkpoint(os.path.join(cfg.model_dir, "ckpt"))
+    if metrics.get("steps") == steps and checkpoint:
+        return metrics, checkpoint
+    if tf.train.latest_checkpoint(os.path.join(config.model_dir, "ckpt")):
+        raise ValueError(
+            f"MAKE's pre-training in {cfg.model_dir} ran {metrics.get('steps')} steps, this run plans {steps}, and "
+            f"the ID model in {config.model_dir} already trained with it: use a new --model_dir"
+        )
+    return None
+
+
+def restore_make(model, checkpoint):
+    """Restores every variable of `model`'s MAKE layer from `checkpoint` (phase A's, or any model's with a
+    MAKE layer of the same name and sizes); the rest of `model` is untouched.
+
+    Raises if a MAKE variable is absent from the checkpoint (e.g. other MAKE sizes).
+    """
+    layer = model.get_layer(MAKE_LAYER)
+    status = tf.train.Checkpoint(model=model_checkpoint(layer)).restore(checkpoint)
+    status.expect_partial().assert_existing_objects_matched()
