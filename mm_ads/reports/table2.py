@@ -63,6 +63,7 @@ class Table2Config:
         pairs_flagfile: SCL on product pairs (fine-tuning MiniLM); pairs_scratch_flagfile: the from-scratch
             reference row ("" = no such row).
         images_path: the clothing photos (directory or .tar.gz); clothing_flagfile: SCL on them.
+        rows: which rows to run (default all of `ROWS`; a row that does not apply to a benchmark is left out).
         max_steps: caps every training run (0 = the flagfiles' epochs; the smoke profile uses it).
         seed: training seed of every run.
     """
@@ -79,6 +80,7 @@ class Table2Config:
     pairs_scratch_flagfile: str = "configs/scl/product_pairs_scratch.flags"
     images_path: str = "../shared/data/images/clothing-small-96px.tar.gz"
     clothing_flagfile: str = "configs/scl/clothing.flags"
+    rows: tuple = tuple(ROWS)
     max_steps: int = 0
     seed: int = 0
 
@@ -87,6 +89,9 @@ class Table2Config:
         unknown = [b for b in self.benchmarks if b not in known]
         if unknown or not self.benchmarks:
             raise ValueError(f"benchmarks must be a non-empty subset of {known}, got {list(self.benchmarks)}")
+        bad_rows = [r for r in self.rows if r not in ROWS]
+        if bad_rows or not self.rows:
+            raise ValueError(f"rows must be a non-empty subset of {list(ROWS)}, got {list(self.rows)}")
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         return self
@@ -206,6 +211,8 @@ class Table2Runner:
         return os.path.join(self.output_dir, "runs", benchmark.replace(":", "_"), row)
 
     def _record(self, benchmark, modality, row, fn):
+        if row not in self.options.rows:
+            return
         bench = self.results["benchmarks"].setdefault(benchmark, {"modality": modality, "rows": {}})
         start = time.time()
         try:

@@ -58,10 +58,16 @@ def encode_values(encoder, values, modality, image_size=32, batch_size=256):
 
 
 def encode_catalogue(encoder, data_dir, modality, output_path, image_size=32, dtype="float32", batch_size=256):
-    """Encodes `items.parquet` (title or image column) and writes the vector table; returns its metadata."""
+    """Encodes `items.parquet` and writes the vector table; returns its metadata.
+
+    Text: the `text` column when the items table has one (the item text its pre-training pairs use), else
+    `title`. Image: the `image` column (encoded bytes).
+    """
     manifest = Manifest.load(data_dir)
     path = manifest.files("items", "all")[0]
     column = COLUMNS[modality]
+    if modality == "text" and "text" in pq.read_schema(path).names:
+        column = "text"  # the item's full text when the reader writes one (MovieLens: title, genres, tags)
     table = pq.read_table(path, columns=["item_id", column])
     ids = table.column("item_id").to_numpy().astype(np.int64)
     vectors = encode_values(encoder, table.column(column).to_pylist(), modality, image_size, batch_size)

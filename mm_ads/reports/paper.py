@@ -1,0 +1,575 @@
+r"""The paper's experiments end to end: Tables 2–3 and Figures 3, 6a, 6b, 6c in one command.
+
+`python -m mm_ads.reports.paper --flagfile=configs/paper/<profile>.flags --output_dir=DIR`
+
+Profiles: `smoke` (tests: tiny world, a few steps), `demo` (the README's main job, ≤ 30 minutes on 2
+cores) and `full` (the demo world and every Table 2 benchmark). Steps, all under `DIR`:
+
+1. `data/` — the synthetic world of `world_flagfile` (or `world_dir`, an existing dataset).
+2. `table2/` — Table 2 with the Table 2 profile `table2_flagfile` on that world (`mm_ads.reports.table2`).
+3. `vectors/<row>.parquet` — the catalogue encoded by the text encoder of each Table 2 row that a CTR run
+   needs: `encoder_row` (the vectors of Table 3) and every row of `fig6a_rows`.
+4. `ctr/<variant>/seed<k>/` — Table 3: every variant of `variants` × `seeds`, flagfile
+   `configs/ctr/<variant>.flags` plus `ctr_overrides`. A `simtier_make` run starts from the `make` run's
+   MAKE pre-training of the same seed when the two are the same computation (copied, not re-run).
+5. `fig3/` — test GAUC per epoch for 1..`fig3_epochs`: the id model (seed 0 run continued), and MAKE alone
+   (the `make_only` variant: the multimodal-only model).
+6. `fig6a/` — the simtier model (seed 0) on the vectors of each row of `fig6a_rows`: Acc@1 vs GAUC.
+7. Fig 6b — from Table 3: relative AUC and LogLoss improvement of `simtier_make` over `id` per item-frequency
+   group (freq_1 = rarest … freq_8) and new items, mean ± std over seeds.
+8. `fig6c/` — the `make` model (seed 0) with MAKE pre-trained for each of `fig6c_epochs` epochs (0 = joint).
+
+Every run is a normal model dir and a finished one (its `metrics.json` exists) is reused, so an
+interrupted report continues where it stopped. Output: `report.md`, `results.json` and `fig3.png`,
+`fig6a.png`, `fig6b.png`, `fig6c.png`. The report states sizes, seeds and wall times, and whether each of the
+paper's orderings holds here — a finding either way, not something tuned away.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+from absl import logging
+
+from mm_ads import config as config_lib
+from mm_ads.reports import table2 as table2_lib
+from mm_ads.utils import io as io_utils
+
+TABLE3_VARIANTS = ("id", "vector", "simscore", "simtier", "make", "simtier_make")
+FREQ_SLICES = tuple(f"freq_{g}" for g in range(1, 9)) + ("new",)
+
+
+@dataclasses.dataclass
+class PaperConfig:
+    """What `run_paper` runs (flag names = field names; see `configs/paper/*.flags`).
+
+    Args:
+        world_flagfile: the synthetic world's profile; world_dir: use this existing dataset instead.
+        table2_flagfile: the Table 2 profile (`configs/reports/table2_*.flags`); its world is this report's.
+        encoder_row: the Table 2 text row whose encoder gives the vectors of Table 3 and Figs 3, 6b, 6c.
+        vector_table: use this item → vector table (a path or a name in the dataset's manifest, e.g. the
+            Taobao-MM reader's `scl`) instead: Table 2 and Fig 6a are then skipped (data without pre-training
+            pairs).
+        ctr_config_dir: where `<variant>.flags` are; ctr_overrides: `name=value` applied to every CTR run.
+        variants / seeds: Table 3.
+        fig3_epochs: epochs of Fig 3. fig6a_rows: Table 2 rows of Fig 6a. fig6c_epochs: MAKE pre-training epochs.
+    """
+
+    world_flagfile: str = "configs/data/demo.flags"
+    world_dir: str = ""
+    table2_flagfile: str = "configs/reports/table2_demo.flags"
+    encoder_row: str = "scl"
+    vector_table: str = ""
+    ctr_config_dir: str = "configs/ctr"
+    ctr_overrides: tuple = ()
+    variants: tuple = TABLE3_VARIANTS
+    seeds: tuple = (0, 1, 2)
+    fig3_epochs: int = 4
+    fig6a_rows: tuple = ("untrained", "scl_no_triplet_no_queue", "scl_no_triplet", "scl")
+    fig6c_epochs: tuple = (0, 1, 2, 4)
+
+    def validate(self):
+        bad = [v for v in self.variants if v not in config_lib.CTR_VARIANTS]
+        if bad or "id" not in self.variants:
+            raise ValueError(f"variants must include 'id' and be CTR variants {config_lib.CTR_VARIANTS}, got "
+                             f"{list(self.variants)}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if self.fig3_epochs < 1:
+            raise ValueError(f"fig3_epochs must be >= 1, got {self.fig3_epochs}")
+        if any(e < 0 for e in self.fig6c_epochs):
+            raise ValueError(f"fig6c_epochs must be >= 0, got {list(self.fig6c_epochs)}")
+        for item in self.ctr_overrides:
+            if "=" not in item:
+                raise ValueError(f"ctr_overrides entries are name=value, got {item!r}")
+        for row in (self.encoder_row, *self.fig6a_rows):
+            if row not in table2_lib.ROWS:
+                raise ValueError(f"{row!r} is not a Table 2 row ({sorted(table2_lib.ROWS)})")
+        return self
+
+    @classmethod
+    def from_values(cls, values):
+        """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
+        values = dict(values)
+        defaults = cls()
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            value, default = values.pop(f.name), getattr(defaults, f.name)
+            if isinstance(default, tuple) and isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            if isinstance(default, tuple) and default and isinstance(default[0], int):
+                value = tuple(int(v) for v in value)
+            out[f.name] = config_lib._convert(f.name, default, value)
+        if values:
+            raise ValueError(f"Unknown paper report options: {sorted(values)}")
+        return cls(**out).validate()
+
+
+def _metrics(model_dir):
+    path = os.path.join(model_dir, "metrics.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def _mean_std(values):
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+class PaperRunner:
+    def __init__(self, options, output_dir):
+        self.o = options.validate()
+        self.out = os.path.abspath(output_dir)
+        self.results = {"options": dataclasses.asdict(options), "wall_seconds": {}}
+        self.world = None
+        self.tables = {}
+
+    # -- building blocks ---------------------------------------------------------------------
+    def _timed(self, name, fn):
+        start = time.time()
+        value = fn()
+        self.results["wall_seconds"][name] = round(time.time() - start, 1)
+        logging.info("paper report: %s done in %.0f s", name, time.time() - start)
+        return value
+
+    def ctr_values(self, variant):
+        """Flag values of a CTR run of `variant` (`make_only`: MAKE's pre-training run, from make.flags)."""
+        flagfile = "make" if variant == "make_only" else variant
+        values = config_lib.read_flagfile(os.path.join(self.o.ctr_config_dir, f"{flagfile}.flags"))
+        values.update(item.split("=", 1) for item in self.o.ctr_overrides)
+        if variant == "make_only":
+            values["variant"] = "make_only"
+            if float(values.get("make_learning_rate", 0) or 0) > 0:  # as in MAKE's pre-training (phase A)
+                values["dense_learning_rate"] = values["make_learning_rate"]
+        return values
+
+    def ctr(self, variant, seed, model_dir, vector_row=None, **overrides):
+        """A CTR run (reused when finished); returns its metrics."""
+        from mm_ads import train
+
+        done = _metrics(model_dir)
+        if done is not None:
+            return done
+        values = self.ctr_values(variant)
+        values.update(data_dir=self.world, model_dir=model_dir, seed=str(seed), export="false")
+        if variant != "id":
+            values["vector_table"] = self.vector_table(vector_row or self.o.encoder_row)
+        values.update({k: str(v) for k, v in overrides.items()})
+        return train.run(config_lib.config_from_values(values))
+
+    def vector_table(self, row):
+        """`vectors/<row>.parquet`: the catalogue encoded by Table 2 row `row`'s text encoder (or the
+        `vector_table` option when set)."""
+        if self.o.vector_table:
+            return self.o.vector_table
+        path = os.path.join(self.out, "vectors", f"{row}.parquet")
+        if row in self.tables:
+            return self.tables[row]
+        if not os.path.exists(path):
+            from mm_ads.scl.encode import encode_catalogue
+
+            encode_catalogue(self.encoder(row), self.world, "text", path)
+        self.tables[row] = path
+        return path
+
+    def encoder(self, row):
+        import keras
+
+        from mm_ads.scl.encode import load_encoder
+
+        info = self.table2["benchmarks"]["synthetic_text"]["rows"].get(row)
+        if info is None or "skipped" in info:
+            raise ValueError(f"Table 2 has no usable synthetic_text row {row!r}: {info}")
+        t2 = table2_lib.Table2Config.from_values(table2_lib.read_profile(self.o.table2_flagfile))
+        if row == "untrained":
+            task = table2_lib._scl_task(t2.text_flagfile, self.world, t2)
+            keras.utils.set_random_seed(t2.seed)
+            return task.build_model().encoder
+        if row == "minilm_zero_shot":
+            from mm_ads.scl.pretrained_tower import PretrainedTextTower
+
+            return PretrainedTextTower(name="minilm")
+        metrics = _metrics(info["model_dir"])
+        if row == "clip_e":
+            return load_encoder(metrics["encoders"]["text"])
+        return load_encoder(os.path.join(info["model_dir"], "encoder.keras"))
+
+    # -- steps -------------------------------------------------------------------------------
+    def make_world(self):
+        if self.o.world_dir:
+            return os.path.abspath(self.o.world_dir)
+        path = os.path.join(self.out, "data")
+        if not os.path.exists(os.path.join(path, "manifest.json")):
+            from mm_ads.data import synthetic
+
+            synthetic.generate(synthetic.world_config_from_flagfile(self.o.world_flagfile), path,
+                               provenance={"generator": "mm_ads.reports.paper",
+                                           "world_flagfile": self.o.world_flagfile})
+        return path
+
+    def run_table2(self):
+        values = dict(table2_lib.read_profile(self.o.table2_flagfile), world_dir=self.world)
+        options = table2_lib.Table2Config.from_values(values)
+        if "synthetic_text" not in options.benchmarks:
+            raise ValueError(f"{self.o.table2_flagfile}: the paper report needs the synthetic_text benchmark")
+        return table2_lib.run_table2(options, os.path.join(self.out, "table2"))
+
+    def run_table3(self):
+        runs = {}
+        for seed in self.o.seeds:
+            for variant in self.o.variants:
+                model_dir = os.path.join(self.out, "ctr", variant, f"seed{seed}")
+                if variant == "simtier_make" and "make" in self.o.variants:
+                    self._share_make_pretraining(os.path.join(self.out, "ctr", "make", f"seed{seed}"), model_dir)
+                runs.setdefault(variant, {})[seed] = self.ctr(variant, seed, model_dir)
+        table = {}
+        for variant, by_seed in runs.items():
+            row = {}
+            for key in ("auc", "gauc", "logloss"):
+                row[key] = _mean_std([m[key] for m in by_seed.values()])
+                if variant != "id":
+                    rel = [(by_seed[s][key] - runs["id"][s][key]) / runs["id"][s][key] for s in by_seed]
+                    row[f"{key}_rel"] = _mean_std(rel)
+            table[variant] = row
+        return {"runs": {v: {str(s): {k: m[k] for k in ("auc", "gauc", "logloss")} for s, m in r.items()}
+                         for v, r in runs.items()}, "table": table}, runs
+
+    def _share_make_pretraining(self, make_dir, target_dir):
+        """Copies `make`'s MAKE pre-training into a `simtier_make` run when it is the same computation."""
+        from mm_ads.ctr import make as make_lib
+
+        src = os.path.join(make_dir, make_lib.MAKE_DIR)
+        dst = os.path.join(target_dir, make_lib.MAKE_DIR)
+        if os.path.exists(dst) or _metrics(src) is None:
+            return
+        with open(os.path.join(src, "config.json")) as f:
+            done = json.load(f)
+        values = self.ctr_values("simtier_make")
+        values.update(data_dir=self.world, model_dir=target_dir, seed=done["train"]["seed"], export="false",
+                      vector_table=self.vector_table(self.o.encoder_row))
+        planned = make_lib.pretrain_config(config_lib.config_from_values(values)).to_json()
+        planned = json.loads(json.dumps(planned))
+        same = all(planned[k] == done[k] for k in ("data", "model", "train"))
+        if same:
+            shutil.copytree(src, dst)
+            with open(os.path.join(dst, "config.json"), "w") as f:  # the copy's own model dir
+                json.dump(dict(done, model_dir=planned["model_dir"]), f, indent=2, sort_keys=True)
+            logging.info("simtier_make seed %s: MAKE pre-training shared with %s", done["train"]["seed"], src)
+
+    def run_fig3(self, table3_runs):
+        seed = self.o.seeds[0]
+        id_dir = os.path.join(self.out, "fig3", "id")
+        source = os.path.join(self.out, "ctr", "id", f"seed{seed}")
+        if _metrics(id_dir) is None and not os.path.exists(id_dir) and os.path.exists(source):
+            shutil.copytree(source, id_dir, ignore=shutil.ignore_patterns("metrics.json", "export"))
+        id_metrics = self.ctr("id", seed, id_dir, epochs=self.o.fig3_epochs)
+        mm_dir = os.path.join(self.out, "fig3", "make_only")
+        pretrained = os.path.join(self.out, "ctr", "make", f"seed{seed}", "make")  # the same run when as long
+        if not os.path.exists(mm_dir) and _metrics(pretrained) is not None and \
+                _metrics(pretrained).get("epochs") == self.o.fig3_epochs:
+            shutil.copytree(pretrained, mm_dir)
+        mm_metrics = self.ctr("make_only", seed, os.path.join(self.out, "fig3", "make_only"),
+                              epochs=self.o.fig3_epochs)
+        return {name: [{"epoch": h["epoch"], "gauc": h["gauc"], "auc": h["auc"]} for h in m["eval_history"]]
+                for name, m in (("id", id_metrics), ("make_only", mm_metrics))}
+
+    def run_fig6a(self, table3_runs, table2):
+        seed = self.o.seeds[0]
+        points = []
+        for row in self.o.fig6a_rows:
+            info = table2["benchmarks"]["synthetic_text"]["rows"].get(row, {})
+            if "acc@1" not in info:
+                continue
+            if row == self.o.encoder_row and "simtier" in table3_runs:
+                m = table3_runs["simtier"][seed]
+            else:
+                m = self.ctr("simtier", seed, os.path.join(self.out, "fig6a", row), vector_row=row)
+            points.append({"row": row, "acc@1": info["acc@1"], "gauc": m["gauc"], "auc": m["auc"]})
+        return points
+
+    def run_fig6b(self, table3_runs):
+        if "simtier_make" not in table3_runs:
+            return None
+        out = {}
+        for name in FREQ_SLICES:
+            auc, loss = [], []
+            for seed, mm in table3_runs["simtier_make"].items():
+                a, b = table3_runs["id"][seed]["slices"].get(name), mm["slices"].get(name)
+                if not a or not b or a.get("auc") is None or b.get("auc") is None:
+                    continue
+                auc.append((b["auc"] - a["auc"]) / a["auc"])
+                loss.append((a["logloss"] - b["logloss"]) / a["logloss"])
+            if auc:
+                out[name] = {"auc_rel": _mean_std(auc), "logloss_rel": _mean_std(loss),
+                             "num_examples": table3_runs["id"][self.o.seeds[0]]["slices"][name]["num_examples"]}
+        return out
+
+    def run_fig6c(self, table3_runs):
+        seed = self.o.seeds[0]
+        base = self.ctr_values("make")
+        default_epochs = int(base.get("make_epochs", 4))
+        points = []
+        for epochs in self.o.fig6c_epochs:
+            if epochs == default_epochs and "make" in table3_runs:
+                m = table3_runs["make"][seed]
+            else:
+                m = self.ctr("make", seed, os.path.join(self.out, "fig6c", f"make_epochs{epochs}"), make_epochs=epochs)
+            points.append({"make_epochs": epochs, "gauc": m["gauc"], "auc": m["auc"]})
+        return points
+
+    def run(self):
+        start = time.time()
+        os.makedirs(self.out, exist_ok=True)
+        self.world = self._timed("data", self.make_world)
+        self.table2 = {"benchmarks": {}}
+        if not self.o.vector_table:
+            self.table2 = self._timed("table2", self.run_table2)
+            rows = self.table2["benchmarks"]["synthetic_text"]["rows"]
+            self._timed("vectors", lambda: [self.vector_table(r) for r in {self.o.encoder_row, *self.o.fig6a_rows}
+                                            if "acc@1" in rows.get(r, {})])
+        self.results["table2"] = self.table2["benchmarks"]
+        self.results["table3"], runs = self._timed("table3", self.run_table3)
+        self.results["fig3"] = self._timed("fig3", lambda: self.run_fig3(runs))
+        self.results["fig6a"] = [] if self.o.vector_table else self._timed(
+            "fig6a", lambda: self.run_fig6a(runs, self.table2))
+        self.results["fig6b"] = self.run_fig6b(runs)
+        self.results["fig6c"] = self._timed("fig6c", lambda: self.run_fig6c(runs))
+        self.results["data"] = self._describe_data()
+        self.results["findings"] = findings(self.results)
+        self.results["wall_seconds"]["total"] = round(time.time() - start, 1)
+        self.results["plots"] = plot_all(self.results, self.out)
+        io_utils.write_json(os.path.join(self.out, "results.json"), self.results)
+        with io_utils.atomic_file(os.path.join(self.out, "report.md")) as f:
+            f.write(to_markdown(self.results, self.out))
+        return self.results
+
+    def _describe_data(self):
+        from mm_ads.data.dataset import Manifest
+
+        m = Manifest.load(self.world)
+        pairs = m.num_rows("pretrain/text_pairs", "train") if "pretrain/text_pairs" in m.components else 0
+        return {"data_dir": self.world, "train_impressions": m.num_rows("ctr", "train"),
+                "test_impressions": m.num_rows("ctr", "test"), "generator": m.extra.get("config"),
+                "text_pairs_train": pairs, "vector_table": self.o.vector_table or None}
+
+
+# -- findings, plots, markdown -----------------------------------------------------------------
+def _spearman(x, y):
+    if len(x) < 3:
+        return None
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def findings(results):
+    """Whether each ordering the paper reports holds in these results (plain statements)."""
+    out = []
+    t3 = results["table3"]["table"]
+    order = [v for v in ("simtier_make", "simtier", "make", "simscore", "vector") if v in t3]
+    for v in order:
+        gain = t3[v]["gauc_rel"][0]
+        out.append(f"Table 3: {v} GAUC vs id {gain:+.2%} — " + ("better than id, as in the paper" if gain > 0 else
+                                                                 "NOT better than id (the paper: better)"))
+    if "simtier_make" in t3 and "simtier" in t3 and "make" in t3:
+        best = t3["simtier_make"]["gauc"][0] >= max(t3["simtier"]["gauc"][0], t3["make"]["gauc"][0])
+        out.append("Table 3: simtier_make is " + ("the best variant, as in the paper" if best else
+                                                  "NOT above both simtier and make (the paper: best)"))
+    rows = results["table2"].get("synthetic_text", {}).get("rows", {})
+    chain = [r for r in ("scl", "scl_no_triplet", "scl_no_triplet_no_queue") if "acc@1" in rows.get(r, {})]
+    accs = [rows[r]["acc@1"] for r in chain]
+    if len(chain) == 3:
+        holds = accs[0] >= accs[1] >= accs[2]
+        out.append("Table 2 (synthetic text): SCL ≥ w/o triplet ≥ w/o triplet & MoCo in Acc@1 " +
+                   ("holds" if holds else "does NOT hold") + f" ({', '.join(f'{a:.3f}' for a in accs)})")
+    generic = [rows[r]["acc@1"] for r in ("untrained", "minilm_zero_shot", "clip_e") if "acc@1" in rows.get(r, {})]
+    if generic and "acc@1" in rows.get("scl", {}):
+        out.append("Table 2 (synthetic text): SCL beats every generic/cross-modal encoder: " +
+                   ("yes" if rows["scl"]["acc@1"] > max(generic) else "NO"))
+    pts = results.get("fig6a") or []
+    rho = _spearman([p["acc@1"] for p in pts], [p["gauc"] for p in pts])
+    if rho is not None:
+        out.append(f"Fig 6a: Spearman correlation of Acc@1 and simtier GAUC over {len(pts)} encoders = {rho:+.2f} "
+                   + ("(positive, as in the paper)" if rho > 0 else "(NOT positive; the paper: positive)"))
+    c = results.get("fig6c") or []
+    if len(c) >= 2:
+        g = [p["gauc"] for p in sorted(c, key=lambda p: p["make_epochs"])]
+        mono = all(b >= a for a, b in zip(g, g[1:]))
+        out.append("Fig 6c: GAUC " + ("rises" if mono else "does NOT rise monotonically") +
+                   " with MAKE pre-training epochs (" + ", ".join(f"{p['make_epochs']}: {p['gauc']:.4f}" for p in
+                                                           sorted(c, key=lambda p: p["make_epochs"])) + ")")
+    b = results.get("fig6b") or {}
+    if "freq_1" in b and "freq_8" in b:
+        low, high = b["freq_1"]["auc_rel"][0], b["freq_8"]["auc_rel"][0]
+        out.append(f"Fig 6b: relative AUC gain on the rarest items {low:+.2%} vs the most frequent {high:+.2%} — " +
+                   ("larger on rare items, as in the paper" if low > high else "NOT larger on rare items"))
+    return out
+
+
+def plot_all(results, out_dir):
+    """Writes fig3.png, fig6a.png, fig6b.png, fig6c.png; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = {}
+
+    def save(fig, name):
+        path = os.path.join(out_dir, name)
+        with io_utils.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written[name.split(".")[0]] = name
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, label in (("id", "ID-based model"), ("make_only", "multimodal only (MAKE)")):
+        h = results["fig3"][name]
+        ax.plot([p["epoch"] for p in h], [p["gauc"] for p in h], marker="o", label=label)
+    ax.set(xlabel="epoch", ylabel="test GAUC", title="Fig 3: GAUC per training epoch")
+    ax.legend()
+    save(fig, "fig3.png")
+
+    pts = results["fig6a"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter([p["acc@1"] for p in pts], [p["gauc"] for p in pts])
+    for p in pts:
+        ax.annotate(p["row"], (p["acc@1"], p["gauc"]), fontsize=7)
+    ax.set(xlabel="pre-training Acc@1", ylabel="simtier test GAUC", title="Fig 6a: Acc@1 vs GAUC")
+    if pts:
+        save(fig, "fig6a.png")
+    else:
+        plt.close(fig)
+
+    b = results.get("fig6b") or {}
+    if b:
+        names = [n for n in FREQ_SLICES if n in b]
+        x = np.arange(len(names))
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        for k, (key, label) in enumerate((("auc_rel", "AUC"), ("logloss_rel", "LogLoss"))):
+            ax.bar(x + (k - 0.5) * 0.4, [100 * b[n][key][0] for n in names], 0.4,
+                   yerr=[100 * b[n][key][1] for n in names], label=label)
+        ax.set_xticks(x, [n.replace("freq_", "G") for n in names])
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set(ylabel="relative improvement (%)", title="Fig 6b: simtier_make vs id by item frequency")
+        ax.legend()
+        save(fig, "fig6b.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    c = sorted(results["fig6c"], key=lambda p: p["make_epochs"])
+    ax.plot([p["make_epochs"] for p in c], [p["gauc"] for p in c], marker="o")
+    ax.set(xlabel="MAKE pre-training epochs (0 = joint)", ylabel="test GAUC", title="Fig 6c: MAKE epochs")
+    save(fig, "fig6c.png")
+    return written
+
+
+def _pm(value, percent=False):
+    mean, std = value
+    return f"{mean:+.2%} ± {std:.2%}" if percent else f"{mean:.4f} ± {std:.4f}"
+
+
+def table3_markdown(results):
+    t3 = results["table3"]["table"]
+    lines = ["| variant | AUC | GAUC | LogLoss | AUC vs id | GAUC vs id |", "|---|---:|---:|---:|---:|---:|"]
+    for v in TABLE3_VARIANTS:
+        if v not in t3:
+            continue
+        r = t3[v]
+        rel = ("—", "—") if v == "id" else (_pm(r["auc_rel"], True), _pm(r["gauc_rel"], True))
+        lines.append(f"| {v} | {_pm(r['auc'])} | {_pm(r['gauc'])} | {_pm(r['logloss'])} | {rel[0]} | {rel[1]} |")
+    return "\n".join(lines)
+
+
+def to_markdown(results, out_dir):
+    o, d, w = results["options"], results["data"], results["wall_seconds"]
+    vectors = (f"the table `{o['vector_table']}`" if o["vector_table"] else
+               f"the `{o['encoder_row']}` text encoder of Table 2")
+    times = ", ".join(f"{k} {v / 60:.1f}" for k, v in w.items() if k != "total")
+    lines = ["# The paper's experiments on this data", "",
+             f"Data: `{d['data_dir']}` — {d['train_impressions']:,} train / {d['test_impressions']:,} test "
+             f"impressions, {d['text_pairs_train']:,} text pre-training pairs. Seeds {list(o['seeds'])} (Table 3; "
+             f"the figures use seed {o['seeds'][0]}). Vectors of Table 3: {vectors}. "
+             f"Wall time {w['total'] / 60:.1f} min on this machine ({times} min).", "",
+             "## Findings (does the paper's ordering hold here?)", ""]
+    lines += [f"- {f}" for f in results["findings"]] + [""]
+    lines += [f"## Table 3: CTR variants (mean ± std over {len(o['seeds'])} seeds)", "", table3_markdown(results), ""]
+    if results["table2"]:
+        lines += [table2_lib.to_markdown({"benchmarks": results["table2"]}).replace("# Table 2", "## Table 2", 1)
+                  .replace("\n## ", "\n### ")]
+    else:
+        lines += ["## Table 2 and Fig 6a: skipped (vectors from `vector_table`, no pre-training here)", ""]
+    lines += ["## Fig 3: GAUC per epoch", "", "![fig3](fig3.png)", "",
+              "| epoch | " + " | ".join(results["fig3"]) + " |", "|---|" + "---:|" * len(results["fig3"])]
+    epochs = max(len(h) for h in results["fig3"].values())
+    for i in range(epochs):
+        cells = [f"{h[i]['gauc']:.4f}" if i < len(h) else "" for h in results["fig3"].values()]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    if results["fig6a"]:
+        lines += ["", "## Fig 6a: pre-training Acc@1 vs simtier GAUC", "", "![fig6a](fig6a.png)", "",
+                  "| encoder | Acc@1 | GAUC |", "|---|---:|---:|"]
+        lines += [f"| {p['row']} | {p['acc@1']:.4f} | {p['gauc']:.4f} |" for p in results["fig6a"]]
+    if results.get("fig6b"):
+        lines += ["", "## Fig 6b: simtier_make vs id by item frequency (freq_1 = rarest)", "",
+                  "![fig6b](fig6b.png)", "",
+                  "| group | test examples | AUC improvement | LogLoss improvement |", "|---|---:|---:|---:|"]
+        lines += [f"| {n} | {b['num_examples']:,} | {_pm(b['auc_rel'], True)} | {_pm(b['logloss_rel'], True)} |"
+                  for n, b in results["fig6b"].items()]
+    lines += ["", "## Fig 6c: MAKE pre-training epochs", "", "![fig6c](fig6c.png)", "", "| MAKE epochs | GAUC |",
+              "|---:|---:|"]
+    lines += [f"| {p['make_epochs']} | {p['gauc']:.4f} |" for p in results["fig6c"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_paper(options, output_dir):
+    """Library entry point: runs `options` (a `PaperConfig`) into `output_dir`; returns the results."""
+    return PaperRunner(options, output_dir).run()
+
+
+def main(argv):
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(PaperConfig)
+              if flags.FLAGS[f.name].present}
+    try:
+        options = PaperConfig.from_values(values)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    results = run_paper(options, flags.FLAGS.output_dir)
+    out = os.path.abspath(flags.FLAGS.output_dir)
+    print(f"Table 3 (mean ± std over {len(options.seeds)} seeds):\n")
+    print(table3_markdown(results))
+    print("\n" + "\n".join(f"- {f}" for f in results["findings"]))
+    print(f"\nreport: {os.path.join(out, 'report.md')}")
+
+
+def define_flags():
+    from absl import flags
+
+    defaults = PaperConfig()
+    for f in dataclasses.fields(PaperConfig):
+        default = getattr(defaults, f.name)
+        help_text = f"Paper report option {f.name} (see mm_ads.reports.paper.PaperConfig)."
+        if isinstance(default, tuple):
+            flags.DEFINE_list(f.name, [str(v) for v in default], help_text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(f.name, default, help_text)
+        else:
+            flags.DEFINE_string(f.name, default, help_text)
+    flags.DEFINE_string("output_dir", None, "Where runs, report.md, results.json and the plots go.", required=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from absl import app
+
+    define_flags()
+    app.run(main, argv=sys.argv)
