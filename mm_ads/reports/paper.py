@@ -35,7 +35,9 @@ import numpy as np
 from absl import logging
 
 from mm_ads import config as config_lib
+from mm_ads.reports import options as options_lib
 from mm_ads.reports import table2 as table2_lib
+from mm_ads.reports.options import finished_metrics
 from mm_ads.utils import io as io_utils
 
 TABLE3_VARIANTS = ("id", "vector", "simscore", "simtier", "make", "simtier_make")
@@ -54,6 +56,7 @@ class PaperConfig:
             Taobao-MM reader's `scl`) instead: Table 2 and Fig 6a are then skipped (data without pre-training
             pairs).
         ctr_config_dir: where `<variant>.flags` are; ctr_overrides: `name=value` applied to every CTR run.
+        make_epochs: MAKE pre-training epochs of the MAKE variants (0 = their flagfiles').
         variants / seeds: Table 3.
         fig3_epochs: epochs of Fig 3. fig6a_rows: Table 2 rows of Fig 6a. fig6c_epochs: MAKE pre-training epochs.
     """
@@ -65,6 +68,7 @@ class PaperConfig:
     vector_table: str = ""
     ctr_config_dir: str = "configs/ctr"
     ctr_overrides: tuple = ()
+    make_epochs: int = 0
     variants: tuple = TABLE3_VARIANTS
     seeds: tuple = (0, 1, 2)
     fig3_epochs: int = 4
@@ -78,6 +82,8 @@ class PaperConfig:
                              f"{list(self.variants)}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        if self.make_epochs < 0:
+            raise ValueError(f"make_epochs must be >= 0, got {self.make_epochs}")
         if self.fig3_epochs < 1:
             raise ValueError(f"fig3_epochs must be >= 1, got {self.fig3_epochs}")
         if any(e < 0 for e in self.fig6c_epochs):
@@ -93,29 +99,7 @@ class PaperConfig:
     @classmethod
     def from_values(cls, values):
         """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
-        values = dict(values)
-        defaults = cls()
-        out = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in values:
-                continue
-            value, default = values.pop(f.name), getattr(defaults, f.name)
-            if isinstance(default, tuple) and isinstance(value, str):
-                value = tuple(v.strip() for v in value.split(",") if v.strip())
-            if isinstance(default, tuple) and default and isinstance(default[0], int):
-                value = tuple(int(v) for v in value)
-            out[f.name] = config_lib._convert(f.name, default, value)
-        if values:
-            raise ValueError(f"Unknown paper report options: {sorted(values)}")
-        return cls(**out).validate()
-
-
-def _metrics(model_dir):
-    path = os.path.join(model_dir, "metrics.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
+        return options_lib.options_from_values(cls, values, "paper report")
 
 
 def _mean_std(values):
@@ -144,6 +128,8 @@ class PaperRunner:
         flagfile = "make" if variant == "make_only" else variant
         values = config_lib.read_flagfile(os.path.join(self.o.ctr_config_dir, f"{flagfile}.flags"))
         values.update(item.split("=", 1) for item in self.o.ctr_overrides)
+        if self.o.make_epochs and variant in ("make", "simtier_make", "make_only"):
+            values["make_epochs"] = str(self.o.make_epochs)
         if variant == "make_only":
             values["variant"] = "make_only"
             if float(values.get("make_learning_rate", 0) or 0) > 0:  # as in MAKE's pre-training (phase A)
@@ -154,15 +140,14 @@ class PaperRunner:
         """A CTR run (reused when finished); returns its metrics."""
         from mm_ads import train
 
-        done = _metrics(model_dir)
-        if done is not None:
-            return done
         values = self.ctr_values(variant)
         values.update(data_dir=self.world, model_dir=model_dir, seed=str(seed), export="false")
         if variant != "id":
             values["vector_table"] = self.vector_table(vector_row or self.o.encoder_row)
         values.update({k: str(v) for k, v in overrides.items()})
-        return train.run(config_lib.config_from_values(values))
+        config = config_lib.config_from_values(values)
+        done = options_lib.reusable_metrics(model_dir, config)
+        return done if done is not None else train.run(config)
 
     def vector_table(self, row):
         """`vectors/<row>.parquet`: the catalogue encoded by Table 2 row `row`'s text encoder (or the
@@ -196,7 +181,7 @@ class PaperRunner:
             from mm_ads.scl.pretrained_tower import PretrainedTextTower
 
             return PretrainedTextTower(name="minilm")
-        metrics = _metrics(info["model_dir"])
+        metrics = finished_metrics(info["model_dir"])
         if row == "clip_e":
             return load_encoder(metrics["encoders"]["text"])
         return load_encoder(os.path.join(info["model_dir"], "encoder.keras"))
@@ -247,7 +232,7 @@ class PaperRunner:
 
         src = os.path.join(make_dir, make_lib.MAKE_DIR)
         dst = os.path.join(target_dir, make_lib.MAKE_DIR)
-        if os.path.exists(dst) or _metrics(src) is None:
+        if os.path.exists(dst) or finished_metrics(src) is None:
             return
         with open(os.path.join(src, "config.json")) as f:
             done = json.load(f)
@@ -267,13 +252,13 @@ class PaperRunner:
         seed = self.o.seeds[0]
         id_dir = os.path.join(self.out, "fig3", "id")
         source = os.path.join(self.out, "ctr", "id", f"seed{seed}")
-        if _metrics(id_dir) is None and not os.path.exists(id_dir) and os.path.exists(source):
+        if finished_metrics(id_dir) is None and not os.path.exists(id_dir) and os.path.exists(source):
             shutil.copytree(source, id_dir, ignore=shutil.ignore_patterns("metrics.json", "export"))
         id_metrics = self.ctr("id", seed, id_dir, epochs=self.o.fig3_epochs)
         mm_dir = os.path.join(self.out, "fig3", "make_only")
         pretrained = os.path.join(self.out, "ctr", "make", f"seed{seed}", "make")  # the same run when as long
-        if not os.path.exists(mm_dir) and _metrics(pretrained) is not None and \
-                _metrics(pretrained).get("epochs") == self.o.fig3_epochs:
+        if not os.path.exists(mm_dir) and finished_metrics(pretrained) is not None and \
+                finished_metrics(pretrained).get("epochs") == self.o.fig3_epochs:
             shutil.copytree(pretrained, mm_dir)
         mm_metrics = self.ctr("make_only", seed, os.path.join(self.out, "fig3", "make_only"),
                               epochs=self.o.fig3_epochs)
@@ -536,12 +521,7 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(PaperConfig)
-              if flags.FLAGS[f.name].present}
-    try:
-        options = PaperConfig.from_values(values)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    options = options_lib.options_from_flags(PaperConfig)
     results = run_paper(options, flags.FLAGS.output_dir)
     out = os.path.abspath(flags.FLAGS.output_dir)
     print(f"Table 3 (mean ± std over {len(options.seeds)} seeds):\n")
@@ -551,19 +531,7 @@ def main(argv):
 
 
 def define_flags():
-    from absl import flags
-
-    defaults = PaperConfig()
-    for f in dataclasses.fields(PaperConfig):
-        default = getattr(defaults, f.name)
-        help_text = f"Paper report option {f.name} (see mm_ads.reports.paper.PaperConfig)."
-        if isinstance(default, tuple):
-            flags.DEFINE_list(f.name, [str(v) for v in default], help_text)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(f.name, default, help_text)
-        else:
-            flags.DEFINE_string(f.name, default, help_text)
-    flags.DEFINE_string("output_dir", None, "Where runs, report.md, results.json and the plots go.", required=True)
+    options_lib.define_flags(PaperConfig, "paper report", "Where runs, report.md, results.json and the plots go.")
 
 
 if __name__ == "__main__":

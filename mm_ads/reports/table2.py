@@ -26,13 +26,13 @@ model dir). Rows needing MiniLM are reported as skipped, with the reason, when i
 """
 
 import dataclasses
-import json
 import os
 import time
 
 from absl import logging
 
 from mm_ads import config as config_lib
+from mm_ads.reports import options as options_lib
 from mm_ads.utils import io as io_utils
 
 ROWS = {
@@ -99,18 +99,7 @@ class Table2Config:
     @classmethod
     def from_values(cls, values):
         """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
-        values = dict(values)
-        defaults = cls()
-        out = {}
-        for f in dataclasses.fields(cls):
-            if f.name in values:
-                value = values.pop(f.name)
-                if isinstance(getattr(defaults, f.name), tuple) and isinstance(value, str):
-                    value = tuple(v.strip() for v in value.split(",") if v.strip())
-                out[f.name] = config_lib._convert(f.name, getattr(defaults, f.name), value)
-        if values:
-            raise ValueError(f"Unknown Table 2 options: {sorted(values)}")
-        return cls(**out).validate()
+        return options_lib.options_from_values(cls, values, "Table 2")
 
 
 def read_profile(path):
@@ -131,27 +120,20 @@ def minilm_available():
     return True, ""
 
 
-def _done(model_dir):
-    path = os.path.join(model_dir, "metrics.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
-
-
 def _train(flagfile, data_dir, model_dir, options, **overrides):
     """`mm_ads.train.run` of `flagfile` on `data_dir` (reused when already finished); returns its metrics."""
     from mm_ads import train
 
-    done = _done(model_dir)
-    if done is not None:
-        logging.info("Table 2: reusing %s", model_dir)
-        return done
     values = dict(config_lib.read_flagfile(flagfile), data_dir=data_dir, model_dir=model_dir, export="false",
                   seed=str(options.seed), **overrides)
     if options.max_steps:
         values["max_steps"] = str(options.max_steps)
-    return train.run(config_lib.config_from_values(values))
+    config = config_lib.config_from_values(values)
+    done = options_lib.reusable_metrics(model_dir, config)
+    if done is not None:
+        logging.info("Table 2: reusing %s", model_dir)
+        return done
+    return train.run(config)
 
 
 def _scl_task(flagfile, data_dir, options, **overrides):
@@ -353,31 +335,14 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Table2Config)
-              if flags.FLAGS[f.name].present}
-    try:
-        options = Table2Config.from_values(values)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    options = options_lib.options_from_flags(Table2Config)
     results = run_table2(options, flags.FLAGS.output_dir)
     print(to_markdown(results))
     print(f"table: {os.path.join(os.path.abspath(flags.FLAGS.output_dir), 'table2.md')}")
 
 
 def define_flags():
-    from absl import flags
-
-    defaults = Table2Config()
-    for f in dataclasses.fields(Table2Config):
-        default = getattr(defaults, f.name)
-        help_text = f"Table 2 option {f.name} (see mm_ads.reports.table2.Table2Config)."
-        if isinstance(default, tuple):
-            flags.DEFINE_list(f.name, list(default), help_text)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(f.name, default, help_text)
-        else:
-            flags.DEFINE_string(f.name, default, help_text)
-    flags.DEFINE_string("output_dir", None, "Where runs, table2.md and table2.json go.", required=True)
+    options_lib.define_flags(Table2Config, "Table 2", "Where runs, table2.md and table2.json go.")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from mm_ads.ctr.task import CTRTask
 from mm_ads.data.spec import FeatureSpec
 from mm_ads.train import run
 from mm_ads.training.trainer import Trainer, model_checkpoint
+from tests.ctr.helpers import random_inputs, restored_predictions
 
 MAKE_UNITS = (12, 8, 6, 4)
 SMALL_MODEL = dict(embedding_dim=4, attention_units=(8,), mlp_units=(16, 8), activation="relu", num_tiers=10,
@@ -37,20 +38,6 @@ def _config(data_dir, model_dir, variant="make", make_epochs=2, make_trainable=F
                              **SMALL_MODEL),
         train=TrainConfig(**train),
     ).validate()
-
-
-def _inputs(model, batch=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = {}
-    for t in model.inputs:
-        shape = (batch,) + tuple(t.shape[1:])
-        if t.dtype == "int64":
-            x[t.name] = tf.constant(rng.integers(1, 6, shape), tf.int64)
-        elif t.name.endswith("_missing"):
-            x[t.name] = tf.zeros(shape)
-        else:
-            x[t.name] = tf.constant(rng.normal(size=shape).astype(np.float32))
-    return x
 
 
 def _make_weights(model):
@@ -83,7 +70,7 @@ def _same_json(a, b):
 def test_variants_build_predict_and_round_trip(variant, tmp_path):
     model = build_ctr_model(SPEC, CTRModelConfig(variant=variant, **SMALL_MODEL))
     assert sorted(t.name for t in model.inputs) == sorted(model_input_names(SPEC, variant))
-    x = _inputs(model)
+    x = random_inputs(model, min_id=1)
     out = model(x)
     assert out["ctr"].shape == (3,)
     np.testing.assert_allclose(out["ctr"], tf.sigmoid(out["logit"]), rtol=1e-6)
@@ -101,7 +88,7 @@ def test_make_only_reads_vectors_only_and_outputs_the_make_logit():
     make = model.get_layer(MAKE_LAYER)
     assert make.trainable and make.mlp.hidden_units == list(MAKE_UNITS)
     assert all(w.path.startswith("make/") for w in model.weights)
-    x = _inputs(model)
+    x = random_inputs(model, min_id=1)
     hist = x["hist_item_id"].numpy()
     hist[:, :2] = 0  # left padding
     x["hist_item_id"] = tf.constant(hist)
@@ -123,7 +110,7 @@ def test_main_mlp_reads_v_make_hidden_outputs_and_logit(base, variant):
     # v_MAKE [B, 2D] + the hidden outputs + the MAKE logit (+ the missing flag the id variant lacks)
     extra = 2 * SPEC.vector_dim + sum(MAKE_UNITS) + 1 + (1 if base == "id" else 0)
     assert width(model) == width(without) + extra
-    x = _inputs(model)
+    x = random_inputs(model, min_id=1)
     before = model(x)["ctr"].numpy()
     make = model.get_layer(MAKE_LAYER)
     make.mlp.output_layer.bias.assign([3.0])  # only the MAKE logit moves
@@ -305,11 +292,7 @@ def test_simtier_make_export_equals_the_keras_model(tiny_world, tmp_path):
     task = CTRTask(cfg)
     fn = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"]
     assert set(fn.structured_input_signature[1]) == set(model_input_names(task.spec, "simtier_make"))
-    trainer = Trainer(task, cfg.train, cfg.data.batch_size, cfg.model_dir)
-    trainer.restore()
-    features, _ = next(iter(task.build_inputs("eval", 64, training=False)))
-    x = task.model_inputs(features)
-    expected = trainer.model(x, training=False)["ctr"].numpy()
+    x, expected = restored_predictions(task, cfg)
     np.testing.assert_allclose(fn(**x)["ctr"].numpy(), expected, rtol=1e-5, atol=1e-6)
     # MAKE is computed in the graph from the vectors: other vectors, other predictions
     moved = dict(x, hist_item_vector=tf.reverse(x["hist_item_vector"], axis=[0]))

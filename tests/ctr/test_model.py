@@ -7,31 +7,18 @@ from mm_ads.config import CTRModelConfig
 from mm_ads.ctr.model import build_ctr_model, model_input_names
 from mm_ads.data.spec import FeatureSpec
 from mm_ads.layers.sparse_embedding import SparseEmbedding
+from tests.ctr.helpers import random_inputs
 
 SPEC = FeatureSpec.default(seq_len=5, vector_dim=8, num_items=100, num_categories=5, num_brands=7, num_users=10,
                            profile_buckets=(3,))
 CFG = dict(embedding_dim=4, mlp_units=(8, 4), attention_units=(6,), activation="relu")
 
 
-def _inputs(model, batch=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = {}
-    for t in model.inputs:
-        shape = (batch,) + tuple(t.shape[1:])
-        if t.dtype == "int64":
-            x[t.name] = tf.constant(rng.integers(0, 6, shape), tf.int64)
-        elif t.name.endswith("_missing"):
-            x[t.name] = tf.zeros(shape)
-        else:
-            x[t.name] = tf.constant(rng.normal(size=shape).astype(np.float32))
-    return x
-
-
 @pytest.mark.parametrize("variant", ["id", "vector", "simscore", "simtier"])
 def test_variants_build_predict_and_round_trip(variant, tmp_path):
     model = build_ctr_model(SPEC, CTRModelConfig(variant=variant, **CFG))
     assert sorted(t.name for t in model.inputs) == sorted(model_input_names(SPEC, variant))
-    x = _inputs(model)
+    x = random_inputs(model)
     out = model(x)
     assert out["ctr"].shape == (3,) and np.all((out["ctr"].numpy() > 0) & (out["ctr"].numpy() < 1))
     np.testing.assert_allclose(out["ctr"], tf.sigmoid(out["logit"]), rtol=1e-6)
@@ -46,7 +33,7 @@ def test_item_table_is_shared_and_sparse():
     tables = [layer for layer in model.layers if isinstance(layer, SparseEmbedding)]
     assert sorted(t.name for t in tables) == ["emb_brand", "emb_category", "emb_item", "emb_user",
                                               "emb_user_profile_0"]
-    x = _inputs(model)
+    x = random_inputs(model)
     item = [t for t in tables if t.name == "emb_item"][0]
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(model(x)["logit"])
@@ -59,7 +46,7 @@ def test_item_table_is_shared_and_sparse():
 
 def test_simtier_output_depends_on_vectors_and_ignores_padding():
     model = build_ctr_model(SPEC, CTRModelConfig(variant="simtier", **CFG))
-    x = _inputs(model, batch=2)
+    x = random_inputs(model, batch=2)
     hist = x["hist_item_id"].numpy()
     hist[:, :2] = 0  # padding at the left
     x["hist_item_id"] = tf.constant(hist)

@@ -61,13 +61,9 @@ def test_export_signature_equals_model(tiny_world, tmp_path, repo_root):
     assert names == set(model_input_names(task.spec, "simtier"))
     assert set(fn.structured_outputs) == {"ctr"}
     # the Keras model restored from the last checkpoint gives the same predictions as the SavedModel
-    from mm_ads.training.trainer import Trainer
+    from tests.ctr.helpers import restored_predictions
 
-    trainer = Trainer(task, cfg.train, cfg.data.batch_size, cfg.model_dir)
-    trainer.restore()
-    features, _ = next(iter(task.build_inputs("eval", 64, training=False)))
-    x = task.model_inputs(features)
-    expected = trainer.model(x, training=False)["ctr"].numpy()
+    x, expected = restored_predictions(task, cfg)
     np.testing.assert_allclose(fn(**x)["ctr"].numpy(), expected, rtol=1e-5, atol=1e-6)
     assert x["hist_item_vector"].shape[1:] == (task.spec.seq_len, task.spec.vector_dim)
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
