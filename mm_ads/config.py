@@ -359,7 +359,12 @@ def _convert(name, default, value):
         except ValueError:
             raise ValueError(f"--{name}: cannot read {value!r} as {type(default).__name__}") from None
         return text
-    return tuple(value) if isinstance(default, tuple) else value
+    if isinstance(default, tuple):  # a parsed list flag or a typed sequence: the config's tuples hold ints
+        try:
+            return tuple(int(v) for v in value)
+        except ValueError:
+            raise ValueError(f"--{name} must be comma-separated integers, got {list(value)!r}") from None
+    return value
 
 
 def config_from_values(values):

@@ -16,8 +16,7 @@ TASK = flags.DEFINE_enum("task", "ctr", list(config_lib.TASKS),
                          "Which task to train: ctr, scl or clip (item image <-> title alignment, CLIP-E).")
 MODEL_DIR = flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, config.json, metrics.json, export.")
 
-_SECTIONS = (("data", config_lib.DataConfig), ("model", config_lib.CTRModelConfig),
-             ("train", config_lib.TrainConfig), ("scl", config_lib.SCLConfig))
+_SECTIONS = config_lib._SECTION_KINDS
 _HOLDERS = {}
 
 
@@ -41,21 +40,6 @@ for _section, _kind in _SECTIONS:
 
 
 def config_from_flags():
-    """The validated `ExperimentConfig` described by the parsed flags."""
-    values = {section: {} for section, _ in _SECTIONS}
-    for (section, name), holder in _HOLDERS.items():
-        value = holder.value
-        if isinstance(value, list):
-            try:
-                value = tuple(int(v) for v in value)
-            except ValueError:
-                raise ValueError(f"--{name} must be comma-separated integers, got {value!r}") from None
-        values[section][name] = value
-    return config_lib.ExperimentConfig(
-        task=TASK.value,
-        model_dir=MODEL_DIR.value or "",
-        data=config_lib.DataConfig(**values["data"]),
-        model=config_lib.CTRModelConfig(**values["model"]),
-        train=config_lib.TrainConfig(**values["train"]),
-        scl=config_lib.SCLConfig(**values["scl"]),
-    ).validate()
+    """The validated `ExperimentConfig` described by the parsed flags (`config_lib.config_from_values`)."""
+    values = {name: holder.value for (_, name), holder in _HOLDERS.items()}
+    return config_lib.config_from_values(dict(values, task=TASK.value, model_dir=MODEL_DIR.value or ""))

@@ -27,7 +27,7 @@ def options_from_values(cls, values, what):
                 value = tuple(int(v) for v in value)
             except ValueError:
                 raise ValueError(f"--{f.name} must be comma-separated integers, got {value!r}") from None
-        out[f.name] = config_lib._convert(f.name, default, value)
+        out[f.name] = tuple(value) if isinstance(default, tuple) else config_lib._convert(f.name, default, value)
     if values:
         raise ValueError(f"Unknown {what} options: {sorted(values)}")
     return cls(**out).validate()
