@@ -18,6 +18,7 @@ ENTRY_POINTS = {
     "tools.bench.scl_step": "--modalities",
     "tools.bench.input_pipeline": "--num_vectors",
     "tools.bench.ctr_step": "--big_rows",
+    "tools.bench.index_table": "--get_sizes",
 }
 
 
