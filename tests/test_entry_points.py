@@ -19,6 +19,7 @@ ENTRY_POINTS = {
     "tools.bench.input_pipeline": "--num_vectors",
     "tools.bench.ctr_step": "--big_rows",
     "tools.bench.index_table": "--get_sizes",
+    "tools.bench.encoder_lag": "--max_wait_ms",
 }
 
 
