@@ -208,6 +208,7 @@ class ModelManager:
         self.on_load = on_load
         self._current = None
         self._failed = {}  # version -> (dir stamp, error message)
+        self._incomplete = {}  # version -> the reason last logged (logged once per reason)
         self._loading = None
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -246,6 +247,9 @@ class ModelManager:
                     continue
                 reason = incomplete_reason(path)
                 if reason is not None:
+                    if self._incomplete.get(version) == reason:
+                        continue
+                    self._incomplete[version] = reason
                     logging.info("model %s: version dir %s is not a complete SavedModel (%s); not loaded",
                                  self.name, path, reason)
                     continue
