@@ -12,6 +12,7 @@ ENTRY_POINTS = {
     "mm_ads.train": ("--variant", "--make_epochs", "--[no]make_trainable", "--make_learning_rate", "--make_units"),
     "mm_ads.export": "--export_base",
     "mm_ads.encode": "--register",
+    "mm_ads.serving.server": ("--model_base_path", "--index_table", "--max_candidates"),
     "mm_ads.reports.table2": "--pair_benchmarks",
     "mm_ads.reports.paper": "--fig6c_epochs",
     "tools.bench.scl_step": "--modalities",

@@ -96,10 +96,12 @@ class Signature:
         """
         missing = sorted(set(self.inputs) - set(inputs))
         if missing:
-            raise InvalidArgument(f"signature {self.name!r}: missing input(s) {missing}; expected {sorted(self.inputs)}")
+            raise InvalidArgument(f"signature {self.name!r}: missing input(s) {missing}; "
+                                  f"expected {sorted(self.inputs)}")
         unknown = sorted(set(inputs) - set(self.inputs))
         if unknown:
-            raise InvalidArgument(f"signature {self.name!r}: unknown input(s) {unknown}; expected {sorted(self.inputs)}")
+            raise InvalidArgument(f"signature {self.name!r}: unknown input(s) {unknown}; "
+                                  f"expected {sorted(self.inputs)}")
         batch, batch_of = None, None
         for name, spec in self.inputs.items():
             value = inputs[name]

@@ -43,6 +43,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mm_ads-serving"
     timeout = 60  # seconds a keep-alive connection may stay idle
+    disable_nagle_algorithm = True  # TCP_NODELAY: headers and body writes must not wait for delayed ACKs
 
     def setup(self):
         super().setup()

@@ -122,7 +122,8 @@ def test_official_grpc_client_metadata_and_status(world, server, stub):
 def test_rest_row_and_columnar_formats_equal_in_process_model(world, server):
     x = h.random_batch(world["spec"], 3, seed=4)
     expected = _reference(world, x)
-    status, columnar = _rest(server, "POST", "/v1/models/ctr:predict", {"inputs": {k: v.tolist() for k, v in x.items()}})
+    status, columnar = _rest(server, "POST", "/v1/models/ctr:predict",
+                             {"inputs": {k: v.tolist() for k, v in x.items()}})
     assert status == 200, columnar
     np.testing.assert_allclose(columnar["outputs"], expected, rtol=1e-6, atol=1e-7)
     assert columnar["model_version"] == "1"
@@ -161,7 +162,8 @@ def test_rank_equals_manual_predict_with_vectors_fetched_by_hand(world, server, 
     assert delta["catalogue_unknown"] == 1  # 999
     # REST :rank gives the same scores, and the ranking of candidate ids
     status, body = _rest(server, "POST", "/v1/models/ctr:rank",
-                         {"candidates": candidates, "history": history, "user_id": 4, "features": {"user_profile_0": 2}})
+                         {"candidates": candidates, "history": history, "user_id": 4,
+                          "features": {"user_profile_0": 2}})
     assert status == 200, body
     np.testing.assert_allclose(body["scores"], expected, rtol=1e-6, atol=1e-7)
     assert body["ranking"] == [candidates[i] for i in result.order] and body["model_version"] == "1"
@@ -300,3 +302,46 @@ def test_stop_finishes_in_flight_requests_and_leaves_no_threads(world):
     while time.monotonic() < deadline and {t.ident for t in threading.enumerate()} - threads_before:
         time.sleep(0.05)
     assert {t.name for t in threading.enumerate() if t.ident not in threads_before} == set()
+
+
+def test_entry_point_serves_ranks_and_exits_cleanly_on_sigterm(world, repo_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mm_ads.data.dataset import Manifest
+    from mm_ads.utils import io as io_utils
+
+    data_dir = world["root"] / "data"
+    data_dir.mkdir(exist_ok=True)
+    h.write_catalogue(str(data_dir / "items.parquet"))
+    io_utils.write_json(str(data_dir / "manifest.json"), Manifest("tiny", "synthetic", world["spec"]).to_json())
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=repo_root)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mm_ads.serving.server", "--flagfile=configs/serving/server.flags",
+         f"--model_base_path={world['base']}", "--grpc_port=0", "--rest_port=0", f"--data_dir={data_dir}",
+         f"--index_table=sqlite://{world['root'] / 'index.db'}", "--warmup_batch_sizes=1"],
+        cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:]
+        ports = json.loads(line)
+
+        class _Ports:
+            rest_port = ports["rest_port"]
+
+        candidates, history, features = [3, 42], [5, 9], {"user_id": 4, "user_profile_0": 2}
+        status, body = _rest(_Ports, "POST", "/v1/models/ctr:rank",
+                             {"candidates": candidates, "history": history, "features": features})
+        assert status == 200, body
+        x = h.manual_rank_inputs(world["spec"], candidates, history, features, world["table"])
+        np.testing.assert_allclose(body["scores"], _reference(world, x), rtol=1e-6, atol=1e-7)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(OSError):
+        _rest(_Ports, "GET", "/v1/models/ctr")
