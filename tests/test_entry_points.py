@@ -19,6 +19,8 @@ ENTRY_POINTS = {
     "tools.bench.scl_step": "--modalities",
     "tools.bench.input_pipeline": "--num_vectors",
     "tools.bench.ctr_step": "--big_rows",
+    "tools.bench.serving": ("--candidates", "--rest_predict"),
+    "tools.bench.serving_load": ("--kills", "--settle_s"),
 }
 
 

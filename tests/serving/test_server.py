@@ -42,7 +42,8 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(world):
     config = ServerConfig(model_base_path=world["base"], grpc_port=0, rest_port=0, max_candidates=64,
-                          max_body_bytes=200_000, poll_interval_s=30, warmup_batch_sizes=(1, 4))
+                          max_body_bytes=200_000, max_grpc_message_bytes=1_000_000, poll_interval_s=30,
+                          warmup_batch_sizes=(1, 4))
     srv = PredictionServer(config, world["table"], world["catalogue"], world["spec"]).start()
     yield srv
     srv.stop()
@@ -206,6 +207,10 @@ def test_malformed_grpc_requests_name_the_field(world, server, stub):
     assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
     code, _ = _grpc_error(stub, _predict_request(h.random_batch(world["spec"], 65)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, _ = _grpc_error(stub, _predict_request({**x, "junk": np.zeros(300_000, np.float32)}))  # 1.2 MB message
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, details = _grpc_error(stub, _predict_request({**x, "junk": np.zeros(3, np.float32)}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "junk" in details
     code, details = _grpc_error(stub, _predict_request({"item_id": np.array([1.5], np.float32)}, signature="rank"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "item_id" in details
 
