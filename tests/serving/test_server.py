@@ -350,3 +350,26 @@ def test_entry_point_serves_ranks_and_exits_cleanly_on_sigterm(world, repo_root)
             proc.wait()
     with pytest.raises(OSError):
         _rest(_Ports, "GET", "/v1/models/ctr")
+
+
+def test_readme_grpc_client_snippet_runs_against_the_server(world, server, repo_root, capsys):
+    import os
+    import re
+
+    readme = open(os.path.join(repo_root, "README.md")).read()
+    section = readme[readme.index("## Online serving: the prediction server"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    # the tiny world has one user profile feature; the README's example is the synthetic world's three
+    code = code.replace("127.0.0.1:8500", f"127.0.0.1:{server.grpc_port}")
+    code = code.replace(',\n                  "user_profile_0": 3, "user_profile_1": 1, "user_profile_2": 2}',
+                        ', "user_profile_0": 3}')
+    assert '"user_profile_1"' not in code
+    scope = {}
+    exec(code, scope)
+    version, scores = capsys.readouterr().out.split(" ", 1)
+    assert version == "1"
+    x = h.manual_rank_inputs(world["spec"], [17, 4, 256], [5, 9, 12], {"user_id": 42, "user_profile_0": 3},
+                             world["table"])
+    np.testing.assert_allclose(tf.make_ndarray(scope["response"].outputs["ctr"]), _reference(world, x),
+                               rtol=1e-6, atol=1e-7)
+    assert "[" in scores
