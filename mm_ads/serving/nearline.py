@@ -82,6 +82,8 @@ class NearlineConfig:
         start_offset: where a trainer without a checkpoint starts reading: "beginning", "end" (only new
             events) or an offset of the stream.
         export_base: TF-Serving base path of the exported versions ("" = `<model_dir>/export`).
+        export_at_start: export the starting model when `export_base` has no version yet (the server has a
+            model to load from the start).
         export_every_events: export after this many trained events since the last export.
         export_every_seconds: export when this much time passed since the last export and something was
             trained since (0 = only by events).
@@ -100,6 +102,7 @@ class NearlineConfig:
     init_model_dir: str = ""
     start_offset: str = "beginning"
     export_base: str = ""
+    export_at_start: bool = True
     export_every_events: int = 20_000
     export_every_seconds: float = 30.0
     max_batch_delay_seconds: float = 2.0
@@ -549,8 +552,8 @@ class NearlineTrainer:
         """
         from mm_ads.export.saved_model import latest_version
 
-        if latest_version(self.export_base) == 0:
-            self.export()  # the server has a model to load from the start
+        if self.nearline.export_at_start and latest_version(self.export_base) == 0:
+            self.export()
         while not (stop_event is not None and stop_event.is_set()):
             self.step_once(timeout=self.nearline.poll_interval_seconds)
             if self._caught_up and self.nearline.stop_at_end:
