@@ -10,7 +10,7 @@ by name, plus the event's type and creation time:
 | `ts` | number | yes | event creation time, seconds since the epoch (finite, > 0): the stream lag is now − ts |
 | `label` | `0` or `1` | yes | clicked (the spec's label feature; `label` in every built-in dataset) |
 | each `user` / `item` / `context` id feature | int | yes | e.g. `user_id`, `item_id`, `category_id`, `brand_id` |
-| each `history` id feature | list of int | yes | e.g. `hist_item_id`, `hist_category_id`, `hist_brand_id`: most recent last |
+| each `history` id feature | list of int | yes | e.g. `hist_item_id`, `hist_category_id`: most recent last |
 | each `meta` feature | int | no | e.g. `timestamp`, `item_created_at` (kept for analysis, not trained on) |
 
 Ids are signed 64-bit integers (JSON numbers without a fraction; `true`/`false` are not ids); the model buckets

@@ -257,7 +257,8 @@ class NearlineTrainer:
         if config.task != "ctr":
             raise ValueError(f"The near-line trainer trains CTR models, got --task={config.task}")
         if config.train.strategy != "default":
-            raise ValueError(f"The near-line trainer feeds one replica: --strategy=default, got {config.train.strategy}")
+            raise ValueError(f"The near-line trainer feeds one replica: --strategy=default, got "
+                             f"{config.train.strategy}")
         if config.model.pretrains_make and not nearline.init_model_dir:
             raise ValueError(f"Variant {config.model.variant!r} pre-trains MAKE offline (--make_epochs="
                              f"{config.model.make_epochs}): start from its model dir with --init_model_dir")
