@@ -17,6 +17,9 @@ ENTRY_POINTS = {
     "tools.bench.scl_step": "--modalities",
     "tools.bench.input_pipeline": "--num_vectors",
     "tools.bench.ctr_step": "--big_rows",
+    "mm_ads.serving.nearline": ("--stream", "--export_every_events", "--variant", "--init_model_dir"),
+    "mm_ads.serving.replay": "--rate",
+    "tools.bench.nearline": "--flagfile_ctr",
 }
 
 

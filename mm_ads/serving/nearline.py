@@ -32,8 +32,10 @@ their step, event count and offset). Batches are `batch_size` consecutive events
 so with `--deterministic` and a stream written before the run, a killed-and-resumed run trains exactly the
 batches of an uninterrupted one (the test compares the weights).
 
-Reports: a log line every `--stats_every_seconds` and the JSON file `<model_dir>/nearline_stats.json`
-(events/s, stream lag = now − event `ts` at training time, exported versions, skips by field, vector misses).
+Reports: a log line every `--stats_every_seconds` and the JSON file `<model_dir>/nearline_stats.json`:
+events/s over the period, the stream lag (`lag_seconds`: training time − `ts` of the newest event of the last
+batch; `lag_max_seconds`: the largest over the period, oldest event of a batch), exported versions, skips by
+field, ignored records, vector misses, the committed offset and the backlog (bytes of an event log).
 
 Library use (e.g. from a thread of the online demo):
 
@@ -495,8 +497,10 @@ class NearlineTrainer:
         st.next_offset = str(pending[-1][1])
         if n:
             st.last_ts = batch[-1]["ts"]
-            self._lag = time.time() - batch[-1]["ts"]
-            self._lag_max = self._lag if self._lag_max is None else max(self._lag_max, self._lag)
+            now = time.time()
+            self._lag = now - batch[-1]["ts"]  # the newest event of the batch
+            oldest = now - min(p["ts"] for p in batch)
+            self._lag_max = oldest if self._lag_max is None else max(self._lag_max, oldest)
         self._pending, self._pending_since = [], None
         self._pending_valid = self._pending_skipped = self._pending_ignored = 0
         self._run_events += n

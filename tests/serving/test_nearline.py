@@ -283,7 +283,7 @@ def test_kill_9_and_restart_loses_and_double_counts_nothing(world, index_uri, tm
     cmd = [sys.executable, "-m", "mm_ads.serving.nearline", f"--flagfile={SMOKE}", "--variant=simtier",
            f"--data_dir={world}", f"--model_dir={model_dir}", f"--stream={log.path}", f"--index_table={index_uri}",
            f"--batch_size={batch}", "--checkpoint_every=1", "--export_every_events=100000", "--export_every_seconds=0",
-           "--noexport_at_start", "--deterministic"]
+           "--noexport_at_start", "--max_batch_delay_seconds=3600", "--deterministic"]
     env = dict(os.environ, PYTHONPATH=repo_root)
     proc = subprocess.Popen(cmd + ["--max_events_per_second=250"], cwd=repo_root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -299,7 +299,8 @@ def test_kill_9_and_restart_loses_and_double_counts_nothing(world, index_uri, tm
             proc.kill()
         proc.stderr.close()
 
-    # the checkpoint at the kill: full batches only, exactly the first `events` offsets, next offset after them
+    # the checkpoint at the kill: full batches only (the last partial one waits for the end of the stream),
+    # exactly the first `events` offsets, the next offset right after them
     state = read_checkpoint_state(model_dir)
     events = state["events"]
     assert 8 * batch <= events < k and events == state["step"] * batch
