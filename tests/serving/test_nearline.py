@@ -193,8 +193,7 @@ def test_skips_exports_stats_and_the_served_model(world, index_uri, tmp_path):
     bad_offsets = log.append([dict(good, label=2), {"type": "item", "item_id": 5, "ts": 1.0},
                               dict(good, hist_brand_id=[1])])
     replay(world, log, limit=60)
-    config, nearline = _configs(world, str(tmp_path / "model"), log.path, index_uri, export_every_events=80,
-                                export_at_start=True)
+    config, nearline = _configs(world, str(tmp_path / "model"), log.path, index_uri, export_every_events=80)
     with NearlineTrainer(config, nearline) as trainer:
         stats = trainer.run()
         model = trainer.trainer.model
@@ -205,13 +204,13 @@ def test_skips_exports_stats_and_the_served_model(world, index_uri, tmp_path):
     assert stats["next_offset"] == str(log.end_offset()) and stats["backlog_bytes"] == 0
     assert stats["clicks"] == sum(r["label"] for o, _, r in log.read(0, 1000) if o in trained)
     assert stats["vector_join"]["missing"] > 0 and stats["lag_seconds"] >= 0
-    # version 1 at start, then after 80 events (3 batches of 32: 96), then the rest at the end
+    # version 1 after 80 events (3 batches of 32: 96), then the rest at the end
     with open(tmp_path / "model" / "nearline_stats.json") as f:
         assert json.load(f)["events"] == 160
     exports = json.load(open(tmp_path / "model" / "exports.json"))
-    assert [e["version"] for e in exports] == [1, 2, 3] == stats["exported_versions"]
-    assert [e["events"] for e in exports] == [0, 96, 160]
-    assert sorted(os.listdir(tmp_path / "model" / "export")) == ["1", "2", "3"]
+    assert [e["version"] for e in exports] == [1, 2] == stats["exported_versions"]
+    assert [e["events"] for e in exports] == [96, 160]
+    assert sorted(os.listdir(tmp_path / "model" / "export")) == ["1", "2"]
 
     loaded = tf.saved_model.load(exports[-1]["path"])
     fn = loaded.signatures["serving_default"]
