@@ -615,10 +615,11 @@ class NearlineTrainer:
         stats = self.stats()
         io_utils.write_json(os.path.join(self.model_dir, STATS_FILE), stats)
         miss = stats["vector_join"]["miss_rate"] if stats["vector_join"] else 0.0
+        lag = f"lag {stats['lag_seconds']} s (max {stats['lag_max_seconds']} s)" if self._window_events else "idle"
         logging.info(
-            "nearline: %d events (+%d, %.1f events/s), lag %s s, step %d, loss %s, %d versions exported (latest %s), "
+            "nearline: %d events (+%d, %.1f events/s), %s, step %d, loss %s, %d versions exported (latest %s), "
             "%d skipped, vector miss %.2f%%, offset %s",
-            stats["events"], self._window_events, stats["events_per_second"], stats["lag_seconds"], stats["step"],
+            stats["events"], self._window_events, stats["events_per_second"], lag, stats["step"],
             stats["loss"], len(self._exported_this_run), stats["latest_version"], stats["skipped"], 100 * miss,
             stats["next_offset"])
         self._last_report = self._window_start = now
@@ -660,8 +661,8 @@ def main(argv, holders):
         signal.signal(sig, lambda *_: stop.set())
     with NearlineTrainer(config, nearline) as trainer:
         stats = trainer.run(stop)
-    keys = ("events", "skipped", "ignored", "step", "next_offset", "latest_version", "events_per_second")
-    print(json.dumps({k: stats.get(k) for k in keys}))
+    keys = ("events", "skipped", "ignored", "step", "next_offset", "latest_version")
+    print(json.dumps({**{k: stats.get(k) for k in keys}, "run": stats["run"]}))
     print(f"stats: {os.path.join(os.path.abspath(config.model_dir), STATS_FILE)}")
 
 
