@@ -23,6 +23,9 @@ ENTRY_POINTS = {
     "tools.bench.encoder_lag": "--max_wait_ms",
     "tools.bench.serving": ("--candidates", "--rest_predict"),
     "tools.bench.serving_load": ("--kills", "--settle_s"),
+    "mm_ads.serving.nearline": ("--stream", "--export_every_events", "--variant", "--init_model_dir"),
+    "mm_ads.serving.replay": "--rate",
+    "tools.bench.nearline": "--flagfile_ctr",
 }
 
 
