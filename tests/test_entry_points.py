@@ -26,6 +26,8 @@ ENTRY_POINTS = {
     "mm_ads.serving.nearline": ("--stream", "--export_every_events", "--variant", "--init_model_dir"),
     "mm_ads.serving.replay": "--rate",
     "tools.bench.nearline": "--flagfile_ctr",
+    "tools.online_demo": ("--new_item_rates", "--encoder_export", "--hot_swap_timeout_s"),
+    "tools.bench.freshness": ("--rates", "--phase_s"),
 }
 
 

@@ -30,12 +30,12 @@ from a new-item event's creation (its `ts`) to the first ids-only ranking respon
 (`POST /v1/models/ctr:rank`) whose `found` mask shows that item's vector. The client sends one rank call every
 `--poll_interval_ms` with every new item not yet found among its candidates. Freshness splits into
 
-* **encoder** — the index-table commit timestamp of the vector − the event's `ts` (tail poll, micro-batch
-  wait, encoder call, table write);
-* **poll wait** — the first rank call sent after the commit − the commit: the measuring client's resolution
-  (uniform in `[0, poll interval)`), not a property of the system;
-* **visibility** — the rank call that found it − the first call sent after the commit (> 0 only when a call
-  sent after the commit still missed the vector);
+* **encoder** — the vector's write timestamp in the index table (taken by `put_many` just before its
+  transaction) − the event's `ts`: the encoder service's tail poll, micro-batch wait and encoder call;
+* **poll wait** — the first rank call sent after that timestamp − the timestamp: the measuring client's
+  resolution (about uniform in `[0, poll interval)`), not a property of the system;
+* **visibility** — the rank call that found the item − the first call sent after the timestamp (> 0 when
+  calls sent after it still missed the vector: the table's commit, an fsync of SQLite's WAL, and the read);
 * **response** — that call's round trip.
 
 The measured freshness is an upper bound of the true one by at most one poll interval plus a round trip; the
@@ -714,6 +714,8 @@ def freshness_report(created, found, last_miss, sends, commit_ts):
         last_miss: item id → send time of the last rank call that did not find it.
         sends: send times of every rank call.
         commit_ts: item id → the index table's write timestamp of its vector (NaN when missing).
+
+    Each found item's freshness is exactly encoder + poll wait + visibility + response.
     """
     sends = np.sort(np.asarray(sends, np.float64))
     phases = {}
@@ -729,14 +731,17 @@ def freshness_report(created, found, last_miss, sends, commit_ts):
             ts, f = created[i]["ts"], found[i]
             fresh.append(f["recv"] - ts)
             lower.append(max(last_miss.get(i, ts), ts) - ts)
-            resp.append(f["recv"] - f["send"])
             c = commit_ts.get(i, float("nan"))
-            if np.isfinite(c):
-                enc.append(c - ts)
-                first_after = sends[np.searchsorted(sends, c)] if sends[-1] >= c else f["send"]
-                first_after = min(first_after, f["send"])
-                wait.append(max(first_after - c, 0.0))
-                vis.append(f["send"] - first_after)
+            if not np.isfinite(c):  # cannot happen for a found item unless the table lost it: no split
+                continue
+            enc.append(c - ts)
+            # the call that found it may have been sent just before the write timestamp (the server read the
+            # table after the commit): then there is no poll wait and its round trip counts from the timestamp
+            first_after = min(sends[np.searchsorted(sends, c)] if sends[-1] >= c else np.inf, f["send"])
+            first_after = max(first_after, c)
+            wait.append(first_after - c)
+            vis.append(max(f["send"], c) - first_after)
+            resp.append(f["recv"] - max(f["send"], c))
         out.append({"phase": phase, "rate": created[ids[0]]["rate"], "items": len(ids), "found": len(ids) -
                     len(missing), "missing": missing[:20], "freshness_s": _percentiles(fresh),
                     "freshness_lower_bound_s": _percentiles(lower), "encoder_s": _percentiles(enc),
