@@ -178,7 +178,8 @@ def prepare(cfg):
         _stage(f"catalogue vectors ({encoder.encoder_version}) → {vectors}",
                lambda: encode_catalogue(encoder, data_dir, vectors))
 
-    ctr_dir = os.path.join(work, f"ctr-{encoder.encoder_version}")
+    flagfile_name = os.path.splitext(os.path.basename(cfg.ctr_flagfile))[0]
+    ctr_dir = os.path.join(work, f"ctr-{flagfile_name}-{encoder.encoder_version}")
     if not os.path.exists(os.path.join(ctr_dir, train_lib.METRICS_FILE)):
         ctr = config_lib.config_from_flagfile(_repo_path(cfg.ctr_flagfile), data_dir=data_dir, model_dir=ctr_dir,
                                               vector_table=vectors, max_steps=cfg.ctr_steps, seed=cfg.seed)
