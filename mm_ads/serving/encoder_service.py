@@ -204,7 +204,7 @@ class EncoderService:
         self._lags = collections.deque(maxlen=config.lag_window)
         self._counts = collections.Counter()
         self._skips = collections.Counter()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # stats() may run in another thread
         self._last_log = time.monotonic()
 
     # ---- checkpoint ------------------------------------------------------------------------------------
@@ -244,7 +244,8 @@ class EncoderService:
     # ---- one micro-batch -------------------------------------------------------------------------------
 
     def _skip(self, reason, item_id, detail=""):
-        self._skips[reason] += 1
+        with self._lock:
+            self._skips[reason] += 1
         logging.warning("Encoder service: skipped item %s (%s)%s", item_id, reason, f": {detail}" if detail else "")
 
     def _input_of(self, record):
