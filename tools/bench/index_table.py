@@ -33,7 +33,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from mm_ads.serving.index_table import open_index_table
+from mm_ads.serving.index_table import RedisIndexTable, open_index_table
 from mm_ads.serving.redis_local import RedisUnavailable, local_redis_server
 
 _NUM_ITEMS = flags.DEFINE_integer("num_items", 100_000, "Rows in every store.")
@@ -49,6 +49,8 @@ _WARMUP = flags.DEFINE_integer("warmup_calls", 5, "Untimed get calls per size an
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved rounds.")
 _REDIS_URL = flags.DEFINE_string("redis_url", "", "An existing Redis (redis://host:port/db); default: start one.")
 _SEED = flags.DEFINE_integer("seed", 0, "NumPy seed.")
+_PYTHON_PARSER = flags.DEFINE_bool("python_parser", True, "Also measure Redis with redis-py's pure-Python reply "
+                                   "parser instead of hiredis (the reason `serving` pins hiredis).")
 
 
 class NumpyDict:
@@ -199,6 +201,8 @@ def main(argv):
                     stores[f"redis {dtype}"] = (lambda d=dtype: open_index_table(
                         f"{url}?prefix=bench_{d}_{os.getpid()}", dim=dim, encoder_version="bench", dtype=d,
                         create=True))
+            if url and _PYTHON_PARSER.value:
+                stores["redis float32, pure-Python parser"] = lambda: _python_parser_table(url, dim)
             context, gets, puts = run_benchmark(stores, n, dim, get_sizes, put_batches, _PUT_ROWS.value,
                                                 _MISS_RATE.value, _CALLS.value, _WARMUP.value, _REPEATS.value,
                                                 _SEED.value)
@@ -212,6 +216,16 @@ def main(argv):
                                 "× numpy (median)"]))
     print()
     print(markdown_table(puts, ["rows per put", "store", "rows/s (median)", "puts/s", "× numpy (slower by)"]))
+
+
+def _python_parser_table(url, dim):
+    """A Redis table whose client parses replies in Python (what redis-py does without hiredis)."""
+    import redis
+    from redis._parsers import _RESP2Parser  # redis-py's own fallback parser; no public name
+
+    uri = f"{url}?prefix=bench_pyparser_{os.getpid()}"
+    return RedisIndexTable(uri, dim, "bench", "float32", create=True,
+                           client=redis.Redis.from_url(url, parser_class=_RESP2Parser))
 
 
 class _redis:
