@@ -318,13 +318,12 @@ class Ranker:
             raise InvalidArgument("rank request: 'candidates' is empty")
         if n > self.max_candidates:
             raise ResourceExhausted(f"rank request: {n} candidates, the limit is {self.max_candidates}")
-        if np.any(cands <= layout.padding_id) or np.any(cands < 0):
-            bad = int(np.argmax((cands <= layout.padding_id) | (cands < 0)))
-            raise InvalidArgument(f"rank request: candidates[{bad}] = {int(cands[bad])} is not a valid item id "
-                                  f"(ids are > {layout.padding_id}, the padding id)")
-        if np.any(hist == layout.padding_id) or np.any(hist < 0):
-            bad = int(np.argmax((hist == layout.padding_id) | (hist < 0)))
-            raise InvalidArgument(f"rank request: history[{bad}] = {int(hist[bad])} is not a valid item id")
+        # ids are any int64 (hashed ids may be negative) except the padding id
+        for what, ids in (("candidates", cands), ("history", hist)):
+            if np.any(ids == layout.padding_id):
+                bad = int(np.argmax(ids == layout.padding_id))
+                raise InvalidArgument(f"rank request: {what}[{bad}] is {layout.padding_id}, the padding id, not an "
+                                      "item id")
         missing = sorted(set(layout.request_features) - set(request.features))
         if missing:
             raise InvalidArgument(f"rank request: missing feature(s) {missing} (user/context features the model "
