@@ -209,7 +209,7 @@ class PredictionServer:
     def stop(self, grace_s=None):
         """Graceful stop: no new requests, requests in progress finish (up to `grace_s`), threads joined."""
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
-        self._stopping = True
+        # the front-ends refuse new requests themselves; requests already inside a handler go on
         if self._rest is not None:
             self._rest.stopping.set()
         if self._grpc is not None:
@@ -219,6 +219,7 @@ class PredictionServer:
         if self._rest is not None:
             self._rest.stop()
             self._rest = None
+        self._stopping = True  # the Python API too
         self.manager.stop()
         if self._own_index_table and self.index_table is not None:
             self.index_table.close()
