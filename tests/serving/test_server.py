@@ -161,6 +161,9 @@ def test_rank_equals_manual_predict_with_vectors_fetched_by_hand(world, server, 
     assert delta["candidates_unknown"] == 3  # 42, 45, 999
     assert delta["history_items"] == 6 and delta["history_unknown"] == 1  # 41 among the last 6
     assert delta["catalogue_unknown"] == 1  # 999
+    status, stats = _rest(server, "GET", "/v1/stats")
+    assert status == 200 and stats["model_version"] == 1
+    assert stats["counters"]["candidates_unknown"] >= 3
     # REST :rank gives the same scores, and the ranking of candidate ids
     status, body = _rest(server, "POST", "/v1/models/ctr:rank",
                          {"candidates": candidates, "history": history, "user_id": 4,
