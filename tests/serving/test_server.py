@@ -376,3 +376,26 @@ def test_readme_grpc_client_snippet_runs_against_the_server(world, server, repo_
     np.testing.assert_allclose(tf.make_ndarray(scope["response"].outputs["ctr"]), _reference(world, x),
                                rtol=1e-6, atol=1e-7)
     assert "[" in scores
+
+
+def test_vector_cache_serves_found_vectors_and_sees_new_and_rewritten_ones(tmp_path):
+    from mm_ads.serving.ranking import VectorCache
+
+    table = open_index_table(str(tmp_path / "t.db"), dim=4, encoder_version="e", create=True)
+    now = [0.0]
+    cache = VectorCache(table, max_items=4, ttl_s=1.0, clock=lambda: now[0])
+    v = np.eye(4, dtype=np.float32)
+    table.put_many([1, 2], v[:2], "e")
+    got, found = cache.get_many([1, 2, 3])
+    np.testing.assert_array_equal(got, np.stack([v[0], v[1], np.zeros(4)]))
+    assert found.tolist() == [True, True, False] and (cache.hits, cache.misses) == (0, 3)
+    table.put_many([3, 1], v[2:4], "e")  # a new item, and a rewrite of item 1
+    got, found = cache.get_many([1, 3])
+    assert found.tolist() == [True, True] and (cache.hits, cache.misses) == (1, 4)
+    np.testing.assert_array_equal(got, np.stack([v[0], v[2]]))  # item 1 still cached, item 3 seen at once
+    now[0] = 1.5  # after the TTL the rewrite shows
+    np.testing.assert_array_equal(cache.get_many([1])[0], v[3:4])
+    table.put_many([10, 11, 12, 13], np.ones((4, 4), np.float32), "e")
+    cache.get_many([10, 11, 12, 13])
+    assert len(cache._entries) <= 4  # the size bound holds
+    table.close()
