@@ -399,3 +399,19 @@ def test_vector_cache_serves_found_vectors_and_sees_new_and_rewritten_ones(tmp_p
     cache.get_many([10, 11, 12, 13])
     assert len(cache._entries) <= 4  # the size bound holds
     table.close()
+
+
+def test_rank_with_the_redis_index_table(world, redis_url, unique_name):
+    table = h.fill_index_table(open_index_table(f"{redis_url}?prefix={unique_name}", dim=h.DIM,
+                                                encoder_version="enc-test", create=True))
+    config = ServerConfig(model_base_path=world["base"], grpc_port=-1, rest_port=-1, warmup_batch_sizes=(1,),
+                          vector_cache_items=0)
+    server = PredictionServer(config, table, world["catalogue"], world["spec"], own_index_table=True).start()
+    try:
+        candidates, history, features = [3, 45, 17], [2, 41, 9], {"user_id": 1, "user_profile_0": 1}
+        result = server.rank(candidates, history, features)
+        x = h.manual_rank_inputs(world["spec"], candidates, history, features, world["table"])  # SQLite, by hand
+        np.testing.assert_allclose(result.scores, _reference(world, x), rtol=1e-6, atol=1e-7)
+        assert result.found.tolist() == [True, False, True]
+    finally:
+        server.stop()
