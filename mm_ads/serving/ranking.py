@@ -93,6 +93,71 @@ class Catalogue:
         return {n: np.where(found, self.columns[n][pos], 0) for n in names}, found
 
 
+class VectorCache:
+    """A read-through cache in front of an index table's `get_many`, for the vectors of found items only.
+
+    Hits skip the index-table round trip (an SQLite `get_many` of 250 ids costs ~0.7 ms). Only found items
+    are cached, so an item whose vector arrives in the table is seen on the next request; a vector rewritten
+    under the same id is seen after at most `ttl_s`. When the cache holds more than `max_items`, the oldest
+    half (by insertion) is dropped.
+
+    Args:
+        index_table: an object with `get_many(ids) -> (float32 [N, D], bool [N])` and `dim`.
+        max_items: the cache size bound (vectors).
+        ttl_s: how long a cached vector is used.
+        clock: time source (seconds), for tests.
+    """
+
+    def __init__(self, index_table, max_items=100_000, ttl_s=1.0, clock=None):
+        import threading
+        import time
+
+        self.index_table = index_table
+        self.dim = index_table.dim
+        self.max_items = int(max_items)
+        self.ttl_s = float(ttl_s)
+        self._clock = clock or time.monotonic
+        self._entries = {}  # id -> (expiry time, float32 [D])
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get_many(self, item_ids):
+        ids = np.asarray(item_ids, np.int64).reshape(-1)
+        now = self._clock()
+        out = np.zeros((len(ids), self.dim), np.float32)
+        found = np.zeros(len(ids), bool)
+        entries = self._entries
+        todo = []
+        for k, i in enumerate(ids.tolist()):
+            entry = entries.get(i)
+            if entry is not None and entry[0] > now:
+                out[k] = entry[1]
+                found[k] = True
+            else:
+                todo.append(k)
+        self.hits += len(ids) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            rows = np.asarray(todo)
+            vecs, ok = self.index_table.get_many(ids[rows])
+            vecs = np.asarray(vecs, np.float32)
+            ok = np.asarray(ok, bool)
+            out[rows] = vecs
+            found[rows] = ok
+            expiry = now + self.ttl_s
+            with self._lock:
+                for k, v, f in zip(rows.tolist(), vecs, ok.tolist()):
+                    if f:
+                        entries[int(ids[k])] = (expiry, v.copy())
+                if len(entries) > self.max_items:
+                    for key in list(entries)[:len(entries) - self.max_items // 2]:
+                        entries.pop(key, None)
+        return out, found
+
+    def close(self):
+        self.index_table.close()
+
+
 @dataclasses.dataclass
 class RankRequest:
     """Ids of one ranking call (see the module docstring)."""
@@ -318,13 +383,12 @@ class Ranker:
             raise InvalidArgument("rank request: 'candidates' is empty")
         if n > self.max_candidates:
             raise ResourceExhausted(f"rank request: {n} candidates, the limit is {self.max_candidates}")
-        if np.any(cands <= layout.padding_id) or np.any(cands < 0):
-            bad = int(np.argmax((cands <= layout.padding_id) | (cands < 0)))
-            raise InvalidArgument(f"rank request: candidates[{bad}] = {int(cands[bad])} is not a valid item id "
-                                  f"(ids are > {layout.padding_id}, the padding id)")
-        if np.any(hist == layout.padding_id) or np.any(hist < 0):
-            bad = int(np.argmax((hist == layout.padding_id) | (hist < 0)))
-            raise InvalidArgument(f"rank request: history[{bad}] = {int(hist[bad])} is not a valid item id")
+        # ids are any int64 (hashed ids may be negative) except the padding id
+        for what, ids in (("candidates", cands), ("history", hist)):
+            if np.any(ids == layout.padding_id):
+                bad = int(np.argmax(ids == layout.padding_id))
+                raise InvalidArgument(f"rank request: {what}[{bad}] is {layout.padding_id}, the padding id, not an "
+                                      "item id")
         missing = sorted(set(layout.request_features) - set(request.features))
         if missing:
             raise InvalidArgument(f"rank request: missing feature(s) {missing} (user/context features the model "

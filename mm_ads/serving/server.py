@@ -30,7 +30,7 @@ import numpy as np
 
 from mm_ads.serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from mm_ads.serving.model_manager import DEFAULT_SIGNATURE, ModelManager
-from mm_ads.serving.ranking import RANK_SIGNATURE, Catalogue, Ranker, RankRequest
+from mm_ads.serving.ranking import RANK_SIGNATURE, Catalogue, Ranker, RankRequest, VectorCache
 from mm_ads.serving.stats import ServingStats
 
 
@@ -46,6 +46,8 @@ class ServerConfig:
     poll_interval_s: float = 1.0
     warmup_batch_sizes: tuple = (1, 200)
     max_candidates: int = 1000  # rows of a Predict request / candidates of a rank request
+    vector_cache_items: int = 100_000  # ranking's cache of found vectors (0: every request asks the table)
+    vector_cache_ttl_s: float = 1.0  # a vector rewritten in the index table is seen after at most this
     max_body_bytes: int = 64 << 20
     max_grpc_message_bytes: int = 64 << 20
     grpc_workers: int = 8
@@ -59,6 +61,9 @@ class ServerConfig:
         for name in ("max_candidates", "max_body_bytes", "max_grpc_message_bytes", "grpc_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.vector_cache_items < 0 or self.vector_cache_ttl_s < 0:
+            raise ValueError(f"vector_cache_items and vector_cache_ttl_s must be >= 0, got "
+                             f"{self.vector_cache_items}, {self.vector_cache_ttl_s}")
         if self.poll_interval_s <= 0:
             raise ValueError(f"poll_interval_s must be > 0, got {self.poll_interval_s}")
         return self
@@ -90,7 +95,10 @@ class PredictionServer:
         self.stats = ServingStats()
         self.index_table = index_table
         self._own_index_table = own_index_table
-        self.ranker = None if spec is None else Ranker(spec, index_table, catalogue, config.max_candidates,
+        self.vectors = index_table
+        if index_table is not None and config.vector_cache_items > 0 and config.vector_cache_ttl_s > 0:
+            self.vectors = VectorCache(index_table, config.vector_cache_items, config.vector_cache_ttl_s)
+        self.ranker = None if spec is None else Ranker(spec, self.vectors, catalogue, config.max_candidates,
                                                         self.stats)
         self.manager = ModelManager(config.model_name, config.model_base_path, config.poll_interval_s,
                                     config.warmup_batch_sizes, on_load=self._warm_rank)
@@ -161,8 +169,11 @@ class PredictionServer:
 
     def stats_snapshot(self):
         model = self.manager.current
-        return {"model_name": self.config.model_name, "model_version": model.version if model else None,
-                "swaps": self.manager.swaps, "counters": self.stats.snapshot()}
+        out = {"model_name": self.config.model_name, "model_version": model.version if model else None,
+               "swaps": self.manager.swaps, "counters": self.stats.snapshot()}
+        if isinstance(self.vectors, VectorCache):
+            out["vector_cache"] = {"hits": self.vectors.hits, "misses": self.vectors.misses}
+        return out
 
     def _warm_rank(self, model):
         """Before a version is swapped in: build its ranking layout and run one ranking call through it.
@@ -209,7 +220,7 @@ class PredictionServer:
     def stop(self, grace_s=None):
         """Graceful stop: no new requests, requests in progress finish (up to `grace_s`), threads joined."""
         grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
-        self._stopping = True
+        # the front-ends refuse new requests themselves; requests already inside a handler go on
         if self._rest is not None:
             self._rest.stopping.set()
         if self._grpc is not None:
@@ -219,6 +230,7 @@ class PredictionServer:
         if self._rest is not None:
             self._rest.stop()
             self._rest = None
+        self._stopping = True  # the Python API too
         self.manager.stop()
         if self._own_index_table and self.index_table is not None:
             self.index_table.close()
@@ -273,6 +285,10 @@ def _define_flags():
     flags.DEFINE_list("warmup_batch_sizes", [str(b) for b in d.warmup_batch_sizes],
                       "Batch sizes of the warm-up calls before a version is swapped in.")
     flags.DEFINE_integer("max_candidates", d.max_candidates, "Max rows of a Predict / candidates of a rank request.")
+    flags.DEFINE_integer("vector_cache_items", d.vector_cache_items,
+                         "Ranking's cache of found vectors in front of the index table (0: off).")
+    flags.DEFINE_float("vector_cache_ttl_s", d.vector_cache_ttl_s,
+                       "A cached vector is used this long (a rewritten vector is seen after at most this).")
     flags.DEFINE_integer("max_body_bytes", d.max_body_bytes, "Max REST request body.")
     flags.DEFINE_integer("max_grpc_message_bytes", d.max_grpc_message_bytes, "Max gRPC message (both ways).")
     flags.DEFINE_integer("grpc_workers", d.grpc_workers, "gRPC handler threads.")
@@ -297,6 +313,7 @@ def main(argv):
         model_base_path=f.model_base_path, model_name=f.model_name, host=f.host, grpc_port=f.grpc_port,
         rest_port=f.rest_port, poll_interval_s=f.poll_interval_s,
         warmup_batch_sizes=tuple(int(b) for b in f.warmup_batch_sizes), max_candidates=f.max_candidates,
+        vector_cache_items=f.vector_cache_items, vector_cache_ttl_s=f.vector_cache_ttl_s,
         max_body_bytes=f.max_body_bytes, max_grpc_message_bytes=f.max_grpc_message_bytes,
         grpc_workers=f.grpc_workers, shutdown_grace_s=f.shutdown_grace_s)
     spec, catalogue = load_ranking_inputs(f.data_dir, f.feature_spec, f.catalogue)

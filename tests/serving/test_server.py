@@ -161,6 +161,9 @@ def test_rank_equals_manual_predict_with_vectors_fetched_by_hand(world, server, 
     assert delta["candidates_unknown"] == 3  # 42, 45, 999
     assert delta["history_items"] == 6 and delta["history_unknown"] == 1  # 41 among the last 6
     assert delta["catalogue_unknown"] == 1  # 999
+    status, stats = _rest(server, "GET", "/v1/stats")
+    assert status == 200 and stats["model_version"] == 1
+    assert stats["counters"]["candidates_unknown"] >= 3
     # REST :rank gives the same scores, and the ranking of candidate ids
     status, body = _rest(server, "POST", "/v1/models/ctr:rank",
                          {"candidates": candidates, "history": history, "user_id": 4,
@@ -373,3 +376,42 @@ def test_readme_grpc_client_snippet_runs_against_the_server(world, server, repo_
     np.testing.assert_allclose(tf.make_ndarray(scope["response"].outputs["ctr"]), _reference(world, x),
                                rtol=1e-6, atol=1e-7)
     assert "[" in scores
+
+
+def test_vector_cache_serves_found_vectors_and_sees_new_and_rewritten_ones(tmp_path):
+    from mm_ads.serving.ranking import VectorCache
+
+    table = open_index_table(str(tmp_path / "t.db"), dim=4, encoder_version="e", create=True)
+    now = [0.0]
+    cache = VectorCache(table, max_items=4, ttl_s=1.0, clock=lambda: now[0])
+    v = np.eye(4, dtype=np.float32)
+    table.put_many([1, 2], v[:2], "e")
+    got, found = cache.get_many([1, 2, 3])
+    np.testing.assert_array_equal(got, np.stack([v[0], v[1], np.zeros(4)]))
+    assert found.tolist() == [True, True, False] and (cache.hits, cache.misses) == (0, 3)
+    table.put_many([3, 1], v[2:4], "e")  # a new item, and a rewrite of item 1
+    got, found = cache.get_many([1, 3])
+    assert found.tolist() == [True, True] and (cache.hits, cache.misses) == (1, 4)
+    np.testing.assert_array_equal(got, np.stack([v[0], v[2]]))  # item 1 still cached, item 3 seen at once
+    now[0] = 1.5  # after the TTL the rewrite shows
+    np.testing.assert_array_equal(cache.get_many([1])[0], v[3:4])
+    table.put_many([10, 11, 12, 13], np.ones((4, 4), np.float32), "e")
+    cache.get_many([10, 11, 12, 13])
+    assert len(cache._entries) <= 4  # the size bound holds
+    table.close()
+
+
+def test_rank_with_the_redis_index_table(world, redis_url, unique_name):
+    table = h.fill_index_table(open_index_table(f"{redis_url}?prefix={unique_name}", dim=h.DIM,
+                                                encoder_version="enc-test", create=True))
+    config = ServerConfig(model_base_path=world["base"], grpc_port=-1, rest_port=-1, warmup_batch_sizes=(1,),
+                          vector_cache_items=0)
+    server = PredictionServer(config, table, world["catalogue"], world["spec"], own_index_table=True).start()
+    try:
+        candidates, history, features = [3, 45, 17], [2, 41, 9], {"user_id": 1, "user_profile_0": 1}
+        result = server.rank(candidates, history, features)
+        x = h.manual_rank_inputs(world["spec"], candidates, history, features, world["table"])  # SQLite, by hand
+        np.testing.assert_allclose(result.scores, _reference(world, x), rtol=1e-6, atol=1e-7)
+        assert result.found.tolist() == [True, False, True]
+    finally:
+        server.stop()

@@ -15,6 +15,8 @@ threads of this process. Modes, each timed with `--concurrency` client threads:
   5 MB per request).
 * **grpc_rank** — the official client's Predict with `signature_name="rank"`: ids only; the server fetches
   vectors from the index table and item features from the catalogue.
+* **grpc_rank_nocache** — the same against a second server process started with `--vector_cache_items=0`
+  (every request asks the SQLite index table).
 * **rest_rank** — `POST /v1/models/ctr:rank` (JSON ids), keep-alive `http.client` connections.
 * **rest_predict** (`--rest_predict`) — `POST :predict` with the full inputs as JSON (~10 MB of text).
 
@@ -58,7 +60,8 @@ _CONCURRENCY = flags.DEFINE_list("concurrency", ["1", "4"], "Client threads per 
 _SECONDS = flags.DEFINE_float("seconds", 4.0, "Timed seconds per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed requests per thread before each measurement.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats of every measurement.")
-_MODES = flags.DEFINE_list("modes", ["bare", "grpc_predict", "grpc_rank", "rest_rank"], "Modes to time.")
+_MODES = flags.DEFINE_list("modes", ["bare", "grpc_predict", "grpc_rank", "grpc_rank_nocache", "rest_rank"],
+                           "Modes to time.")
 _REST_PREDICT = flags.DEFINE_bool("rest_predict", False, "Also time REST :predict with the full JSON inputs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the world and the requests.")
 
@@ -145,6 +148,8 @@ def main(argv):
         fn = model.signature("serving_default").fn
         bare_tensors = [{k: tf.constant(v) for k, v in x.items()} for x in full_inputs]
         proc, ports = start_server(world)
+        proc_nocache, ports_nocache = (start_server(world, extra=["--vector_cache_items=0"])
+                                       if "grpc_rank_nocache" in modes else (None, None))
         try:
             grpc_predict = [GrpcClient.request(x) for x in full_inputs]
             grpc_rank = [GrpcClient.request(
@@ -168,8 +173,8 @@ def main(argv):
 
                     if mode == "bare":
                         return lambda: fn(**nxt(bare_tensors))["ctr"].numpy()
-                    if mode in ("grpc_predict", "grpc_rank"):
-                        client = GrpcClient(ports["grpc_port"])
+                    if mode in ("grpc_predict", "grpc_rank", "grpc_rank_nocache"):
+                        client = GrpcClient((ports_nocache if mode == "grpc_rank_nocache" else ports)["grpc_port"])
                         items = grpc_predict if mode == "grpc_predict" else grpc_rank
                         return lambda: client.call(nxt(items))
                     client = RestClient(ports["rest_port"])
@@ -189,6 +194,8 @@ def main(argv):
                               f"  {s['rps']:7.1f} req/s  (n={s['n']})", flush=True)
         finally:
             stop_server(proc)
+            if proc_nocache is not None:
+                stop_server(proc_nocache)
             table.close()
     print()
     print("| concurrency | mode | p50 ms | p99 ms | req/s | p50 / bare | p99 / bare |")
