@@ -230,6 +230,9 @@ def test_skips_exports_stats_and_the_served_model(world, index_uri, tmp_path):
     with NearlineTrainer(config, nearline) as trainer:
         with pytest.raises(EventError, match=f"offset {bad_offsets[0]}: field 'label'"):
             trainer.run()
+        with pytest.raises(EventError, match=f"offset {bad_offsets[0]}: field 'label'"):
+            trainer.step_once()  # again at the same record; the 100 good ones before it are trained once
+        assert trainer.state.events == 96 and len(trainer._pending) == 4
 
 
 def test_follows_a_live_stream_in_a_thread(world, index_uri, tmp_path):
