@@ -249,6 +249,14 @@ class NearlineTrainer:
     """
 
     def __init__(self, config, nearline, stream=None, index_table=None):
+        self._owned = []
+        try:
+            self._init(config, nearline, stream, index_table)
+        except BaseException:
+            self.close()  # what it opened: a refused start leaves no open table or stream behind
+            raise
+
+    def _init(self, config, nearline, stream, index_table):
         from mm_ads.ctr.task import CTRTask
         from mm_ads.serving import events
         from mm_ads.serving.impressions import ImpressionSchema, IndexTableJoin
@@ -269,7 +277,6 @@ class NearlineTrainer:
         _check_resume_config(self.model_dir, config)
         if config.train.deterministic:
             trainer_lib.set_global_determinism(config.train.seed)
-        self._owned = []
         self.stream = stream if stream is not None else self._own(events.open_stream(nearline.stream))
         self.table = None
         if config.model.uses_vectors:
@@ -456,7 +463,7 @@ class NearlineTrainer:
                     if total <= _LOGGED_SKIPS or total % 1000 == 0:
                         logging.warning("Skipped (%d so far): %s", total, e)
             self._pending.append((offset, next_offset, parsed))
-        self._read_offset = records[-1][1]
+            self._read_offset = next_offset  # per record: a raised bad record is read again, nothing twice
 
     def _throttle(self, n):
         rate = self.nearline.max_events_per_second

@@ -3,6 +3,8 @@
 A `tf.function` step runs under `strategy.run`: per-example losses are averaged over the
 **global** batch (so replicas' gradients sum to the single-device gradient), embedding
 tables go to a sparse optimizer (row-sparse updates), all other variables to a dense one.
+`Trainer.train_batch` runs the same step on a batch handed over from Python (the near-line trainer's
+stream batches) instead of the task's `tf.data` pipeline.
 
 Fault tolerance: a checkpoint (model, both optimizers, global step) is written every
 `checkpoint_every` steps and at the end. The input order of epoch `e` is a pure function

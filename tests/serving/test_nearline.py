@@ -230,6 +230,46 @@ def test_skips_exports_stats_and_the_served_model(world, index_uri, tmp_path):
     with NearlineTrainer(config, nearline) as trainer:
         with pytest.raises(EventError, match=f"offset {bad_offsets[0]}: field 'label'"):
             trainer.run()
+        with pytest.raises(EventError, match=f"offset {bad_offsets[0]}: field 'label'"):
+            trainer.step_once()  # again at the same record; the 100 good ones before it are trained once
+        assert trainer.state.events == 96 and len(trainer._pending) == 4
+
+
+def test_follows_a_live_stream_in_a_thread(world, index_uri, tmp_path):
+    """The library use of the online demo: the trainer follows a stream that a rate-limited replay is writing,
+    trains partial batches after max_batch_delay_seconds, and stops on the event with everything exported."""
+    import threading
+
+    log = EventLog(str(tmp_path / "events.log"))
+    config, nearline = _configs(world, str(tmp_path / "model"), log.path, index_uri, stop_at_end=False,
+                                max_batch_delay_seconds=0.2, poll_interval_seconds=0.05, batch_size=64)
+    trainer = NearlineTrainer(config, nearline)
+    stop, result = threading.Event(), {}
+    thread = threading.Thread(target=lambda: result.update(trainer.run(stop)))
+    thread.start()
+    try:
+        replayed = replay(world, log, rate=400, limit=100, chunk=16)
+        assert replayed["events"] == 100
+        deadline = time.monotonic() + 120
+        while trainer.state.events < 100 and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+        trainer.close()
+    assert not thread.is_alive()
+    offsets = [o for o, _, _ in log.read(0, 1000)]
+    assert result["events"] == 100 and result["fingerprint"] == fingerprint_of(offsets)
+    assert result["step"] >= 2  # 100 = 64 + 36 at least: the partial batch did not wait for more events
+    assert result["exported_versions"] and result["latest_version"] == result["exported_versions"][-1]
+    assert read_checkpoint_state(str(tmp_path / "model"))["events"] == 100
+
+    # the replay's own checks: a bad rate is refused, a set stop event appends nothing
+    stop_now = threading.Event()
+    stop_now.set()
+    with pytest.raises(ValueError, match="rate must be >= 0"):
+        replay(world, log, rate=-1)
+    assert replay(world, log, limit=50, stop_event=stop_now)["events"] == 0
 
 
 def test_redis_stream(world, index_uri, tmp_path, redis_url, unique_name):
