@@ -89,8 +89,8 @@ class DemoConfig:
     new_item_rates: tuple = (5.0,)
     settle_s: float = 15.0
     hot_swap_timeout_s: float = 60.0
-    impression_rate: float = 200.0
-    impression_split: str = "test"
+    impression_rate: float = 100.0
+    impression_split: str = "train"
     poll_interval_ms: float = 50.0
     nearline_batch_size: int = 256
     nearline_export_every_s: float = 15.0

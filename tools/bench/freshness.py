@@ -37,7 +37,7 @@ _PHASE_S = flags.DEFINE_float("phase_s", 30.0, "Seconds of events per rate.")
 _WORK_DIR = flags.DEFINE_string("work_dir", "runs/bench_freshness", "Prepared artifacts and the run (reused).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "An existing dataset (default: generate the demo's world).")
 _POLL_MS = flags.DEFINE_float("poll_interval_ms", 50.0, "Period of the measuring client's rank calls.")
-_IMPRESSION_RATE = flags.DEFINE_float("impression_rate", 200.0, "Impression events/s to the near-line trainer.")
+_IMPRESSION_RATE = flags.DEFINE_float("impression_rate", 100.0, "Impression events/s to the near-line trainer.")
 _BASELINE_CALLS = flags.DEFINE_integer("baseline_calls", 200, "Single-item encode + put_many calls timed.")
 
 
