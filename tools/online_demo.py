@@ -820,6 +820,9 @@ def _collect(loop, online):
             commit = dict(zip(created, table.timestamps(ids).tolist()))
     out["freshness"] = (freshness_report(created, loop.found, loop.last_miss, loop.sends, commit)
                         if created and loop.sends else [])
+    out["items"] = [{"item_id": i, "phase": it["phase"], "ts": it["ts"], "commit": commit.get(i),
+                     "found_send": loop.found.get(i, {}).get("send"), "found_recv": loop.found.get(i, {}).get("recv"),
+                     "last_miss": loop.last_miss.get(i)} for i, it in created.items()]
     out["rank_calls"] = loop.polls
     out["impressions_replayed"] = loop.replayed
     out["versions_seen"] = sorted(loop.versions_seen)
