@@ -27,15 +27,17 @@ This process plays the world around them: it replays the dataset's impressions (
 `--impression_rate`), creates brand-new items (ids not in the catalogue, with titles made from the world's
 attribute words) at a steady `--new_item_rates` for `--duration_s` each, and measures **freshness**: the time
 from a new-item event's creation (its `ts`) to the first ids-only ranking response of the server
-(`POST /v1/models/ctr:rank`) whose `found` mask shows that item's vector. The client sends one rank call every
-`--poll_interval_ms` with every new item not yet found among its candidates. Freshness splits into
+(`POST /v1/models/ctr:rank`) whose `found` mask shows that item's vector. The measuring client sends a rank call
+every `--poll_interval_ms` (from `--poll_clients` threads calling in turn, so a slow call does not delay the
+next one) with every new item not yet found among its candidates. Freshness splits into
 
 * **encoder** — the vector's write timestamp in the index table (taken by `put_many` just before its
   transaction) − the event's `ts`: the encoder service's tail poll, micro-batch wait and encoder call;
 * **poll wait** — the first rank call sent after that timestamp − the timestamp: the measuring client's
   resolution (about uniform in `[0, poll interval)`), not a property of the system;
 * **visibility** — the rank call that found the item − the first call sent after the timestamp (> 0 when
-  calls sent after it still missed the vector: the table's commit, an fsync of SQLite's WAL, and the read);
+  calls sent after it still missed the vector: the table's commit, an fsync of SQLite's WAL, was not done
+  when the server read; it then also holds the time until the next call was sent);
 * **response** — that call's round trip.
 
 The measured freshness is an upper bound of the true one by at most one poll interval plus a round trip; the
@@ -92,6 +94,7 @@ class DemoConfig:
     impression_rate: float = 100.0
     impression_split: str = "train"
     poll_interval_ms: float = 50.0
+    poll_clients: int = 2
     nearline_batch_size: int = 256
     nearline_export_every_s: float = 15.0
     server_poll_interval_s: float = 0.5
@@ -115,6 +118,8 @@ class DemoConfig:
                      "num_ranked_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.poll_clients < 1:
+            raise ValueError(f"--poll_clients must be >= 1, got {self.poll_clients}")
         if self.nearline_batch_size < 1:
             raise ValueError(f"--nearline_batch_size must be >= 1, got {self.nearline_batch_size}")
         for name in ("grpc_port", "rest_port"):
@@ -531,7 +536,8 @@ class Loop:
     def start_threads(self):
         if self.cfg.impression_rate > 0:
             self._thread("impression-replay", self._replay_impressions)
-        self._thread("rank-client", self._client)
+        for k in range(self.cfg.poll_clients):
+            self._thread(f"rank-client-{k}", self._client, k)
 
     def _replay_impressions(self):
         from mm_ads.serving.replay import replay
@@ -603,13 +609,16 @@ class Loop:
         logging.warning("no version of the near-line trainer was served within %.0f s", timeout)
         return None
 
-    def _client(self):
+    def _client(self, k):
+        """Measuring client `k` of `poll_clients`: a rank call every `poll_clients × poll_interval_ms` (jittered),
+        so that together they call every `poll_interval_ms` and a slow call does not hold the others back."""
         client = RestClient(self.ports["rest_port"])
-        interval = self.cfg.poll_interval_ms / 1000.0
+        n = self.cfg.poll_clients
+        interval = n * self.cfg.poll_interval_ms / 1000.0
         user = self.world.users[0]
-        rng = np.random.default_rng(self.cfg.seed + 1)
+        rng = np.random.default_rng(self.cfg.seed + 1 + k)
         try:
-            next_send = time.monotonic()
+            next_send = time.monotonic() + k * interval / n
             while not self.stop_event.is_set():
                 with self.lock:
                     new = list(self.pending.values())[: 1000 - len(self.catalogue_filler)]
@@ -623,12 +632,13 @@ class Loop:
                     self.sends.append(send)
                     self.polls += 1
                     self.versions_seen.setdefault(version, recv)
-                    for it, ok in zip(new, found):
-                        if ok:
-                            self.found[it["item_id"]] = {"send": send, "recv": recv, "version": version}
-                            self.pending.pop(it["item_id"], None)
-                        else:
-                            self.last_miss[it["item_id"]] = send
+                    for it, ok in zip(new, found):  # calls overlap: keep the first finding response
+                        i = it["item_id"]
+                        if ok and (i not in self.found or recv < self.found[i]["recv"]):
+                            self.found[i] = {"send": send, "recv": recv, "version": version}
+                            self.pending.pop(i, None)
+                        elif not ok:
+                            self.last_miss[i] = max(send, self.last_miss.get(i, send))
                 # jittered period: the calls must not phase-lock with the steady new-item events (the poll
                 # wait would then be a constant instead of the uniform [0, interval) a resolution bound assumes)
                 next_send += interval * rng.uniform(0.5, 1.5)
@@ -908,6 +918,7 @@ def define_flags():
     flags.DEFINE_float("impression_rate", d.impression_rate, "Impression events per second (0 = none).")
     flags.DEFINE_string("impression_split", d.impression_split, "The ctr split replayed (over and over).")
     flags.DEFINE_float("poll_interval_ms", d.poll_interval_ms, "Period of the measuring client's rank calls.")
+    flags.DEFINE_integer("poll_clients", d.poll_clients, "Measuring client threads (connections), calling in turn.")
     flags.DEFINE_integer("nearline_batch_size", d.nearline_batch_size, "Near-line trainer batch size.")
     flags.DEFINE_float("nearline_export_every_s", d.nearline_export_every_s, "Near-line export period (s).")
     flags.DEFINE_float("server_poll_interval_s", d.server_poll_interval_s, "How often the server looks for new "
