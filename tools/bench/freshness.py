@@ -37,6 +37,7 @@ _PHASE_S = flags.DEFINE_float("phase_s", 30.0, "Seconds of events per rate.")
 _WORK_DIR = flags.DEFINE_string("work_dir", "runs/bench_freshness", "Prepared artifacts and the run (reused).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "An existing dataset (default: generate the demo's world).")
 _POLL_MS = flags.DEFINE_float("poll_interval_ms", 50.0, "Period of the measuring client's rank calls.")
+_POLL_CLIENTS = flags.DEFINE_integer("poll_clients", 2, "Measuring client threads, calling in turn.")
 _IMPRESSION_RATE = flags.DEFINE_float("impression_rate", 100.0, "Impression events/s to the near-line trainer.")
 _BASELINE_CALLS = flags.DEFINE_integer("baseline_calls", 200, "Single-item encode + put_many calls timed.")
 
@@ -71,6 +72,7 @@ def main(argv):
     rates = tuple(float(r) for r in _RATES.value)
     cfg = online_demo.DemoConfig(work_dir=_WORK_DIR.value, data_dir=_DATA_DIR.value, duration_s=_PHASE_S.value,
                                  new_item_rates=rates, poll_interval_ms=_POLL_MS.value,
+                                 poll_clients=_POLL_CLIENTS.value,
                                  impression_rate=_IMPRESSION_RATE.value, num_ranked_examples=1).validate()
     summary = online_demo.run(cfg)
     if not summary["ok"]:
@@ -82,8 +84,9 @@ def main(argv):
     print(f"\nmachine: {info['cpu_model']}, {info['cpus']} cpus, load {info['load'][0]:.2f}, nice {info['nice']}; "
           f"tensorflow {info['tensorflow']}; encoder {summary['prepare']['encoder_version']} "
           f"(dim {summary['prepare']['dim']}); {_PHASE_S.value:g} s per rate, rank call every "
-          f"{_POLL_MS.value:g} ms (jittered x0.5-1.5), impressions {_IMPRESSION_RATE.value:g}/s to the near-line "
-          f"trainer; near-line versions exported {[e['version'] for e in summary['nearline_exports']]}, served "
+          f"{_POLL_MS.value:g} ms (jittered x0.5-1.5, {_POLL_CLIENTS.value} clients in turn), impressions "
+          f"{_IMPRESSION_RATE.value:g}/s to the near-line trainer; near-line versions exported "
+          f"{[e['version'] for e in summary['nearline_exports']]}, served "
           f"{summary['nearline_versions_served']}\n")
     print("| rate | items | freshness p50 | p99 | max | lower bound p50 / p99 | encoder p50 / p99 "
           "| poll wait p50 / p99 | visibility p50 / p99 | response p50 / p99 | encoder p50 / bare |")
