@@ -128,3 +128,27 @@ def test_a_service_that_cannot_start_fails_the_demo_without_leftovers(demo):
     assert _processes_mentioning(work) == []
     for name in ("encoder_service", "nearline"):  # stopped by the demo, not left running
         assert s["services"][name]["returncode"] is not None
+
+
+def test_freshness_split_by_hand():
+    from tools.online_demo import freshness_report
+
+    created = {1: {"ts": 10.0, "phase": "5/s", "rate": 5.0}, 2: {"ts": 10.2, "phase": "5/s", "rate": 5.0},
+               3: {"ts": 10.4, "phase": "5/s", "rate": 5.0}, 4: {"ts": 10.5, "phase": "5/s", "rate": 5.0}}
+    sends = [10.01, 10.05, 10.09, 10.21, 10.26, 10.45, 10.50]
+    found = {1: {"send": 10.09, "recv": 10.10},   # the call at 10.05 came after the commit and still missed
+             2: {"send": 10.26, "recv": 10.27},   # the first call after the commit found it
+             3: {"send": 10.45, "recv": 10.48}}   # sent before the write timestamp, read after the commit
+    last_miss = {1: 10.05, 2: 10.21, 4: 10.50}
+    commit = {1: 10.03, 2: 10.22, 3: 10.46, 4: float("nan")}
+    (r,) = freshness_report(created, found, last_miss, sends, commit)
+    assert (r["items"], r["found"], r["missing"], r["rate"]) == (4, 3, [4], 5.0)
+    approx = lambda v: pytest.approx(v, abs=1e-9)  # noqa: E731
+    assert r["freshness_s"]["max"] == approx(0.10) and r["freshness_s"]["n"] == 3
+    assert r["freshness_lower_bound_s"]["max"] == approx(0.05)           # item 1: 10.05 - 10.0
+    assert r["encoder_s"]["mean"] == approx((0.03 + 0.02 + 0.06) / 3)
+    assert r["poll_wait_s"]["max"] == approx(0.04) and r["poll_wait_s"]["mean"] == approx((0.02 + 0.04 + 0) / 3)
+    assert r["visibility_s"]["max"] == approx(0.04) and r["visibility_s"]["mean"] == approx(0.04 / 3)
+    assert r["response_s"]["mean"] == approx((0.01 + 0.01 + 0.02) / 3)  # item 3 counts from the commit
+    parts = ("encoder_s", "poll_wait_s", "visibility_s", "response_s")  # they add up to the freshness
+    assert sum(r[k]["mean"] for k in parts) == approx(r["freshness_s"]["mean"])
