@@ -546,7 +546,7 @@ class Loop:
             out = replay(self.prep["data_dir"], self.impressions_log, split=self.cfg.impression_split,
                          rate=self.cfg.impression_rate, stop_event=self.stop_event)
             self.replayed += out["events"]
-            if not out["events"]:
+            if not out["events"] and not self.stop_event.is_set():  # (stopped before its first chunk: fine)
                 raise ValueError(f"{self.prep['data_dir']}: the {self.cfg.impression_split!r} split has no "
                                  "impressions to replay")
 
