@@ -780,9 +780,11 @@ def run(cfg):
         warm = loop.create_items(1, "warm-up")
         loop.created[warm[0]["item_id"]]["rate"] = 0.0
         if not loop.wait_found([warm[0]["item_id"]], cfg.startup_timeout_s):
-            raise DemoError("the warm-up item never reached a ranking response: see online/logs/encoder_service.log")
+            loop.check_services()
+            raise DemoError("; ".join(loop.errors) or "the warm-up item never reached a ranking response: see "
+                            "online/logs/encoder_service.log")
         for k, rate in enumerate(cfg.new_item_rates):
-            phase = f"{rate:g}/s"
+            phase = f"phase {k + 1} ({rate:g}/s)"
             produced = loop.produce(rate, cfg.duration_s, phase)
             with loop.lock:
                 ids = [i for i, it in loop.created.items() if it["phase"] == phase]
@@ -803,7 +805,7 @@ def run(cfg):
         loop.items_log.close()
         loop.impressions_log.close()
     summary.update(_collect(loop, online))
-    errors = list(loop.errors) + ([failed] if failed else [])
+    errors = list(loop.errors) + ([failed] if failed and failed != "; ".join(loop.errors) else [])
     errors += [f"{s.name}: {s.failure}" for s in loop.services if s.failure and s.failure not in str(failed)]
     missing = sum(len(p["missing"]) for p in summary.get("freshness", []))
     if not failed and missing:
