@@ -193,15 +193,19 @@ def main(argv):
         report["rss_series_mb"] = [(round(t, 1), round(m, 1)) for t, m in samples[:: max(1, len(samples) // 12)]]
     else:
         report["kills"] = []
-        for k in kills:
-            around = [e for e in failed if k["t_kill"] - 1 <= e[0] <= k["t_serving"] + 30]
-            after = [e for e in events if e[0] > (around[-1][0] if around else k["t_serving"])]
+        bounds = [k["t_kill"] for k in kills] + [float("inf")]
+        for j, k in enumerate(kills):
+            # failures from this kill until the next one belong to this kill
+            around = [e for e in failed if k["t_kill"] <= e[0] < bounds[j + 1]]
+            end = around[-1][0] if around else k["t_serving"]
+            after = [e for e in events if end < e[0] < bounds[j + 1]]
             report["kills"].append({
                 "restart_s": round(k["t_serving"] - k["t_kill"], 2),
                 "failed_requests": len(around),
                 "error_window_s": round(around[-1][0] - around[0][0], 2) if around else 0.0,
                 "first_success_after_kill_s": round(min((e[0] for e in ok if e[0] > k["t_kill"]),
                                                         default=float("nan")) - k["t_kill"], 2),
+                "requests_after_window": len(after),
                 "all_ok_after_window": all(e[2] for e in after) and len(after) > 0,
             })
         report["errors_outside_kill_windows"] = len(failed) - sum(k["failed_requests"] for k in report["kills"])
