@@ -211,7 +211,8 @@ def main(argv):
                 "restart_s": round(k["t_serving"] - k["t_kill"], 2),
                 "failed_requests": len(around),
                 "error_window_s": round(around[-1][0] - around[0][0], 2) if around else 0.0,
-                "first_success_after_kill_s": round(min((e[0] for e in ok if e[0] > k["t_kill"]),
+                # (a request in flight at the kill may still complete just after it: counted from the first failure)
+                "first_success_after_kill_s": round(min((e[0] for e in ok if around and e[0] > around[0][0]),
                                                         default=float("nan")) - k["t_kill"], 2),
                 "requests_after_window": len(after),
                 "all_ok_after_window": all(e[2] for e in after) and len(after) > 0,
