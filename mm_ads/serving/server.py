@@ -12,8 +12,9 @@ r"""The prediction server: TF Serving's gRPC and REST APIs over the latest CTR m
     multimodal vectors come from the index table `--index_table` and the item-side id features from the
     catalogue `<data_dir>/items.parquet` (`mm_ads.serving.ranking`); the FeatureSpec from
     `<data_dir>/manifest.json` or `--feature_spec`.
-Binds `--host=127.0.0.1` by default. SIGTERM/SIGINT: stop accepting, let requests in progress finish
-(up to `--shutdown_grace_s`), exit 0.
+Binds `--host=127.0.0.1` by default. Once serving, it prints one JSON line `{"grpc_port", "rest_port", "pid"}`
+(ports 0 pick free ones). SIGTERM/SIGINT: stop accepting, let requests in progress finish (up to
+`--shutdown_grace_s`), exit 0.
 
 From Python: `PredictionServer(ServerConfig(...), index_table=..., catalogue=..., spec=...).start()`.
 This module defines its flags only when run as a program, so importing it has no flag side effects.

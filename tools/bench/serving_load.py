@@ -9,7 +9,8 @@ client (Predict, `signature_name="rank"`) and REST `:rank`, `--candidates` candi
   process) sampled every `--sample_every_s`; memory is flat when the growth from `--settle_s` to the end is
   small against the RSS (printed as MB and MB/min).
 * `--mode=kill`: after `--kill_after_s` the server process is killed with SIGKILL and started again at once
-  on the same ports (`--kills` times, evenly spaced). Clients do not retry: each failed request is counted.
+  on the same ports (`--kills` times, evenly spaced, with at least `--min_serving_s` of serving after each
+  restart). Clients do not retry: each failed request is counted.
   Reports per kill: the restart time (exec → serving, the model loaded and warmed up), the error window (first
   to last failed request around the kill), failed requests, and whether every request after the window
   succeeded. gRPC channels use a short reconnect backoff (`--reconnect_backoff_ms`), as a latency-sensitive
@@ -47,6 +48,8 @@ _SAMPLE_EVERY = flags.DEFINE_float("sample_every_s", 1.0, "RSS sampling period."
 _SETTLE = flags.DEFINE_float("settle_s", 10.0, "Memory growth is measured from this time on.")
 _KILL_AFTER = flags.DEFINE_float("kill_after_s", 10.0, "First SIGKILL after this many seconds (kill mode).")
 _KILLS = flags.DEFINE_integer("kills", 1, "SIGKILL + restart cycles (kill mode).")
+_MIN_SERVING = flags.DEFINE_float("min_serving_s", 10.0, "Serving time after a restart before the next kill "
+                                                         "or the end (kill mode).")
 _BACKOFF = flags.DEFINE_integer("reconnect_backoff_ms", 50, "gRPC client reconnect backoff (initial and max).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the world and the requests.")
 
@@ -154,7 +157,8 @@ def main(argv):
                                                    max(1, _KILLS.value)) for j in range(_KILLS.value)]
         try:
             next_sample = t_start
-            while time.monotonic() - t_start < _SECONDS.value:
+            end = t_start + _SECONDS.value
+            while time.monotonic() < end:
                 now = time.monotonic()
                 if _MODE.value == "kill" and kill_times and now - t_start >= kill_times[0]:
                     kill_times.pop(0)
@@ -163,6 +167,10 @@ def main(argv):
                     proc.wait()
                     proc, ports = bench.start_server(world, grpc_port, rest_port)
                     kills.append({"t_kill": t_kill, "t_serving": time.monotonic(), "pid": ports["pid"]})
+                    # at least --min_serving_s of serving after each restart, before the next kill and the end
+                    floor = kills[-1]["t_serving"] - t_start + _MIN_SERVING.value
+                    kill_times = [max(t, floor) for t in kill_times]
+                    end = max(end, kills[-1]["t_serving"] + _MIN_SERVING.value)
                     print(f"killed at {t_kill - t_start:.1f} s, serving again after "
                           f"{kills[-1]['t_serving'] - t_kill:.2f} s (pid {ports['pid']})", flush=True)
                 if now >= next_sample:
@@ -193,15 +201,20 @@ def main(argv):
         report["rss_series_mb"] = [(round(t, 1), round(m, 1)) for t, m in samples[:: max(1, len(samples) // 12)]]
     else:
         report["kills"] = []
-        for k in kills:
-            around = [e for e in failed if k["t_kill"] - 1 <= e[0] <= k["t_serving"] + 30]
-            after = [e for e in events if e[0] > (around[-1][0] if around else k["t_serving"])]
+        bounds = [k["t_kill"] for k in kills] + [float("inf")]
+        for j, k in enumerate(kills):
+            # failures from this kill until the next one belong to this kill
+            around = [e for e in failed if k["t_kill"] <= e[0] < bounds[j + 1]]
+            end = around[-1][0] if around else k["t_serving"]
+            after = [e for e in events if end < e[0] < bounds[j + 1]]
             report["kills"].append({
                 "restart_s": round(k["t_serving"] - k["t_kill"], 2),
                 "failed_requests": len(around),
                 "error_window_s": round(around[-1][0] - around[0][0], 2) if around else 0.0,
-                "first_success_after_kill_s": round(min((e[0] for e in ok if e[0] > k["t_kill"]),
+                # (a request in flight at the kill may still complete just after it: counted from the first failure)
+                "first_success_after_kill_s": round(min((e[0] for e in ok if around and e[0] > around[0][0]),
                                                         default=float("nan")) - k["t_kill"], 2),
+                "requests_after_window": len(after),
                 "all_ok_after_window": all(e[2] for e in after) and len(after) > 0,
             })
         report["errors_outside_kill_windows"] = len(failed) - sum(k["failed_requests"] for k in report["kills"])
