@@ -163,7 +163,7 @@ def test_same_step_as_the_offline_trainer_and_init_from_its_model_dir(world, ind
                                    deterministic=True, export=False, checkpoint_every=100)
     train_lib.run(offline)
     log, _ = _event_log(str(tmp_path / "events.log"), world, steps * batch)
-    config, nearline = _configs(world, str(tmp_path / "nearline"), log.path, index_uri)
+    config, nearline = _configs(world, str(tmp_path / "nearline"), log.path, index_uri, prefetch=False)
     with NearlineTrainer(config, nearline) as trainer:
         stats = trainer.run()
     assert stats["events"] == steps * batch and stats["step"] == steps
@@ -231,7 +231,7 @@ def test_skips_exports_stats_and_the_served_model(world, index_uri, tmp_path):
         with pytest.raises(EventError, match=f"offset {bad_offsets[0]}: field 'label'"):
             trainer.run()
         with pytest.raises(EventError, match=f"offset {bad_offsets[0]}: field 'label'"):
-            trainer.step_once()  # again at the same record; the 100 good ones before it are trained once
+            trainer.step_once(timeout=60)  # again at the same record; the 100 good ones before are trained once
         assert trainer.state.events == 96 and len(trainer._pending) == 4
 
 
