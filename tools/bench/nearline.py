@@ -2,7 +2,7 @@
 
 One process, one synthetic world (`--num_impressions` impressions, `--seq_len` history, `--vector_dim`-dim
 attribute vectors for every item), one CTR model (`--flagfile`, default the served simtier model) at one
-`--batch_size`:
+`--batch_size`, on the same batches (the dataset's stored order, unshuffled, in both):
 
 * **offline** — `Trainer._make_train_step` on the trainer's own input path (`_dataset`: the TFRecord pipeline
   with the in-memory `VectorJoin`), one host sync per step, as `python -m mm_ads.train` runs it.
@@ -102,7 +102,8 @@ def main(argv):
     load_vector_table_into(index, os.path.join(data, "vectors", "bench.parquet"))
     setup_s = time.time() - t0
 
-    common = dict(data_dir=data, batch_size=batch, checkpoint_every=10**9, shuffle_buffer=10_000)
+    # unshuffled: the offline pipeline yields the replayed events' order, so both train the same batches
+    common = dict(data_dir=data, batch_size=batch, checkpoint_every=10**9, shuffle_buffer=0)
     offline_cfg = config_lib.config_from_flagfile(_FLAGFILE.value, model_dir=os.path.join(work, "offline"),
                                                   vector_table="bench", **common)
     offline = Trainer(CTRTask(offline_cfg), offline_cfg.train, batch, offline_cfg.model_dir)
