@@ -112,12 +112,17 @@ class ImpressionSchema:
             elif len(values) != length:
                 raise EventError(offset, f.name, f"has {len(values)} entries but {self.histories[0].name!r} has "
                                                  f"{length}: the history features must be aligned")
-            for k, v in enumerate(values):
-                if not _is_int(v) or not _INT64_MIN <= v <= _INT64_MAX:
-                    raise EventError(offset, f"{f.name}[{k}]", f"expected a 64-bit integer id, got {v!r}")
+            try:
+                # `type(v) is int` refuses bools and floats; numpy refuses ints outside int64 (OverflowError)
+                if not all(type(v) is int for v in values):
+                    raise OverflowError
+                kept = np.array(values[-self.seq_len:], np.int64)
+            except OverflowError:
+                k, v = next((k, v) for k, v in enumerate(values)
+                            if not _is_int(v) or not _INT64_MIN <= v <= _INT64_MAX)
+                raise EventError(offset, f"{f.name}[{k}]", f"expected a 64-bit integer id, got {v!r}") from None
             row = np.full(self.seq_len, f.padding_id, np.int64)
-            kept = values[-self.seq_len:]
-            if kept:
+            if len(kept):
                 row[self.seq_len - len(kept):] = kept
             out[f.name] = row
         for f in self.meta:

@@ -53,6 +53,7 @@ import hashlib
 import json
 import math
 import os
+import queue
 import signal
 import sys
 import threading
@@ -92,6 +93,8 @@ class NearlineConfig:
         max_batch_delay_seconds: a partial batch is trained once its first event waited this long.
         poll_interval_seconds: longest wait for new events before checking timers and the stop event.
         max_events_per_second: cap on the training rate (0 = none), to leave CPU to a co-located server.
+        prefetch: read, validate and join the next batch in a background thread while the current one trains
+            (the batches and their order are the same; batches prepared but not trained are never committed).
         on_bad_record: "skip" (count it and log offset + field) or "fail" (raise; the offset is not committed).
         stop_at_end: train the stream to its current end (including the last partial batch), then checkpoint,
             export and exit (replays, backfills, tests); off = follow the stream until stopped.
@@ -110,6 +113,7 @@ class NearlineConfig:
     max_batch_delay_seconds: float = 2.0
     poll_interval_seconds: float = 0.1
     max_events_per_second: float = 0.0
+    prefetch: bool = True
     on_bad_record: str = "skip"
     stop_at_end: bool = False
     stats_every_seconds: float = 10.0
@@ -230,6 +234,22 @@ def read_checkpoint_state(model_dir, checkpoint=None):
     return out
 
 
+_CAUGHT_UP = object()  # the stream is drained (stop_at_end)
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Records read from the stream, ready to train: `pending` = every (offset, next offset, parsed event or
+    None) in stream order, `events` = the parsed ones, `inputs` / `labels` = their model inputs (None if none)."""
+
+    pending: list
+    events: list
+    skipped: int
+    ignored: int
+    inputs: dict
+    labels: object
+
+
 def _field_root(field):
     return field.split("[", 1)[0]
 
@@ -309,6 +329,7 @@ class NearlineTrainer:
         self._pending, self._pending_since = [], None
         self._pending_valid = self._pending_skipped = self._pending_ignored = 0
         self._caught_up = False
+        self._producer = self._queue = self._producer_stop = None
         self._saved_step = self.trainer.manager.latest_checkpoint and int(self.trainer.step.numpy())
         self.exports = self._load_exports()
         exported = self.exports[-1]["events"] if self.exports else 0
@@ -403,35 +424,115 @@ class NearlineTrainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def step_once(self, timeout=0.0):
-        """Reads events and trains at most one batch; returns the number of events trained (0: none yet).
+        """Trains at most one batch; returns the number of events trained (0: no batch ready yet).
 
         Waits up to `timeout` seconds for a batch to fill. A partial batch is trained when its first event has
-        waited `max_batch_delay_seconds`, or when the stream is drained with `stop_at_end`.
+        waited `max_batch_delay_seconds`, or when the stream is drained with `stop_at_end`. With `prefetch`,
+        the batches are read, validated and joined one ahead in a background thread.
         """
+        prepared = self._prefetched(timeout) if self.nearline.prefetch else self._prepare(timeout)
+        if prepared is _CAUGHT_UP:
+            self._caught_up = True
+            return 0
+        if prepared is None:
+            return 0
+        self._caught_up = False
+        return self._train(prepared)
+
+    def _prepare(self, timeout):
+        """Reads and validates events until a batch is ready; returns it with its vectors joined, `None` when
+        none is ready within `timeout`, or `_CAUGHT_UP` when `stop_at_end` and the stream is drained."""
         deadline = time.monotonic() + timeout
         while True:
             need = self.batch_size - self._pending_valid
             records = self.stream.read(self._read_offset, need)
             if records:
-                self._caught_up = False
                 self._consume(records)
                 if self._pending_valid >= self.batch_size:
-                    return self._train_pending()
+                    return self._take_pending()
                 continue
             now = time.monotonic()
             if self._pending and (self.nearline.stop_at_end
                                   or now - self._pending_since >= self.nearline.max_batch_delay_seconds):
-                return self._train_pending()
+                return self._take_pending()
             if not self._pending and self.nearline.stop_at_end:
-                self._caught_up = True
-                return 0
+                return _CAUGHT_UP
             left = deadline - now
             if left <= 0:
-                return 0
+                return None
             wait = min(left, self.nearline.poll_interval_seconds)
             if self._pending:
                 wait = min(wait, max(0.0, self._pending_since + self.nearline.max_batch_delay_seconds - now))
             self._wait(wait)
+
+    def _take_pending(self):
+        """The pending records as a batch ready to train (features joined); the pending list starts anew."""
+        pending = self._pending
+        events = [p for _, _, p in pending if p is not None]
+        inputs = labels = None
+        if events:
+            features, labels = self.schema.batch(events)
+            if self.join is not None:
+                features = self.join(features)
+            inputs = {name: features[name] for name in self.task.input_names}
+        batch = _Batch(pending, events, self._pending_skipped, self._pending_ignored, inputs, labels)
+        self._pending, self._pending_since = [], None
+        self._pending_valid = self._pending_skipped = self._pending_ignored = 0
+        return batch
+
+    # one batch ahead in a background thread: reading, validation and the join overlap the train step
+    def _prefetched(self, timeout):
+        if self._producer is None or not self._producer.is_alive():
+            if self._queue is None or self._queue.empty():
+                self._start_producer()
+        try:
+            item = self._queue.get(timeout=max(timeout, 0.0)) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _reset_to_committed(self):
+        """Reads again from the committed offset (no producer runs): drops what was read but not trained."""
+        self._read_offset = decode_offset(self.state.next_offset)
+        self._pending, self._pending_since = [], None
+        self._pending_valid = self._pending_skipped = self._pending_ignored = 0
+
+    def _start_producer(self):
+        self._reset_to_committed()
+        self._queue = queue.Queue(maxsize=1)
+        self._producer_stop = threading.Event()
+        self._producer = threading.Thread(target=self._produce, args=(self._queue, self._producer_stop),
+                                          name="nearline-prefetch", daemon=True)
+        self._producer.start()
+
+    def _produce(self, out, stop):
+        def put(item):
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=self.nearline.poll_interval_seconds)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            while not stop.is_set():
+                prepared = self._prepare(self.nearline.poll_interval_seconds)
+                if prepared is not None and (not put(prepared) or prepared is _CAUGHT_UP):
+                    return  # stopped, or drained: a later step_once starts a new producer
+        except BaseException as e:  # handed to the training thread, which raises it
+            put(e)
+
+    def _stop_producer(self):
+        if self._producer is not None:
+            self._producer_stop.set()
+            self._producer.join()
+            self._producer = None
+            # prepared batches still queued were never trained nor committed: read them again next time
+            self._queue = None
+            self._reset_to_committed()
 
     def _wait(self, seconds):
         wait = getattr(self.stream, "wait", None)
@@ -474,17 +575,12 @@ class NearlineTrainer:
             time.sleep(self._next_allowed - now)
         self._next_allowed = max(now, self._next_allowed) + n / rate
 
-    def _train_pending(self):
-        pending = self._pending
-        batch = [p for _, _, p in pending if p is not None]
-        n = len(batch)
+    def _train(self, batch):
+        pending, events = batch.pending, batch.events
+        n = len(events)
         if n:
             self._throttle(n)
-            features, labels = self.schema.batch(batch)
-            if self.join is not None:
-                features = self.join(features)
-            inputs = {name: features[name] for name in self.task.input_names}
-            loss = self.trainer.train_batch(inputs, labels)
+            loss = self.trainer.train_batch(batch.inputs, batch.labels)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"Loss became {loss} at step {int(self.trainer.step.numpy())} (events at "
                                          f"offsets {pending[0][0]}..{pending[-1][0]}); the last checkpoint "
@@ -498,18 +594,16 @@ class NearlineTrainer:
                 st.fingerprint = fingerprint(st.fingerprint, offset)
                 st.last_offset = str(offset)
         st.events += n
-        st.clicks += int(sum(p["label"] for p in batch))
-        st.skipped += self._pending_skipped
-        st.ignored += self._pending_ignored
+        st.clicks += int(sum(p["label"] for p in events))
+        st.skipped += batch.skipped
+        st.ignored += batch.ignored
         st.next_offset = str(pending[-1][1])
         if n:
-            st.last_ts = batch[-1]["ts"]
+            st.last_ts = events[-1]["ts"]
             now = time.time()
-            self._lag = now - batch[-1]["ts"]  # the newest event of the batch
-            oldest = now - min(p["ts"] for p in batch)
+            self._lag = now - events[-1]["ts"]  # the newest event of the batch
+            oldest = now - min(p["ts"] for p in events)
             self._lag_max = oldest if self._lag_max is None else max(self._lag_max, oldest)
-        self._pending, self._pending_since = [], None
-        self._pending_valid = self._pending_skipped = self._pending_ignored = 0
         self._run_events += n
         self._window_events += n
         self._unexported += n
@@ -566,17 +660,22 @@ class NearlineTrainer:
 
         if self.nearline.export_at_start and latest_version(self.export_base) == 0:
             self.export()
-        while not (stop_event is not None and stop_event.is_set()):
-            self.step_once(timeout=self.nearline.poll_interval_seconds)
-            if self._caught_up and self.nearline.stop_at_end:
-                break
-            self._maybe_export()
-            self._maybe_report()
+        try:
+            while not (stop_event is not None and stop_event.is_set()):
+                self.step_once(timeout=self.nearline.poll_interval_seconds)
+                if self._caught_up and self.nearline.stop_at_end:
+                    break
+                self._maybe_export()
+                self._maybe_report()
+        except BaseException:
+            self._stop_producer()
+            raise
         return self.finish()
 
     def finish(self):
         """Checkpoints, exports unexported events and writes the stats; returns them. Pending events (a batch
         not trained yet) are left to the next run: their offsets are not committed."""
+        self._stop_producer()
         self.checkpoint()
         if self._unexported:
             self.export()
@@ -635,6 +734,8 @@ class NearlineTrainer:
         return stats
 
     def close(self):
+        if getattr(self, "_producer", None) is not None:
+            self._stop_producer()
         for resource in reversed(self._owned):
             resource.close()
         self._owned = []

@@ -163,7 +163,7 @@ def test_same_step_as_the_offline_trainer_and_init_from_its_model_dir(world, ind
                                    deterministic=True, export=False, checkpoint_every=100)
     train_lib.run(offline)
     log, _ = _event_log(str(tmp_path / "events.log"), world, steps * batch)
-    config, nearline = _configs(world, str(tmp_path / "nearline"), log.path, index_uri)
+    config, nearline = _configs(world, str(tmp_path / "nearline"), log.path, index_uri, prefetch=False)
     with NearlineTrainer(config, nearline) as trainer:
         stats = trainer.run()
     assert stats["events"] == steps * batch and stats["step"] == steps
@@ -231,7 +231,7 @@ def test_skips_exports_stats_and_the_served_model(world, index_uri, tmp_path):
         with pytest.raises(EventError, match=f"offset {bad_offsets[0]}: field 'label'"):
             trainer.run()
         with pytest.raises(EventError, match=f"offset {bad_offsets[0]}: field 'label'"):
-            trainer.step_once()  # again at the same record; the 100 good ones before it are trained once
+            trainer.step_once(timeout=60)  # again at the same record; the 100 good ones before are trained once
         assert trainer.state.events == 96 and len(trainer._pending) == 4
 
 
@@ -315,6 +315,31 @@ def _checkpoint_number(model_dir):
         return -1
 
 
+def test_resume_after_an_abandoned_run_equals_an_uninterrupted_one(world, index_uri, tmp_path):
+    """In-process twin of the kill -9 test below (which is `large`): a trainer dropped after 5 steps with its
+    last checkpoint at step 4; a new one on the same model dir retrains step 5's events once, from offset 128."""
+    k = 200  # 6 full batches of 32 and one of 8
+    log, offsets = _event_log(str(tmp_path / "events.log"), world, k)
+    config, nearline = _configs(world, str(tmp_path / "resumed"), log.path, index_uri, checkpoint_every=2)
+    crashed = NearlineTrainer(config, nearline)
+    assert [crashed.step_once(timeout=60) for _ in range(5)] == [32] * 5
+    crashed._stop_producer()  # dropped without finish(): the weights of step 5 are lost
+    crashed.close()
+    state = read_checkpoint_state(str(tmp_path / "resumed"))
+    assert (state["step"], state["events"], int(state["next_offset"])) == (4, 128, offsets[128])
+    assert state["fingerprint"] == fingerprint_of(offsets[:128])
+    with NearlineTrainer(config, nearline) as resumed:
+        stats = resumed.run()
+    assert (stats["events"], stats["step"], stats["run"]["events"]) == (k, 7, k - 128)
+    assert stats["fingerprint"] == fingerprint_of(offsets)
+    config, nearline = _configs(world, str(tmp_path / "uninterrupted"), log.path, index_uri, checkpoint_every=2)
+    with NearlineTrainer(config, nearline) as trainer:
+        assert trainer.run()["fingerprint"] == stats["fingerprint"]
+    _assert_same_weights(tf.train.latest_checkpoint(str(tmp_path / "resumed" / "ckpt")),
+                         tf.train.latest_checkpoint(str(tmp_path / "uninterrupted" / "ckpt")))
+
+
+@pytest.mark.large
 def test_kill_9_and_restart_loses_and_double_counts_nothing(world, index_uri, tmp_path, repo_root):
     k, batch = 950, 32  # 29 full batches and a partial one
     log, offsets = _event_log(str(tmp_path / "events.log"), world, k)

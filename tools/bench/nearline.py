@@ -2,14 +2,15 @@
 
 One process, one synthetic world (`--num_impressions` impressions, `--seq_len` history, `--vector_dim`-dim
 attribute vectors for every item), one CTR model (`--flagfile`, default the served simtier model) at one
-`--batch_size`:
+`--batch_size`, on the same batches (the dataset's stored order, unshuffled, in both):
 
 * **offline** — `Trainer._make_train_step` on the trainer's own input path (`_dataset`: the TFRecord pipeline
   with the in-memory `VectorJoin`), one host sync per step, as `python -m mm_ads.train` runs it.
 * **nearline** — `NearlineTrainer.step_once()` on the same impressions replayed into an `EventLog`, with the
   vectors in an SQLite index table (the embedded defaults): read + validate + batch + `get_many` join +
   `Trainer.train_batch` + offset commit, i.e. everything but checkpoints and exports (their cost depends on
-  `--checkpoint_every` / `--export_every_*`; measured separately below).
+  `--checkpoint_every` / `--export_every_*`; measured separately below). With `prefetch` (the default: the
+  next batch is read, validated and joined in a background thread) and without.
 
 Both first train `--warmup` steps (tracing), then `--repeats` interleaved rounds of `--steps` steps each; the
 table reports the median and the best round. A breakdown times the near-line stages on the same batches:
@@ -101,19 +102,23 @@ def main(argv):
     load_vector_table_into(index, os.path.join(data, "vectors", "bench.parquet"))
     setup_s = time.time() - t0
 
-    common = dict(data_dir=data, batch_size=batch, checkpoint_every=10**9, shuffle_buffer=10_000)
+    # unshuffled: the offline pipeline yields the replayed events' order, so both train the same batches
+    common = dict(data_dir=data, batch_size=batch, checkpoint_every=10**9, shuffle_buffer=0)
     offline_cfg = config_lib.config_from_flagfile(_FLAGFILE.value, model_dir=os.path.join(work, "offline"),
                                                   vector_table="bench", **common)
     offline = Trainer(CTRTask(offline_cfg), offline_cfg.train, batch, offline_cfg.model_dir)
     step_fn = offline._make_train_step()
     iterator = iter(offline._dataset(0, 0))
 
-    near_cfg = config_lib.config_from_flagfile(_FLAGFILE.value, model_dir=os.path.join(work, f"near-{time.time_ns()}"),
-                                               **common)
-    nearline = NearlineTrainer(near_cfg, NearlineConfig(stream=log.path, export_at_start=False,
-                                                        export_every_events=10**9, export_every_seconds=0,
-                                                        max_batch_delay_seconds=3600, stats_every_seconds=3600),
+    def near(prefetch):
+        cfg = config_lib.config_from_flagfile(_FLAGFILE.value, model_dir=os.path.join(work, f"near-{time.time_ns()}"),
+                                              **common)
+        return NearlineTrainer(cfg, NearlineConfig(stream=log.path, export_at_start=False, prefetch=prefetch,
+                                                   export_every_events=10**9, export_every_seconds=0,
+                                                   max_batch_delay_seconds=3600, stats_every_seconds=3600),
                                index_table=index)
+
+    nearline, serial = near(True), near(False)
 
     def run_offline(n):
         start = time.perf_counter()
@@ -121,19 +126,22 @@ def main(argv):
             float(step_fn(iterator))
         return n * batch / (time.perf_counter() - start)
 
-    def run_nearline(n):
+    def run_nearline(n, trainer):
         start = time.perf_counter()
         for _ in range(n):
-            got = nearline.step_once(timeout=10)
+            got = trainer.step_once(timeout=10)
             assert got == batch, got
         return n * batch / (time.perf_counter() - start)
 
     run_offline(warmup)
-    run_nearline(warmup)
-    off_rates, near_rates = [], []
+    run_nearline(warmup, nearline)
+    run_nearline(warmup, serial)
+    off_rates, near_rates, serial_rates = [], [], []
     for _ in range(repeats):
         off_rates.append(run_offline(steps))
-        near_rates.append(run_nearline(steps))
+        near_rates.append(run_nearline(steps, nearline))
+        serial_rates.append(run_nearline(steps, serial))
+    nearline._stop_producer()  # the breakdown below uses the trainer's parts directly
 
     # breakdown on fresh batches of the same log (read + parse, join, train step on ready batches)
     t = time.perf_counter()
@@ -160,6 +168,8 @@ def main(argv):
 
     om, ob = _median_best(off_rates)
     nm, nb = _median_best(near_rates)
+    sm, sb = _median_best(serial_rates)
+    ratios = [n / o for n, o in zip(near_rates, off_rates)]
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load "
           f"{os.getloadavg()[0]:.2f}; python {platform.python_version()}, tensorflow {tf.__version__}, "
           f"keras {keras.__version__}; setup {setup_s:.1f} s")
@@ -168,13 +178,17 @@ def main(argv):
     print("| trainer | median examples/s | best examples/s |")
     print("|---|---:|---:|")
     print(f"| offline (tf.data + VectorJoin) | {om:,.0f} | {ob:,.0f} |")
-    print(f"| near-line (EventLog + SQLite index table) | {nm:,.0f} | {nb:,.0f} |")
-    print(f"| ratio near-line / offline | {nm / om:.2f} | {nb / ob:.2f} |\n")
+    print(f"| near-line (EventLog + SQLite index table, prefetch) | {nm:,.0f} | {nb:,.0f} |")
+    print(f"| near-line without prefetch (--noprefetch) | {sm:,.0f} | {sb:,.0f} |")
+    print(f"| ratio near-line / offline | {nm / om:.2f} | {nb / ob:.2f} |")
+    print(f"\nper-round ratios near-line / offline: {', '.join(f'{r:.2f}' for r in ratios)} "
+          f"(median {statistics.median(ratios):.2f})")
     print(f"near-line stages on {n_ev} events: read+parse {1e6 * parse_s / n_ev:.1f} us/event, "
           f"join {1e6 * join_s / n_ev:.1f} us/event, train step {1e6 * train_s / n_ev:.1f} us/event "
           f"({n_ev / train_s:,.0f} events/s on ready batches); one checkpoint {ckpt_s:.2f} s, one export "
           f"{export_s:.2f} s")
     nearline.close()
+    serial.close()
     index.close()
 
 
