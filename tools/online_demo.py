@@ -87,7 +87,7 @@ class DemoConfig:
     scl_steps: int = 150
     ctr_flagfile: str = "configs/ctr/simtier.flags"
     ctr_steps: int = 0
-    duration_s: float = 60.0
+    duration_s: float = 45.0
     new_item_rates: tuple = (5.0,)
     settle_s: float = 15.0
     hot_swap_timeout_s: float = 60.0
