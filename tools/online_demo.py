@@ -98,6 +98,7 @@ class DemoConfig:
     nearline_batch_size: int = 256
     nearline_export_every_s: float = 15.0
     server_poll_interval_s: float = 0.5
+    encoder_max_wait_ms: int = -1
     grpc_port: int = 0
     rest_port: int = 0
     startup_timeout_s: float = 300.0
@@ -428,7 +429,8 @@ def service_commands(cfg, prep, online):
     return [
         ("encoder_service", "mm_ads.serving.encoder_service", [
             "--flagfile=configs/serving/encoder_service.flags", f"--encoder={prep['encoder']}",
-            f"--events={os.path.join(online, 'items.log')}", f"--index_table={index}", "--log_every_s=5"]),
+            f"--events={os.path.join(online, 'items.log')}", f"--index_table={index}", "--log_every_s=5",
+            *([f"--max_wait_ms={cfg.encoder_max_wait_ms}"] if cfg.encoder_max_wait_ms >= 0 else [])]),
         ("nearline", "mm_ads.serving.nearline", [
             "--flagfile=configs/serving/nearline.flags", f"--flagfile={_repo_path(cfg.ctr_flagfile)}",
             f"--data_dir={prep['data_dir']}", f"--model_dir={os.path.join(online, 'nearline')}",
@@ -925,6 +927,8 @@ def define_flags():
     flags.DEFINE_float("nearline_export_every_s", d.nearline_export_every_s, "Near-line export period (s).")
     flags.DEFINE_float("server_poll_interval_s", d.server_poll_interval_s, "How often the server looks for new "
                                                                            "versions.")
+    flags.DEFINE_integer("encoder_max_wait_ms", d.encoder_max_wait_ms, "The encoder service's micro-batch window "
+                         "(-1: its flagfile's).")
     flags.DEFINE_integer("grpc_port", d.grpc_port, "Server gRPC port on 127.0.0.1 (0 = a free port).")
     flags.DEFINE_integer("rest_port", d.rest_port, "Server REST port on 127.0.0.1 (0 = a free port).")
     flags.DEFINE_float("startup_timeout_s", d.startup_timeout_s, "Max seconds for the services to start.")

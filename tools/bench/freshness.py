@@ -38,6 +38,8 @@ _WORK_DIR = flags.DEFINE_string("work_dir", "runs/bench_freshness", "Prepared ar
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "An existing dataset (default: generate the demo's world).")
 _POLL_MS = flags.DEFINE_float("poll_interval_ms", 50.0, "Period of the measuring client's rank calls.")
 _POLL_CLIENTS = flags.DEFINE_integer("poll_clients", 2, "Measuring client threads, calling in turn.")
+_MAX_WAIT = flags.DEFINE_integer("encoder_max_wait_ms", -1, "The encoder service's micro-batch window (-1: its "
+                                 "flagfile's, 20 ms).")
 _IMPRESSION_RATE = flags.DEFINE_float("impression_rate", 100.0, "Impression events/s to the near-line trainer.")
 _BASELINE_CALLS = flags.DEFINE_integer("baseline_calls", 200, "Single-item encode + put_many calls timed.")
 
@@ -72,7 +74,7 @@ def main(argv):
     rates = tuple(float(r) for r in _RATES.value)
     cfg = online_demo.DemoConfig(work_dir=_WORK_DIR.value, data_dir=_DATA_DIR.value, duration_s=_PHASE_S.value,
                                  new_item_rates=rates, poll_interval_ms=_POLL_MS.value,
-                                 poll_clients=_POLL_CLIENTS.value,
+                                 poll_clients=_POLL_CLIENTS.value, encoder_max_wait_ms=_MAX_WAIT.value,
                                  impression_rate=_IMPRESSION_RATE.value, num_ranked_examples=1).validate()
     summary = online_demo.run(cfg)
     if not summary["ok"]:
@@ -85,7 +87,8 @@ def main(argv):
           f"tensorflow {info['tensorflow']}; encoder {summary['prepare']['encoder_version']} "
           f"(dim {summary['prepare']['dim']}); {_PHASE_S.value:g} s per rate, rank call every "
           f"{_POLL_MS.value:g} ms (jittered x0.5-1.5, {_POLL_CLIENTS.value} clients in turn), impressions "
-          f"{_IMPRESSION_RATE.value:g}/s to the near-line trainer; near-line versions exported "
+          f"{_IMPRESSION_RATE.value:g}/s to the near-line trainer; encoder --max_wait_ms "
+          f"{'from its flagfile' if _MAX_WAIT.value < 0 else _MAX_WAIT.value}; near-line versions exported "
           f"{[e['version'] for e in summary['nearline_exports']]}, served "
           f"{summary['nearline_versions_served']}\n")
     print("| rate | items | freshness p50 | p99 | max | lower bound p50 / p99 | encoder p50 / p99 "
