@@ -21,6 +21,8 @@ ENTRY_POINTS = {
     "tools.bench.ctr_step": "--big_rows",
     "tools.bench.serving": ("--candidates", "--rest_predict"),
     "tools.bench.serving_load": ("--kills", "--settle_s"),
+    "tools.bench.index_table": "--get_sizes",
+    "tools.bench.encoder_lag": "--max_wait_ms",
 }
 
 

@@ -138,6 +138,10 @@ class ExportedEncoder:
 
         self.path = resolve_saved_model(path)
         self._tf = tf
+        try:  # the MiniLM tower tokenizes with tensorflow-text ops, registered by this import
+            import tensorflow_text  # noqa: F401
+        except ImportError:
+            pass
         self._loaded = tf.saved_model.load(self.path)
         if "serving_default" not in self._loaded.signatures:
             raise ValueError(f"{self.path}: the SavedModel has no serving_default signature")
@@ -147,8 +151,9 @@ class ExportedEncoder:
             raise ValueError(f"{self.path}: not an mm_ads encoder (serving_default must take `text` or `image` and "
                              f"return `vector`; it takes {inputs} and returns {list(self._fn.structured_outputs)})")
         self.modality = inputs[0]
-        self.dim = int(self._fn.structured_outputs["vector"].shape[-1])
         info = read_encoder_info(self._loaded)
+        dim = self._fn.structured_outputs["vector"].shape[-1]
+        self.dim = int(dim if dim is not None else (info or {}).get("dim") or self.encode(["dim probe"]).shape[1])
         if info is not None and encoder_version and encoder_version != info["encoder_version"]:
             raise ValueError(f"{self.path}: --encoder_version={encoder_version!r} but the model is version "
                              f"{info['encoder_version']!r}")
@@ -199,7 +204,7 @@ class EncoderService:
         self._lags = collections.deque(maxlen=config.lag_window)
         self._counts = collections.Counter()
         self._skips = collections.Counter()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # stats() may run in another thread
         self._last_log = time.monotonic()
 
     # ---- checkpoint ------------------------------------------------------------------------------------
@@ -239,7 +244,8 @@ class EncoderService:
     # ---- one micro-batch -------------------------------------------------------------------------------
 
     def _skip(self, reason, item_id, detail=""):
-        self._skips[reason] += 1
+        with self._lock:
+            self._skips[reason] += 1
         logging.warning("Encoder service: skipped item %s (%s)%s", item_id, reason, f": {detail}" if detail else "")
 
     def _input_of(self, record):

@@ -48,6 +48,7 @@ _TS = struct.Struct("<d")
 # rows per statement of a batched SQLite get (well below SQLITE_MAX_VARIABLE_NUMBER of every SQLite >= 3.32)
 _SQLITE_CHUNK = 30_000
 _LOAD_CHUNK = 20_000
+_SQLITE_MMAP_BYTES = 1 << 30
 
 
 class IndexTableError(ValueError):
@@ -137,22 +138,22 @@ class IndexTable(abc.ABC):
                                       "is not finite")
         return ids, np.ascontiguousarray(stored), ts
 
-    def _assemble(self, ids, flat, blobs):
-        """Stored vector bytes (None = missing) of `flat` ids → (float32 [*ids.shape, dim], found [*ids.shape])."""
-        found = np.array([b is not None for b in blobs], bool)
-        out = np.zeros((len(flat), self.dim), np.float32)
-        present = [b for b in blobs if b is not None]
-        if present:
-            size = self.dim * _np_dtype(self.dtype).itemsize
-            joined = b"".join(present)
-            if len(joined) != size * len(present):
-                for k, b in zip(np.flatnonzero(found), present):
-                    if len(b) != size:
-                        raise IndexTableError(
-                            f"{self.uri}: stored vector of item_id {int(flat[k])} has {len(b)} bytes, expected "
-                            f"dim {self.dim} × {self.dtype}: the table is corrupt")
-            stored = np.frombuffer(joined, _np_dtype(self.dtype)).reshape(len(present), self.dim)
-            out[found] = stored.astype(np.float32) * np.float32(self.scale) if self.dtype == "int8" else stored
+    def _rows(self, blobs, got_ids, header=0):
+        """Stored values (`header` bytes then the vector bytes) → storage-dtype [M, dim] (and the headers)."""
+        size = header + self.dim * _np_dtype(self.dtype).itemsize
+        joined = b"".join(blobs)
+        if len(joined) != size * len(blobs):
+            for i, b in zip(got_ids, blobs):
+                if len(b) != size:
+                    raise IndexTableError(f"{self.uri}: the stored row of item_id {int(i)} has {len(b)} bytes, "
+                                          f"expected {size} (dim {self.dim} × {self.dtype}): the table is corrupt")
+        row = np.dtype([("head", np.uint8, (header,)), ("vec", _np_dtype(self.dtype), (self.dim,))])
+        return np.frombuffer(joined, row)
+
+    def _output(self, ids, found, stored):
+        """found bool [N] (flat), stored [found.sum(), dim] → (float32 [*ids.shape, dim], bool [*ids.shape])."""
+        out = np.zeros((found.size, self.dim), np.float32)
+        out[found] = stored.astype(np.float32) * np.float32(self.scale) if self.dtype == "int8" else stored
         return out.reshape(ids.shape + (self.dim,)), found.reshape(ids.shape)
 
     # ---- the interface ---------------------------------------------------------------------------------
@@ -281,6 +282,7 @@ class SQLiteIndexTable(IndexTable):
                                        check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
+                conn.execute(f"PRAGMA mmap_size={_SQLITE_MMAP_BYTES}")  # reads without a syscall per page
             except sqlite3.DatabaseError as e:
                 raise IndexTableError(f"{self.path}: cannot open the index table: {e}") from e
             # with isolation_level=None nothing is implicit; `with conn` commits or rolls back BEGIN'd work
@@ -303,31 +305,38 @@ class SQLiteIndexTable(IndexTable):
             raise
         conn.execute("COMMIT")
 
-    def _select(self, ids, columns):
-        """Unique ids → {id: row tuple}; one SELECT per 30k ids (one for any batch a server asks for)."""
+    def _select(self, ids, column):
+        """(ids [M], values [M]) of the stored rows among `ids`; one SELECT per 30k distinct ids."""
         conn = self._conn()
-        found = {}
         uniq = np.unique(ids).tolist()
+        got_ids, values = [], []
         for start in range(0, len(uniq), _SQLITE_CHUNK):
             chunk = uniq[start:start + _SQLITE_CHUNK]
-            sql = f"SELECT item_id, {columns} FROM vectors WHERE item_id IN ({','.join('?' * len(chunk))})"
-            for row in conn.execute(sql, chunk):
-                found[row[0]] = row[1:]
-        return found
+            sql = f"SELECT item_id, {column} FROM vectors WHERE item_id IN ({','.join('?' * len(chunk))})"
+            rows = conn.execute(sql, chunk).fetchall()
+            if rows:
+                i, v = zip(*rows)
+                got_ids += i
+                values += v
+        return got_ids, values
 
     def get_many(self, item_ids):
         ids = self._ids(item_ids, "get_many")
         flat = ids.reshape(-1)
-        rows = self._select(flat, "vec")
-        blobs = [rows.get(i) for i in flat.tolist()]
-        return self._assemble(ids, flat, [b[0] if b is not None else None for b in blobs])
+        got_ids, blobs = self._select(flat, "vec")
+        if not got_ids:
+            return self._output(ids, np.zeros(flat.shape, bool), np.zeros((0, self.dim), np.float32))
+        stored = self._rows(blobs, got_ids)["vec"]
+        got = np.asarray(got_ids, np.int64)
+        order = np.argsort(got)
+        pos = np.minimum(np.searchsorted(got[order], flat), len(got) - 1)
+        found = got[order][pos] == flat
+        return self._output(ids, found, stored[order[pos[found]]])
 
     def timestamps(self, item_ids):
         ids = self._ids(item_ids, "timestamps")
-        flat = ids.reshape(-1)
-        rows = self._select(flat, "ts")
-        out = np.array([rows[i][0] if i in rows else np.nan for i in flat.tolist()], np.float64)
-        return out.reshape(ids.shape)
+        got = dict(zip(*self._select(ids.reshape(-1), "ts")))
+        return np.array([got.get(i, np.nan) for i in ids.reshape(-1).tolist()], np.float64).reshape(ids.shape)
 
     def __len__(self):
         return int(self._conn().execute("SELECT COUNT(*) FROM vectors").fetchone()[0])
@@ -385,7 +394,6 @@ class RedisIndexTable(IndexTable):
         self.dtype = meta["dtype"]
         self.scale = float(meta["scale"])
         self.encoder_version = meta["encoder_version"]
-        self._row_bytes = _TS.size + self.dim * _np_dtype(self.dtype).itemsize
 
     def put_many(self, item_ids, vectors, encoder_version, timestamps=None):
         ids, stored, ts = self._validate_put(item_ids, vectors, encoder_version, timestamps)
@@ -396,26 +404,22 @@ class RedisIndexTable(IndexTable):
             pipe.hset(self._rows_key, mapping=mapping)
             pipe.execute()
 
-    def _hmget(self, flat):
-        if not len(flat):
-            return []
-        values = self._client.hmget(self._rows_key, flat.tolist())
-        for i, v in zip(flat.tolist(), values):
-            if v is not None and len(v) != self._row_bytes:
-                raise IndexTableError(f"{self.uri}: stored row of item_id {i} has {len(v)} bytes, expected "
-                                      f"{self._row_bytes}: the table is corrupt")
-        return values
-
     def get_many(self, item_ids):
         ids = self._ids(item_ids, "get_many")
         flat = ids.reshape(-1)
-        values = self._hmget(flat)
-        return self._assemble(ids, flat, [v[_TS.size:] if v is not None else None for v in values])
+        values = self._client.hmget(self._rows_key, flat.tolist()) if flat.size else []
+        found = np.array([v is not None for v in values], bool).reshape(flat.shape)
+        rows = self._rows([v for v in values if v is not None], flat[found], header=_TS.size)
+        return self._output(ids, found, rows["vec"])
 
     def timestamps(self, item_ids):
         ids = self._ids(item_ids, "timestamps")
         flat = ids.reshape(-1)
-        out = np.array([_TS.unpack_from(v)[0] if v is not None else np.nan for v in self._hmget(flat)], np.float64)
+        values = self._client.hmget(self._rows_key, flat.tolist()) if flat.size else []
+        found = np.array([v is not None for v in values], bool).reshape(flat.shape)
+        rows = self._rows([v for v in values if v is not None], flat[found], header=_TS.size)
+        out = np.full(flat.shape, np.nan)
+        out[found] = rows["head"].copy().view("<f8").reshape(-1)
         return out.reshape(ids.shape)
 
     def __len__(self):

@@ -6,61 +6,21 @@ The server is always killed at the end of the session.
 
 import contextlib
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
 
 import pytest
 
-
-def _free_port():
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mm_ads.serving.redis_local import RedisUnavailable, local_redis_server
 
 
 @contextlib.contextmanager
 def redis_server(extra_args=()):
-    """Starts `redis-server` (no persistence) on a random free port; yields its base URL; always kills it."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+    """`mm_ads.serving.redis_local.local_redis_server`, skipping the test when Redis cannot run here."""
     try:
-        import redis
-    except ImportError:
-        pytest.skip("redis-py is not installed (pip install 'mm_ads[serving]')")
-    workdir = tempfile.mkdtemp(prefix="mm_ads_redis_")
-    proc = None
-    try:
-        for _ in range(5):  # another process may take the free port between probing and binding
-            port = _free_port()
-            proc = subprocess.Popen(
-                [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", workdir, "--save", "",
-                 "--appendonly", "no", "--protected-mode", "yes", *extra_args],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            client = redis.Redis(host="127.0.0.1", port=port)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.02)
-            client.close()
-            if proc.poll() is None:
-                break
-            proc = None
-        if proc is None:
-            pytest.fail("redis-server did not start on a free port in 5 attempts")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        with local_redis_server(extra_args) as url:
+            yield url
+    except RedisUnavailable as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")

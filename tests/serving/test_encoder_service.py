@@ -195,6 +195,32 @@ def test_encoder_version_and_config_checks(text_encoder, tmp_path):
         EncoderService(EncoderServiceConfig(encoder=path, events=str(tmp_path / "e.log"), index_table=table))
 
 
+def _start_service(repo_root, path, log, table):
+    return subprocess.Popen(
+        [sys.executable, "-m", "mm_ads.serving.encoder_service",
+         f"--flagfile={os.path.join(repo_root, 'configs', 'serving', 'encoder_service.flags')}",
+         f"--encoder={path}", f"--events={log}", f"--index_table={table}", "--poll_timeout_ms=20"],
+        cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": repo_root})
+
+
+def _wait_for(predicate, proc, timeout_s=120):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None and not predicate():
+        time.sleep(0.1)
+    assert predicate(), "the service did not get there in time"
+
+
+def _stop(proc, sig=signal.SIGTERM):
+    try:
+        proc.send_signal(sig)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_entry_point_flagfile(text_encoder, tmp_path, repo_root):
     """`python -m mm_ads.serving.encoder_service --flagfile=configs/serving/encoder_service.flags` runs until
     SIGTERM, then prints its stats."""
@@ -202,26 +228,36 @@ def test_entry_point_flagfile(text_encoder, tmp_path, repo_root):
     log, table = str(tmp_path / "items.log"), str(tmp_path / "index.db")
     with open_stream(log) as stream:
         stream.append(_items([1, 2], TITLES[:2]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mm_ads.serving.encoder_service",
-         f"--flagfile={os.path.join(repo_root, 'configs', 'serving', 'encoder_service.flags')}",
-         f"--encoder={path}", f"--events={log}", f"--index_table={table}", "--poll_timeout_ms=20"],
-        cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": repo_root})
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if os.path.exists(table + ".encoder_service.json"):
-                break
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = _start_service(repo_root, path, log, table)
+    _wait_for(lambda: os.path.exists(table + ".encoder_service.json"), proc)
+    out, err = _stop(proc)
     assert proc.returncode == 0, err[-2000:]
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["written"] == 2 and stats["skipped"] == 0
     with open_index_table(table) as t:
         np.testing.assert_allclose(t.get_many([1, 2])[0], tower(tf.constant(TITLES[:2])).numpy(), atol=1e-5)
+
+
+@pytest.mark.large
+def test_killed_service_resumes_from_its_checkpoint(text_encoder, tmp_path, repo_root):
+    """kill -9, more events, restart: every event encoded, the restarted service reads only the new ones."""
+    tower, path = text_encoder
+    log, table = str(tmp_path / "items.log"), str(tmp_path / "index.db")
+    ckpt = table + ".encoder_service.json"
+    with open_stream(log) as stream:
+        stream.append(_items([1, 2, 3], TITLES[:3]))
+        proc = _start_service(repo_root, path, log, table)
+        _wait_for(lambda: os.path.exists(ckpt) and json.load(open(ckpt))["offset"] == stream.end_offset(), proc)
+        _stop(proc, signal.SIGKILL)
+        assert proc.returncode == -signal.SIGKILL
+        stream.append(_items([4, 5], TITLES[3:5]))
+        proc = _start_service(repo_root, path, log, table)
+        _wait_for(lambda: json.load(open(ckpt))["offset"] == stream.end_offset(), proc)
+        out, err = _stop(proc)
+    assert proc.returncode == 0, err[-2000:]
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["events"] == 2 and stats["written"] == 2
+    with open_index_table(table) as t:
+        vecs, found = t.get_many([1, 2, 3, 4, 5])
+        assert found.all()
+        np.testing.assert_allclose(vecs, tower(tf.constant(TITLES)).numpy(), atol=1e-5)

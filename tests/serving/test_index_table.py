@@ -195,3 +195,15 @@ def test_sigkill_mid_put_many_leaves_whole_batches(table_uri, kill_after):
         for b in range(n // batch):
             sl = slice(b * batch, (b + 1) * batch)
             np.testing.assert_array_equal(out[sl], batch_vectors(b, ids[sl], dim))
+
+
+def test_corrupt_stored_row_is_reported(table_uri):
+    with open_index_table(table_uri, dim=4, encoder_version="v", create=True) as t:
+        t.put_many([1, 2], np.ones((2, 4), np.float32), "v", timestamps=[7.0, 8.0])
+        if isinstance(t, SQLiteIndexTable):
+            t._conn().execute("UPDATE vectors SET vec = x'0000' WHERE item_id = 2")
+        else:
+            t._client.hset(t._rows_key, "2", b"\0" * 5)
+        np.testing.assert_array_equal(t.get_many([1])[0], np.ones((1, 4)))
+        with pytest.raises(IndexTableError, match="row of item_id 2 has .* bytes, expected .*corrupt"):
+            t.get_many([1, 2])
