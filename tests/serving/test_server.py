@@ -416,3 +416,30 @@ def test_rank_with_the_redis_index_table(world, redis_url, unique_name):
         assert result.found.tolist() == [True, False, True]
     finally:
         server.stop()
+
+
+def test_rest_connections_over_the_limit_are_refused(world):
+    config = ServerConfig(model_base_path=world["base"], grpc_port=-1, rest_port=0, warmup_batch_sizes=(1,),
+                          max_rest_connections=1)
+    server = PredictionServer(config).start()
+    try:
+        first = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+        first.request("GET", "/v1/models/ctr")
+        assert first.getresponse().read()  # kept alive: the one connection allowed
+        second = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            second.request("GET", "/v1/models/ctr")
+            second.getresponse()
+        second.close()
+        assert server.stats.snapshot()["rest_connections_refused"] == 1
+        first.close()
+        deadline = time.monotonic() + 10
+        while True:  # the closed connection's thread ends, then a new connection is served
+            try:
+                assert _rest(server, "GET", "/v1/models/ctr")[0] == 200
+                break
+            except (http.client.RemoteDisconnected, ConnectionError):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        server.stop()
