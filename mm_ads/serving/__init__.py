@@ -2,6 +2,9 @@
 
 * `index_table` — item id → (vector, encoder version, timestamp); embedded SQLite default and Redis.
 * `events` — durable append-only event log (and Redis Streams) with offsets, plus a polling follower.
+* `server` — the prediction server (`python -m mm_ads.serving.server`): TF Serving's gRPC and REST APIs over
+  the latest model version with an atomic hot swap (`model_manager`, `grpc_service`, `rest`, `codec`), and
+  ranking by ids with vectors from the index table (`ranking`).
 """
 
 from mm_ads.serving.events import EventLog, EventLogError, EventTail, RedisStream, open_stream
