@@ -2,6 +2,9 @@
 
 * `index_table` — item id → (vector, encoder version, timestamp); embedded SQLite default and Redis.
 * `events` — durable append-only event log (and Redis Streams) with offsets, plus a polling follower.
+* `server` — the prediction server (`python -m mm_ads.serving.server`): TF Serving's gRPC and REST APIs over
+  the latest model version with an atomic hot swap (`model_manager`, `grpc_service`, `rest`, `codec`), and
+  ranking by ids with vectors from the index table (`ranking`).
 * `impressions`, `nearline`, `replay` — the impression event schema, the near-line trainer
   (`python -m mm_ads.serving.nearline`) and the dataset → impression-event replay (`python -m mm_ads.serving.replay`).
 """

@@ -10,8 +10,9 @@ Routes (`<name>` the model name; `/versions/<v>` may follow it to pin a version)
 Errors are `{"error": message}` with 400 (malformed), 404 (unknown model/version/signature/route),
 411 (no Content-Length), 413 (over the body or candidate limit), 503 (no version yet / shutting down).
 
-HTTP/1.1 keep-alive, one thread per connection. Shutdown (`RestServer.stop`): stop accepting, close
-connections that are idle between requests, let requests in progress finish and join their threads.
+HTTP/1.1 keep-alive, one thread per connection, at most `max_connections` (more are closed at once).
+Shutdown (`RestServer.stop`): stop accepting, close connections that are idle between requests, let
+requests in progress finish and join their threads.
 """
 
 import json
@@ -205,8 +206,9 @@ class RestServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, app, host, port):
+    def __init__(self, app, host, port, max_connections=256):
         self.app = app
+        self.max_connections = int(max_connections)
         self.stopping = threading.Event()
         self._conns = {}
         self._conns_lock = threading.Lock()
@@ -216,6 +218,15 @@ class RestServer(ThreadingHTTPServer):
     def track(self, handler, busy):
         with self._conns_lock:
             self._conns[handler] = busy
+
+    def verify_request(self, request, client_address):
+        """Refuses (closes) a new connection when `max_connections` are open: one thread each."""
+        with self._conns_lock:
+            ok = len(self._conns) < self.max_connections
+        if not ok:
+            self.app.stats.add(rest_connections_refused=1)
+            logging.warning("REST: %d connections open, refusing %s", self.max_connections, client_address)
+        return ok
 
     def untrack(self, handler):
         with self._conns_lock:

@@ -51,6 +51,7 @@ class ServerConfig:
     vector_cache_ttl_s: float = 1.0  # a vector rewritten in the index table is seen after at most this
     max_body_bytes: int = 64 << 20
     max_grpc_message_bytes: int = 64 << 20
+    max_rest_connections: int = 256  # open REST connections (a thread each); more are closed at once
     grpc_workers: int = 8
     shutdown_grace_s: float = 10.0
 
@@ -59,7 +60,8 @@ class ServerConfig:
             raise ValueError("model_base_path is required (the TF Serving base path <base>/<version>/)")
         if not self.model_name or "/" in self.model_name or ":" in self.model_name:
             raise ValueError(f"model_name must be a non-empty name without '/' or ':', got {self.model_name!r}")
-        for name in ("max_candidates", "max_body_bytes", "max_grpc_message_bytes", "grpc_workers"):
+        for name in ("max_candidates", "max_body_bytes", "max_grpc_message_bytes", "max_rest_connections",
+                     "grpc_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.vector_cache_items < 0 or self.vector_cache_ttl_s < 0:
@@ -207,7 +209,7 @@ class PredictionServer:
                     self, c.host, c.grpc_port, c.max_grpc_message_bytes, c.grpc_workers)
                 self._grpc.start()
             if c.rest_port >= 0:
-                self._rest = RestServer(self, c.host, c.rest_port).start()
+                self._rest = RestServer(self, c.host, c.rest_port, c.max_rest_connections).start()
                 self.rest_port = self._rest.server_port
         except BaseException:
             self.stop()
@@ -292,6 +294,8 @@ def _define_flags():
                        "A cached vector is used this long (a rewritten vector is seen after at most this).")
     flags.DEFINE_integer("max_body_bytes", d.max_body_bytes, "Max REST request body.")
     flags.DEFINE_integer("max_grpc_message_bytes", d.max_grpc_message_bytes, "Max gRPC message (both ways).")
+    flags.DEFINE_integer("max_rest_connections", d.max_rest_connections,
+                         "Max open REST connections (one thread each); more are closed at once.")
     flags.DEFINE_integer("grpc_workers", d.grpc_workers, "gRPC handler threads.")
     flags.DEFINE_float("shutdown_grace_s", d.shutdown_grace_s, "How long requests in progress may finish on stop.")
     flags.DEFINE_string("data_dir", None, "Dataset dir: FeatureSpec (manifest.json) and catalogue (items.parquet) "
@@ -316,6 +320,7 @@ def main(argv):
         warmup_batch_sizes=tuple(int(b) for b in f.warmup_batch_sizes), max_candidates=f.max_candidates,
         vector_cache_items=f.vector_cache_items, vector_cache_ttl_s=f.vector_cache_ttl_s,
         max_body_bytes=f.max_body_bytes, max_grpc_message_bytes=f.max_grpc_message_bytes,
+        max_rest_connections=f.max_rest_connections,
         grpc_workers=f.grpc_workers, shutdown_grace_s=f.shutdown_grace_s)
     spec, catalogue = load_ranking_inputs(f.data_dir, f.feature_spec, f.catalogue)
     table = None

@@ -259,10 +259,10 @@ class _SlowTable:
 
     def __init__(self, table, delay):
         self.table, self.delay, self.dim = table, delay, table.dim
-        self.entered = threading.Event()
+        self.entered = threading.Semaphore(0)
 
     def get_many(self, ids):
-        self.entered.set()
+        self.entered.release()
         time.sleep(self.delay)
         return self.table.get_many(ids)
 
@@ -271,8 +271,10 @@ def test_stop_finishes_in_flight_requests_and_leaves_no_threads(world):
     threads_before = {t.ident for t in threading.enumerate()}
     slow = _SlowTable(world["table"], 0.0)
     config = ServerConfig(model_base_path=world["base"], grpc_port=0, rest_port=0, poll_interval_s=0.05,
-                          warmup_batch_sizes=(1,))
+                          warmup_batch_sizes=(1,), vector_cache_items=0)  # every rank call reaches the table
     server = PredictionServer(config, slow, world["catalogue"], world["spec"]).start()
+    while slow.entered.acquire(blocking=False):  # the warm-up's lookups
+        pass
     idle = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)  # a keep-alive connection left idle
     idle.request("GET", "/v1/models/ctr")
     assert idle.getresponse().read()
@@ -294,11 +296,10 @@ def test_stop_finishes_in_flight_requests_and_leaves_no_threads(world):
     callers = [threading.Thread(target=rest_call), threading.Thread(target=grpc_call)]
     for t in callers:
         t.start()
-    assert slow.entered.wait(10)
-    time.sleep(0.2)
+    assert slow.entered.acquire(timeout=30) and slow.entered.acquire(timeout=30)  # both requests are in flight
     t0 = time.monotonic()
     server.stop()
-    assert time.monotonic() - t0 >= 0.3  # it waited for the requests in flight
+    assert time.monotonic() - t0 >= 0.5  # it waited for the requests in flight
     for t in callers:
         t.join(10)
     assert results["rest"][0] == 200 and len(results["rest"][1]["scores"]) == 2
@@ -413,5 +414,32 @@ def test_rank_with_the_redis_index_table(world, redis_url, unique_name):
         x = h.manual_rank_inputs(world["spec"], candidates, history, features, world["table"])  # SQLite, by hand
         np.testing.assert_allclose(result.scores, _reference(world, x), rtol=1e-6, atol=1e-7)
         assert result.found.tolist() == [True, False, True]
+    finally:
+        server.stop()
+
+
+def test_rest_connections_over_the_limit_are_refused(world):
+    config = ServerConfig(model_base_path=world["base"], grpc_port=-1, rest_port=0, warmup_batch_sizes=(1,),
+                          max_rest_connections=1)
+    server = PredictionServer(config).start()
+    try:
+        first = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+        first.request("GET", "/v1/models/ctr")
+        assert first.getresponse().read()  # kept alive: the one connection allowed
+        second = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            second.request("GET", "/v1/models/ctr")
+            second.getresponse()
+        second.close()
+        assert server.stats.snapshot()["rest_connections_refused"] == 1
+        first.close()
+        deadline = time.monotonic() + 10
+        while True:  # the closed connection's thread ends, then a new connection is served
+            try:
+                assert _rest(server, "GET", "/v1/models/ctr")[0] == 200
+                break
+            except (http.client.RemoteDisconnected, ConnectionError):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
     finally:
         server.stop()
