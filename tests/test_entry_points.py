@@ -14,9 +14,12 @@ ENTRY_POINTS = {
     "mm_ads.encode": "--register",
     "mm_ads.reports.table2": "--pair_benchmarks",
     "mm_ads.reports.paper": "--fig6c_epochs",
+    "mm_ads.serving.encoder_service": ("--max_wait_ms", "--index_table"),
     "tools.bench.scl_step": "--modalities",
     "tools.bench.input_pipeline": "--num_vectors",
     "tools.bench.ctr_step": "--big_rows",
+    "tools.bench.index_table": "--get_sizes",
+    "tools.bench.encoder_lag": "--max_wait_ms",
 }
 
 

@@ -1,0 +1,29 @@
+"""The online system of paper §5: index table, event streams, encoder service.
+
+* `index_table` — item id → (vector, encoder version, timestamp); embedded SQLite default and Redis.
+* `events` — durable append-only event log (and Redis Streams) with offsets, plus a polling follower.
+"""
+
+from mm_ads.serving.events import EventLog, EventLogError, EventTail, RedisStream, open_stream
+from mm_ads.serving.index_table import (
+    IndexTable,
+    IndexTableError,
+    RedisIndexTable,
+    SQLiteIndexTable,
+    load_vector_table_into,
+    open_index_table,
+)
+
+__all__ = [
+    "EventLog",
+    "EventLogError",
+    "EventTail",
+    "IndexTable",
+    "IndexTableError",
+    "RedisIndexTable",
+    "RedisStream",
+    "SQLiteIndexTable",
+    "load_vector_table_into",
+    "open_index_table",
+    "open_stream",
+]
