@@ -1,7 +1,8 @@
 """Index table speed: batched gets and put throughput, SQLite vs Redis vs an in-memory NumPy baseline.
 
 Fills each store with the same `--num_items` unit vectors (D=`--dim`), then measures, interleaved in one
-process (each get request goes to every store in turn, so load bursts from other processes hit all alike):
+process (each get request goes to every store, in a random order, so load bursts from other processes hit
+all alike):
 
 - `get_many` of `--get_sizes` random ids (default 200 = a ranking request's candidates, and 10,000 = a
   near-line training batch's history ids), about `--miss_rate` of them unknown: p50/p99 ms per call over
@@ -120,18 +121,20 @@ def run_benchmark(stores, num_items, dim, get_sizes, put_batches, put_rows, miss
     next_id = [10 * num_items]
     for r in range(repeats):
         for n in get_sizes:
-            for k in range(warmup + calls):  # call by call across the stores: load bursts hit all of them
-                want = request(n)
-                answers = []
-                for label, store in opened.items():
+            labels = list(opened)
+            for k in range(warmup + calls):  # call by call across the stores, in a new random order each time:
+                want = request(n)            # load bursts and wake-ups of the Redis server hit all alike
+                answers = {}
+                for j in rng.permutation(len(labels)):
+                    label = labels[j]
                     start = time.perf_counter()
-                    answers.append(store.get_many(want))
+                    answers[label] = opened[label].get_many(want)
                     elapsed = time.perf_counter() - start
                     if k >= warmup:
                         get_times[(label, n)].append(elapsed)
-                for out, found in answers[1:]:  # every store answers like the first one
-                    np.testing.assert_allclose(out, answers[0][0], atol=1.0 / 127)
-                    np.testing.assert_array_equal(found, answers[0][1])
+                for out, found in answers.values():  # every store answers like the baseline
+                    np.testing.assert_allclose(out, answers[labels[0]][0], atol=1.0 / 127)
+                    np.testing.assert_array_equal(found, answers[labels[0]][1])
         for b in put_batches:
             new_ids = np.arange(next_id[0], next_id[0] + put_rows, dtype=np.int64)
             next_id[0] += put_rows
