@@ -20,6 +20,9 @@ ENTRY_POINTS = {
     "tools.bench.ctr_step": "--big_rows",
     "tools.bench.index_table": "--get_sizes",
     "tools.bench.encoder_lag": "--max_wait_ms",
+    "mm_ads.serving.nearline": ("--stream", "--export_every_events", "--variant", "--init_model_dir"),
+    "mm_ads.serving.replay": "--rate",
+    "tools.bench.nearline": "--flagfile_ctr",
 }
 
 

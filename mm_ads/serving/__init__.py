@@ -2,6 +2,8 @@
 
 * `index_table` — item id → (vector, encoder version, timestamp); embedded SQLite default and Redis.
 * `events` — durable append-only event log (and Redis Streams) with offsets, plus a polling follower.
+* `impressions`, `nearline`, `replay` — the impression event schema, the near-line trainer
+  (`python -m mm_ads.serving.nearline`) and the dataset → impression-event replay (`python -m mm_ads.serving.replay`).
 """
 
 from mm_ads.serving.events import EventLog, EventLogError, EventTail, RedisStream, open_stream
