@@ -34,7 +34,7 @@ EXTRAS = {
     "encoders": ["keras-hub~=0.32.0", "tensorflow-text~=2.21.0", "safetensors>=0.4,<1"],
     # TF Serving's official client protos + gRPC for the prediction server; redis-py (with the hiredis reply
     # parser: 5x faster batched gets, BUILD.md) for the Redis index table and event streams (mm_ads.serving)
-    "serving": ["tensorflow-serving-api~=2.21.0", "grpcio>=1.60,<2", "redis>=5,<8", "hiredis>=3,<4"],
+    "serving": ["tensorflow-serving-api==2.21.0", "grpcio>=1.60,<2", "redis>=5,<8", "hiredis>=3,<4"],
     "redis": ["redis>=5,<8"],
     "reports": ["matplotlib>=3.8,<4"],
     "dev": ["pytest>=8,<10", "ruff==0.17.6"],
