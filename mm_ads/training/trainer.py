@@ -161,6 +161,8 @@ class Trainer:
             if self.dense_vars:
                 self.dense_opt.build(self.dense_vars)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        if self.parameter_server:
+            self._log_placement()
         self.checkpoint = tf.train.Checkpoint(model=model_checkpoint(self.model), sparse_optimizer=self.sparse_opt,
                                               dense_optimizer=self.dense_opt, step=self.step)
         # Every process restores from the chief's directory; only the chief's manager writes there.
@@ -170,6 +172,11 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = planned_steps(task.num_examples("train"), self.global_batch, config)
         self._train_step = None
         self.history = []
+
+    def _log_placement(self):
+        """Logs where every table shard and sparse-optimizer slot lives (`<path> [rows, E] on <device>`)."""
+        for v in self.sparse_vars + [v for v in self.sparse_opt.variables if len(v.shape) == 2]:
+            logging.info("placement: %s %s on %s", v.path, list(v.shape), _as_tf(v).device)
 
     # -- the step ------------------------------------------------------------------------
     def _make_train_step(self):
@@ -325,10 +332,14 @@ class Trainer:
             return self.task.build_inputs("train", per_replica, input_context=input_context, epoch=None,
                                           training=True)
 
+        # built once here, eagerly: checks the files (the traced function for the workers cannot)
+        self.task.build_inputs("train", self.global_batch, epoch=None, training=True)
+        logging.info("Creating the input pipelines of the workers")
         with _unseeded(cfg.seed):  # each worker's shuffle draws its own seed when its iterator is created
             per_worker = coordinator.create_per_worker_dataset(
                 lambda: self.strategy.distribute_datasets_from_function(dataset_fn))
         iterator = iter(per_worker)
+        logging.info("Scheduling steps %d..%d on the workers", step + 1, self.total_steps)
         progress = _Progress(self.total_steps)
         last_eval = None
         t0, n0 = time.time(), step
@@ -351,7 +362,8 @@ class Trainer:
             if step % cfg.log_every == 0 or step == self.total_steps:
                 rate = (step - n0) * self.global_batch / max(time.time() - t0, 1e-9)
                 loss = sum(losses) / len(losses)
-                progress.show(step, step // self.steps_per_epoch + 1, loss, rate, final=step == self.total_steps)
+                progress.show(step, (step - 1) // self.steps_per_epoch + 1, loss, rate,
+                              final=step == self.total_steps)
                 with self.writer.as_default(step=step):
                     tf.summary.scalar("train/loss", loss)
                     tf.summary.scalar("train/examples_per_second", rate)
@@ -366,6 +378,10 @@ class Trainer:
             last_eval = self._evaluate(step / self.steps_per_epoch, step)
         self.writer.flush()
         return last_eval
+
+
+def _as_tf(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
 
 
 @contextlib.contextmanager
