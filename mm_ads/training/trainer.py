@@ -321,11 +321,9 @@ class Trainer:
         return last_eval
 
     # -- the parameter-server loop ---------------------------------------------------------
-    def _train_parameter_server(self, step):
-        """The coordinator's loop: schedules `total_steps - step` steps on the workers (asynchronous)."""
-        cfg = self.config
-        coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(self.strategy)
-        train_step = self._train_step = self._train_step or self._make_train_step()
+    def per_worker_iterator(self, coordinator):
+        """An iterator over every worker's own input pipeline (the training split, repeated, shuffled in the
+        worker's own unseeded order), for steps scheduled by `coordinator`."""
 
         def dataset_fn(input_context):
             per_replica = input_context.get_per_replica_batch_size(self.global_batch)
@@ -335,10 +333,17 @@ class Trainer:
         # built once here, eagerly: checks the files (the traced function for the workers cannot)
         self.task.build_inputs("train", self.global_batch, epoch=None, training=True)
         logging.info("Creating the input pipelines of the workers")
-        with _unseeded(cfg.seed):  # each worker's shuffle draws its own seed when its iterator is created
+        with _unseeded(self.config.seed):  # each worker's shuffle draws its own seed when its iterator is created
             per_worker = coordinator.create_per_worker_dataset(
                 lambda: self.strategy.distribute_datasets_from_function(dataset_fn))
-        iterator = iter(per_worker)
+        return iter(per_worker)
+
+    def _train_parameter_server(self, step):
+        """The coordinator's loop: schedules `total_steps - step` steps on the workers (asynchronous)."""
+        cfg = self.config
+        coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(self.strategy)
+        train_step = self._train_step = self._train_step or self._make_train_step()
+        iterator = self.per_worker_iterator(coordinator)
         logging.info("Scheduling steps %d..%d on the workers", step + 1, self.total_steps)
         progress = _Progress(self.total_steps)
         last_eval = None
