@@ -16,9 +16,11 @@ on the shared machine hits every configuration):
 * `single` — one process, batch `--batch` (the baseline);
 * `mw2_same_global` — 2 workers × `--batch / 2` per replica: the same global batch, i.e. the same work per
   step as `single` split over two processes (strong scaling);
+* `mw2_uncombined` — `mw2_same_global` with `Trainer(combine_sparse_gradients=False)`: every lookup's
+  gradient row is all-gathered, instead of one summed row per distinct id (the default across workers);
 * `mw2_same_local` — 2 workers × `--batch`: twice the global batch (weak scaling);
 * `ps2` — a coordinator + 2 workers + 2 ps, tables in 2 shards (one per ps), each step `--batch` examples
-  on one worker, asynchronous; examples/s counts every worker;
+  on one worker, asynchronous; examples/s counts every worker; `ps2_uncombined` the same without combining;
 * `table_10m`, `table_50m` — one process with a 10M- / 50M-row item table (`--table_rows`); skipped, and
   said so, when `MemAvailable` is below what the table needs (table + Adagrad slot + initialisation copy).
 * `ps_table_10m` — a coordinator + 1 worker + 2 ps with the 10M-row table in 2 shards: memory per ps task.
@@ -47,8 +49,9 @@ from absl import app, flags
 from tools.bench import ctr_step  # its flags are defined too (none is used here)
 
 _ROLE = flags.DEFINE_enum("role", "driver", ["driver", "task"], "driver (default) or one task of a configuration.")
-_CONFIGS = flags.DEFINE_list("configs", ["single", "mw2_same_global", "mw2_same_local", "ps2", "table_10m",
-                                         "table_50m", "ps_table_10m"], "Configurations to run.")
+_CONFIGS = flags.DEFINE_list("configs", ["single", "mw2_same_global", "mw2_uncombined", "mw2_same_local", "ps2",
+                                         "ps2_uncombined", "table_10m", "table_50m", "ps_table_10m"],
+                             "Configurations to run.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds over the throughput configurations (single, mw2_*, ps2).")
 _ROWS = flags.DEFINE_integer("rows", 1_000_000, "Item-table rows of the throughput configurations.")
 _BIG_ROWS = flags.DEFINE_list("table_rows", ["10000000", "50000000"], "Rows of table_10m, table_50m.")
@@ -63,6 +66,8 @@ _STRATEGY = flags.DEFINE_string("strategy", "default", "task: strategy of mm_ads
 _TASK_ROWS = flags.DEFINE_integer("task_rows", 1_000_000, "task: item-table rows.")
 _PER_REPLICA = flags.DEFINE_integer("per_replica", 1024, "task: examples per replica and step.")
 _SHARDS = flags.DEFINE_integer("shards", 1, "task: embedding shards.")
+_COMBINE = flags.DEFINE_enum("combine", "auto", ["auto", "yes", "no"],
+                             "task: Trainer(combine_sparse_gradients=None | True | False).")
 
 _SEQ_LEN, _EMBEDDING_DIM = 50, 16
 _GIB = 1 << 30
@@ -99,7 +104,8 @@ def _task():
     global_batch = _PER_REPLICA.value * strategy.num_replicas_in_sync
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="mm_ads-scale-") as model_dir:
-        trainer = Trainer(task, config, global_batch, model_dir, strategy)
+        combine = {"auto": None, "yes": True, "no": False}[_COMBINE.value]
+        trainer = Trainer(task, config, global_batch, model_dir, strategy, combine_sparse_gradients=combine)
         build_seconds = time.time() - t0
         step_fn = trainer._make_train_step()
         times = []
@@ -126,7 +132,7 @@ def _task():
             times.append((time.perf_counter() - start) / _STEPS.value)
     result = {"strategy": _STRATEGY.value, "rows": _TASK_ROWS.value, "per_replica": _PER_REPLICA.value,
               "global_batch": global_batch, "replicas": strategy.num_replicas_in_sync, "workers": workers,
-              "shards": shards, "build_seconds": round(build_seconds, 1),
+              "shards": shards, "combined": trainer.combine_sparse_gradients, "build_seconds": round(build_seconds, 1),
               "ms_per_step": [round(t * 1000, 2) for t in times],
               "examples_per_second": [round(global_batch / t) for t in times]}
     if distribute.is_chief(strategy):
@@ -171,9 +177,15 @@ def _run_config(name, args, num_workers, num_ps=0, chief=False):
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
-        while popen.poll() is None:
-            peaks["process"] = max(peaks.get("process", 0), _rss_kb(popen.pid))
-            time.sleep(0.2)
+        try:
+            deadline = time.time() + _TIMEOUT.value
+            while popen.poll() is None and time.time() < deadline:
+                peaks["process"] = max(peaks.get("process", 0), _rss_kb(popen.pid))
+                time.sleep(0.2)
+        finally:
+            if popen.poll() is None:
+                popen.kill()
+            popen.wait()
         reader.join()
         status = popen.returncode
     else:
@@ -206,6 +218,12 @@ def _configs(name):
         return [f"--task_rows={rows}", f"--per_replica={b}"], dict(num_workers=1)
     if name == "mw2_same_global":
         return ["--strategy=multi_worker", f"--task_rows={rows}", f"--per_replica={b // 2}"], dict(num_workers=2)
+    if name == "mw2_uncombined":
+        return (["--strategy=multi_worker", f"--task_rows={rows}", f"--per_replica={b // 2}", "--combine=no"],
+                dict(num_workers=2))
+    if name == "ps2_uncombined":
+        return (["--strategy=parameter_server", f"--task_rows={rows}", f"--per_replica={b}", "--shards=2",
+                 "--combine=no"], dict(num_workers=2, num_ps=2, chief=True))
     if name == "mw2_same_local":
         return ["--strategy=multi_worker", f"--task_rows={rows}", f"--per_replica={b}"], dict(num_workers=2)
     if name == "ps2":
@@ -227,7 +245,7 @@ def _needed_gib(rows):
 def _driver():
     import platform
 
-    throughput = [c for c in _CONFIGS.value if c in ("single", "mw2_same_global", "mw2_same_local", "ps2")]
+    throughput = [c for c in _CONFIGS.value if not c.startswith(("table_", "ps_table_"))]
     others = [c for c in _CONFIGS.value if c not in throughput]
     machine = {"cpus": os.cpu_count(), "load_before": os.getloadavg(), "mem_available_gib": round(
         mem_available_gib(), 1), "python": platform.python_version()}
@@ -278,9 +296,13 @@ def _report(results):
               f"| {medians[name]:,.0f} | {max(eps):,.0f} | {rss} |")
     if "single" in medians:
         print("\n| ratio (median examples/s) | value |\n|---|---|")
-        for name in ("mw2_same_global", "mw2_same_local", "ps2"):
+        for name in ("mw2_same_global", "mw2_uncombined", "mw2_same_local", "ps2", "ps2_uncombined"):
             if name in medians:
                 print(f"| {name} / single | {medians[name] / medians['single']:.2f} |")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)  # unwinds through LocalCluster, which stops and reaps its tasks
 
 
 def main(argv):
@@ -288,6 +310,9 @@ def main(argv):
     if _ROLE.value == "task":
         _task()
     else:
+        import signal
+
+        signal.signal(signal.SIGTERM, _interrupt)
         _driver()
 
 
