@@ -55,3 +55,27 @@ def test_tables_split_across_two_ps_train_like_one_process(tiny_world, repo_root
     assert ps["logloss"] < 0.5 * math.log(2) and one["logloss"] < 0.5 * math.log(2)
     assert abs(ps["logloss"] - one["logloss"]) < 0.03, (ps["logloss"], one["logloss"])
     assert ps["auc"] > 0.5
+
+
+def _shuffle_seed(seed_context):
+    """The seed constant of the shuffle in a traced dataset function (0 with no global seed: the seeds are
+    then drawn when the iterator is created)."""
+    fn = tf.function(lambda: tf.data.Dataset.range(10).shuffle(10))
+    with seed_context:
+        graph = fn.get_concrete_function().graph
+    op = next(o for o in graph.get_operations() if o.type.startswith("ShuffleDataset"))
+    return int(tf.get_static_value(op.inputs[2]))  # inputs: dataset, buffer_size, seed, seed2, generator
+
+
+def test_parameter_server_workers_shuffle_in_their_own_orders():
+    """The coordinator traces one dataset function for every worker: with the trainer's global seed its
+    shuffle would get fixed seeds and every worker would read the same order; `_unseeded` leaves them 0, so
+    each worker's shuffle draws its own seed when its iterator is created."""
+    import contextlib
+
+    from mm_ads.training.trainer import _unseeded
+
+    tf.random.set_seed(7)
+    assert _shuffle_seed(contextlib.nullcontext()) == 7
+    assert _shuffle_seed(_unseeded(7)) == 0
+    assert _shuffle_seed(contextlib.nullcontext()) == 7  # the global seed is back
