@@ -193,13 +193,18 @@ class LocalCluster:
             return 0
         return None
 
-    def wait(self, timeout=None):
+    def wait(self, timeout=None, interrupted=None):
         """Waits for the cluster to finish (see `poll`), stops every remaining task, returns the status.
 
-        On timeout every task is stopped and `TimeoutError` is raised.
+        On timeout every task is stopped and `TimeoutError` is raised. `interrupted` (a `threading.Event`,
+        set e.g. by a signal handler) stops every task and raises `KeyboardInterrupt` here, at a safe point
+        (an interrupt raised inside `subprocess` calls can leave a `Popen` unwaitable).
         """
         deadline = None if timeout is None else time.time() + timeout
         while True:
+            if interrupted is not None and interrupted.is_set():
+                self.stop()
+                raise KeyboardInterrupt
             code = self.poll()
             if code is not None:
                 self.stop()
@@ -273,24 +278,27 @@ def main(argv=None):
                            grace_seconds=args.grace_seconds)
     print(f"cluster: {json.dumps(cluster.spec)}", flush=True)
 
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt(signum)
+    interrupted, received = threading.Event(), []
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    def on_signal(signum, frame):  # only flags it: the wait loop stops the tasks at a safe point
+        received.append(signum)
+        interrupted.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         cluster.start()
-        code = cluster.wait(timeout=args.timeout or None)
+        code = cluster.wait(timeout=args.timeout or None, interrupted=interrupted)
     except TimeoutError as e:
         print(f"cluster: {e}; stopped", file=sys.stderr, flush=True)
         return 124
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt:
         cluster.stop()
-        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
         print("cluster: interrupted; every task stopped", file=sys.stderr, flush=True)
-        return 128 + int(signum)
+        return 128 + int(received[0] if received else signal.SIGINT)
     finally:
         cluster.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if code:
         who = cluster.failed.name if cluster.failed else "?"
         print(f"cluster: task {who} failed with status {code}; every task stopped", file=sys.stderr, flush=True)
