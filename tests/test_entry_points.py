@@ -12,11 +12,20 @@ ENTRY_POINTS = {
     "mm_ads.train": ("--variant", "--make_epochs", "--[no]make_trainable", "--make_learning_rate", "--make_units"),
     "mm_ads.export": "--export_base",
     "mm_ads.encode": "--register",
+    "mm_ads.serving.server": ("--model_base_path", "--index_table", "--max_candidates"),
     "mm_ads.reports.table2": "--pair_benchmarks",
     "mm_ads.reports.paper": "--fig6c_epochs",
+    "mm_ads.serving.encoder_service": ("--max_wait_ms", "--index_table"),
     "tools.bench.scl_step": "--modalities",
     "tools.bench.input_pipeline": "--num_vectors",
     "tools.bench.ctr_step": "--big_rows",
+    "tools.bench.serving": ("--candidates", "--rest_predict"),
+    "tools.bench.serving_load": ("--kills", "--settle_s"),
+    "tools.bench.index_table": "--get_sizes",
+    "tools.bench.encoder_lag": "--max_wait_ms",
+    "mm_ads.serving.nearline": ("--stream", "--export_every_events", "--variant", "--init_model_dir"),
+    "mm_ads.serving.replay": "--rate",
+    "tools.bench.nearline": "--flagfile_ctr",
 }
 
 

@@ -24,9 +24,13 @@ class CTRTask(Task):
         extra_block: forwarded to `build_ctr_model` (more MLP inputs).
         make_checkpoint: for the MAKE variants, a checkpoint of MAKE's pre-training (phase A) whose MAKE
             variables `build_model` restores into the new model (see `mm_ads.ctr.make`).
+        vector_dim: for a multimodal variant whose vectors the caller joins itself (the near-line trainer
+            reads them from the online index table): the vector dim D of the model's FeatureSpec. No vector
+            table is loaded, so `build_inputs` and `evaluate` are then unavailable; the model, loss and
+            training step are unchanged.
     """
 
-    def __init__(self, config, extra_block=None, make_checkpoint=None):
+    def __init__(self, config, extra_block=None, make_checkpoint=None, vector_dim=None):
         self.config = config
         self.extra_block = extra_block
         self.make_checkpoint = make_checkpoint
@@ -37,7 +41,9 @@ class CTRTask(Task):
             raise ValueError(f"Dataset {data.data_dir} has no FeatureSpec: it holds no CTR impressions")
         base = FeatureSpec([f for f in spec if f.role != "vector"], spec.seq_len, 0)
         self.join = None
-        if config.model.uses_vectors:
+        if config.model.uses_vectors and vector_dim is not None:
+            self.spec = base.with_vectors(int(vector_dim))
+        elif config.model.uses_vectors:
             table = VectorTable.load(pipeline.resolve_vector_table_path(self.manifest, data.vector_table or None))
             self.spec = base.with_vectors(table.dim)
             self.join = pipeline.VectorJoin(table, self.spec)
@@ -61,6 +67,9 @@ class CTRTask(Task):
         return self.manifest.num_rows("ctr", name)
 
     def build_inputs(self, split, batch_size, input_context=None, epoch=0, training=True):
+        if self.config.model.uses_vectors and self.join is None:
+            raise ValueError("This CTRTask was built with vector_dim= (vectors joined by the caller): it has no "
+                             "vector table for a tf.data pipeline")
         data = self.config.data
         name = data.train_split if split == "train" else data.eval_split
         shuffle = training and data.shuffle_buffer > 0

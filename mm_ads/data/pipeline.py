@@ -52,7 +52,8 @@ def vector_table_paths(manifest):
     """The vector tables a dataset lists in `manifest.extra["vector_tables"]`.
 
     The entry is either a list of paths relative to the dataset directory (each named by its file stem:
-    `vectors/scl.parquet` → `"scl"`) or a `{name: relative path}` dict.
+    `vectors/scl.parquet` → `"scl"`) or a `{name: relative path}` dict, where a value may also be a dict
+    describing the table with its relative path under `"path"` (what the Taobao-MM reader writes).
 
     Args:
         manifest: a loaded `Manifest`.
@@ -64,7 +65,15 @@ def vector_table_paths(manifest):
     if isinstance(entry, (list, tuple)):
         entry = {os.path.splitext(os.path.basename(p))[0]: p for p in entry}
     base = getattr(manifest, "data_dir", "")
-    return {name: os.path.join(base, rel) for name, rel in entry.items()}
+    paths = {}
+    for name, rel in entry.items():
+        if isinstance(rel, dict):
+            rel = rel.get("path")
+        if not isinstance(rel, str) or not rel:
+            raise ValueError(f"{base or 'dataset'}: manifest extra['vector_tables'][{name!r}] must be a relative "
+                             f"path or a dict with a 'path', got {entry[name]!r}")
+        paths[name] = os.path.join(base, rel)
+    return paths
 
 
 def resolve_vector_table_path(manifest, vector_table=None):

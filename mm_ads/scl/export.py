@@ -2,6 +2,9 @@
 
 Signature `serving_default`: input `text` (tf.string `[B]`) or `image` (tf.string `[B]`, PNG/JPEG bytes,
 decoded and resized to `image_size`² inside the graph); output `vector` (float32 `[B, D]`, unit norm).
+Signature `encoder_info` (no inputs): `encoder_version` (the content hash `mm_ads.scl.encode.encoder_version`
+gives the vector tables of `python -m mm_ads.encode`, so online and batch vectors of one encoder carry one
+version), `modality`, `dim`, `image_size` — what the encoder service needs to know about the model.
 Written in the versioned, atomic layout of `mm_ads.export.saved_model`.
 """
 
@@ -10,6 +13,8 @@ import tensorflow as tf
 
 from mm_ads.export.saved_model import write_archive
 from mm_ads.scl.augment import decode_image
+
+ENCODER_INFO_SIGNATURE = "encoder_info"
 
 
 def decode_images(data, image_size):
@@ -35,4 +40,27 @@ def export_encoder(encoder, export_base, modality, image_size=32, version=None):
             return {"vector": tf.identity(encoder(decode_images(image, image_size), training=False), name="vector")}
     archive.add_endpoint("serving_default", serve,
                          input_signature=[tf.TensorSpec((None,), tf.string, name=modality)])
+    info = encoder_info_values(encoder, modality, image_size)
+
+    def encoder_info():
+        return {k: tf.constant(v, name=k) for k, v in info.items()}
+
+    archive.add_endpoint(ENCODER_INFO_SIGNATURE, tf.function(encoder_info, autograph=False), input_signature=[])
     return write_archive(archive, export_base, version)
+
+
+def encoder_info_values(encoder, modality, image_size):
+    """What the `encoder_info` signature returns: `{encoder_version, modality, dim, image_size}`."""
+    from mm_ads.scl.encode import encoder_version  # scl.encode imports this module
+
+    return {"encoder_version": encoder_version(encoder, f"scl-{modality}"), "modality": modality,
+            "dim": int(encoder.output_dim), "image_size": int(image_size)}
+
+
+def read_encoder_info(loaded):
+    """`{encoder_version, modality, dim, image_size}` of a loaded encoder SavedModel, or None when it was
+    exported without the `encoder_info` signature."""
+    if ENCODER_INFO_SIGNATURE not in loaded.signatures:
+        return None
+    out = {k: v.numpy() for k, v in loaded.signatures[ENCODER_INFO_SIGNATURE]().items()}
+    return {k: v.decode() if isinstance(v, bytes) else int(v) for k, v in out.items()}

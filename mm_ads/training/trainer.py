@@ -3,6 +3,8 @@
 A `tf.function` step runs under `strategy.run`: per-example losses are averaged over the
 **global** batch (so replicas' gradients sum to the single-device gradient), embedding
 tables go to a sparse optimizer (row-sparse updates), all other variables to a dense one.
+`Trainer.train_batch` runs the same step on a batch handed over from Python (the near-line trainer's
+stream batches) instead of the task's `tf.data` pipeline.
 
 Fault tolerance: a checkpoint (model, both optimizers, global step) is written every
 `checkpoint_every` steps and at the end. The input order of epoch `e` is a pure function
@@ -131,12 +133,15 @@ class Trainer:
         batch_size: global training batch size.
         model_dir: where checkpoints (`ckpt/`), summaries (`summaries/`) and logs go.
         strategy: a `tf.distribute.Strategy` (default: the current one).
+        extra_checkpoint: `{name: trackable}` saved and restored in the same checkpoint as the model and
+            optimizers (e.g. the near-line trainer's stream offsets: one atomic checkpoint for both).
         combine_sparse_gradients: sum the table gradients' rows of each distinct id on every replica before
             they are all-gathered or sent to the ps tasks (`combine_rows`); None = only when they travel
             (more than one replica, or parameter servers). Same math, fewer bytes.
     """
 
-    def __init__(self, task, config, batch_size, model_dir, strategy=None, combine_sparse_gradients=None):
+    def __init__(self, task, config, batch_size, model_dir, strategy=None, extra_checkpoint=None,
+                 combine_sparse_gradients=None):
         self.task = task
         self.config = config
         self.global_batch = int(batch_size)
@@ -169,13 +174,15 @@ class Trainer:
         if self.parameter_server:
             self._log_placement()
         self.checkpoint = tf.train.Checkpoint(model=model_checkpoint(self.model), sparse_optimizer=self.sparse_opt,
-                                              dense_optimizer=self.dense_opt, step=self.step)
+                                              dense_optimizer=self.dense_opt, step=self.step,
+                                              **(extra_checkpoint or {}))
         # Every process restores from the chief's directory; only the chief's manager writes there.
         self.ckpt_dir = os.path.join(model_dir, "ckpt")
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=3) if self.chief else None
         self._saved_step = None
-        self.steps_per_epoch, self.total_steps = planned_steps(task.num_examples("train"), self.global_batch, config)
+        self._planned = None
         self._train_step = None
+        self._batch_step = None
         self.history = []
 
     def _log_placement(self):
@@ -183,8 +190,23 @@ class Trainer:
         for v in self.sparse_vars + [v for v in self.sparse_opt.variables if len(v.shape) == 2]:
             logging.info("placement: %s %s on %s", v.path, list(v.shape), _as_tf(v).device)
 
+    @property
+    def steps_per_epoch(self):
+        return self._planned_steps()[0]
+
+    @property
+    def total_steps(self):
+        return self._planned_steps()[1]
+
+    def _planned_steps(self):
+        # computed on first use: a trainer fed batch by batch (`train_batch`) has no planned epochs
+        if self._planned is None:
+            self._planned = planned_steps(self.task.num_examples("train"), self.global_batch, self.config)
+        return self._planned
+
     # -- the step ------------------------------------------------------------------------
-    def _make_train_step(self):
+    def _make_step_fn(self):
+        """The replica step: forward, loss averaged over the global batch, sparse + dense updates."""
         task, model = self.task, self.model
         sparse_vars, dense_vars = self.sparse_vars, self.dense_vars
         k = len(sparse_vars)
@@ -211,6 +233,11 @@ class Trainer:
             task.after_apply_gradients(model, aux)
             return loss
 
+        return step_fn
+
+    def _make_train_step(self):
+        step_fn, strategy = self._make_step_fn(), self.strategy
+
         @tf.function
         def train_step(iterator):
             features, labels = next(iterator)
@@ -228,6 +255,29 @@ class Trainer:
             return ds.skip(skip) if skip else ds
 
         return self.strategy.distribute_datasets_from_function(fn)
+
+    def train_batch(self, features, labels):
+        """One training step on a batch held by the caller; returns the loss (a float).
+
+        The same step as `train` (the same replica step, optimizers and global-step counter), fed from
+        Python instead of a `tf.data` pipeline: `features` maps the task's input names to arrays with the
+        batch first, `labels` is `[n]`. Every example keeps the weight it has in a full batch (the loss is
+        averaged over `batch_size`), so a batch of `n < batch_size` examples takes an `n / batch_size`
+        step. One replica only (the default strategy). Traced once for every batch size.
+        """
+        if self.strategy.num_replicas_in_sync != 1:
+            raise ValueError("train_batch feeds one replica: use the default strategy")
+        if self._batch_step is None:
+            step_fn, strategy = self._make_step_fn(), self.strategy
+
+            @tf.function(reduce_retracing=True)
+            def batch_step(features, labels):
+                loss = strategy.run(step_fn, args=(features, labels))
+                self.step.assign_add(1)
+                return loss
+
+            self._batch_step = batch_step
+        return float(self._batch_step(features, labels))
 
     # -- the loop ------------------------------------------------------------------------
     @property

@@ -333,3 +333,18 @@ def test_mirrored_strategy_with_two_cpu_replicas(data, repo_root):
     total, lookups = map(int, line.split()[1:])
     assert total == N
     assert lookups == N + int((columns["hist_item_id"] != 0).sum())
+
+
+def test_vector_table_paths_every_manifest_form():
+    from types import SimpleNamespace
+
+    def paths(entry):
+        return pipeline.vector_table_paths(SimpleNamespace(extra={"vector_tables": entry}, data_dir="/d"))
+
+    assert paths(["vectors/scl.parquet", "v/x.parquet"]) == {"scl": "/d/vectors/scl.parquet", "x": "/d/v/x.parquet"}
+    assert paths({"a": "vectors/a.parquet"}) == {"a": "/d/vectors/a.parquet"}
+    # the Taobao-MM reader describes its table
+    assert paths({"scl": {"path": "vectors/scl.parquet", "dim": 128}}) == {"scl": "/d/vectors/scl.parquet"}
+    assert paths(None) == {}
+    with pytest.raises(ValueError, match=r"vector_tables'\]\['bad'\]"):
+        paths({"bad": {"dim": 128}})

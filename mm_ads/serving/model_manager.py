@@ -1,0 +1,321 @@
+"""Model versions under a TF-Serving base path: discovery, loading, warm-up and the atomic hot swap.
+
+Layout (what `mm_ads.export.saved_model.export_saved_model` writes): `<base>/<version>/` with `version` a
+positive integer. A directory is a candidate version only when its name is all digits (so the hidden
+`.<version>.*.tmp` directories an export writes into, and any other temp or hidden name, are never looked
+at) and it holds a complete SavedModel: `saved_model.pb` and, when it has a `variables/` directory,
+`variables.index` plus every data shard that the shard names announce (`variables.data-0000i-of-0000N`).
+
+Version policy: serve the largest complete version that loads (TF Serving's default "latest" policy).
+`ModelManager.poll()` loads a new target version off the request path — `tf.saved_model.load`, then
+warm-up calls of every signature — and only then swaps one reference. A request takes that reference
+once (`ModelManager.get()`), so in-flight requests finish on the version they started with, and the old
+version is freed when its last request drops it. A version that fails to load or to warm up is logged,
+recorded in the status (state END with the error) and skipped until its directory changes; the version
+already loaded keeps serving. When the served version's directory disappears, the largest remaining
+version is loaded (rollback by deleting a version); with no version left, the loaded one keeps serving.
+"""
+
+import logging
+import os
+import re
+import threading
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from mm_ads.serving.errors import InvalidArgument, NotFound, Unavailable
+
+DEFAULT_SIGNATURE = "serving_default"
+_SHARD = re.compile(r"^variables\.data-(\d+)-of-(\d+)$")
+
+
+def incomplete_reason(path):
+    """Why `path` is not a complete SavedModel directory, or None when it is."""
+    if not os.path.isdir(path):
+        return "not a directory"
+    names = set(os.listdir(path))
+    if "saved_model.pb" not in names and "saved_model.pbtxt" not in names:
+        return "no saved_model.pb"
+    var_dir = os.path.join(path, "variables")
+    if os.path.isdir(var_dir):
+        files = set(os.listdir(var_dir))
+        if files and "variables.index" not in files:
+            return "variables/variables.index is missing"
+        shards = [_SHARD.match(f) for f in files]
+        shards = [(int(m.group(1)), int(m.group(2))) for m in shards if m]
+        if "variables.index" in files and not shards:
+            return "variables/ has an index but no data shard"
+        for total in {n for _, n in shards}:
+            have = {i for i, n in shards if n == total}
+            if have != set(range(total)):
+                return f"variables/ has {len(have)} of {total} data shards"
+    return None
+
+
+def version_dirs(base_path):
+    """`{version: path}` of the integer-named subdirectories of `base_path` (complete or not)."""
+    if not os.path.isdir(base_path):
+        return {}
+    out = {}
+    for name in os.listdir(base_path):
+        if name.isdigit() and int(name) > 0 and os.path.isdir(os.path.join(base_path, name)):
+            out[int(name)] = os.path.join(base_path, name)
+    return out
+
+
+def _dir_stamp(path):
+    """Changes when a version directory is rewritten (its mtime and the saved_model.pb's)."""
+    stamps = []
+    for p in (path, os.path.join(path, "saved_model.pb")):
+        try:
+            stamps.append(os.stat(p).st_mtime_ns)
+        except OSError:
+            stamps.append(0)
+    return tuple(stamps)
+
+
+class Signature:
+    """One signature of a loaded SavedModel: its concrete function and input/output specs.
+
+    Attributes: `name`, `fn` (the `ConcreteFunction`), `inputs` `{name: tf.TensorSpec}` (batch dim
+    first, None), `outputs` `{name: tf.TensorSpec}`.
+    """
+
+    def __init__(self, name, fn):
+        self.name = name
+        self.fn = fn
+        self.inputs = dict(fn.structured_input_signature[1])
+        self.outputs = dict(fn.structured_outputs)
+
+    def check(self, inputs):
+        """Validates `{name: array or tensor}` against the input specs; returns the batch size.
+
+        Raises `InvalidArgument` naming the missing/unknown input or the one with a wrong dtype or shape.
+        """
+        missing = sorted(set(self.inputs) - set(inputs))
+        if missing:
+            raise InvalidArgument(f"signature {self.name!r}: missing input(s) {missing}; "
+                                  f"expected {sorted(self.inputs)}")
+        unknown = sorted(set(inputs) - set(self.inputs))
+        if unknown:
+            raise InvalidArgument(f"signature {self.name!r}: unknown input(s) {unknown}; "
+                                  f"expected {sorted(self.inputs)}")
+        batch, batch_of = None, None
+        for name, spec in self.inputs.items():
+            value = inputs[name]
+            dtype = tf.as_dtype(value.dtype)
+            if dtype != spec.dtype:
+                raise InvalidArgument(f"input {name!r}: expected dtype {spec.dtype.name}, got {dtype.name}")
+            shape = tuple(value.shape)
+            want = tuple(spec.shape)
+            if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape)):
+                raise InvalidArgument(f"input {name!r}: expected shape {_shape_str(want)}, got {list(shape)}")
+            if want and want[0] is None:
+                if batch is None:
+                    batch, batch_of = shape[0], name
+                elif shape[0] != batch:
+                    raise InvalidArgument(f"input {name!r}: batch size {shape[0]} differs from {batch} of "
+                                          f"input {batch_of!r}")
+        return batch or 0
+
+
+def _shape_str(shape):
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+class LoadedModel:
+    """One loaded version: the SavedModel, its signatures and its SignatureDefs (for GetModelMetadata).
+
+    Args:
+        name: the served model name.
+        version: the integer version.
+        path: the version directory.
+    """
+
+    def __init__(self, name, version, path):
+        self.name = name
+        self.version = int(version)
+        self.path = path
+        self._loaded = tf.saved_model.load(path)
+        self.signatures = {k: Signature(k, fn) for k, fn in self._loaded.signatures.items()}
+        if not self.signatures:
+            raise ValueError(f"SavedModel {path} has no signatures")
+        self.signature_defs = _read_signature_defs(path)
+        self.loaded_at = time.time()
+        self.cache = {}  # per-version derived state (e.g. the ranking layout), filled by its users
+
+    def signature(self, name):
+        name = name or DEFAULT_SIGNATURE
+        try:
+            return self.signatures[name]
+        except KeyError:
+            raise NotFound(f"model {self.name!r} version {self.version} has no signature {name!r}; it has "
+                           f"{sorted(self.signatures)}") from None
+
+    def predict(self, inputs, signature_name=None, check=True):
+        """`{name: np.ndarray or tf.Tensor}` → `{output name: np.ndarray}` through a signature."""
+        sig = self.signature(signature_name)
+        if check:
+            sig.check(inputs)
+        tensors = {k: v if isinstance(v, tf.Tensor) else tf.convert_to_tensor(v) for k, v in inputs.items()}
+        out = sig.fn(**tensors)
+        return {k: v.numpy() for k, v in out.items()}
+
+    def warmup(self, batch_sizes=(1,)):
+        """Calls every signature on zero inputs of each batch size (traces kernels off the request path)."""
+        for sig in self.signatures.values():
+            for b in batch_sizes:
+                zeros = {k: np.zeros((b,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype) for k, s in sig.inputs.items()}
+                out = self.predict(zeros, sig.name)
+                for k, v in out.items():
+                    if not np.all(np.isfinite(v)):
+                        raise ValueError(f"warm-up of signature {sig.name!r}: output {k!r} is not finite")
+
+
+def _read_signature_defs(path):
+    """`{name: SignatureDef proto}` of the serving meta graph (internal `__*` entries left out)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    pb = os.path.join(path, "saved_model.pb")
+    if not os.path.exists(pb):
+        return {}
+    saved = saved_model_pb2.SavedModel()
+    with open(pb, "rb") as f:
+        saved.ParseFromString(f.read())
+    for meta in saved.meta_graphs:
+        if "serve" in meta.meta_info_def.tags:
+            return {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
+    return {}
+
+
+class ModelManager:
+    """Watches `<base_path>` and serves its latest loadable version (see the module docstring).
+
+    Args:
+        name: the model name requests must use.
+        base_path: the TF Serving base path.
+        poll_interval_s: how often the watcher thread polls (`start()`).
+        warmup_batch_sizes: batch sizes of the warm-up calls before a version is swapped in.
+        on_load: optional callable `(LoadedModel) -> None` run before the swap (more warm-up); an
+            exception there rejects the version like a load failure.
+    """
+
+    def __init__(self, name, base_path, poll_interval_s=1.0, warmup_batch_sizes=(1,), on_load=None):
+        self.name = name
+        self.base_path = os.path.abspath(base_path)
+        self.poll_interval_s = float(poll_interval_s)
+        self.warmup_batch_sizes = tuple(warmup_batch_sizes)
+        self.on_load = on_load
+        self._current = None
+        self._failed = {}  # version -> (dir stamp, error message)
+        self._incomplete = {}  # version -> the reason last logged (logged once per reason)
+        self._loading = None
+        self._poll_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        self.swaps = 0
+
+    # -- requests ---------------------------------------------------------------------
+    def get(self, name, version=None):
+        """The served `LoadedModel` for a request; `NotFound` for another name or a version not served."""
+        if name != self.name:
+            raise NotFound(f"model {name!r} is not served here (serving {self.name!r})")
+        model = self._current
+        if model is None:
+            raise Unavailable(f"model {self.name!r} has no loaded version yet (base path {self.base_path})")
+        if version is not None and int(version) != model.version:
+            raise NotFound(f"model {self.name!r} version {version} is not served (serving version {model.version})")
+        return model
+
+    @property
+    def current(self):
+        return self._current
+
+    # -- versions -------------------------------------------------------------------------
+    def poll(self):
+        """Loads and swaps in the target version if it differs from the served one; True if it swapped."""
+        with self._poll_lock:
+            dirs = version_dirs(self.base_path)
+            current = self._current
+            for version in sorted(dirs, reverse=True):
+                path = dirs[version]
+                if current is not None and version == current.version:
+                    return False
+                failed = self._failed.get(version)
+                stamp = _dir_stamp(path)
+                if failed is not None and failed[0] == stamp:
+                    continue
+                reason = incomplete_reason(path)
+                if reason is not None:
+                    if self._incomplete.get(version) == reason:
+                        continue
+                    self._incomplete[version] = reason
+                    logging.info("model %s: version dir %s is not a complete SavedModel (%s); not loaded",
+                                 self.name, path, reason)
+                    continue
+                model = self._load(version, path, stamp)
+                if model is None:
+                    continue
+                self._current = model  # the swap: one reference assignment
+                self.swaps += 1
+                logging.warning("model %s: now serving version %d (%s)%s", self.name, version, path,
+                                f", was {current.version}" if current is not None else "")
+                return True
+            return False
+
+    def _load(self, version, path, stamp):
+        self._loading = version
+        t0 = time.perf_counter()
+        try:
+            model = LoadedModel(self.name, version, path)
+            model.warmup(self.warmup_batch_sizes)
+            if self.on_load is not None:
+                self.on_load(model)
+        except Exception as e:  # any load/warm-up failure rejects this version only
+            message = f"{type(e).__name__}: {e}"
+            self._failed[version] = (stamp, message[:2000])
+            logging.error("model %s: version %d at %s failed to load and is skipped: %s", self.name, version, path,
+                          message[:2000])
+            return None
+        finally:
+            self._loading = None
+        self._failed.pop(version, None)
+        logging.info("model %s: version %d loaded and warmed up in %.2f s", self.name, version,
+                     time.perf_counter() - t0)
+        return model
+
+    def status(self):
+        """`[{version, state, error}]`: the served version AVAILABLE, failed versions END with their error."""
+        out = []
+        current, loading = self._current, self._loading
+        if current is not None:
+            out.append({"version": current.version, "state": "AVAILABLE", "error": ""})
+        if loading is not None:
+            out.append({"version": loading, "state": "LOADING", "error": ""})
+        for version, (_, message) in sorted(self._failed.items()):
+            out.append({"version": version, "state": "END", "error": message})
+        return out
+
+    # -- watcher thread -------------------------------------------------------------------------
+    def start(self):
+        """Polls once (synchronously), then keeps polling in a daemon thread every `poll_interval_s`."""
+        self.poll()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name=f"model-watcher-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.poll()
+            except Exception:  # a failing poll (e.g. the base path unreadable) must not kill the watcher
+                logging.exception("model %s: polling %s failed", self.name, self.base_path)
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

@@ -1,0 +1,66 @@
+"""A private `redis-server` on 127.0.0.1 for tests, benchmarks and the local demo.
+
+`local_redis_server()` starts the binary on a random free port with its own temporary directory and no
+persistence (`--save '' --appendonly no`), waits until it answers PING, yields `redis://127.0.0.1:PORT/0`,
+and always kills it and removes the directory.
+"""
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+
+class RedisUnavailable(RuntimeError):
+    """No `redis-server` binary or no redis-py."""
+
+
+def _free_port():
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_redis_server(extra_args=(), attempts=5, startup_timeout_s=10.0):
+    """Yields the base URL of a fresh redis-server; raises `RedisUnavailable` when it cannot run here."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RedisUnavailable("redis-server is not installed (apt-get install redis-server)")
+    try:
+        import redis
+    except ImportError:
+        raise RedisUnavailable("redis-py is not installed (pip install 'mm_ads[serving]')") from None
+    workdir = tempfile.mkdtemp(prefix="mm_ads_redis_")
+    proc = None
+    try:
+        for _ in range(attempts):  # another process may take the free port between probing and binding
+            port = _free_port()
+            proc = subprocess.Popen(
+                [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", workdir, "--save", "",
+                 "--appendonly", "no", *extra_args],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            client = redis.Redis(host="127.0.0.1", port=port)
+            deadline = time.monotonic() + startup_timeout_s
+            try:
+                while time.monotonic() < deadline and proc.poll() is None:
+                    try:
+                        client.ping()
+                        break
+                    except redis.ConnectionError:
+                        time.sleep(0.02)
+            finally:
+                client.close()
+            if proc.poll() is None:
+                break
+            proc = None
+        if proc is None:
+            raise RuntimeError(f"redis-server did not start on a free port in {attempts} attempts")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,256 @@
+"""TF Serving's REST API over a `PredictionServer`, on the standard library's `ThreadingHTTPServer`.
+
+Routes (`<name>` the model name; `/versions/<v>` may follow it to pin a version):
+  * `POST /v1/models/<name>:predict` — TF Serving's JSON (`instances` row format or `inputs` columnar
+    format; see `mm_ads.serving.codec`); the response adds `"model_version"`.
+  * `POST /v1/models/<name>:rank` — the ids-only ranking call (`mm_ads.serving.ranking.RankRequest`).
+  * `GET /v1/models/<name>` — `{"model_version_status": [...]}` as TF Serving;
+    `GET /v1/models/<name>/metadata` — the signature defs.
+  * `GET /v1/stats` — the server's counters (requests, errors, unknown items).
+Errors are `{"error": message}` with 400 (malformed), 404 (unknown model/version/signature/route),
+411 (no Content-Length), 413 (over the body or candidate limit), 503 (no version yet / shutting down).
+
+HTTP/1.1 keep-alive, one thread per connection, at most `max_connections` (more are closed at once).
+Shutdown (`RestServer.stop`): stop accepting, close connections that are idle between requests, let
+requests in progress finish and join their threads.
+"""
+
+import json
+import logging
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import tensorflow as tf
+from google.protobuf import json_format
+
+from mm_ads.serving.codec import parse_predict_json, predict_json_response
+from mm_ads.serving.errors import InvalidArgument, NotFound, ResourceExhausted, ServingError, Unavailable
+from mm_ads.serving.ranking import RankRequest
+
+_ROUTE = re.compile(r"^/v1/models/([^/:]+)(?:/versions/([^/:]+))?(?::(predict|rank)|/(metadata))?$")
+
+
+def _parse_version(text):
+    if text is None:
+        return None
+    if not text.isdigit():
+        raise InvalidArgument(f"version must be a positive integer, got {text!r}")
+    return int(text)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mm_ads-serving"
+    timeout = 60  # seconds a keep-alive connection may stay idle
+    disable_nagle_algorithm = True  # TCP_NODELAY: headers and body writes must not wait for delayed ACKs
+
+    def setup(self):
+        super().setup()
+        self.server.track(self, busy=False)
+
+    def finish(self):
+        self.server.untrack(self)
+        super().finish()
+
+    def parse_request(self):  # called right after the request line arrived
+        self.server.track(self, busy=True)
+        return super().parse_request()
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        finally:
+            if self.server.stopping.is_set():
+                self.close_connection = True
+            self.server.track(self, busy=False)
+
+    def log_message(self, format, *args):  # access logs only at debug level
+        logging.debug("rest %s - " + format, self.address_string(), *args)
+
+    def _send(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.server.stopping.is_set():
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _dispatch(self, method):
+        app = self.server.app
+        app.stats.add(**{f"rest_{method.lower()}": 1})
+        try:
+            if self.server.stopping.is_set():
+                raise Unavailable("the server is shutting down")
+            status, body = self._route(method, app)
+        except ServingError as e:
+            status, body = e.http_status, {"error": str(e)}
+        except tf.errors.InvalidArgumentError as e:
+            status, body = 400, {"error": e.message}
+        except Exception as e:  # unexpected: logged, 500 to the client
+            logging.exception("REST %s %s failed", method, self.path)
+            status, body = 500, {"error": f"{type(e).__name__}: {e}"}
+        if status >= 400:
+            app.stats.add(**{f"rest_errors_{status}": 1})
+        self._send(status, body)
+
+    def _body(self):
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise LengthRequired("a Content-Length header is required")
+        try:
+            length = int(length)
+        except ValueError:
+            self.close_connection = True
+            raise InvalidArgument(f"Content-Length {length!r} is not an integer") from None
+        limit = self.server.app.config.max_body_bytes
+        if length > limit:
+            self.close_connection = True  # the body is not read
+            raise ResourceExhausted(f"request body of {length} bytes is over the limit of {limit} bytes")
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise InvalidArgument("request body must be a JSON object")
+        return body
+
+    def _route(self, method, app):
+        path = self.path.split("?", 1)[0]
+        if path == "/v1/stats" and method == "GET":
+            return 200, app.stats_snapshot()
+        m = _ROUTE.match(path)
+        if m is None:
+            if method == "POST":
+                self._drain()
+            raise NotFound(f"no route {method} {path}")
+        name, version, verb, sub = m.group(1), _parse_version(m.group(2)), m.group(3), m.group(4)
+        if verb is not None:
+            if method != "POST":
+                raise NotFound(f"{path} takes POST")
+            body = self._body()
+            if verb == "predict":
+                signature = body.get("signature_name") or None
+                if signature is not None and not isinstance(signature, str):
+                    raise InvalidArgument("'signature_name' must be a string")
+                model = app.model(name, version)
+                sig = model.signature(signature)
+                inputs, fmt = parse_predict_json(body, sig)
+                model, _, outputs = app.predict(inputs, name, version, signature, model=model)
+                response = predict_json_response(outputs, fmt)
+                response["model_version"] = str(model.version)
+                return 200, response
+            request = RankRequest.from_json(body)
+            result = app.rank_request(request, name, version)
+            return 200, result.to_json(request.candidates, name)
+        if method != "GET":
+            self._drain()
+            raise NotFound(f"{path} takes GET")
+        if sub == "metadata":
+            model, defs = app.metadata(name, version)
+            return 200, {
+                "model_spec": {"name": model.name, "signature_name": "", "version": str(model.version)},
+                "metadata": {"signature_def": {"signature_def": {
+                    k: json_format.MessageToDict(v) for k, v in defs.items()}}},
+            }
+        return 200, {"model_version_status": [
+            {"version": str(s["version"]), "state": s["state"],
+             "status": {"error_code": "UNKNOWN" if s["error"] else "OK", "error_message": s["error"]}}
+            for s in app.status(name, version)]}
+
+    def _drain(self):
+        """Reads (and drops) a small request body so the connection stays usable; closes it otherwise."""
+        try:
+            length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            length = -1
+        if 0 <= length <= 1 << 20:
+            self.rfile.read(length)
+        else:
+            self.close_connection = True
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def send_error(self, code, message=None, explain=None):  # malformed HTTP itself: JSON error, then close
+        self.close_connection = True
+        try:
+            self._send(code, {"error": message or explain or "bad request"})
+        except OSError:
+            pass
+
+
+class LengthRequired(ServingError):
+    grpc_code = "INVALID_ARGUMENT"
+    http_status = 411
+
+
+class RestServer(ThreadingHTTPServer):
+    """The HTTP server: `ThreadingHTTPServer` that tracks its connections for a graceful stop.
+
+    Args:
+        app: the `mm_ads.serving.server.PredictionServer`.
+        host, port: where to bind (port 0: any free port; `server_port` tells which).
+    """
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, app, host, port, max_connections=256):
+        self.app = app
+        self.max_connections = int(max_connections)
+        self.stopping = threading.Event()
+        self._conns = {}
+        self._conns_lock = threading.Lock()
+        self._thread = None
+        super().__init__((host, port), _Handler)
+
+    def track(self, handler, busy):
+        with self._conns_lock:
+            self._conns[handler] = busy
+
+    def verify_request(self, request, client_address):
+        """Refuses (closes) a new connection when `max_connections` are open: one thread each."""
+        with self._conns_lock:
+            ok = len(self._conns) < self.max_connections
+        if not ok:
+            self.app.stats.add(rest_connections_refused=1)
+            logging.warning("REST: %d connections open, refusing %s", self.max_connections, client_address)
+        return ok
+
+    def untrack(self, handler):
+        with self._conns_lock:
+            self._conns.pop(handler, None)
+
+    def start(self):
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="rest-accept", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """Stops accepting, closes idle keep-alive connections, waits for requests in progress."""
+        self.stopping.set()
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+            self._thread = None
+        with self._conns_lock:
+            for handler, busy in self._conns.items():
+                if not busy:
+                    try:
+                        handler.connection.shutdown(socket.SHUT_RD)
+                    except OSError:
+                        pass
+        self.server_close()  # joins the connection threads (block_on_close)
+
