@@ -183,6 +183,9 @@ class TrainConfig:
         _check(self.strategy in STRATEGIES, f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         _check(self.num_devices >= 1, f"train.num_devices must be >= 1, got {self.num_devices}")
         _check(self.embedding_shards >= 1, f"train.embedding_shards must be >= 1, got {self.embedding_shards}")
+        _check(not (self.deterministic and self.strategy == "parameter_server"),
+               "train.deterministic cannot hold with strategy=parameter_server: its steps are asynchronous and each "
+               "worker shuffles in its own unseeded order")
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ import json
 import math
 import re
 
+import pytest
 import tensorflow as tf
 
 from tests.distributed import helpers
@@ -73,9 +74,24 @@ def test_parameter_server_workers_shuffle_in_their_own_orders():
     each worker's shuffle draws its own seed when its iterator is created."""
     import contextlib
 
+    from tensorflow.python.framework import config as tf_config  # op determinism has no public getter
+
     from mm_ads.training.trainer import _unseeded
 
-    tf.random.set_seed(7)
-    assert _shuffle_seed(contextlib.nullcontext()) == 7
-    assert _shuffle_seed(_unseeded(7)) == 0
-    assert _shuffle_seed(contextlib.nullcontext()) == 7  # the global seed is back
+    deterministic = tf_config.is_op_determinism_enabled()  # set by other tests of this process
+    tf_config.disable_op_determinism()  # (it refuses unseeded random ops; --deterministic is refused with PS)
+    try:
+        tf.random.set_seed(7)
+        assert _shuffle_seed(contextlib.nullcontext()) == 7
+        assert _shuffle_seed(_unseeded(7)) == 0
+        assert _shuffle_seed(contextlib.nullcontext()) == 7  # the global seed is back
+    finally:
+        if deterministic:
+            tf_config.enable_op_determinism()
+
+
+def test_parameter_server_refuses_deterministic():
+    from mm_ads.config import TrainConfig
+
+    with pytest.raises(ValueError, match="deterministic cannot hold with strategy=parameter_server"):
+        TrainConfig(strategy="parameter_server", deterministic=True).validate()
