@@ -15,7 +15,7 @@ MAKE_VARIANTS = ("make", "simtier_make")
 ACTIVATIONS = ("relu", "prelu", "dice", "sigmoid", "gelu")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
-STRATEGIES = ("default", "mirrored", "multi_worker")
+STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server")
 TASKS = ("ctr", "scl", "clip")
 SCL_MODALITIES = ("text", "image")
 TEXT_ENCODERS = ("scratch", "minilm")
@@ -139,8 +139,12 @@ class TrainConfig:
         eval_every: evaluate every N steps; 0 = at the end of every epoch.
         log_every: progress line / summaries every N steps.
         seed: seeds initialisers, shuffling and dropout.
-        strategy: "default" (one device), "mirrored" (all local devices) or "multi_worker".
+        strategy: "default" (one device), "mirrored" (all local devices), "multi_worker" (synchronous data
+            parallelism over the TF_CONFIG cluster) or "parameter_server" (asynchronous, variables on ps
+            tasks); see `mm_ads.training.distribute`.
         num_devices: for "mirrored" on CPU: split the CPU into this many logical devices.
+        embedding_shards: row partitions of every embedding table (`SparseEmbedding(num_shards=...)`); under
+            "parameter_server" the partitions are spread over the ps tasks. Checkpoints do not depend on it.
         deterministic: enable TF op determinism (reproducible runs; slower).
         export: export a SavedModel to `<model_dir>/export/<version>` at the end.
         make_learning_rate: learning rate of MAKE's pre-training (phase A, dense optimizer); 0 = the
@@ -159,6 +163,7 @@ class TrainConfig:
     seed: int = 0
     strategy: str = "default"
     num_devices: int = 1
+    embedding_shards: int = 1
     deterministic: bool = False
     export: bool = True
     make_learning_rate: float = 0.0
@@ -177,6 +182,10 @@ class TrainConfig:
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.strategy in STRATEGIES, f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         _check(self.num_devices >= 1, f"train.num_devices must be >= 1, got {self.num_devices}")
+        _check(self.embedding_shards >= 1, f"train.embedding_shards must be >= 1, got {self.embedding_shards}")
+        _check(not (self.deterministic and self.strategy == "parameter_server"),
+               "train.deterministic cannot hold with strategy=parameter_server: its steps are asynchronous and each "
+               "worker shuffles in its own unseeded order")
 
 
 @dataclasses.dataclass

@@ -57,6 +57,8 @@ def run(config):
     from mm_ads.training import trainer as trainer_lib
 
     start = time.time()
+    # strategy=parameter_server: the worker and ps tasks of the cluster serve here and never return
+    distribute.maybe_serve(config.train.strategy)
     os.makedirs(config.model_dir, exist_ok=True)
     _check_resume_config(config.model_dir, config)
     strategy = distribute.make_strategy(config.train.strategy, config.train.num_devices)
@@ -117,7 +119,14 @@ def _run_ctr(config, strategy, chief, start):
     if make_metrics is not None:
         metrics["make_pretrain"] = make_metrics
     if chief and config.train.export:
-        metrics["export_path"] = export_saved_model(trainer.model, os.path.join(config.model_dir, "export"))
+        if config.train.strategy in ("multi_worker", "parameter_server"):
+            # the trained variables live in distributed containers (or on the ps tasks): export a local,
+            # unsharded model restored from the final checkpoint (the checkpoint does not depend on shards)
+            from mm_ads.export.saved_model import export_checkpoint
+
+            metrics["export_path"] = export_checkpoint(config.model_dir, checkpoint=trainer.latest_checkpoint)
+        else:
+            metrics["export_path"] = export_saved_model(trainer.model, os.path.join(config.model_dir, "export"))
     if chief:
         io_utils.write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
     return metrics
@@ -172,6 +181,9 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     metrics = run(config)
+    if not any(k in metrics for k in ("auc", "acc@1")):
+        print("done: this worker is not the chief; the chief writes the metrics, checkpoints and export")
+        return
     keys = (("acc@1", "acc@5", "acc@10", "num_queries") if config.task in ("scl", "clip") else
             ("auc", "gauc", "logloss", "calibration", "num_examples"))
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=None))

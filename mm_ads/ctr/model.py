@@ -103,7 +103,7 @@ def _pair_history_with_target(spec):
     return pairs
 
 
-def build_ctr_model(spec, config, extra_block=None, name=None):
+def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=1):
     """Builds the CTR model of `config.variant` for `spec`.
 
     Args:
@@ -112,6 +112,8 @@ def build_ctr_model(spec, config, extra_block=None, name=None):
         extra_block: optional seam: `(inputs, parts) -> list of [B, F] tensors`, more MLP inputs (the MAKE
             variants add MAKE's outputs themselves).
         name: model name (default `ctr_<variant>`).
+        embedding_shards: row partitions of each embedding table (`SparseEmbedding(num_shards=...)`, at most
+            the table's rows); a placement choice that leaves the model's function and checkpoints unchanged.
 
     Returns:
         A functional `keras.Model` from named inputs to `{"ctr": [B], "logit": [B]}`.
@@ -127,7 +129,8 @@ def build_ctr_model(spec, config, extra_block=None, name=None):
         def extra_block(inputs, parts):
             return _make_features(config, inputs, parts) + (list(user_block(inputs, parts)) if user_block else [])
     e = config.embedding_dim
-    tables = {t: SparseEmbedding(n, e, padding_id=0, name=f"emb_{t}") for t, n in spec.tables().items()}
+    tables = {t: SparseEmbedding(n, e, padding_id=0, num_shards=min(embedding_shards, n), name=f"emb_{t}")
+              for t, n in spec.tables().items()}
 
     def embed(feature):
         return tables[spec[feature].table](inputs[feature])

@@ -17,7 +17,7 @@ from mm_ads.training.task import Task
 
 
 class CTRTask(Task):
-    """Trains and evaluates a CTR model variant on a canonical dataset.
+    """Trains and evaluates a CTR model variant on a canonical dataset (under any strategy).
 
     Args:
         config: a validated `mm_ads.config.ExperimentConfig`.
@@ -53,8 +53,11 @@ class CTRTask(Task):
         self._eval_fn = None
         self._train_counts = None
 
+    supports_parameter_server = True
+
     def build_model(self):
-        model = build_ctr_model(self.spec, self.config.model, extra_block=self.extra_block)
+        model = build_ctr_model(self.spec, self.config.model, extra_block=self.extra_block,
+                                embedding_shards=self.config.train.embedding_shards)
         if self.make_checkpoint:
             restore_make(model, self.make_checkpoint)
         return model
@@ -70,10 +73,15 @@ class CTRTask(Task):
         data = self.config.data
         name = data.train_split if split == "train" else data.eval_split
         shuffle = training and data.shuffle_buffer > 0
+        # Training repeats the split: an epoch is `num_examples // global batch` steps, and under
+        # multi-worker training a worker whose shard holds fewer examples than that must not run dry
+        # (its peers would wait for it in the all-reduce). Within one epoch nothing repeats otherwise.
+        # epoch=None: an unseeded shuffle (parameter-server workers each draw their own order).
         return pipeline.make_ctr_dataset(
             data.data_dir, name, batch_size, vector_table=self.join, spec=self.spec, shuffle=shuffle,
-            shuffle_buffer=max(data.shuffle_buffer, 1), seed=self.config.train.seed * 1000 + epoch,
-            input_context=input_context, drop_remainder=training,
+            shuffle_buffer=max(data.shuffle_buffer, 1),
+            seed=None if epoch is None else self.config.train.seed * 1000 + epoch,
+            input_context=input_context, drop_remainder=training, repeat=training,
         )
 
     def model_inputs(self, features):

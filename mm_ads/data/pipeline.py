@@ -376,7 +376,7 @@ def make_ctr_dataset(
         parallel_reads: read those files in parallel threads: for remote file systems with high latency.
             On a local disk it is ~1.8× slower (per-record hand-off between threads), so it is off.
         check_files: parse the first record of every file now and raise a `ValueError` naming the file
-            if it does not match the spec.
+            if it does not match the spec (skipped when called inside a `tf.function`).
         record_file_names: every record carries its file name so that a parse error names the file
             (slower; for debugging bad data).
 
@@ -396,7 +396,10 @@ def make_ctr_dataset(
         raise ValueError(f"Dataset {data_dir}: ctr/{split} has no files")
 
     parse_spec = spec.parse_spec()
-    if check_files:
+    # Not inside a tf.function (e.g. the dataset function ParameterServerStrategy traces for its workers):
+    # there the check's loop would become part of the workers' graph (it hangs them). Such callers build
+    # the pipeline once eagerly first (the parameter-server trainer does).
+    if check_files and not tf.inside_function():
         check_first_records(files, parse_spec, f"ctr/{split}")
     join = None
     has_vectors = bool(spec.by_role("vector"))

@@ -10,6 +10,7 @@ float32, plus their `_missing` flags) — and returns `{"ctr": [B]}`. Only stock
 the graph, so a stock TF Serving loads it.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -76,3 +77,31 @@ def write_archive(archive, export_base, version=None):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None):
+    """Rebuilds the model of `model_dir`, restores a checkpoint and exports it; returns the version path.
+
+    The model is built unsharded and on the local device whatever the strategy it was trained with
+    (checkpoints do not depend on the number of embedding shards).
+    """
+    from mm_ads.config import ExperimentConfig
+    from mm_ads.ctr.model import build_ctr_model
+    from mm_ads.data.spec import FeatureSpec
+    from mm_ads.training.trainer import model_checkpoint
+
+    paths = {name: os.path.join(model_dir, name) for name in ("config.json", "feature_spec.json")}
+    for path in paths.values():
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: {model_dir} is not a model dir written by mm_ads.train")
+    with open(paths["config.json"]) as f:
+        config = ExperimentConfig.from_json(json.load(f))
+    with open(paths["feature_spec.json"]) as f:
+        spec = FeatureSpec.from_json(json.load(f))
+    checkpoint = checkpoint or tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
+    if not checkpoint:
+        raise FileNotFoundError(f"No checkpoint in {os.path.join(model_dir, 'ckpt')}")
+    model = build_ctr_model(spec, config.model)
+    restore = tf.train.Checkpoint(model=model_checkpoint(model)).restore(checkpoint)
+    restore.expect_partial().assert_existing_objects_matched()
+    return export_saved_model(model, export_base or os.path.join(model_dir, "export"), version=version)

@@ -1,5 +1,29 @@
 import keras
+import numpy as np
 import tensorflow as tf
+
+
+def partition_sizes(num_buckets, num_shards):
+    """Rows of each shard under the "div" (contiguous range) partitioning of `num_buckets` rows.
+
+    Shard `i` holds rows `[start_i, start_i + size_i)`; the first `num_buckets % num_shards` shards hold one
+    row more than the others (TensorFlow's `tf.nn.embedding_lookup` rule for a list of tables).
+    """
+    if num_shards < 1 or num_shards > num_buckets:
+        raise ValueError(f"num_shards must be in [1, num_buckets={num_buckets}], got {num_shards}")
+    q, r = divmod(num_buckets, num_shards)
+    return [q + 1 if i < r else q for i in range(num_shards)]
+
+
+def shard_of(rows, num_buckets, num_shards):
+    """`(shard, row within the shard)` of row indices (numpy int arrays) under `partition_sizes`."""
+    q, r = divmod(num_buckets, num_shards)
+    big = r * (q + 1)  # rows held by the larger shards
+    rows = np.asarray(rows, np.int64)
+    low = rows < big
+    shard = np.where(low, rows // (q + 1), r + (rows - big) // q)
+    local = np.where(low, rows % (q + 1), (rows - big) % q)
+    return shard, local
 
 
 @keras.saving.register_keras_serializable(package="mm_ads")
@@ -20,10 +44,27 @@ class SparseEmbedding(keras.layers.Layer):
     One layer instance can serve several features (target item and history items share the
     item table): call it on each.
 
+    **Sharded tables** (`num_shards > 1`): the table is `num_shards` variables (`embeddings_part_<i>`) that
+    split the rows into contiguous ranges (`partition_sizes`: "div" partitioning, TensorFlow's rule for
+    `tf.nn.embedding_lookup` on a list). A lookup routes every row to its shard, gathers there (the gather
+    is colocated with the shard's variable, so under `ParameterServerStrategy` only the looked-up rows
+    travel from the ps task that holds it) and stitches the results back in id order; the gradient is one
+    `IndexedSlices` per shard, so the sparse optimizers update (and keep their slots next to) each shard
+    where it lives. Under `ParameterServerStrategy` the shards are created one after another and so land
+    on consecutive ps tasks (round-robin): with `num_shards` a multiple of the ps count, every ps holds the
+    same number of rows. This replaces `tf.distribute`'s own partitioner, whose `ShardedVariable` Keras 3
+    cannot use as a layer weight (it has no `.handle`). Checkpoints do not depend on `num_shards`: the
+    trainer saves the shards as slices of one logical `[num_buckets, output_dim]` tensor
+    (`mm_ads.training.trainer.model_checkpoint`), so a table trained with 4 shards restores into 1 or 3.
+    Range partitioning keeps that property (a shard is a slice); its cost is that dense ids whose
+    popularity follows the id order put the hot rows on the first shard. Raw hashed ids (e.g. Taobao's)
+    spread evenly.
+
     Args:
         num_buckets: number of rows of the table.
         output_dim: embedding dimension E.
         padding_id: the id that marks an empty slot; `None` disables masking.
+        num_shards: row partitions of the table (1 = one variable `embeddings`).
         embeddings_initializer: initializer of the table (float32 variable).
         embeddings_regularizer: optional regularizer (note: a regularizer reads the whole
             table every step; prefer none for tables of millions of rows).
@@ -52,6 +93,7 @@ class SparseEmbedding(keras.layers.Layer):
         padding_id=0,
         embeddings_initializer="truncated_normal",
         embeddings_regularizer=None,
+        num_shards=1,
         **kwargs,
     ):
         # The table is never autocast: a cast would read all rows every step.
@@ -63,7 +105,10 @@ class SparseEmbedding(keras.layers.Layer):
             raise ValueError(f"output_dim must be a positive int, got {output_dim!r}")
         if padding_id is not None and not isinstance(padding_id, int):
             raise ValueError(f"padding_id must be an int or None, got {padding_id!r}")
+        if not isinstance(num_shards, int) or not 1 <= num_shards <= num_buckets:
+            raise ValueError(f"num_shards must be an int in [1, num_buckets={num_buckets}], got {num_shards!r}")
         self.num_buckets = num_buckets
+        self.num_shards = num_shards
         self.output_dim = output_dim
         self.padding_id = padding_id
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
@@ -71,14 +116,30 @@ class SparseEmbedding(keras.layers.Layer):
         self.supports_masking = True
 
     def build(self, input_shape=None):
-        self.embeddings = self.add_weight(
-            name="embeddings",
-            shape=(self.num_buckets, self.output_dim),
-            initializer=self.embeddings_initializer,
-            regularizer=self.embeddings_regularizer,
-            dtype="float32",
-        )
+        if self.num_shards == 1:
+            self.embeddings = self.add_weight(
+                name="embeddings",
+                shape=(self.num_buckets, self.output_dim),
+                initializer=self.embeddings_initializer,
+                regularizer=self.embeddings_regularizer,
+                dtype="float32",
+            )
+            self.shards = [self.embeddings]
+        else:
+            if self.embeddings_regularizer is not None:
+                raise ValueError("embeddings_regularizer is not supported with num_shards > 1")
+            self.shards = [
+                self.add_weight(name=f"embeddings_part_{i}", shape=(rows, self.output_dim),
+                                initializer=self.embeddings_initializer, dtype="float32")
+                for i, rows in enumerate(partition_sizes(self.num_buckets, self.num_shards))
+            ]
+            self.embeddings = None
         self.built = True
+
+    @property
+    def tables(self):
+        """The table's variables: `[embeddings]`, or the `num_shards` shards in row order."""
+        return list(self.shards)
 
     def bucketize(self, ids):
         """Raw ids → row indices in `[0, num_buckets)` (integer arithmetic only)."""
@@ -88,8 +149,9 @@ class SparseEmbedding(keras.layers.Layer):
     def call(self, ids):
         ids = tf.cast(ids, tf.int64)
         rows = self.bucketize(ids)
-        table = self.embeddings.value  # the tf.Variable itself: gather reads only the rows
-        out = tf.nn.embedding_lookup(table, rows)  # ids.shape + [E], float32
+        # the tf.Variables themselves: the gather reads only the rows (from the shard that holds each)
+        tables = [v.value for v in self.shards]
+        out = tf.nn.embedding_lookup(tables if len(tables) > 1 else tables[0], rows)  # ids.shape + [E], float32
         if self.padding_id is not None:
             valid = tf.not_equal(ids, self.padding_id)
             out = out * tf.cast(valid, out.dtype)[..., None]
@@ -111,6 +173,7 @@ class SparseEmbedding(keras.layers.Layer):
                 "num_buckets": self.num_buckets,
                 "output_dim": self.output_dim,
                 "padding_id": self.padding_id,
+                "num_shards": self.num_shards,
                 "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
                 "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
             }

@@ -34,6 +34,19 @@ def _dedupe(gradient):
     return unique, summed
 
 
+def combine_rows(gradient):
+    """An `IndexedSlices` gradient with one row per distinct index (the rows of a repeated index summed).
+
+    The sum the optimizers do anyway, done earlier: the trainer applies it on each replica before gradients
+    leave it (all-gathered across workers, or sent to a parameter server), which shrinks them from one row
+    per lookup (B·S for a history) to one per distinct id. Other gradients are returned as they are.
+    """
+    if not isinstance(gradient, tf.IndexedSlices):
+        return gradient
+    rows, summed = _dedupe(gradient)
+    return tf.IndexedSlices(summed, rows, gradient.dense_shape)
+
+
 def _as_tf_variable(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 

@@ -11,6 +11,11 @@ from mm_ads.layers.sparse_embedding import SparseEmbedding
 
 
 class Task(abc.ABC):
+    # Whether the task trains correctly with asynchronous steps on parameter servers (`build_inputs` then
+    # gets `epoch=None`: an unseeded, repeated stream per worker). Tasks that keep replicas in lock-step
+    # (momentum encoders, queues) do not.
+    supports_parameter_server = False
+
     @abc.abstractmethod
     def build_model(self):
         """Returns a `keras.Model` (built, variables created)."""
@@ -21,7 +26,7 @@ class Task(abc.ABC):
 
         With an `input_context`, the dataset is this input pipeline's shard and
         `batch_size` is the per-replica batch size. `epoch` seeds the shuffle so that
-        a resumed run replays exactly the same order.
+        a resumed run replays exactly the same order (None: unseeded, for parameter-server workers).
         """
 
     @abc.abstractmethod
@@ -45,10 +50,10 @@ class Task(abc.ABC):
         """Exact evaluation on the host: a dict of metrics (JSON-serialisable)."""
 
     def sparse_variables(self, model):
-        """Variables updated by the sparse optimizer: the tables of every `SparseEmbedding`."""
+        """Variables updated by the sparse optimizer: the tables (every shard) of every `SparseEmbedding`."""
         out, seen = [], set()
         for layer in model._flatten_layers(include_self=False):
             if isinstance(layer, SparseEmbedding) and id(layer) not in seen:
                 seen.add(id(layer))
-                out.append(layer.embeddings)
+                out.extend(layer.tables)
         return out

@@ -11,13 +11,30 @@ Fault tolerance: a checkpoint (model, both optimizers, global step) is written e
 of (seed, e), so a restarted run restores the last checkpoint and skips the batches of the
 current epoch it had already trained on: a kill loses at most the steps since the last
 checkpoint and never trains a batch twice in the resulting model.
+
+Clusters (see `mm_ads.training.distribute`):
+  * MultiWorkerMirroredStrategy: every worker runs this loop in lock-step on its own input shard.
+    Only the chief writes `<model_dir>/ckpt`, summaries and `eval_history.json` and evaluates; the other
+    workers take part in every save (as TensorFlow requires) into a temporary directory that is deleted
+    at once, and restore from the chief's `ckpt/` (the model dir must be on storage every worker reads).
+    After a lost worker, the whole cluster is restarted and resumes from the last checkpoint exactly as
+    a single process does.
+  * ParameterServerStrategy: the chief is the coordinator. It schedules steps on the workers through a
+    `ClusterCoordinator` (asynchronous: each worker applies its step's gradients to the variables on the
+    ps tasks as soon as it is done), waits for them at log/checkpoint/evaluation points, and evaluates
+    and saves from the ps variables. Each worker reads the whole training split, repeated and shuffled in
+    its own unseeded order (the coordinator traces one dataset function for all workers: there is no
+    per-worker shard index), so an epoch is `num_examples // batch_size` steps drawn across workers.
 """
 
 import collections
+import contextlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import keras
@@ -26,7 +43,7 @@ import tensorflow as tf
 from absl import logging
 
 from mm_ads.training import distribute
-from mm_ads.training.sparse_optimizers import SparseAdagrad, SparseAdam, SparseSGD
+from mm_ads.training.sparse_optimizers import SparseAdagrad, SparseAdam, SparseSGD, combine_rows
 from mm_ads.utils import io as io_utils
 
 _SPARSE = {"sgd": SparseSGD, "adagrad": SparseAdagrad, "adam": SparseAdam}
@@ -42,7 +59,19 @@ def model_checkpoint(model):
     Paths are not always unique: layers built outside a parent's scope (e.g. a keras-hub backbone and its
     copy, the MoCo key encoder) keep bare paths. Such variables are keyed by `<child>.<path>`, where
     `<child>` is the name of the model's direct sub-layer that owns them (stable for a given architecture).
+
+    A sharded `SparseEmbedding` table (`num_shards > 1`) is saved under the key of the unsharded table
+    (`emb_item.embeddings`) as slices of one `[num_buckets, E]` tensor, so the model's checkpoint does not
+    depend on the number of shards: it restores into any number of shards, or none (e.g. for export).
     """
+    from mm_ads.layers.sparse_embedding import SparseEmbedding
+
+    shard_of = {}  # id(shard variable) -> (key of the whole table, the layer)
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, SparseEmbedding) and layer.num_shards > 1:
+            key = layer.shards[0].path.rsplit("_part_", 1)[0].replace("/", ".")
+            for v in layer.shards:
+                shard_of[id(v)] = (key, layer)
     owner = {}
     for child in model._flatten_layers(include_self=False, recursive=False):
         for v in child.variables:
@@ -50,6 +79,12 @@ def model_checkpoint(model):
     counts = collections.Counter(v.path for v in model.variables)
     variables = {}
     for v in model.variables:
+        if id(v) in shard_of:
+            key, layer = shard_of[id(v)]
+            if key not in variables:
+                variables[key] = tf.__internal__.distribute.ShardedVariable([s.value for s in layer.shards],
+                                                                            name=key)
+            continue
         key = v.path.replace("/", ".")
         if counts[v.path] > 1 and id(v) in owner:
             key = f"{owner[id(v)]}.{key}"
@@ -100,16 +135,26 @@ class Trainer:
         strategy: a `tf.distribute.Strategy` (default: the current one).
         extra_checkpoint: `{name: trackable}` saved and restored in the same checkpoint as the model and
             optimizers (e.g. the near-line trainer's stream offsets: one atomic checkpoint for both).
+        combine_sparse_gradients: sum the table gradients' rows of each distinct id on every replica before
+            they are all-gathered or sent to the ps tasks (`combine_rows`); None = only when they travel
+            (more than one replica, or parameter servers). Same math, fewer bytes.
     """
 
-    def __init__(self, task, config, batch_size, model_dir, strategy=None, extra_checkpoint=None):
+    def __init__(self, task, config, batch_size, model_dir, strategy=None, extra_checkpoint=None,
+                 combine_sparse_gradients=None):
         self.task = task
         self.config = config
         self.global_batch = int(batch_size)
         self.model_dir = model_dir
         self.strategy = strategy or tf.distribute.get_strategy()
         self.chief = distribute.is_chief(self.strategy)
+        self.parameter_server = distribute.is_parameter_server(self.strategy)
+        if self.parameter_server and not task.supports_parameter_server:
+            raise ValueError(f"{type(task).__name__} does not support strategy=parameter_server (its replicas must "
+                             "stay in lock-step); use multi_worker")
         replicas = self.strategy.num_replicas_in_sync
+        self.combine_sparse_gradients = (replicas > 1 or self.parameter_server if combine_sparse_gradients is None
+                                         else bool(combine_sparse_gradients))
         if self.global_batch % replicas:
             raise ValueError(f"batch_size {self.global_batch} must be divisible by the {replicas} replicas")
         keras.utils.set_random_seed(config.seed)
@@ -126,16 +171,24 @@ class Trainer:
             if self.dense_vars:
                 self.dense_opt.build(self.dense_vars)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        if self.parameter_server:
+            self._log_placement()
         self.checkpoint = tf.train.Checkpoint(model=model_checkpoint(self.model), sparse_optimizer=self.sparse_opt,
                                               dense_optimizer=self.dense_opt, step=self.step,
                                               **(extra_checkpoint or {}))
-        ckpt_dir = os.path.join(model_dir, "ckpt") if self.chief else os.path.join(
-            model_dir, f".ckpt-worker-{os.getpid()}")
-        self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=3)
+        # Every process restores from the chief's directory; only the chief's manager writes there.
+        self.ckpt_dir = os.path.join(model_dir, "ckpt")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=3) if self.chief else None
+        self._saved_step = None
         self._planned = None
         self._train_step = None
         self._batch_step = None
         self.history = []
+
+    def _log_placement(self):
+        """Logs where every table shard and sparse-optimizer slot lives (`<path> [rows, E] on <device>`)."""
+        for v in self.sparse_vars + [v for v in self.sparse_opt.variables if len(v.shape) == 2]:
+            logging.info("placement: %s %s on %s", v.path, list(v.shape), _as_tf(v).device)
 
     @property
     def steps_per_epoch(self):
@@ -159,6 +212,7 @@ class Trainer:
         k = len(sparse_vars)
         global_batch = self.global_batch
         strategy = self.strategy
+        combine = self.combine_sparse_gradients
 
         def step_fn(features, labels):
             with tf.GradientTape() as tape:
@@ -172,7 +226,8 @@ class Trainer:
             targets = [v.value for v in sparse_vars] + [v.value for v in dense_vars]
             grads = tape.gradient(loss, targets)
             if k:
-                self.sparse_opt.apply_gradients(zip(grads[:k], sparse_vars))
+                sparse_grads = [combine_rows(g) for g in grads[:k]] if combine else grads[:k]
+                self.sparse_opt.apply_gradients(zip(sparse_grads, sparse_vars))
             if dense_vars:
                 self.dense_opt.apply_gradients(zip(grads[k:], dense_vars))
             task.after_apply_gradients(model, aux)
@@ -225,17 +280,33 @@ class Trainer:
         return float(self._batch_step(features, labels))
 
     # -- the loop ------------------------------------------------------------------------
+    @property
+    def latest_checkpoint(self):
+        return tf.train.latest_checkpoint(self.ckpt_dir)
+
     def restore(self):
-        latest = self.manager.latest_checkpoint
+        latest = self.latest_checkpoint
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
             logging.info("Restored %s (step %d)", latest, int(self.step.numpy()))
+        self._saved_step = int(self.step.numpy()) if latest else None
         return int(self.step.numpy())
 
     def save(self):
-        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
-        logging.info("Saved checkpoint %s", path)
-        return path
+        """Writes a checkpoint of the current step (chief: `<model_dir>/ckpt`; other workers: a temporary
+        directory, deleted at once — they take part because a multi-worker save may need every worker)."""
+        step = int(self.step.numpy())
+        self._saved_step = step
+        if self.chief:
+            path = self.manager.save(checkpoint_number=step)
+            logging.info("Saved checkpoint %s", path)
+            return path
+        tmp = tempfile.mkdtemp(prefix="mm_ads-worker-ckpt-")
+        try:
+            self.checkpoint.write(os.path.join(tmp, "ckpt"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return None
 
     def _load_history(self):
         path = os.path.join(self.model_dir, "eval_history.json")
@@ -244,6 +315,8 @@ class Trainer:
                 self.history = json.load(f)
 
     def _evaluate(self, epoch, step):
+        if not self.chief:  # metrics are the chief's: the other workers go on (they wait at the next step)
+            return {}
         metrics = self.task.evaluate(self.model, "eval")
         entry = {"epoch": epoch, "step": step, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}}
         self.history = [h for h in self.history if h["step"] != step] + [entry]
@@ -260,11 +333,12 @@ class Trainer:
         """Runs (or resumes) training to `total_steps`; returns the final evaluation metrics."""
         cfg = self.config
         os.makedirs(self.model_dir, exist_ok=True)
-        self.writer = tf.summary.create_file_writer(
-            os.path.join(self.model_dir, "summaries") if self.chief else os.path.join(
-                self.model_dir, f".summaries-worker-{os.getpid()}"))
+        self.writer = (tf.summary.create_file_writer(os.path.join(self.model_dir, "summaries")) if self.chief
+                       else tf.summary.create_noop_writer())
         self._load_history()
         step = self.restore()
+        if self.parameter_server:
+            return self._train_parameter_server(step)
         if self._train_step is None:
             self._train_step = self._make_train_step()
         progress = _Progress(self.total_steps)
@@ -278,7 +352,7 @@ class Trainer:
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"Loss became {loss} at step {step + 1}; the last checkpoint "
-                        f"({self.manager.latest_checkpoint}) is intact"
+                        f"({self.latest_checkpoint}) is intact"
                     )
                 step += 1
                 in_epoch += 1
@@ -296,12 +370,91 @@ class Trainer:
                 end_of_epoch = in_epoch == self.steps_per_epoch
                 if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch):
                     last_eval = self._evaluate(step / self.steps_per_epoch, step)
-        if self.manager.latest_checkpoint is None or not self.manager.latest_checkpoint.endswith(f"-{step}"):
+        if self._saved_step != step:  # the same decision on every worker
             self.save()
         if last_eval is None:
             last_eval = self._evaluate(step / self.steps_per_epoch, step)
         self.writer.flush()
         return last_eval
+
+    # -- the parameter-server loop ---------------------------------------------------------
+    def per_worker_iterator(self, coordinator):
+        """An iterator over every worker's own input pipeline (the training split, repeated, shuffled in the
+        worker's own unseeded order), for steps scheduled by `coordinator`."""
+
+        def dataset_fn(input_context):
+            per_replica = input_context.get_per_replica_batch_size(self.global_batch)
+            return self.task.build_inputs("train", per_replica, input_context=input_context, epoch=None,
+                                          training=True)
+
+        # built once here, eagerly: checks the files (the traced function for the workers cannot)
+        self.task.build_inputs("train", self.global_batch, epoch=None, training=True)
+        logging.info("Creating the input pipelines of the workers")
+        with _unseeded(self.config.seed):  # each worker's shuffle draws its own seed when its iterator is created
+            per_worker = coordinator.create_per_worker_dataset(
+                lambda: self.strategy.distribute_datasets_from_function(dataset_fn))
+        return iter(per_worker)
+
+    def _train_parameter_server(self, step):
+        """The coordinator's loop: schedules `total_steps - step` steps on the workers (asynchronous)."""
+        cfg = self.config
+        coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(self.strategy)
+        train_step = self._train_step = self._train_step or self._make_train_step()
+        iterator = self.per_worker_iterator(coordinator)
+        logging.info("Scheduling steps %d..%d on the workers", step + 1, self.total_steps)
+        progress = _Progress(self.total_steps)
+        last_eval = None
+        t0, n0 = time.time(), step
+        pending = []
+        while step < self.total_steps:
+            pending.append(coordinator.schedule(train_step, args=(iterator,)))
+            step += 1
+            checkpoint = step % cfg.checkpoint_every == 0
+            end_of_epoch = step % self.steps_per_epoch == 0
+            evaluate = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)
+            if not (step % cfg.log_every == 0 or checkpoint or evaluate or step == self.total_steps):
+                continue
+            coordinator.join()  # every scheduled step has been applied on the ps
+            losses = [float(r.fetch()) for r in pending]
+            pending = []
+            bad = [x for x in losses if not math.isfinite(x)]
+            if bad:
+                raise FloatingPointError(f"Loss became {bad[0]} by step {step}; the last checkpoint "
+                                         f"({self.latest_checkpoint}) is intact")
+            if step % cfg.log_every == 0 or step == self.total_steps:
+                rate = (step - n0) * self.global_batch / max(time.time() - t0, 1e-9)
+                loss = sum(losses) / len(losses)
+                progress.show(step, (step - 1) // self.steps_per_epoch + 1, loss, rate,
+                              final=step == self.total_steps)
+                with self.writer.as_default(step=step):
+                    tf.summary.scalar("train/loss", loss)
+                    tf.summary.scalar("train/examples_per_second", rate)
+                t0, n0 = time.time(), step
+            if checkpoint:
+                self.save()
+            if evaluate:
+                last_eval = self._evaluate(step / self.steps_per_epoch, step)
+        if self._saved_step != step:
+            self.save()
+        if last_eval is None:
+            last_eval = self._evaluate(step / self.steps_per_epoch, step)
+        self.writer.flush()
+        return last_eval
+
+
+def _as_tf(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+@contextlib.contextmanager
+def _unseeded(seed):
+    """Clears TensorFlow's global seed for the block (ops created in it draw fresh seeds at run time), then
+    sets it back to `seed`."""
+    tf.random.set_seed(None)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(seed)
 
 
 def set_global_determinism(seed):

@@ -79,3 +79,61 @@ def test_round_trip_config_and_keras_file(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(loaded(ids).numpy(), expected)
+
+
+def test_partition_sizes_and_routing_follow_tensorflow_div_rule():
+    from mm_ads.layers.sparse_embedding import partition_sizes, shard_of
+
+    assert partition_sizes(10, 3) == [4, 3, 3] and partition_sizes(10, 1) == [10]
+    shard, local = shard_of(np.arange(10), 10, 3)
+    assert shard.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2] and local.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2]
+    with pytest.raises(ValueError, match="num_shards"):
+        _layer(num_shards=11)
+    with pytest.raises(ValueError, match="num_shards"):
+        partition_sizes(10, 0)
+
+
+def test_sharded_table_equals_the_whole_table_in_lookups_updates_and_checkpoints(tmp_path):
+    """3 shards of a 10-row table: same outputs, same SparseAdagrad updates, and a checkpoint that restores
+    into 1 or 2 shards (the format does not depend on the number of shards)."""
+    from mm_ads.training.sparse_optimizers import SparseAdagrad
+    from mm_ads.training.trainer import model_checkpoint
+
+    def model(num_shards):
+        ids = keras.Input((4,), dtype="int64", name="ids")
+        layer = _layer(num_shards=num_shards, name="emb_item", embeddings_initializer="zeros")
+        out = keras.Model(ids, keras.ops.sum(layer(ids), axis=(1, 2)))
+        start = 0
+        for v in layer.tables:  # the rows of the test table, split like the shards
+            v.assign(np.arange(30, dtype=np.float32).reshape(10, 3)[start:start + v.shape[0]])
+            start += v.shape[0]
+        return out, layer
+
+    whole, w_layer = model(1)
+    sharded, s_layer = model(3)
+    assert [tuple(v.shape) for v in s_layer.tables] == [(4, 3), (3, 3), (3, 3)]
+    assert [v.path for v in s_layer.tables] == [f"emb_item/embeddings_part_{i}" for i in range(3)]
+    x = tf.constant([[4, 0, -1, 23], [9, 9, 3, 7]], tf.int64)  # rows on every shard, repeats, padding
+    np.testing.assert_array_equal(whole(x).numpy(), sharded(x).numpy())
+    opt_w, opt_s = SparseAdagrad(0.5), SparseAdagrad(0.5)
+    for step in range(3):
+        for m, opt, layer in ((whole, opt_w, w_layer), (sharded, opt_s, s_layer)):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(m(x) ** 2) * (step + 1)
+            grads = tape.gradient(loss, [v.value for v in layer.tables])
+            assert all(isinstance(g, tf.IndexedSlices) for g in grads)
+            opt.apply_gradients(zip(grads, layer.tables))
+    table = np.concatenate([v.numpy() for v in s_layer.tables])
+    np.testing.assert_allclose(table, w_layer.embeddings.numpy(), rtol=1e-6)
+    assert not np.array_equal(table, np.arange(30).reshape(10, 3))  # it trained
+
+    path = tf.train.Checkpoint(model=model_checkpoint(sharded)).save(str(tmp_path / "ckpt"))
+    assert dict(tf.train.list_variables(path))["model/emb_item..embeddings/.ATTRIBUTES/VARIABLE_VALUE"] == [10, 3]
+    for n in (1, 2):
+        fresh, layer = model(n)
+        for v in layer.tables:
+            v.assign(tf.zeros_like(v))
+        tf.train.Checkpoint(model=model_checkpoint(fresh)).restore(path).assert_existing_objects_matched()
+        np.testing.assert_array_equal(np.concatenate([v.numpy() for v in layer.tables]), table)
+    again = SparseEmbedding.from_config(s_layer.get_config())
+    assert again.num_shards == 3

@@ -1,5 +1,5 @@
 """One worker of the MultiWorkerMirroredStrategy test (TF_CONFIG in the environment): 3 SCL steps, then
-writes what it holds (queue, weights hash, loss) to `<work_dir>/worker<index>.json`."""
+writes what it holds (queue, weights hash, the chief's Acc@1) to `<work_dir>/worker<index>.json`."""
 
 import json
 import os
@@ -28,7 +28,8 @@ def main(work_dir, data_dir):
     model = trainer.model
     out = {"replicas": strategy.num_replicas_in_sync, "queue_ids": model.queue.ids.numpy().tolist(),
            "pointer": int(model.queue.pointer.numpy()), "encoder": encoder_version(model.encoder),
-           "key_encoder": encoder_version(model.key_encoder), "acc@1": metrics["acc@1"]}
+           "key_encoder": encoder_version(model.key_encoder), "acc@1": metrics.get("acc@1"),
+           "chief": trainer.chief}
     with open(f"{work_dir}/worker{index}.json", "w") as f:
         json.dump(out, f)
 
