@@ -273,17 +273,11 @@ class RedisStream:
     """
 
     def __init__(self, uri, client=None):
-        try:
-            import redis
-        except ImportError as e:
-            raise ImportError("Redis streams need redis-py: pip install 'mm_ads[serving]'") from e
-        parsed = urllib.parse.urlsplit(uri)
-        query = urllib.parse.parse_qs(parsed.query)
-        self.stream = query.pop("stream", ["mm_ads:events"])[0]
+        from mm_ads.serving.redis_local import connect
+
+        self._client, self.stream = connect(uri, "stream", "mm_ads:events", "Redis streams", client)
         self.uri = uri
         self.path = uri
-        base = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path, "", ""))
-        self._client = client or redis.Redis.from_url(base)
 
     def append(self, records):
         payloads = _encode(records, f"Redis stream {self.uri}")

@@ -353,18 +353,14 @@ class RedisIndexTable(IndexTable):
     """Redis backend: `<prefix>:meta` hash + `<prefix>:rows` hash; MULTI/EXEC per put_many, HMGET per get."""
 
     def __init__(self, uri, dim=None, encoder_version=None, dtype="float32", create=False, scale=None, client=None):
-        try:
-            import redis
-        except ImportError as e:
-            raise ImportError("the Redis index table needs redis-py: pip install 'mm_ads[serving]'") from e
-        parsed = urllib.parse.urlsplit(uri)
-        query = urllib.parse.parse_qs(parsed.query)
-        self.prefix = query.pop("prefix", ["mm_ads:index"])[0]
+        from mm_ads.serving.redis_local import connect
+
+        self._client, self.prefix = connect(uri, "prefix", "mm_ads:index", "the Redis index table", client)
         self.uri = uri
-        base = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path, "", ""))
-        self._client = client or redis.Redis.from_url(base)
         self._meta_key = f"{self.prefix}:meta"
         self._rows_key = f"{self.prefix}:rows"
+        import redis  # present: connect() checked
+
         try:
             raw = self._client.hgetall(self._meta_key)
         except redis.RedisError as e:

@@ -2,7 +2,7 @@
 
 `local_redis_server()` starts the binary on a random free port with its own temporary directory and no
 persistence (`--save '' --appendonly no`), waits until it answers PING, yields `redis://127.0.0.1:PORT/0`,
-and always kills it and removes the directory.
+and always kills it and removes the directory. `connect()` opens a `redis://` URI of the Redis backends.
 """
 
 import contextlib
@@ -11,10 +11,26 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 
 
 class RedisUnavailable(RuntimeError):
     """No `redis-server` binary or no redis-py."""
+
+
+def connect(uri, key, default, what, client=None):
+    """`redis://host:port/db?<key>=NAME` → (a redis-py client, NAME or `default`).
+
+    `what` names the caller in the error raised when redis-py is missing; `client` replaces the one built here.
+    """
+    try:
+        import redis
+    except ImportError as e:
+        raise ImportError(f"{what} needs redis-py: pip install 'mm_ads[serving]'") from e
+    parsed = urllib.parse.urlsplit(uri)
+    name = urllib.parse.parse_qs(parsed.query).get(key, [default])[0]
+    base = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path, "", ""))
+    return client or redis.Redis.from_url(base), name
 
 
 def _free_port():

@@ -1,10 +1,7 @@
 """Event streams: the file log and Redis Streams through the same tests, plus the file log's crash recovery."""
 
 import os
-import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -12,9 +9,7 @@ import zlib
 import pytest
 
 from mm_ads.serving.events import EventLog, EventLogError, EventTail, RedisStream, open_stream
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+from tests.serving.crash_writer import run_and_kill
 
 
 def _records(n, start=0):
@@ -82,22 +77,7 @@ def test_tail_follows_appends(stream_uri):
 def test_writer_killed_with_sigkill(stream_uri):
     """Every acknowledged batch survives; what is readable is an in-order prefix; appends then continue."""
     batch = 500
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "crash_writer.py"), "events", stream_uri,
-                             str(batch)], stdout=subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
-    try:
-        acked = -1
-        while acked < 3:
-            line = proc.stdout.readline()
-            assert line, "the writer exited early"
-            acked = int(line)
-        time.sleep(0.003)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    acked = run_and_kill("events", stream_uri, batch, min_acked=3, delay_s=0.003)
     with open_stream(stream_uri) as log:
         got = [r for _, _, r in log.read(0, 10**6)]
         assert [(r["b"], r["k"]) for r in got] == [(i // batch, i % batch) for i in range(len(got))]

@@ -1,9 +1,5 @@
 """Index table: both backends through the same tests (Redis ones skip when redis-server is absent)."""
 
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,10 +12,7 @@ from mm_ads.serving.index_table import (
     load_vector_table_into,
     open_index_table,
 )
-from tests.serving.crash_writer import batch_vectors
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+from tests.serving.crash_writer import batch_vectors, run_and_kill
 
 
 def _unit(n, d, seed=0):
@@ -169,23 +162,7 @@ def test_load_vector_table_into(table_uri, tmp_path, dtype):
 def test_sigkill_mid_put_many_leaves_whole_batches(table_uri, kill_after):
     """A writer killed by SIGKILL during a put_many loop: reopening shows exactly whole batches."""
     batch, dim = 20_000, 16
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "crash_writer.py"), "index", table_uri,
-                             str(batch), str(dim)], stdout=subprocess.PIPE, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": REPO})
-    try:
-        acked = -1
-        while acked < kill_after:
-            line = proc.stdout.readline()
-            assert line, "the writer exited early"
-            acked = int(line)
-        time.sleep(0.01 * kill_after)  # land inside the next put_many
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    acked = run_and_kill("index", table_uri, batch, dim, min_acked=kill_after, delay_s=0.01 * kill_after)
     with open_index_table(table_uri, dim=dim, encoder_version="crash-v1") as t:
         n = len(t)
         assert n % batch == 0 and n // batch >= acked + 1  # whole batches, every acknowledged one kept
