@@ -46,7 +46,6 @@ python -m tools.bench.ctr_step --variants=simtier --optimizer=adam --skip_stock
 
 import gc
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -64,6 +63,7 @@ from mm_ads.layers.mlp import MLP
 from mm_ads.layers.sim_tier import SimTier
 from mm_ads.training.task import Task
 from mm_ads.training.trainer import Trainer
+from tools.bench import machine as bench_machine
 
 _VARIANTS = flags.DEFINE_list("variants", ["id", "simtier"], "CTR variants to measure (id, simtier).")
 _OPTIMIZER = flags.DEFINE_enum("optimizer", "adagrad", ["adagrad", "adam"],
@@ -95,19 +95,8 @@ _HASH_MULTIPLIER = 2_654_435_761  # Knuth's multiplicative hash: scatters Zipf r
 
 # -- machine and memory ------------------------------------------------------------------------------------
 def machine_info():
-    """CPU model and flags of interest, core count, load average and versions."""
-    model, avx512 = "unknown", False
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    avx512 = " avx512f" in line
-    except OSError:
-        pass
-    return {"cpu_model": model, "avx512f_flag": avx512, "cpus": os.cpu_count(), "load": os.getloadavg(),
-            "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__}
+    """The machine (tools.bench.machine), the avx512f flag and the Keras version."""
+    return bench_machine.machine_info(avx512f_flag=bench_machine.cpu_flag("avx512f"), keras=keras.__version__)
 
 
 def _status_kb(field):

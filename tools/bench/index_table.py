@@ -24,7 +24,6 @@ python -m tools.bench.index_table --num_items=1000000 --backends=sqlite,numpy
 """
 
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -36,6 +35,7 @@ from absl import app, flags, logging
 
 from mm_ads.serving.index_table import RedisIndexTable, open_index_table
 from mm_ads.serving.redis_local import RedisUnavailable, local_redis_server
+from tools.bench import machine as bench_machine
 
 _NUM_ITEMS = flags.DEFINE_integer("num_items", 100_000, "Rows in every store.")
 _DIM = flags.DEFINE_integer("dim", 128, "Vector dim D.")
@@ -79,13 +79,9 @@ class NumpyDict:
 
 
 def machine_info():
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs, {model}, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
+    info = bench_machine.machine_info()
+    return (f"{info['cpus']} CPUs, {info['cpu_model']}, Python {info['python']}, "
+            f"SQLite {sqlite3.sqlite_version}")
 
 
 def _percentile_ms(values, q):

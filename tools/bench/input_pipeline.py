@@ -18,19 +18,18 @@ processes on a 2-core machine change the numbers by 2×.
 """
 
 import os
-import platform
 import statistics
 import tempfile
 import time
 
 import numpy as np
-import tensorflow as tf
 from absl import app, flags, logging
 
 from mm_ads.data import pipeline
 from mm_ads.data.dataset import DatasetWriter, Manifest
 from mm_ads.data.spec import FeatureSpec
 from mm_ads.data.vectors import VectorTable, write_vector_table
+from tools.bench import machine as bench_machine
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Existing dataset (with vector features); default: synthetic.")
 _SPLIT = flags.DEFINE_string("split", "train", "Split to read.")
@@ -52,22 +51,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic data and the shuf
 
 
 def machine_info():
-    """CPU count and model, load average, Python, TensorFlow version and the CPU allocator in use."""
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
+    """The machine (tools.bench.machine) and the CPU allocator in use."""
     allocator = "BFC" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("1", "true") else "default"
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "cpu_allocator": allocator,
-        "load_1min": os.getloadavg()[0],
-    }
+    return bench_machine.machine_info(cpu_allocator=allocator)
 
 
 def write_synthetic(out_dir, num_examples, num_shards, num_vectors, miss_rate, seq_len, vector_dim, seed):
@@ -190,7 +176,7 @@ def run_benchmark(data_dir, split, vector_table, batch_size, warmup, timed, repe
     info = machine_info()
     context = [
         f"machine: {info['cpus']} CPUs, {info['cpu_model']}, load average {load_before:.1f} → "
-        f"{info['load_1min']:.1f} (1 min, before → after); Python {info['python']}, TF {info['tensorflow']}, "
+        f"{info['load'][0]:.1f} (1 min, before → after); Python {info['python']}, TF {info['tensorflow']}, "
         f"CPU allocator {info['cpu_allocator']}",
         f"data: {manifest.num_rows('ctr', split):,} impressions in {len(manifest.files('ctr', split))} files, "
         f"S={spec.seq_len}, D={spec.vector_dim}, batch {batch_size}, shuffle={shuffle}; "

@@ -8,12 +8,13 @@ of the items; `start_server` runs `python -m mm_ads.serving.server` on it as a s
 import http.client
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
 
 import numpy as np
+
+from tools.bench import machine as bench_machine
 
 
 # -- the served world ------------------------------------------------------------------------------------------
@@ -156,13 +157,6 @@ class RestClient:
 
 
 def machine_info():
-    import tensorflow as tf
+    import tensorflow  # noqa: F401  (its version is reported)
 
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"cpu_model": model, "cpus": os.cpu_count(), "load": os.getloadavg(), "nice": os.nice(0),
-            "python": platform.python_version(), "tensorflow": tf.__version__}
+    return bench_machine.machine_info()
