@@ -145,6 +145,9 @@ class TrainConfig:
         num_devices: for "mirrored" on CPU: split the CPU into this many logical devices.
         embedding_shards: row partitions of every embedding table (`SparseEmbedding(num_shards=...)`); under
             "parameter_server" the partitions are spread over the ps tasks. Checkpoints do not depend on it.
+        ps_sync_steps: under "parameter_server", run the first N steps one at a time (each on the weights left
+            by the previous one) before the workers go asynchronous: early steps are the largest, and two
+            workers applying them on the same stale weights overshoot (BUILD.md). Costs nothing elsewhere.
         deterministic: enable TF op determinism (reproducible runs; slower).
         export: export a SavedModel to `<model_dir>/export/<version>` at the end.
         make_learning_rate: learning rate of MAKE's pre-training (phase A, dense optimizer); 0 = the
@@ -164,6 +167,7 @@ class TrainConfig:
     strategy: str = "default"
     num_devices: int = 1
     embedding_shards: int = 1
+    ps_sync_steps: int = 100
     deterministic: bool = False
     export: bool = True
     make_learning_rate: float = 0.0
@@ -183,6 +187,7 @@ class TrainConfig:
         _check(self.strategy in STRATEGIES, f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         _check(self.num_devices >= 1, f"train.num_devices must be >= 1, got {self.num_devices}")
         _check(self.embedding_shards >= 1, f"train.embedding_shards must be >= 1, got {self.embedding_shards}")
+        _check(self.ps_sync_steps >= 0, f"train.ps_sync_steps must be >= 0, got {self.ps_sync_steps}")
         _check(not (self.deterministic and self.strategy == "parameter_server"),
                "train.deterministic cannot hold with strategy=parameter_server: its steps are asynchronous and each "
                "worker shuffles in its own unseeded order")

@@ -379,12 +379,29 @@ class Trainer:
 
     # -- the parameter-server loop ---------------------------------------------------------
     def per_worker_iterator(self, coordinator):
-        """An iterator over every worker's own input pipeline (the training split, repeated, shuffled in the
-        worker's own unseeded order), for steps scheduled by `coordinator`."""
+        """An iterator over every worker's own input pipeline, for steps scheduled by `coordinator`.
+
+        Worker `i` of `W` reads its own part of the training split (files `i, i+W, ...`, or every W-th record
+        when there are fewer files than workers), repeated, shuffled in the worker's own unseeded order.
+        Without this split every worker would read the whole split in its own order: in the steps of one
+        epoch some examples would be trained on twice and others never (the one-epoch CTR models of this
+        package over-fit on repeated examples; measured in BUILD.md).
+        """
+        # the coordinator is connected to the cluster: its devices include every worker task's
+        num_workers = len({d.name.split("/device:")[0] for d in tf.config.list_logical_devices()
+                           if "/job:worker/" in d.name})
+        logging.info("Input of the parameter-server workers: each of %d reads its own 1/%d of the split",
+                     num_workers, num_workers)
 
         def dataset_fn(input_context):
             per_replica = input_context.get_per_replica_batch_size(self.global_batch)
-            return self.task.build_inputs("train", per_replica, input_context=input_context, epoch=None,
+            # ParameterServerStrategy hands every worker the same context (one pipeline): the worker's
+            # index is only known where the function runs, as a tensor.
+            worker_context = tf.distribute.InputContext(
+                num_input_pipelines=num_workers,
+                input_pipeline_id=tf.distribute.coordinator.experimental_get_current_worker_index(),
+                num_replicas_in_sync=input_context.num_replicas_in_sync)
+            return self.task.build_inputs("train", per_replica, input_context=worker_context, epoch=None,
                                           training=True)
 
         # built once here, eagerly: checks the files (the traced function for the workers cannot)
@@ -402,6 +419,9 @@ class Trainer:
         train_step = self._train_step = self._train_step or self._make_train_step()
         iterator = self.per_worker_iterator(coordinator)
         logging.info("Scheduling steps %d..%d on the workers", step + 1, self.total_steps)
+        if step < cfg.ps_sync_steps:
+            logging.info("Synchronous warm-up: steps %d..%d one at a time, then asynchronous", step + 1,
+                         min(cfg.ps_sync_steps, self.total_steps))
         progress = _Progress(self.total_steps)
         last_eval = None
         t0, n0 = time.time(), step
@@ -409,6 +429,8 @@ class Trainer:
         while step < self.total_steps:
             pending.append(coordinator.schedule(train_step, args=(iterator,)))
             step += 1
+            if step <= cfg.ps_sync_steps:
+                coordinator.join()  # warm-up: the next step starts from this one's weights
             checkpoint = step % cfg.checkpoint_every == 0
             end_of_epoch = step % self.steps_per_epoch == 0
             evaluate = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)
