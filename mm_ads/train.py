@@ -126,7 +126,8 @@ def _run_ctr(config, strategy, chief, start):
 
             metrics["export_path"] = export_checkpoint(config.model_dir, checkpoint=trainer.latest_checkpoint)
         else:
-            metrics["export_path"] = export_saved_model(trainer.model, os.path.join(config.model_dir, "export"))
+            metrics["export_path"] = export_saved_model(trainer.model, os.path.join(config.model_dir, "export"),
+                                                        spec=task.spec)
     if chief:
         io_utils.write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
     return metrics

@@ -8,6 +8,11 @@ The `serving_default` signature takes the model's inputs by their FeatureSpec na
 multimodal vectors are input features (`item_vector` [B, D], `hist_item_vector` [B, S, D],
 float32, plus their `_missing` flags) — and returns `{"ctr": [B]}`. Only stock TF ops are in
 the graph, so a stock TF Serving loads it.
+
+Given the FeatureSpec, a second signature, `user_candidates`, scores the B candidates of ONE user: the same
+inputs, but the user-side ones (user/context features, the behaviour sequence's ids, `hist_item_vector`
+[1, S, D] and its flags) have batch 1 and are not repeated per candidate. Same scores as `serving_default`
+on the repeated inputs, with the history-only work done once (BUILD.md: serving benchmark).
 """
 
 import json
@@ -36,14 +41,28 @@ def latest_version(export_base):
     return max(versions, default=0)
 
 
-def export_saved_model(model, export_base, version=None, outputs=("ctr",)):
+USER_SIGNATURE = "user_candidates"
+
+
+def user_candidates_specs(specs, user_inputs):
+    """`specs` with the batch dimension of every input in `user_inputs` fixed to 1."""
+    unknown = sorted(set(user_inputs) - set(specs))
+    if unknown:
+        raise ValueError(f"user-side input(s) {unknown} are not inputs of the model ({sorted(specs)})")
+    return {name: tf.TensorSpec((1,) + tuple(s.shape[1:]), s.dtype, name=name) if name in user_inputs else s
+            for name, s in specs.items()}
+
+
+def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=None):
     """Writes `model` to `<export_base>/<version>/` atomically and returns that path.
 
     Args:
         model: a functional Keras model with named inputs and a dict output.
         export_base: the TF Serving model base path.
         version: integer version; default the latest existing + 1.
-        outputs: which of the model's outputs the signature returns.
+        outputs: which of the model's outputs the signatures return.
+        spec: the model's `FeatureSpec`: adds the `user_candidates` signature (a model of
+            `mm_ads.ctr.model.build_ctr_model`, or one that broadcasts its user-side inputs likewise).
     """
     specs = serving_signature_specs(model)
 
@@ -54,6 +73,11 @@ def export_saved_model(model, export_base, version=None, outputs=("ctr",)):
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serving_default", serve, input_signature=[specs])
+    if spec is not None:
+        from mm_ads.ctr.model import user_side_inputs
+
+        user_specs = user_candidates_specs(specs, user_side_inputs(spec, specs))
+        archive.add_endpoint(USER_SIGNATURE, tf.function(serve), input_signature=[user_specs])
     return write_archive(archive, export_base, version)
 
 
@@ -104,4 +128,4 @@ def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None
     model = build_ctr_model(spec, config.model)
     restore = tf.train.Checkpoint(model=model_checkpoint(model)).restore(checkpoint)
     restore.expect_partial().assert_existing_objects_matched()
-    return export_saved_model(model, export_base or os.path.join(model_dir, "export"), version=version)
+    return export_saved_model(model, export_base or os.path.join(model_dir, "export"), version=version, spec=spec)

@@ -47,8 +47,10 @@ class DINAttention(keras.layers.Layer):
 
     Call arguments:
         query: `[B, E]` target item representation.
-        keys: `[B, S, E]` behaviour sequence (same width as `query`).
-        value: optional `[B, S, Ev]` values to pool; default `keys`.
+        keys: `[B, S, E]` behaviour sequence (same width as `query`), or `[1, S, E]` (static batch 1): one
+            sequence for all B queries, as when the candidates of one user are ranked; the history-only terms
+            are then computed once (the result equals that of the sequence repeated B times).
+        value: optional `[B, S, Ev]` values to pool (`[1, S, Ev]` with a shared sequence); default `keys`.
         side_features: optional `[B, S]` or `[B, S, F]` per-position side information, concatenated to the
             attention MLP input.
         mask: optional `[B, S]` bool, True = valid position. Must be passed explicitly (a Keras mask on
@@ -154,6 +156,9 @@ class DINAttention(keras.layers.Layer):
         return_attention_scores=False,
     ):
         value_is_keys = value is None
+        # One behaviour sequence for every query (static batch 1 of keys/value/mask against B queries: the
+        # candidates of one user): the history-only terms are computed once instead of B times.
+        shared = keys.shape[0] == 1 and (value_is_keys or value.shape[0] == 1)
         if mask is None:
             mask = ops.ones(ops.shape(keys)[:2], dtype="bool")  # [B, S]
         mask = ops.cast(mask, "bool")
@@ -162,6 +167,14 @@ class DINAttention(keras.layers.Layer):
         valid_3d = ops.expand_dims(mask, -1)  # [B, S, 1]
         keys = ops.where(valid_3d, keys, ops.zeros_like(keys))
         value = keys if value_is_keys else ops.where(valid_3d, value, ops.zeros_like(value))
+        if shared:
+            batch = ops.shape(query)[0]
+            mask = ops.broadcast_to(mask, (batch, ops.shape(keys)[1]))  # [B, S]
+            valid_3d = ops.expand_dims(mask, -1)
+            if not self.attention_mlp.dense_layers:
+                keys = ops.broadcast_to(keys, (batch,) + tuple(ops.shape(keys)[1:]))
+                value = ops.broadcast_to(value, (batch,) + tuple(ops.shape(value)[1:]))
+                shared = False
         # The first attention layer reads [q, k, q - k, q * k, side] @ W. Splitting W by rows into
         # Wq, Wk, Wd, Wp, Ws gives the same pre-activation as
         #     q @ (Wq + Wd)  +  [k, q * k, side] @ [Wk - Wd; Wp; Ws]
@@ -183,10 +196,19 @@ class DINAttention(keras.layers.Layer):
         kernel = ops.cast(first.kernel, self.compute_dtype)  # [4E + F, H]
         w_q, w_k, w_d = kernel[:width], kernel[width:2 * width], kernel[2 * width:3 * width]
         w_rest = ops.concatenate([w_k - w_d, kernel[3 * width:]], axis=0)  # [2E + F, H]
-        position_inputs = ops.concatenate(parts, axis=-1)  # [B, S, 2E + F]
-        batch, seq_len = ops.shape(keys)[0], ops.shape(keys)[1]
-        per_position = ops.matmul(ops.reshape(position_inputs, (-1, ops.shape(w_rest)[0])), w_rest)  # [B·S, H]
-        per_position = ops.reshape(per_position, (batch, seq_len, ops.shape(w_rest)[1]))  # [B, S, H]
+        if shared:
+            # [k, q * k, side] @ [Wk - Wd; Wp; Ws] = k @ (Wk - Wd)  (once: [1, S, H])  +  [q * k, side] @ [Wp; Ws]
+            units = ops.shape(w_rest)[1]
+            history_term = ops.matmul(keys[0], w_rest[:width])  # [S, H]
+            pair_inputs = ops.concatenate(parts[1:], axis=-1)  # [B, S, E + F]
+            batch, seq_len = ops.shape(pair_inputs)[0], ops.shape(pair_inputs)[1]
+            per_position = ops.matmul(ops.reshape(pair_inputs, (-1, ops.shape(pair_inputs)[-1])), w_rest[width:])
+            per_position = ops.reshape(per_position, (batch, seq_len, units)) + history_term  # [B, S, H]
+        else:
+            position_inputs = ops.concatenate(parts, axis=-1)  # [B, S, 2E + F]
+            batch, seq_len = ops.shape(keys)[0], ops.shape(keys)[1]
+            per_position = ops.matmul(ops.reshape(position_inputs, (-1, ops.shape(w_rest)[0])), w_rest)  # [B·S, H]
+            per_position = ops.reshape(per_position, (batch, seq_len, ops.shape(w_rest)[1]))  # [B, S, H]
         per_example = ops.matmul(query, w_q + w_d)  # [B, H]
         if first.use_bias:
             per_example = per_example + ops.cast(first.bias, self.compute_dtype)
@@ -204,7 +226,10 @@ class DINAttention(keras.layers.Layer):
             weights = exp / ops.maximum(ops.sum(exp, axis=1, keepdims=True), 1e-30)  # all-padded row -> 0
         else:
             weights = ops.where(mask, logits, 0.0)  # [B, S]
-        pooled = ops.einsum("bs,bsd->bd", weights, ops.cast(value, "float32"))  # [B, Ev]
+        if value.shape[0] == 1:  # one sequence for every query (or a batch of 1): [B, S] x [S, Ev]
+            pooled = ops.matmul(weights, ops.cast(value[0], "float32"))  # [B, Ev]
+        else:
+            pooled = ops.einsum("bs,bsd->bd", weights, ops.cast(value, "float32"))  # [B, Ev]
         pooled = ops.cast(pooled, self.compute_dtype)
         if return_attention_scores:
             return pooled, weights

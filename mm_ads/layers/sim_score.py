@@ -21,10 +21,11 @@ def similarity_and_validity(target, history, normalize, scale=1.0, mask=None):
 
     Args:
         target: `[B, D]` float or int vectors.
-        history: `[B, S, D]` float or int vectors.
+        history: `[B, S, D]` float or int vectors, or `[1, S, D]` (static batch 1): one history for every
+            target, as when the candidates of one user are ranked (the scores are computed without copying it).
         normalize: L2-normalise both sides first (cosine similarity); False: plain dot product.
         scale: multiplier of integer inputs after the cast to float32.
-        mask: optional `[B, S]` bool, True = valid.
+        mask: optional `[B, S]` (or, with a shared history, `[1, S]`) bool, True = valid.
 
     Returns:
         `(scores [B, S] float32, valid [B, S] bool)`: `valid` is `mask` AND both vectors non-zero (a zero
@@ -38,9 +39,13 @@ def similarity_and_validity(target, history, normalize, scale=1.0, mask=None):
         history = ops.where(ops.expand_dims(ops.cast(mask, "bool"), -1), history, 0.0)
     # Normalise the [B, S] scores, not the [B, S, D] vectors: q·h / (|q|·|h|) needs only the two dot
     # products, which saves three passes over the largest tensor of the model (~3x faster SimTier).
-    dots = ops.einsum("bd,bsd->bs", target, history)  # [B, S]
+    if history.shape[0] == 1:
+        # one history for every target (ranking the candidates of one user): one [B, D] x [D, S] product
+        dots = ops.matmul(target, ops.transpose(history[0]))  # [B, S]
+    else:
+        dots = ops.einsum("bd,bsd->bs", target, history)  # [B, S]
     target_sq = ops.sum(ops.square(target), axis=-1, keepdims=True)  # [B, 1]
-    history_sq = ops.einsum("bsd,bsd->bs", history, history)  # [B, S]
+    history_sq = ops.einsum("bsd,bsd->bs", history, history)  # [B, S] ([1, S]: broadcast below)
     scores = dots
     if normalize:
         # rsqrt of a floor: a zero vector gives a score of 0 instead of NaN (and is invalid below).
@@ -75,7 +80,7 @@ class SimScore(keras.layers.Layer):
     Call arguments:
         target: `[B, D]` float or int8 target vectors.
         history: `[B, S, D]` float or int8 history vectors.
-        mask: optional `[B, S]` bool, True = valid.
+        mask: optional `[B, S]` (or, with a shared history, `[1, S]`) bool, True = valid.
 
     Returns:
         scores `[B, S]` (or `[B, S, 1]`) float32; with `summary` a tuple `(scores, summary [B, 1 or 2])`.

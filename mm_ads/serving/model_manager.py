@@ -167,7 +167,9 @@ class LoadedModel:
         """Calls every signature on zero inputs of each batch size (traces kernels off the request path)."""
         for sig in self.signatures.values():
             for b in batch_sizes:
-                zeros = {k: np.zeros((b,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype) for k, s in sig.inputs.items()}
+                # a fixed batch dimension (the user side of `user_candidates`: 1) keeps its size
+                zeros = {k: np.zeros((b if s.shape[0] is None else s.shape[0],) + tuple(s.shape[1:]),
+                                     s.dtype.as_numpy_dtype) for k, s in sig.inputs.items()}
                 out = self.predict(zeros, sig.name)
                 for k, v in out.items():
                     if not np.all(np.isfinite(v)):

@@ -629,7 +629,7 @@ class NearlineTrainer:
         from mm_ads.export.saved_model import export_saved_model
 
         self.checkpoint()
-        path = export_saved_model(self.trainer.model, self.export_base)
+        path = export_saved_model(self.trainer.model, self.export_base, spec=self.spec)
         entry = {"version": int(os.path.basename(path)), "path": os.path.abspath(path),
                  "step": int(self.trainer.step.numpy()), "events": self.state.events,
                  "next_offset": self.state.next_offset, "exported_at": time.time()}

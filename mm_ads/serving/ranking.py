@@ -12,6 +12,9 @@ first, as in the datasets), and the user/context features the model reads (e.g. 
     features (`hist_category_id`, ...) come from the catalogue column of the item feature that shares
     their embedding table, and are the padding id on padded slots;
   * user/context features → the request value, repeated on every row;
+
+(A version exported with its FeatureSpec has the `user_candidates` signature: then the history-side and
+user/context inputs are given once, batch 1, and the model broadcasts them — same scores, less work.)
   * multimodal vectors → the **index table** (`get_many(ids) -> (vectors, found)`, one call per request
     for the unique candidate and history ids): `item_vector` [N, D], `hist_item_vector` [N, S, D]
     (the history is fetched once; the [N, S, ...] inputs are broadcast views, copied once into tensors).
@@ -31,6 +34,7 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from mm_ads.data.spec import HIST_ITEM_ID, HIST_ITEM_VECTOR, ITEM_ID, ITEM_VECTOR, missing_flag_name
+from mm_ads.export.saved_model import USER_SIGNATURE
 from mm_ads.serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from mm_ads.serving.stats import ServingStats
 
@@ -278,6 +282,7 @@ class RankLayout:
             if name not in spec:
                 raise FailedPrecondition(f"ranking: the FeatureSpec has no {name!r} feature")
         self.seq_len = spec.seq_len
+        self.shared_user = False  # set by `Ranker.layout` for the `user_candidates` signature
         self.padding_id = spec[self.history].padding_id
         self.vectors = [n for n in (ITEM_VECTOR, HIST_ITEM_VECTOR) if n in inputs]
         self.dim = int(inputs[ITEM_VECTOR].shape[-1]) if ITEM_VECTOR in inputs else None
@@ -356,11 +361,20 @@ class Ranker:
         self.stats = stats if stats is not None else ServingStats()
         self.signature_name = signature_name
 
+    def signature_for(self, model):
+        """The signature a ranking call uses on `model`: `user_candidates` (the user side once, batch 1) when
+        the version has it and the ranker was not told otherwise, else `signature_name`."""
+        if self.signature_name == "serving_default" and USER_SIGNATURE in model.signatures:
+            return USER_SIGNATURE
+        return self.signature_name
+
     def layout(self, model):
         """The `RankLayout` of a loaded version (built once per version, checked against the index table)."""
         layout = model.cache.get("rank_layout")
         if layout is None:
-            layout = RankLayout(self.spec, model.signature(self.signature_name))
+            signature = model.signature(self.signature_for(model))
+            layout = RankLayout(self.spec, signature)
+            layout.shared_user = signature.name == USER_SIGNATURE
             if layout.vectors and self.index_table is not None and int(self.index_table.dim) != layout.dim:
                 raise FailedPrecondition(f"ranking: the index table has dim {self.index_table.dim}, model version "
                                          f"{model.version} expects vectors of dim {layout.dim}")
@@ -410,13 +424,16 @@ class Ranker:
         k = len(hist)
         hist_row = np.full(s, layout.padding_id, np.int64)
         hist_row[s - k:] = hist
+        # user side: once (the `user_candidates` signature) or repeated on every candidate's row (read-only
+        # broadcast views: converting them to tensors is the one copy)
+        rows = 1 if layout.shared_user else n
         inputs = {}
         if layout.candidate in layout.inputs:
             inputs[layout.candidate] = cands
         if layout.history in layout.inputs:
-            inputs[layout.history] = np.broadcast_to(hist_row, (n, s))
+            inputs[layout.history] = np.broadcast_to(hist_row, (rows, s))
         for name, value in request.features.items():
-            inputs[name] = np.full(n, value, np.int64)
+            inputs[name] = np.full(rows, value, np.int64)
         # catalogue: item-side features of candidates (unless given) and history-side features
         need_cand = [c for c in layout.item_side if c not in request.candidate_features]
         need_hist = sorted(set(layout.history_side.values()))
@@ -436,7 +453,7 @@ class Ranker:
                 for name, column in layout.history_side.items():
                     row = np.full(s, layout.padding_id, np.int64)
                     row[s - k:] = cols[column]
-                    inputs[name] = np.broadcast_to(row, (n, s))
+                    inputs[name] = np.broadcast_to(row, (rows, s))
         inputs.update(request.candidate_features)
         # multimodal vectors: one index-table call for the unique ids of candidates and history
         found = np.zeros(n, bool)
@@ -466,10 +483,10 @@ class Ranker:
             inputs[ITEM_VECTOR] = cand_vec
             inputs[missing_flag_name(ITEM_VECTOR)] = (~found).astype(np.float32)
             if HIST_ITEM_VECTOR in layout.inputs:
-                # read-only broadcast views: converting them to tensors is the one copy (~0.25 ms for
-                # 200 × 50 × 128; a tf.broadcast_to op measured 2-3× slower)
-                inputs[HIST_ITEM_VECTOR] = np.broadcast_to(hist_vec, (n, s, d))  # [N, S, D]
-                inputs[missing_flag_name(HIST_ITEM_VECTOR)] = np.broadcast_to(hist_missing, (n, s))
+                # the repeated view costs one copy (~0.25 ms for 200 × 50 × 128; a tf.broadcast_to op measured
+                # 2-3× slower)
+                inputs[HIST_ITEM_VECTOR] = np.broadcast_to(hist_vec, (rows, s, d))  # [N or 1, S, D]
+                inputs[missing_flag_name(HIST_ITEM_VECTOR)] = np.broadcast_to(hist_missing, (rows, s))
         if count:
             self.stats.add(rank_requests=1, candidates=n, candidates_unknown=cand_unknown, history_items=k,
                            history_unknown=hist_unknown, catalogue_unknown=cat_unknown)
@@ -478,6 +495,6 @@ class Ranker:
     def rank(self, model, request, count=True):
         """Scores a `RankRequest` with a `LoadedModel`; returns a `RankResult`."""
         inputs, found = self.build_inputs(model, request, count)
-        out = model.predict(inputs, self.signature_name, check=False)
+        out = model.predict(inputs, self.signature_for(model), check=False)
         scores = np.asarray(out["ctr"], np.float32).reshape(-1)
         return RankResult(model.version, scores, found, np.argsort(-scores, kind="stable"))

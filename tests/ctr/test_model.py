@@ -65,3 +65,39 @@ def test_multimodal_variant_needs_vectors():
     spec = FeatureSpec.default(seq_len=5, vector_dim=0, num_items=100, num_categories=5, num_brands=7, num_users=10)
     with pytest.raises(ValueError, match="vector table"):
         build_ctr_model(spec, CTRModelConfig(variant="simtier", **CFG))
+
+
+@pytest.mark.parametrize("variant", ["id", "vector", "simscore", "simtier", "make", "simtier_make", "make_only"])
+def test_user_candidates_signature_equals_serving_default(variant, tmp_path):
+    """The exported `user_candidates` signature (user side once, batch 1) scores like `serving_default` on the
+    user side repeated per candidate; the user-side inputs are exactly the user, context and history ones."""
+    from mm_ads.ctr.model import user_side_inputs
+    from mm_ads.export.saved_model import USER_SIGNATURE, export_saved_model
+
+    keras.utils.set_random_seed(0)
+    model = build_ctr_model(SPEC, CTRModelConfig(variant=variant, activation="dice" if variant == "simscore" else
+                                                 "relu", **{k: v for k, v in CFG.items() if k != "activation"}))
+    names = [t.name for t in model.inputs]
+    user = user_side_inputs(SPEC, names)
+    expected_user = {"user_id", "user_profile_0", "hist_item_id", "hist_category_id", "hist_brand_id",
+                     "hist_item_vector", "hist_item_vector_missing"} & set(names)
+    assert set(user) == expected_user and expected_user
+    rng = np.random.default_rng(1)
+    one = random_inputs(model, batch=1, seed=2, min_id=1)
+    cand = random_inputs(model, batch=9, seed=3, min_id=1)
+    x_user = {k: (one[k] if k in user else cand[k]) for k in names}
+    x_user["hist_item_id"] = tf.constant([[0, 0, 3, 4, 5]], tf.int64)  # left padding
+    if "hist_item_vector_missing" in x_user:
+        x_user["hist_item_vector_missing"] = tf.constant([[0, 0, 1, 0, 0]], tf.float32)
+        x_user["item_vector_missing"] = tf.constant(rng.random(9) < 0.3, tf.float32)
+    x_full = {k: tf.repeat(v, 9, axis=0) if k in user else v for k, v in x_user.items()}
+    loaded = tf.saved_model.load(export_saved_model(model, str(tmp_path), version=1, spec=SPEC))
+    full = loaded.signatures["serving_default"](**x_full)["ctr"].numpy()
+    got = loaded.signatures[USER_SIGNATURE](**x_user)["ctr"].numpy()
+    assert got.shape == (9,)
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(full, model(x_full)["ctr"].numpy(), rtol=1e-5, atol=1e-6)
+    assert np.std(full) > 0  # the candidates are told apart
+    specs = loaded.signatures[USER_SIGNATURE].structured_input_signature[1]
+    assert {k for k, s in specs.items() if s.shape[0] == 1} == set(user)  # the contract the server checks
+    assert all(specs[k].shape[0] is None for k in names if k not in user)

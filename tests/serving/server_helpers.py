@@ -27,7 +27,7 @@ def export_version(spec, base, version, seed, variant="simtier"):
     """Builds a randomly initialised CTR model (`seed`) and exports it as `<base>/<version>/`; returns the model."""
     keras.utils.set_random_seed(seed)
     model = build_ctr_model(spec, CTRModelConfig(variant=variant, **SMALL_MODEL))
-    export_saved_model(model, base, version=version)
+    export_saved_model(model, base, version=version, spec=spec)
     return model
 
 

@@ -150,6 +150,8 @@ def test_rank_equals_manual_predict_with_vectors_fetched_by_hand(world, server, 
     x = h.manual_rank_inputs(world["spec"], candidates, history, features, world["table"])
     expected = _reference(world, x)
     before = server.stats.snapshot()
+    # the version was exported with its FeatureSpec: ranking feeds the user side once (`user_candidates`)
+    assert server.ranker.signature_for(server.model("ctr")) == "user_candidates"
     result = server.rank(candidates, history, features)
     np.testing.assert_allclose(result.scores, expected, rtol=1e-6, atol=1e-7)
     assert result.found.tolist() == [True, True, False, False, False, True]

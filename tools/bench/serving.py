@@ -9,7 +9,9 @@ The server runs as its own process (`python -m mm_ads.serving.server`, as in pro
 threads of this process. Modes, each timed with `--concurrency` client threads:
 
 * **bare** (the baseline) — `signatures["serving_default"](**inputs)` on tensors built once, in this process:
-  the SavedModel's own cost on the same inputs the server ends up feeding it.
+  the SavedModel's own cost on the request with the user side repeated on every candidate's row.
+* **bare_user** — `signatures["user_candidates"](**inputs)`: the same request with the user side given once
+  (batch 1): the model call the server's ranking makes. The ranking modes' ratios are taken against it.
 * **grpc_predict** — the official client (`PredictionServiceStub.Predict`, request built with
   `tf.make_tensor_proto` once) sending the full model inputs (`hist_item_vector` is [200, 50, 128] floats,
   5 MB per request).
@@ -61,7 +63,8 @@ _CONCURRENCY = flags.DEFINE_list("concurrency", ["1", "4"], "Client threads per 
 _SECONDS = flags.DEFINE_float("seconds", 4.0, "Timed seconds per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed requests per thread before each measurement.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats of every measurement.")
-_MODES = flags.DEFINE_list("modes", ["bare", "grpc_predict", "grpc_rank", "grpc_rank_nocache", "rest_rank"],
+_MODES = flags.DEFINE_list("modes", ["bare", "bare_user", "grpc_predict", "grpc_rank", "grpc_rank_nocache",
+                                     "rest_rank"],
                            "Modes to time.")
 _REST_PREDICT = flags.DEFINE_bool("rest_predict", False, "Also time REST :predict with the full JSON inputs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the world and the requests.")
@@ -140,14 +143,22 @@ def main(argv):
         table = open_index_table(world["index_uri"])
         ranker = Ranker(world["spec"], table, Catalogue.load(os.path.join(world["data_dir"], "items.parquet"),
                                                              ["category_id", "brand_id"]), 1000)
-        full_inputs = []
+        user_inputs, full_inputs = [], []
+        assert ranker.signature_for(model) == "user_candidates"
         for r in requests:
             req = RankRequest(np.asarray(r["candidates"]), np.asarray(r["history"]),
                               {"user_id": r["user_id"], **r["features"]})
             inputs, _ = ranker.build_inputs(model, req)
-            full_inputs.append({k: np.asarray(v) for k, v in inputs.items()})
+            user_inputs.append({k: np.asarray(v) for k, v in inputs.items()})
+            n = len(r["candidates"])
+            full_inputs.append({k: np.ascontiguousarray(np.broadcast_to(v, (n,) + v.shape[1:]))
+                                for k, v in user_inputs[-1].items()})
         fn = model.signature("serving_default").fn
+        user_fn = model.signature("user_candidates").fn
         bare_tensors = [{k: tf.constant(v) for k, v in x.items()} for x in full_inputs]
+        user_tensors = [{k: tf.constant(v) for k, v in x.items()} for x in user_inputs]
+        for full, one in zip(bare_tensors[:2], user_tensors[:2]):  # the two signatures agree
+            np.testing.assert_allclose(fn(**full)["ctr"].numpy(), user_fn(**one)["ctr"].numpy(), atol=1e-5)
         proc, ports = start_server(world)
         proc_nocache, ports_nocache = (start_server(world, extra=["--vector_cache_items=0"])
                                        if "grpc_rank_nocache" in modes else (None, None))
@@ -174,6 +185,8 @@ def main(argv):
 
                     if mode == "bare":
                         return lambda: fn(**nxt(bare_tensors))["ctr"].numpy()
+                    if mode == "bare_user":
+                        return lambda: user_fn(**nxt(user_tensors))["ctr"].numpy()
                     if mode in ("grpc_predict", "grpc_rank", "grpc_rank_nocache"):
                         client = GrpcClient((ports_nocache if mode == "grpc_rank_nocache" else ports)["grpc_port"])
                         items = grpc_predict if mode == "grpc_predict" else grpc_rank
@@ -199,8 +212,9 @@ def main(argv):
                 stop_server(proc_nocache)
             table.close()
     print()
-    print("| concurrency | mode | p50 ms | p99 ms | req/s | best p50 ms | best req/s | p50 / bare | p99 / bare "
-          "| best p50 / best bare |")
+    # the ids-only ranking modes call `user_candidates`: their baseline is bare_user; the others' is bare
+    print("| concurrency | mode | p50 ms | p99 ms | req/s | best p50 ms | best req/s | p50 / base | p99 / base "
+          "| best p50 / best base | base |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary = {}
     for c in concurrency:
@@ -210,10 +224,11 @@ def main(argv):
             med[m]["best_p50_ms"] = min(r["p50_ms"] for r in runs[m])
             med[m]["best_rps"] = max(r["rps"] for r in runs[m])
         for m in modes:
-            r, b = med[m], med.get("bare")
+            base = "bare_user" if m.endswith("_rank") or m.endswith("_nocache") else "bare"
+            r, b = med[m], med.get(base)
             ratios = [f"{r[k] / b[k]:.2f}" if b else "—" for k in ("p50_ms", "p99_ms", "best_p50_ms")]
             print(f"| {c} | {m} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['rps']:.0f} | {r['best_p50_ms']:.2f} | "
-                  f"{r['best_rps']:.0f} | " + " | ".join(ratios) + " |")
+                  f"{r['best_rps']:.0f} | " + " | ".join(ratios) + f" | {base if b else '—'} |")
             summary[f"{m}@{c}"] = r
     print(json.dumps({"summary": summary, "load_after": os.getloadavg()}))
 

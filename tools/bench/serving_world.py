@@ -42,7 +42,7 @@ def build_world(root, num_items, seq_len, vector_dim, variant="simtier", seed=0,
     keras.utils.set_random_seed(seed)
     model = build_ctr_model(spec, CTRModelConfig(variant=variant))
     base = os.path.join(root, "export")
-    export_saved_model(model, base, version=1)
+    export_saved_model(model, base, version=1, spec=spec)
     rng = np.random.default_rng(seed)
     ids = np.arange(1, num_items + 1, dtype=np.int64)
     data_dir = os.path.join(root, "data")
