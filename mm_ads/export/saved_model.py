@@ -17,6 +17,7 @@ on the repeated inputs, with the history-only work done once (BUILD.md: serving 
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -79,6 +80,22 @@ def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=
         user_specs = user_candidates_specs(specs, user_side_inputs(spec, specs))
         archive.add_endpoint(USER_SIGNATURE, tf.function(serve), input_signature=[user_specs])
     return write_archive(archive, export_base, version)
+
+
+_TEMPORARY = re.compile(r"^\.\d+\..*\.tmp$")
+
+
+def remove_stale_temporaries(export_base):
+    """Deletes the `.<version>.*.tmp` directories that interrupted exports (a process killed in `write_archive`)
+    left in `export_base`; returns their names. Only for the one process that writes versions there, before it
+    writes: a concurrent writer's directory in progress would be deleted too."""
+    if not os.path.isdir(export_base):
+        return []
+    stale = sorted(d for d in os.listdir(export_base)
+                   if _TEMPORARY.match(d) and os.path.isdir(os.path.join(export_base, d)))
+    for d in stale:
+        shutil.rmtree(os.path.join(export_base, d), ignore_errors=True)
+    return stale
 
 
 def write_archive(archive, export_base, version=None):

@@ -321,6 +321,12 @@ class NearlineTrainer:
                                            extra_checkpoint={"stream": self.state.checkpoint})
         self.batch_size = self.trainer.global_batch
         self.export_base = nearline.export_base or os.path.join(self.model_dir, "export")
+        from mm_ads.export.saved_model import remove_stale_temporaries
+
+        stale = remove_stale_temporaries(self.export_base)  # this trainer is the base's one writer
+        if stale:
+            logging.info("Removed %d unfinished export(s) of an earlier run from %s: %s", len(stale),
+                         self.export_base, stale)
         self._check_encoder_version()
         io_utils.write_json(os.path.join(self.model_dir, CONFIG_FILE), config.to_json())
         io_utils.write_json(os.path.join(self.model_dir, SPEC_FILE), self.spec.to_json())

@@ -141,3 +141,15 @@ def test_no_version_yet_is_unavailable_then_the_first_version_loads(versions, tm
             manager.get("ctr", version=2)
     finally:
         manager.stop()
+
+
+def test_remove_stale_temporaries_removes_only_unfinished_exports(tmp_path):
+    from mm_ads.export.saved_model import remove_stale_temporaries
+
+    base = tmp_path / "export"
+    for d in ("1", "2", ".3.ab_cd.tmp", ".12.x.tmp", ".hidden", "3.tmp", ".3.notes"):
+        (base / d).mkdir(parents=True)
+    (base / ".4.file.tmp").write_text("a file, not an export directory")
+    assert remove_stale_temporaries(str(base)) == [".12.x.tmp", ".3.ab_cd.tmp"]
+    assert sorted(os.listdir(base)) == sorted([".3.notes", ".4.file.tmp", ".hidden", "1", "2", "3.tmp"])
+    assert remove_stale_temporaries(str(tmp_path / "absent")) == []

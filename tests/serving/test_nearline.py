@@ -371,7 +371,12 @@ def test_kill_9_and_restart_loses_and_double_counts_nothing(world, index_uri, tm
     assert state["fingerprint"] == fingerprint_of(offsets[:events])
     assert int(state["next_offset"]) == offsets[events]
 
+    # what a kill during an export leaves behind: an unfinished version directory (never served), which the
+    # restarted trainer removes
+    stale = os.path.join(model_dir, "export", ".1.k9x2.tmp")
+    os.makedirs(os.path.join(stale, "variables"))
     done = subprocess.run(cmd + ["--stop_at_end"], cwd=repo_root, env=env, capture_output=True, timeout=300)
+    assert not os.path.exists(stale)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     state = read_checkpoint_state(model_dir)
     assert (state["events"], state["skipped"], state["step"]) == (k, 0, 30)
