@@ -12,12 +12,13 @@ first, as in the datasets), and the user/context features the model reads (e.g. 
     features (`hist_category_id`, ...) come from the catalogue column of the item feature that shares
     their embedding table, and are the padding id on padded slots;
   * user/context features → the request value, repeated on every row;
-
-(A version exported with its FeatureSpec has the `user_candidates` signature: then the history-side and
-user/context inputs are given once, batch 1, and the model broadcasts them — same scores, less work.)
   * multimodal vectors → the **index table** (`get_many(ids) -> (vectors, found)`, one call per request
     for the unique candidate and history ids): `item_vector` [N, D], `hist_item_vector` [N, S, D]
     (the history is fetched once; the [N, S, ...] inputs are broadcast views, copied once into tensors).
+
+A version exported with its FeatureSpec has the `user_candidates` signature: ranking then uses it, and the
+history-side and user/context inputs are given once (batch 1) and broadcast by the model — same scores, less
+work.
 
 Fallbacks (the same conventions as training, `mm_ads.data.pipeline.VectorJoin`): an item without a vector
 in the index table gets a zero vector and `<vector>_missing` = 1 (the model was trained with these flags
@@ -282,7 +283,8 @@ class RankLayout:
             if name not in spec:
                 raise FailedPrecondition(f"ranking: the FeatureSpec has no {name!r} feature")
         self.seq_len = spec.seq_len
-        self.shared_user = False  # set by `Ranker.layout` for the `user_candidates` signature
+        self.signature_name = signature.name
+        self.shared_user = signature.name == USER_SIGNATURE  # the user side once, batch 1
         self.padding_id = spec[self.history].padding_id
         self.vectors = [n for n in (ITEM_VECTOR, HIST_ITEM_VECTOR) if n in inputs]
         self.dim = int(inputs[ITEM_VECTOR].shape[-1]) if ITEM_VECTOR in inputs else None
@@ -372,9 +374,7 @@ class Ranker:
         """The `RankLayout` of a loaded version (built once per version, checked against the index table)."""
         layout = model.cache.get("rank_layout")
         if layout is None:
-            signature = model.signature(self.signature_for(model))
-            layout = RankLayout(self.spec, signature)
-            layout.shared_user = signature.name == USER_SIGNATURE
+            layout = RankLayout(self.spec, model.signature(self.signature_for(model)))
             if layout.vectors and self.index_table is not None and int(self.index_table.dim) != layout.dim:
                 raise FailedPrecondition(f"ranking: the index table has dim {self.index_table.dim}, model version "
                                          f"{model.version} expects vectors of dim {layout.dim}")
@@ -495,6 +495,6 @@ class Ranker:
     def rank(self, model, request, count=True):
         """Scores a `RankRequest` with a `LoadedModel`; returns a `RankResult`."""
         inputs, found = self.build_inputs(model, request, count)
-        out = model.predict(inputs, self.signature_for(model), check=False)
+        out = model.predict(inputs, self.layout(model).signature_name, check=False)
         scores = np.asarray(out["ctr"], np.float32).reshape(-1)
         return RankResult(model.version, scores, found, np.argsort(-scores, kind="stable"))
