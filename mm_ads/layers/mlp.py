@@ -172,6 +172,9 @@ class MLP(keras.layers.Layer):
                 self.norm_layers.append(norm)
             act = self._activation_layer(rank, f"activation_{i}")
             act.build(shape)
+            # PReLU's slopes (one per unit) broadcast over any leading axes; its input spec would pin the rank
+            # it was built with, and DINAttention runs its [B, S, H] attention MLP on [B·S, H] rows.
+            act.input_spec = None
             self.activation_layers.append(act)
             if self.dropout > 0.0:
                 self.dropout_layers.append(keras.layers.Dropout(self.dropout, name=f"dropout_{i}"))

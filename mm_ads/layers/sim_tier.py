@@ -13,7 +13,8 @@ class SimTier(keras.layers.Layer):
     """Counts how many history items fall into each of `num_tiers` similarity tiers w.r.t. the target.
 
     Follows Algorithm 1 of the paper — similarity `[B, S]` → tier index `[B, S]` → equality against
-    `range(N)` `[B, S, N]` → sum over the sequence `[B, N]` — with two corrections of the pseudocode:
+    `range(N)` `[B, S, N]` → sum over the sequence `[B, N]` (computed as a segment sum over the `[B, S]`
+    tier indices, the same counts without the `[B, S, N]` tensor) — with two corrections of the pseudocode:
 
     - Tier index `clip(ceil((s + 1) / 2 * N) - 1, 0, N - 1)`: tier `k` holds the scores in
       `(2k/N - 1, 2(k+1)/N - 1]` (tier 0 also holds -1.0), so s = -1.0 → tier 0, s = 1.0 → tier N-1 and
@@ -110,9 +111,15 @@ class SimTier(keras.layers.Layer):
         scores, valid = similarity_and_validity(target, history, self.normalize, self.scale, mask)  # [B, S]
         indices = ops.clip(ops.ceil((scores + 1.0) / 2.0 * n) - 1.0, 0.0, n - 1.0)
         indices = ops.cast(indices, "int32")  # [B, S] in 0..N-1
-        tiers = ops.reshape(ops.arange(n, dtype="int32"), (1, 1, n))  # [1, 1, N]
-        hits = ops.logical_and(ops.equal(ops.expand_dims(indices, -1), tiers), ops.expand_dims(valid, -1))  # [B, S, N]
-        counts = ops.sum(ops.cast(hits, "float32"), axis=1)  # [B, N]
+        # Algorithm 1's equality against range(N) summed over S, without the [B, S, N] tensor: every valid
+        # position adds 1 to segment b·N + tier (a segment sum over B·S elements); invalid ones go to one
+        # extra segment that is dropped.
+        batch = ops.shape(indices)[0]
+        rows = ops.expand_dims(ops.arange(batch, dtype="int32") * n, -1)  # [B, 1]
+        segments = ops.where(valid, indices + rows, batch * n)  # [B, S]
+        counts = ops.segment_sum(ops.reshape(ops.cast(valid, "float32"), (-1,)), ops.reshape(segments, (-1,)),
+                                 num_segments=batch * n + 1)
+        counts = ops.reshape(counts[:-1], (batch, n))  # [B, N]
         if self.count_transform == "log1p":
             counts = ops.log1p(counts)
         if self.tier_weights is not None:

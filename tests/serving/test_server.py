@@ -348,6 +348,8 @@ def test_entry_point_serves_ranks_and_exits_cleanly_on_sigterm(world, repo_root)
         assert status == 200, body
         x = h.manual_rank_inputs(world["spec"], candidates, history, features, world["table"])
         np.testing.assert_allclose(body["scores"], _reference(world, x), rtol=1e-6, atol=1e-7)
+        status, body = _rest(_Ports, "GET", "/v1/stats")
+        assert body["tf_threads"] == {"intra_op": 1, "inter_op": 0}  # the flagfile's --intra_op_threads=1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -356,6 +358,34 @@ def test_entry_point_serves_ranks_and_exits_cleanly_on_sigterm(world, repo_root)
             proc.wait()
     with pytest.raises(OSError):
         _rest(_Ports, "GET", "/v1/models/ctr")
+
+
+def test_tf_threads_are_set_before_the_first_op_and_refused_after_it(repo_root):
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import tensorflow as tf
+from mm_ads.serving.server import set_tf_threads
+set_tf_threads(1, 0)
+assert tf.config.threading.get_intra_op_parallelism_threads() == 1
+assert tf.config.threading.get_inter_op_parallelism_threads() == 0
+tf.constant(1.0) + 1.0  # the runtime starts: the pools are fixed from here
+for args, error in (((2, 0), RuntimeError), ((0, -1), ValueError)):
+    try:
+        set_tf_threads(*args)
+    except error as e:
+        print(type(e).__name__, e)
+    else:
+        raise AssertionError(args)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("RuntimeError --intra_op_threads=2: TF's thread pools are fixed"), lines
+    assert lines[1] == "ValueError --inter_op_threads must be >= 0 (0: TF's default), got -1", lines
 
 
 def test_readme_grpc_client_snippet_runs_against_the_server(world, server, repo_root, capsys):
@@ -400,7 +430,11 @@ def test_vector_cache_serves_found_vectors_and_sees_new_and_rewritten_ones(tmp_p
     np.testing.assert_array_equal(cache.get_many([1])[0], v[3:4])
     table.put_many([10, 11, 12, 13], np.ones((4, 4), np.float32), "e")
     cache.get_many([10, 11, 12, 13])
-    assert len(cache._entries) <= 4  # the size bound holds
+    assert len(cache) <= 4  # the size bound holds
+    hits = cache.hits
+    got, found = cache.get_many([13, 12, 2])  # the newest entries are kept; the oldest (item 2) was dropped
+    assert found.tolist() == [True, True, True] and cache.hits == hits + 2
+    np.testing.assert_array_equal(got, np.stack([np.ones(4), np.ones(4), v[1]]))
     table.close()
 
 
