@@ -196,7 +196,7 @@ class DINAttention(keras.layers.Layer):
         first = self.attention_mlp.dense_layers[0]
         kernel = ops.cast(first.kernel, self.compute_dtype)  # [4E + F, H]
         w_q, w_k, w_d = kernel[:width], kernel[width:2 * width], kernel[2 * width:3 * width]
-        batch, seq_len = ops.shape(keys)[0], ops.shape(keys)[1]
+        batch, seq_len = ops.shape(query)[0], ops.shape(keys)[1]
         units = ops.shape(kernel)[1]
         if shared:
             # One history for all B queries: the whole first layer is ONE [B, E] x [E, S*H] matmul plus a bias.
@@ -205,7 +205,6 @@ class DINAttention(keras.layers.Layer):
             # M ([E, S, H]) and c ([S, H]) are history-only (computed once); the [B, S, E] product q * k is never
             # formed. The same multiply-adds per (candidate, position) as the per-position form, in one
             # well-shaped matmul.
-            batch = ops.shape(query)[0]
             w_p = kernel[3 * width:4 * width]
             pair_kernel = (ops.expand_dims(ops.transpose(keys[0]), -1) * ops.expand_dims(w_p, 1)
                            + ops.expand_dims(w_q + w_d, 1))  # [E, S, H]

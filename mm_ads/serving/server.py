@@ -28,6 +28,7 @@ import signal
 import threading
 
 import numpy as np
+import tensorflow as tf
 
 from mm_ads.serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from mm_ads.serving.model_manager import DEFAULT_SIGNATURE, ModelManager
@@ -176,8 +177,6 @@ class PredictionServer:
                "swaps": self.manager.swaps, "counters": self.stats.snapshot()}
         if isinstance(self.vectors, VectorCache):
             out["vector_cache"] = {"hits": self.vectors.hits, "misses": self.vectors.misses}
-        import tensorflow as tf
-
         # 0: TF's default (one thread per core)
         out["tf_threads"] = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                              "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
@@ -322,8 +321,6 @@ def set_tf_threads(intra_op, inter_op):
     the requests are the parallelism, and ops split over threads only contend (BUILD.md, "Prediction server,
     measured").
     """
-    import tensorflow as tf
-
     for what, value, setter in (("intra_op_threads", intra_op, tf.config.threading.set_intra_op_parallelism_threads),
                                 ("inter_op_threads", inter_op, tf.config.threading.set_inter_op_parallelism_threads)):
         if value < 0:
