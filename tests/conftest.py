@@ -1,4 +1,9 @@
-"""Test configuration: `--run_large` enables tests marked `large` (slow, minutes each)."""
+"""Test configuration.
+
+`--run_large` enables tests marked `large` (slow, minutes each). `--random_seed=N` (default 0) seeds Python,
+NumPy, TensorFlow and Keras before every test, so a run is reproducible and a test that passes only for some
+random initialisations shows up when the layer tests are swept over seeds (`make test-seeds`, run by CI).
+"""
 
 import os
 
@@ -12,6 +17,7 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
 def pytest_addoption(parser):
     parser.addoption("--run_large", action="store_true", default=False, help="run tests marked large")
+    parser.addoption("--random_seed", type=int, default=0, help="global random seed set before every test")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,6 +27,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "large" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything(request):
+    import keras
+
+    keras.utils.set_random_seed(request.config.getoption("--random_seed"))
 
 
 @pytest.fixture(scope="session")

@@ -137,6 +137,8 @@ class DINAttention(keras.layers.Layer):
             activation=self.activation,
             dropout=self.dropout,
             output_units=1,
+            # softmax over positions is shift-invariant: a bias on the score would never get a gradient
+            output_use_bias=self.normalization != "softmax",
             kernel_initializer=self.kernel_initializer,
             bias_initializer=self.bias_initializer,
             kernel_regularizer=self.kernel_regularizer,

@@ -52,6 +52,9 @@ class MLP(keras.layers.Layer):
         output_units: optional int, width of a final linear layer (e.g. 1 for a CTR logit). None: the
             output is the last hidden layer.
         use_bias: whether the Dense layers have a bias.
+        output_use_bias: whether the output layer has a bias (None: as `use_bias`). A logit that only ever
+            enters a softmax over positions (DIN's attention scores) must not have one: softmax is invariant
+            to a shift of all its inputs, so that bias would get an exactly-zero gradient and never learn.
         kernel_initializer: initializer of the Dense kernels.
         bias_initializer: initializer of the Dense biases.
         kernel_regularizer: optional regularizer of the Dense kernels.
@@ -89,6 +92,7 @@ class MLP(keras.layers.Layer):
         synchronized=False,
         output_units=None,
         use_bias=True,
+        output_use_bias=None,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
@@ -118,16 +122,17 @@ class MLP(keras.layers.Layer):
         self.synchronized = bool(synchronized)
         self.output_units = output_units
         self.use_bias = bool(use_bias)
+        self.output_use_bias = None if output_use_bias is None else bool(output_use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.return_hidden = bool(return_hidden)
 
-    def _dense(self, units, name, dtype):
+    def _dense(self, units, name, dtype, use_bias=None):
         return keras.layers.Dense(
             units,
-            use_bias=self.use_bias,
+            use_bias=self.use_bias if use_bias is None else use_bias,
             kernel_initializer=keras.initializers.get(keras.initializers.serialize(self.kernel_initializer)),
             bias_initializer=keras.initializers.get(keras.initializers.serialize(self.bias_initializer)),
             kernel_regularizer=self.kernel_regularizer,
@@ -181,7 +186,7 @@ class MLP(keras.layers.Layer):
         self.output_layer = None
         if self.output_units is not None:
             self.output_layer = self._dense(
-                self.output_units, "output", _float32_policy_if_mixed(self.dtype_policy)
+                self.output_units, "output", _float32_policy_if_mixed(self.dtype_policy), self.output_use_bias
             )
             self.output_layer.build(shape)
 
@@ -239,6 +244,7 @@ class MLP(keras.layers.Layer):
                 "synchronized": self.synchronized,
                 "output_units": self.output_units,
                 "use_bias": self.use_bias,
+                "output_use_bias": self.output_use_bias,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
                 "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),

@@ -26,13 +26,14 @@ def inputs(seed=0, value_dim=None, side_dim=None):
 
 
 def test_layer_standard_checks_default_dice():
-    # attention MLP (80, 40) + output: 3 Dense (kernel, bias) + 2 Dice alphas; 2 Dice x (moving mean, variance).
+    # attention MLP (80, 40) + output: 2 Dense (kernel, bias), the output's kernel (no bias under softmax),
+    # 2 Dice alphas; 2 Dice x (moving mean, variance).
     run_layer_test(
         DINAttention,
         {},
         inputs(),
         expected_output_shape=[(B, E), (B, S)],
-        expected_num_trainable_weights=8,
+        expected_num_trainable_weights=7,
         expected_num_non_trainable_weights=4,
         call_kwargs={"return_attention_scores": True},
         expected_mixed_output_dtype=["bfloat16", "float32"],
@@ -139,6 +140,24 @@ def test_gradients_finite_with_all_padded_row():
     grads = tape.gradient(loss, [query, *layer.trainable_weights])
     assert all(np.all(np.isfinite(g.numpy())) for g in grads)
     np.testing.assert_array_equal(grads[0].numpy()[2], np.zeros(E))  # nothing flows from an empty history
+
+
+@pytest.mark.parametrize("normalization", ["softmax", "none"])
+@pytest.mark.parametrize("seed", range(5))
+def test_every_weight_learns(normalization, seed):
+    # Softmax is invariant to a shift of all scores: a bias on the score would get an exactly-zero gradient
+    # (whether it came out as 0 or as float noise depended on the random initialisation). Under softmax the
+    # score has no bias; every remaining weight gets a non-zero gradient for any initialisation.
+    keras.utils.set_random_seed(seed)
+    x = inputs(seed)
+    layer = DINAttention(hidden_units=(4,), activation="prelu", normalization=normalization)
+    with tf.GradientTape() as tape:
+        out = layer(x["query"], x["keys"], mask=x["mask"], training=True)
+        loss = tf.reduce_sum(out * tf.constant(np.arange(1.0, E + 1, dtype=np.float32)))
+    paths = [w.path for w in layer.trainable_weights]
+    assert any(p.endswith("attention_mlp/output/bias") for p in paths) == (normalization == "none"), paths
+    for w, g in zip(layer.trainable_weights, tape.gradient(loss, layer.trainable_weights)):
+        assert np.any(g.numpy() != 0), w.path
 
 
 def test_no_mask_means_all_valid():

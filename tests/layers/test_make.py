@@ -29,8 +29,9 @@ def test_layer_standard_checks():
         SMALL,
         {"target": target, "history": history, "mask": mask, "target_missing": missing},
         shapes,
-        # attention: 1 hidden + output Dense, 1 PReLU; MLP: 4 hidden Dense + 4 PReLU + output Dense
-        expected_num_trainable_weights=2 * 2 + 1 + 4 * 2 + 4 + 2,
+        # attention: 1 hidden Dense, the output's kernel (softmax: no bias), 1 PReLU; MLP: 4 hidden Dense +
+        # 4 PReLU + output Dense
+        expected_num_trainable_weights=2 + 1 + 1 + 4 * 2 + 4 + 2,
         expected_output_dtype="float32",
         expected_mixed_output_dtype=["bfloat16"] * 4 + ["float32", "bfloat16"],
         run_gradient_check=False,

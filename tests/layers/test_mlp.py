@@ -16,6 +16,18 @@ def test_standard_checks_relu_logit():
                    expected_num_trainable_weights=6, expected_mixed_output_dtype="float32", mixed_precision_atol=0.05)
 
 
+def test_output_use_bias():
+    # the output layer alone without a bias (hidden layers keep theirs); None follows `use_bias`
+    layer = MLP(hidden_units=[8], output_units=1, output_use_bias=False)
+    layer(X2)
+    assert [w.path.split("/", 1)[1] for w in layer.trainable_weights] == ["dense_0/kernel", "dense_0/bias",
+                                                                         "output/kernel"]
+    assert MLP.from_config(layer.get_config()).output_use_bias is False
+    default = MLP(hidden_units=[8], output_units=1, use_bias=False)
+    default(X2)
+    assert len(default.trainable_weights) == 2
+
+
 def test_standard_checks_dice_batch_norm_return_hidden():
     # per block: Dense (2) + BN gamma/beta (2) + Dice alpha (1) trainable; BN (2) + Dice (2) moving statistics.
     run_layer_test(
