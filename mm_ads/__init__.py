@@ -14,6 +14,10 @@ Entry points: `python -m mm_ads.data.synthetic`, `mm_ads.data.prepare`, `mm_ads.
 `mm_ads.encode`.
 """
 
+from mm_ads.utils.tf_startup import import_tensorflow_quietly
 from mm_ads.version import __version__
+
+# TensorFlow's CUDA start-up notices on a CPU-only machine are dropped (mm_ads/utils/tf_startup.py)
+import_tensorflow_quietly()
 
 __all__ = ["__version__"]
