@@ -12,9 +12,12 @@ r"""The prediction server: TF Serving's gRPC and REST APIs over the latest CTR m
     multimodal vectors come from the index table `--index_table` and the item-side id features from the
     catalogue `<data_dir>/items.parquet` (`mm_ads.serving.ranking`); the FeatureSpec from
     `<data_dir>/manifest.json` or `--feature_spec`.
-Binds `--host=127.0.0.1` by default. Once serving, it prints one JSON line `{"grpc_port", "rest_port", "pid"}`
-(ports 0 pick free ones). SIGTERM/SIGINT: stop accepting, let requests in progress finish (up to
-`--shutdown_grace_s`), exit 0.
+Until a first version is served (the base path missing, or no complete `<version>/saved_model.pb` in it yet) it
+keeps polling, as TF Serving does, and logs what is missing at INFO every `--wait_log_interval_s`. An
+`--index_table` that does not exist is an error naming `python -m mm_ads.serving.load_index_table`, which
+creates it from a vector table. Binds `--host=127.0.0.1` by default. Once serving, it prints one JSON line
+`{"grpc_port", "rest_port", "pid"}` (ports 0 pick free ones). SIGTERM/SIGINT: stop accepting, let requests in
+progress finish (up to `--shutdown_grace_s`), exit 0.
 
 From Python: `PredictionServer(ServerConfig(...), index_table=..., catalogue=..., spec=...).start()`.
 This module defines its flags only when run as a program, so importing it has no flag side effects.
@@ -24,6 +27,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 
 import numpy as np
@@ -360,9 +364,12 @@ def main(argv):
     spec, catalogue = load_ranking_inputs(f.data_dir, f.feature_spec, f.catalogue)
     table = None
     if f.index_table:
-        from mm_ads.serving.index_table import open_index_table
+        from mm_ads.serving.index_table import IndexTableError, open_index_table
 
-        table = open_index_table(f.index_table)
+        try:
+            table = open_index_table(f.index_table)
+        except IndexTableError as e:
+            sys.exit(f"server: --index_table: {e}")
     server = PredictionServer(config, table, catalogue, spec, own_index_table=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -532,3 +532,12 @@ def test_entry_point_logs_at_info_while_it_waits_for_a_missing_base_path(tmp_pat
             proc.kill()
             proc.wait()
 
+
+def test_entry_point_names_the_command_that_creates_a_missing_index_table(world, tmp_path, repo_root):
+    proc = _server_process(repo_root, f"--model_base_path={world['base']}", f"--index_table={tmp_path / 'no.db'}")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    assert (f"server: --index_table: {tmp_path / 'no.db'}: index table does not exist; create it from a vector "
+            f"table with `python -m mm_ads.serving.load_index_table --index_table={tmp_path / 'no.db'} "
+            "--vectors=<data_dir>/vectors/<name>.parquet`") in err, err[-3000:]
+    assert "Traceback" not in err and out == ""
