@@ -394,7 +394,7 @@ def test_readme_grpc_client_snippet_runs_against_the_server(world, server, repo_
 
     readme = open(os.path.join(repo_root, "README.md")).read()
     section = readme[readme.index("## Online serving: the prediction server"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "prediction_service_pb2_grpc" in b][0]
     # the tiny world has one user profile feature; the README's example is the synthetic world's three
     code = code.replace("127.0.0.1:8500", f"127.0.0.1:{server.grpc_port}")
     code = code.replace(',\n                  "user_profile_0": 3, "user_profile_1": 1, "user_profile_2": 2}',
