@@ -1,6 +1,7 @@
 """The online system of paper §5: index table, event streams, encoder service, near-line trainer, prediction server.
 
-* `index_table` — item id → (vector, encoder version, timestamp); embedded SQLite default and Redis.
+* `index_table` — item id → (vector, encoder version, timestamp); embedded SQLite default and Redis;
+  `python -m mm_ads.serving.load_index_table` creates one from a vector table (`load_index_table`).
 * `events` — durable append-only event log (and Redis Streams) with offsets, plus a polling follower.
 * `impressions`, `nearline`, `replay` — the impression event schema, the near-line trainer
   (`python -m mm_ads.serving.nearline`) and the dataset → impression-event replay (`python -m mm_ads.serving.replay`).

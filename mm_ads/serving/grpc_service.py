@@ -16,11 +16,11 @@ NOT_FOUND, over a limit → RESOURCE_EXHAUSTED, no version loaded / shutting dow
 """
 
 import functools
-import logging
 from concurrent import futures
 
 import grpc
 import tensorflow as tf
+from absl import logging
 from google.protobuf import any_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,

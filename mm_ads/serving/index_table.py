@@ -51,6 +51,11 @@ _LOAD_CHUNK = 20_000
 _SQLITE_MMAP_BYTES = 1 << 30
 
 
+def _create_hint(uri):
+    return (f"create it from a vector table with `python -m mm_ads.serving.load_index_table --index_table={uri} "
+            "--vectors=<data_dir>/vectors/<name>.parquet` (from Python: open_index_table(..., create=True))")
+
+
 class IndexTableError(ValueError):
     """Bad input to an index table: the message names the table, the field and the item."""
 
@@ -243,7 +248,7 @@ class SQLiteIndexTable(IndexTable):
         self._lock = threading.Lock()
         self._closed = False
         if not os.path.exists(self.path) and not create:
-            raise IndexTableError(f"{self.path}: index table does not exist (pass create=True to make it)")
+            raise IndexTableError(f"{self.path}: index table does not exist; {_create_hint(self.path)}")
         if create:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
         conn = self._conn()
@@ -368,8 +373,7 @@ class RedisIndexTable(IndexTable):
         meta = {k.decode(): v.decode() for k, v in raw.items()}
         if not meta:
             if not create:
-                raise IndexTableError(f"{uri}: index table {self._meta_key!r} does not exist "
-                                      "(pass create=True to make it)")
+                raise IndexTableError(f"{uri}: index table {self._meta_key!r} does not exist; {_create_hint(uri)}")
             new = _new_meta(uri, dim, encoder_version, dtype, scale)
             # WATCH … MULTI: of two concurrent creators exactly one writes the metadata, the other reads it
             with self._client.pipeline(transaction=True) as pipe:

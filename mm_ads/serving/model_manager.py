@@ -14,9 +14,14 @@ version is freed when its last request drops it. A version that fails to load or
 recorded in the status (state END with the error) and skipped until its directory changes; the version
 already loaded keeps serving. When the served version's directory disappears, the largest remaining
 version is loaded (rollback by deleting a version); with no version left, the loaded one keeps serving.
+
+Waiting for the first version: like TF Serving, a base path that does not exist yet, or holds no loadable
+version yet, is not an error — the watcher keeps polling it (a trainer may create it later). Until a version
+is served, one INFO line every `wait_log_interval_s` says what the watcher sees (the base path missing, no
+version directory, or each version directory and why it is not served) and what it expects:
+`<base>/<version>/saved_model.pb`.
 """
 
-import logging
 import os
 import re
 import threading
@@ -24,6 +29,7 @@ import time
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from mm_ads.serving.errors import InvalidArgument, NotFound, Unavailable
 
@@ -204,12 +210,19 @@ class ModelManager:
         warmup_batch_sizes: batch sizes of the warm-up calls before a version is swapped in.
         on_load: optional callable `(LoadedModel) -> None` run before the swap (more warm-up); an
             exception there rejects the version like a load failure.
+        wait_log_interval_s: while no version is served, the watcher logs `waiting_message()` at INFO this
+            often (and once at `start()`).
     """
 
-    def __init__(self, name, base_path, poll_interval_s=1.0, warmup_batch_sizes=(1,), on_load=None):
+    def __init__(self, name, base_path, poll_interval_s=1.0, warmup_batch_sizes=(1,), on_load=None,
+                 wait_log_interval_s=10.0):
+        if wait_log_interval_s <= 0:
+            raise ValueError(f"wait_log_interval_s must be > 0, got {wait_log_interval_s}")
         self.name = name
         self.base_path = os.path.abspath(base_path)
         self.poll_interval_s = float(poll_interval_s)
+        self.wait_log_interval_s = float(wait_log_interval_s)
+        self._last_wait_log = None
         self.warmup_batch_sizes = tuple(warmup_batch_sizes)
         self.on_load = on_load
         self._current = None
@@ -264,7 +277,7 @@ class ModelManager:
                     continue
                 self._current = model  # the swap: one reference assignment
                 self.swaps += 1
-                logging.warning("model %s: now serving version %d (%s)%s", self.name, version, path,
+                logging.info("model %s: now serving version %d (%s)%s", self.name, version, path,
                                 f", was {current.version}" if current is not None else "")
                 return True
             return False
@@ -302,10 +315,43 @@ class ModelManager:
             out.append({"version": version, "state": "END", "error": message})
         return out
 
+    def waiting_message(self):
+        """What the watcher sees while no version is served: one line naming the base path and what it expects."""
+        base = self.base_path
+        expect = f"expecting {os.path.join(base, '<version>', 'saved_model.pb')} (<version> a positive integer)"
+        every = f"polling every {self.poll_interval_s:g} s"
+        if not os.path.exists(base):
+            return (f"model {self.name}: waiting for a first version: the base path {base} does not exist (yet); "
+                    f"{expect}; {every}")
+        if not os.path.isdir(base):
+            return f"model {self.name}: waiting for a first version: the base path {base} is not a directory; {expect}"
+        dirs = version_dirs(base)
+        if not dirs:
+            return (f"model {self.name}: waiting for a first version: no version directory in {base} yet; "
+                    f"{expect}; {every}")
+        why = []
+        for version in sorted(dirs, reverse=True)[:5]:
+            failed = self._failed.get(version)
+            reason = f"failed to load: {failed[1][:200]}" if failed else incomplete_reason(dirs[version])
+            why.append(f"{version} ({reason or 'not loaded yet'})")
+        more = f" and {len(dirs) - 5} more" if len(dirs) > 5 else ""
+        return (f"model {self.name}: waiting for a first version: no loadable version in {base}: "
+                f"{', '.join(why)}{more}; {expect}; {every}")
+
+    def _log_waiting(self, force=False):
+        """Logs `waiting_message()` at INFO when no version is served, at most once per `wait_log_interval_s`."""
+        if self._current is not None:
+            return
+        now = time.monotonic()
+        if force or self._last_wait_log is None or now - self._last_wait_log >= self.wait_log_interval_s:
+            self._last_wait_log = now
+            logging.info("%s", self.waiting_message())
+
     # -- watcher thread -------------------------------------------------------------------------
     def start(self):
         """Polls once (synchronously), then keeps polling in a daemon thread every `poll_interval_s`."""
         self.poll()
+        self._log_waiting(force=True)
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name=f"model-watcher-{self.name}", daemon=True)
         self._thread.start()
@@ -315,6 +361,7 @@ class ModelManager:
         while not self._stop.wait(self.poll_interval_s):
             try:
                 self.poll()
+                self._log_waiting()
             except Exception:  # a failing poll (e.g. the base path unreadable) must not kill the watcher
                 logging.exception("model %s: polling %s failed", self.name, self.base_path)
 

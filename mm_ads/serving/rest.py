@@ -16,13 +16,13 @@ requests in progress finish and join their threads.
 """
 
 import json
-import logging
 import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import tensorflow as tf
+from absl import logging
 from google.protobuf import json_format
 
 from mm_ads.serving.codec import parse_predict_json, predict_json_response

@@ -12,9 +12,12 @@ r"""The prediction server: TF Serving's gRPC and REST APIs over the latest CTR m
     multimodal vectors come from the index table `--index_table` and the item-side id features from the
     catalogue `<data_dir>/items.parquet` (`mm_ads.serving.ranking`); the FeatureSpec from
     `<data_dir>/manifest.json` or `--feature_spec`.
-Binds `--host=127.0.0.1` by default. Once serving, it prints one JSON line `{"grpc_port", "rest_port", "pid"}`
-(ports 0 pick free ones). SIGTERM/SIGINT: stop accepting, let requests in progress finish (up to
-`--shutdown_grace_s`), exit 0.
+Until a first version is served (the base path missing, or no complete `<version>/saved_model.pb` in it yet) it
+keeps polling, as TF Serving does, and logs what is missing at INFO every `--wait_log_interval_s`. An
+`--index_table` that does not exist is an error naming `python -m mm_ads.serving.load_index_table`, which
+creates it from a vector table. Binds `--host=127.0.0.1` by default. Once serving, it prints one JSON line
+`{"grpc_port", "rest_port", "pid"}` (ports 0 pick free ones). SIGTERM/SIGINT: stop accepting, let requests in
+progress finish (up to `--shutdown_grace_s`), exit 0.
 
 From Python: `PredictionServer(ServerConfig(...), index_table=..., catalogue=..., spec=...).start()`.
 This module defines its flags only when run as a program, so importing it has no flag side effects.
@@ -22,13 +25,14 @@ This module defines its flags only when run as a program, so importing it has no
 
 import dataclasses
 import json
-import logging
 import os
 import signal
+import sys
 import threading
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from mm_ads.serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from mm_ads.serving.model_manager import DEFAULT_SIGNATURE, ModelManager
@@ -46,6 +50,7 @@ class ServerConfig:
     grpc_port: int = 8500  # 0: any free port; -1: no gRPC server
     rest_port: int = 8501  # 0: any free port; -1: no REST server
     poll_interval_s: float = 1.0
+    wait_log_interval_s: float = 10.0  # while no version is served: one INFO line this often about what is missing
     warmup_batch_sizes: tuple = (1, 200)
     max_candidates: int = 1000  # rows of a Predict request / candidates of a rank request
     vector_cache_items: int = 100_000  # ranking's cache of found vectors (0: every request asks the table)
@@ -70,6 +75,8 @@ class ServerConfig:
                              f"{self.vector_cache_items}, {self.vector_cache_ttl_s}")
         if self.poll_interval_s <= 0:
             raise ValueError(f"poll_interval_s must be > 0, got {self.poll_interval_s}")
+        if self.wait_log_interval_s <= 0:
+            raise ValueError(f"wait_log_interval_s must be > 0, got {self.wait_log_interval_s}")
         return self
 
 
@@ -105,7 +112,8 @@ class PredictionServer:
         self.ranker = None if spec is None else Ranker(spec, self.vectors, catalogue, config.max_candidates,
                                                         self.stats)
         self.manager = ModelManager(config.model_name, config.model_base_path, config.poll_interval_s,
-                                    config.warmup_batch_sizes, on_load=self._warm_rank)
+                                    config.warmup_batch_sizes, on_load=self._warm_rank,
+                                    wait_log_interval_s=config.wait_log_interval_s)
         self._grpc = self._grpc_executor = self._rest = None
         self.grpc_port = self.rest_port = None
         self._stopped = threading.Event()
@@ -219,7 +227,7 @@ class PredictionServer:
             self.stop()
             raise
         current = self.manager.current
-        logging.warning("serving model %r (version %s) from %s: gRPC %s:%s, REST %s:%s", c.model_name,
+        logging.info("serving model %r (version %s) from %s: gRPC %s:%s, REST %s:%s", c.model_name,
                         current.version if current else "none yet", self.manager.base_path, c.host, self.grpc_port,
                         c.host, self.rest_port)
         return self
@@ -289,6 +297,10 @@ def _define_flags():
     flags.DEFINE_integer("grpc_port", d.grpc_port, "gRPC port (0: any free port, -1: off).")
     flags.DEFINE_integer("rest_port", d.rest_port, "REST port (0: any free port, -1: off).")
     flags.DEFINE_float("poll_interval_s", d.poll_interval_s, "How often the base path is polled for new versions.")
+    flags.DEFINE_float("wait_log_interval_s", d.wait_log_interval_s,
+                       "While no version is served (the base path missing or without a complete "
+                       "<version>/saved_model.pb), log what is missing at INFO this often. The server keeps "
+                       "polling, like TF Serving.")
     flags.DEFINE_list("warmup_batch_sizes", [str(b) for b in d.warmup_batch_sizes],
                       "Batch sizes of the warm-up calls before a version is swapped in.")
     flags.DEFINE_integer("max_candidates", d.max_candidates, "Max rows of a Predict / candidates of a rank request.")
@@ -343,7 +355,7 @@ def main(argv):
     set_tf_threads(f.intra_op_threads, f.inter_op_threads)
     config = ServerConfig(
         model_base_path=f.model_base_path, model_name=f.model_name, host=f.host, grpc_port=f.grpc_port,
-        rest_port=f.rest_port, poll_interval_s=f.poll_interval_s,
+        rest_port=f.rest_port, poll_interval_s=f.poll_interval_s, wait_log_interval_s=f.wait_log_interval_s,
         warmup_batch_sizes=tuple(int(b) for b in f.warmup_batch_sizes), max_candidates=f.max_candidates,
         vector_cache_items=f.vector_cache_items, vector_cache_ttl_s=f.vector_cache_ttl_s,
         max_body_bytes=f.max_body_bytes, max_grpc_message_bytes=f.max_grpc_message_bytes,
@@ -352,9 +364,12 @@ def main(argv):
     spec, catalogue = load_ranking_inputs(f.data_dir, f.feature_spec, f.catalogue)
     table = None
     if f.index_table:
-        from mm_ads.serving.index_table import open_index_table
+        from mm_ads.serving.index_table import IndexTableError, open_index_table
 
-        table = open_index_table(f.index_table)
+        try:
+            table = open_index_table(f.index_table)
+        except IndexTableError as e:
+            sys.exit(f"server: --index_table: {e}")
     server = PredictionServer(config, table, catalogue, spec, own_index_table=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -363,8 +378,9 @@ def main(argv):
     print(json.dumps({"grpc_port": server.grpc_port, "rest_port": server.rest_port, "pid": os.getpid()}), flush=True)
     while not stop.wait(0.5):
         pass
-    logging.warning("stopping: requests in progress finish (grace %.1f s)", config.shutdown_grace_s)
+    logging.info("stopping: requests in progress finish (grace %.1f s)", config.shutdown_grace_s)
     server.stop()
+    logging.info("stopped")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Version watching: new versions swap in atomically under load; half-written and broken versions are never served."""
 
+import logging
 import os
 import shutil
 import threading
@@ -141,6 +142,44 @@ def test_no_version_yet_is_unavailable_then_the_first_version_loads(versions, tm
             manager.get("ctr", version=2)
     finally:
         manager.stop()
+
+
+def test_waiting_for_a_first_version_logs_what_is_missing_at_info(versions, tmp_path, caplog):
+    """Like TF Serving, a missing or empty base path is polled, not an error: a heartbeat line says what is missing."""
+    _, src = versions
+    base = tmp_path / "later" / "export"
+    manager = ModelManager("ctr", str(base), poll_interval_s=0.02, wait_log_interval_s=0.05)
+
+    def waiting(text):
+        return [r for r in caplog.records if "waiting for a first version" in r.getMessage() and text in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger="absl"):  # the package logs through absl (INFO shown under app.run)
+        manager.start()
+        try:
+            # the first line at start(), then one per interval (the watcher is alive and says so)
+            assert _wait(lambda: len(waiting(f"the base path {base} does not exist")) >= 2), caplog.text
+            line = waiting("does not exist")[0]
+            assert line.levelno == logging.INFO
+            assert os.path.join(str(base), "<version>", "saved_model.pb") in line.getMessage()
+            base.mkdir(parents=True)
+            assert _wait(lambda: waiting(f"no version directory in {base}")), caplog.text
+            (base / "3").mkdir()
+            (base / "5").mkdir()
+            (base / "5" / "saved_model.pb").write_bytes(b"not a SavedModel")
+            assert _wait(lambda: waiting("5 (failed to load: ") and waiting("3 (no saved_model.pb)")), caplog.text
+            assert manager.current is None
+            shutil.copytree(os.path.join(src, "1"), base / "4")  # below the broken 5: served all the same
+            assert _wait(lambda: manager.current is not None)
+            assert manager.current.version == 4
+            served = [r for r in caplog.records if "now serving version 4" in r.getMessage()]
+            assert [r.levelno for r in served] == [logging.INFO]
+            before = len(waiting(""))
+            manager._log_waiting(force=True)  # a version is served: nothing to wait for
+            assert len(waiting("")) == before
+        finally:
+            manager.stop()
+    with pytest.raises(ValueError, match="wait_log_interval_s must be > 0"):
+        ModelManager("ctr", str(base), wait_log_interval_s=0)
 
 
 def test_remove_stale_temporaries_removes_only_unfinished_exports(tmp_path):

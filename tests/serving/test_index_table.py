@@ -88,7 +88,8 @@ def test_put_rejects_bad_input_atomically(table_uri, ids, vecs, version, kw, mat
 
 
 def test_open_checks(table_uri, tmp_path):
-    with pytest.raises(IndexTableError, match="does not exist"):
+    with pytest.raises(IndexTableError, match="does not exist; create it from a vector table with "
+                                              "`python -m mm_ads.serving.load_index_table --index_table="):
         open_index_table(table_uri)
     with pytest.raises(IndexTableError, match="needs dim >= 1"):
         open_index_table(table_uri, encoder_version="v", create=True)
@@ -138,6 +139,63 @@ def test_get_many_is_one_query(table_uri):
         assert len(queries) == 1, queries[:3]
         np.testing.assert_array_equal(found, [True] * n + [False, False])
         np.testing.assert_array_equal(out[:n], vecs[::-1])
+
+
+def test_load_index_table_creates_reloads_and_refuses_another_encoder(table_uri, tmp_path):
+    from mm_ads.serving.load_index_table import load_index_table
+
+    vecs = _unit(50, 4, seed=5)
+    ids = np.arange(1, 51) * 2
+    path = str(tmp_path / "v.parquet")
+    write_vector_table(path, ids, vecs, encoder_version="enc-a")
+    result = load_index_table(table_uri, path)
+    assert result == {"index_table": table_uri, "vectors": path, "encoder_version": "enc-a", "dim": 4,
+                      "loaded": 50, "items_before": 0, "items": 50}
+    with open_index_table(table_uri) as t:  # an item the encoder service added later
+        t.put_many([7], _unit(1, 4, seed=6), "enc-a")
+    again = load_index_table(table_uri, path)  # re-running: the same rows again, nothing duplicated
+    assert (again["loaded"], again["items_before"], again["items"]) == (50, 51, 51)
+    with open_index_table(table_uri) as t:
+        out, found = t.get_many(np.concatenate([ids, [7]]))
+        assert found.all() and t.encoder_version == "enc-a" and t.dtype == "float32"
+        np.testing.assert_allclose(out[:50], vecs, atol=1e-6)
+    other = str(tmp_path / "other.parquet")
+    write_vector_table(other, ids, vecs, encoder_version="enc-b")
+    with pytest.raises(IndexTableError, match=r"cannot take --vectors=.*other.parquet \(encoder 'enc-b', dim 4\): "
+                                              r".*encoder 'enc-a', expected 'enc-b'.*Load into a new --index_table"):
+        load_index_table(table_uri, other)
+    with pytest.raises(FileNotFoundError, match="absent.parquet does not exist"):
+        load_index_table(table_uri, str(tmp_path / "absent.parquet"))
+
+
+def test_load_index_table_command_int8_and_errors(tmp_path, repo_root):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    vecs = _unit(20, 3, seed=7)
+    path = str(tmp_path / "v8.parquet")
+    write_vector_table(path, np.arange(1, 21), vecs, encoder_version="enc-8", dtype="int8")
+    uri = str(tmp_path / "online" / "index.db")
+
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "mm_ads.serving.load_index_table", *flags], cwd=repo_root,
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=repo_root))
+
+    out = run(f"--index_table={uri}", f"--vectors={path}", "--dtype=int8")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout)["items"] == 20
+    assert any(x.startswith("I") and "loaded 20 vectors of encoder 'enc-8' (dim 3)" in x  # INFO, shown by default
+               for x in out.stderr.splitlines()), out.stderr
+    with open_index_table(uri) as t:
+        assert t.dtype == "int8"
+        np.testing.assert_allclose(t.get_many(np.arange(1, 21))[0], vecs, atol=1 / 127 + 1e-6)
+    write_vector_table(str(tmp_path / "w.parquet"), [1], _unit(1, 5), encoder_version="enc-w")
+    out = run(f"--index_table={uri}", f"--vectors={tmp_path / 'w.parquet'}")
+    assert out.returncode == 1 and out.stdout == ""
+    assert "load_index_table: --index_table=" in out.stderr and "has dim 3, expected 5" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])

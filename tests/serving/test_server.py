@@ -394,7 +394,7 @@ def test_readme_grpc_client_snippet_runs_against_the_server(world, server, repo_
 
     readme = open(os.path.join(repo_root, "README.md")).read()
     section = readme[readme.index("## Online serving: the prediction server"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "prediction_service_pb2_grpc" in b][0]
     # the tiny world has one user profile feature; the README's example is the synthetic world's three
     code = code.replace("127.0.0.1:8500", f"127.0.0.1:{server.grpc_port}")
     code = code.replace(',\n                  "user_profile_0": 3, "user_profile_1": 1, "user_profile_2": 2}',
@@ -479,3 +479,65 @@ def test_rest_connections_over_the_limit_are_refused(world):
                 time.sleep(0.05)
     finally:
         server.stop()
+
+
+def _server_process(repo_root, *flags):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=repo_root)
+    return subprocess.Popen([sys.executable, "-m", "mm_ads.serving.server", "--flagfile=configs/serving/server.flags",
+                             "--grpc_port=0", "--rest_port=0", *flags],
+                            cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_entry_point_logs_at_info_while_it_waits_for_a_missing_base_path(tmp_path, repo_root):
+    """No --verbosity: INFO lines are shown; a base path that does not exist is polled, with a heartbeat line."""
+    import signal
+
+    base = tmp_path / "not" / "yet"
+    proc = _server_process(repo_root, f"--model_base_path={base}", "--poll_interval_s=0.05",
+                           "--wait_log_interval_s=0.1")
+    lines, seen = [], threading.Condition()
+
+    def read():
+        for line in proc.stderr:
+            with seen:
+                lines.append(line.rstrip("\n"))
+                seen.notify_all()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    heartbeat = f"waiting for a first version: the base path {base} does not exist (yet); expecting {base}/<version>/"
+    try:
+        with seen:  # the first line at start, then one per --wait_log_interval_s
+            assert seen.wait_for(lambda: sum(heartbeat in x for x in lines) >= 2, timeout=120), "\n".join(lines[-30:])
+        assert all(x.startswith("I") for x in lines if heartbeat in x)  # absl's INFO prefix
+        assert any(x.startswith("I") and "serving model 'ctr' (version none yet)" in x for x in lines)
+        ports = json.loads(proc.stdout.readline())
+
+        class _Ports:
+            rest_port = ports["rest_port"]
+
+        status, body = _rest(_Ports, "GET", "/v1/models/ctr")
+        assert status == 503 and "has no version yet" in body["error"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        reader.join(timeout=30)
+        assert any(x.startswith("I") and "stopping: requests in progress finish" in x for x in lines)
+        assert not [x for x in lines if x.startswith("W") and "server.py" in x], lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_entry_point_names_the_command_that_creates_a_missing_index_table(world, tmp_path, repo_root):
+    proc = _server_process(repo_root, f"--model_base_path={world['base']}", f"--index_table={tmp_path / 'no.db'}")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    assert (f"server: --index_table: {tmp_path / 'no.db'}: index table does not exist; create it from a vector "
+            f"table with `python -m mm_ads.serving.load_index_table --index_table={tmp_path / 'no.db'} "
+            "--vectors=<data_dir>/vectors/<name>.parquet`") in err, err[-3000:]
+    assert "Traceback" not in err and out == ""
