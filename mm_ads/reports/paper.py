@@ -59,6 +59,7 @@ class PaperConfig:
         make_epochs: MAKE pre-training epochs of the MAKE variants (0 = their flagfiles').
         variants / seeds: Table 3.
         fig3_epochs: epochs of Fig 3. fig6a_rows: Table 2 rows of Fig 6a. fig6c_epochs: MAKE pre-training epochs.
+            `fig3_epochs=0` or an empty `fig6a_rows` / `fig6c_epochs` skips that figure (the quick profile).
     """
 
     world_flagfile: str = "configs/data/demo.flags"
@@ -84,8 +85,8 @@ class PaperConfig:
             raise ValueError("seeds must not be empty")
         if self.make_epochs < 0:
             raise ValueError(f"make_epochs must be >= 0, got {self.make_epochs}")
-        if self.fig3_epochs < 1:
-            raise ValueError(f"fig3_epochs must be >= 1, got {self.fig3_epochs}")
+        if self.fig3_epochs < 0:
+            raise ValueError(f"fig3_epochs must be >= 0 (0 = no Fig 3), got {self.fig3_epochs}")
         if any(e < 0 for e in self.fig6c_epochs):
             raise ValueError(f"fig6c_epochs must be >= 0, got {list(self.fig6c_epochs)}")
         for item in self.ctr_overrides:
@@ -321,11 +322,11 @@ class PaperRunner:
                                             if "acc@1" in rows.get(r, {})])
         self.results["table2"] = self.table2["benchmarks"]
         self.results["table3"], runs = self._timed("table3", self.run_table3)
-        self.results["fig3"] = self._timed("fig3", lambda: self.run_fig3(runs))
-        self.results["fig6a"] = [] if self.o.vector_table else self._timed(
+        self.results["fig3"] = self._timed("fig3", lambda: self.run_fig3(runs)) if self.o.fig3_epochs else {}
+        self.results["fig6a"] = [] if self.o.vector_table or not self.o.fig6a_rows else self._timed(
             "fig6a", lambda: self.run_fig6a(runs, self.table2))
         self.results["fig6b"] = self.run_fig6b(runs)
-        self.results["fig6c"] = self._timed("fig6c", lambda: self.run_fig6c(runs))
+        self.results["fig6c"] = self._timed("fig6c", lambda: self.run_fig6c(runs)) if self.o.fig6c_epochs else []
         self.results["data"] = self._describe_data()
         self.results["findings"] = findings(self.results)
         self.results["wall_seconds"]["total"] = round(time.time() - start, 1)
@@ -413,13 +414,14 @@ def plot_all(results, out_dir):
         plt.close(fig)
         written[name.split(".")[0]] = name
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, label in (("id", "ID-based model"), ("make_only", "multimodal only (MAKE)")):
-        h = results["fig3"][name]
-        ax.plot([p["epoch"] for p in h], [p["gauc"] for p in h], marker="o", label=label)
-    ax.set(xlabel="epoch", ylabel="test GAUC", title="Fig 3: GAUC per training epoch")
-    ax.legend()
-    save(fig, "fig3.png")
+    if results["fig3"]:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for name, label in (("id", "ID-based model"), ("make_only", "multimodal only (MAKE)")):
+            h = results["fig3"][name]
+            ax.plot([p["epoch"] for p in h], [p["gauc"] for p in h], marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel="test GAUC", title="Fig 3: GAUC per training epoch")
+        ax.legend()
+        save(fig, "fig3.png")
 
     pts = results["fig6a"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -446,11 +448,12 @@ def plot_all(results, out_dir):
         ax.legend()
         save(fig, "fig6b.png")
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    c = sorted(results["fig6c"], key=lambda p: p["make_epochs"])
-    ax.plot([p["make_epochs"] for p in c], [p["gauc"] for p in c], marker="o")
-    ax.set(xlabel="MAKE pre-training epochs (0 = joint)", ylabel="test GAUC", title="Fig 6c: MAKE epochs")
-    save(fig, "fig6c.png")
+    if results["fig6c"]:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        c = sorted(results["fig6c"], key=lambda p: p["make_epochs"])
+        ax.plot([p["make_epochs"] for p in c], [p["gauc"] for p in c], marker="o")
+        ax.set(xlabel="MAKE pre-training epochs (0 = joint)", ylabel="test GAUC", title="Fig 6c: MAKE epochs")
+        save(fig, "fig6c.png")
     return written
 
 
@@ -489,12 +492,13 @@ def to_markdown(results, out_dir):
                   .replace("\n## ", "\n### ")]
     else:
         lines += ["## Table 2 and Fig 6a: skipped (vectors from `vector_table`, no pre-training here)", ""]
-    lines += ["## Fig 3: GAUC per epoch", "", "![fig3](fig3.png)", "",
-              "| epoch | " + " | ".join(results["fig3"]) + " |", "|---|" + "---:|" * len(results["fig3"])]
-    epochs = max(len(h) for h in results["fig3"].values())
-    for i in range(epochs):
-        cells = [f"{h[i]['gauc']:.4f}" if i < len(h) else "" for h in results["fig3"].values()]
-        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    if results["fig3"]:
+        lines += ["## Fig 3: GAUC per epoch", "", "![fig3](fig3.png)", "",
+                  "| epoch | " + " | ".join(results["fig3"]) + " |", "|---|" + "---:|" * len(results["fig3"])]
+        epochs = max(len(h) for h in results["fig3"].values())
+        for i in range(epochs):
+            cells = [f"{h[i]['gauc']:.4f}" if i < len(h) else "" for h in results["fig3"].values()]
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     if results["fig6a"]:
         lines += ["", "## Fig 6a: pre-training Acc@1 vs simtier GAUC", "", "![fig6a](fig6a.png)", "",
                   "| encoder | Acc@1 | GAUC |", "|---|---:|---:|"]
@@ -505,9 +509,14 @@ def to_markdown(results, out_dir):
                   "| group | test examples | AUC improvement | LogLoss improvement |", "|---|---:|---:|---:|"]
         lines += [f"| {n} | {b['num_examples']:,} | {_pm(b['auc_rel'], True)} | {_pm(b['logloss_rel'], True)} |"
                   for n, b in results["fig6b"].items()]
-    lines += ["", "## Fig 6c: MAKE pre-training epochs", "", "![fig6c](fig6c.png)", "", "| MAKE epochs | GAUC |",
-              "|---:|---:|"]
-    lines += [f"| {p['make_epochs']} | {p['gauc']:.4f} |" for p in results["fig6c"]]
+    if results["fig6c"]:
+        lines += ["", "## Fig 6c: MAKE pre-training epochs", "", "![fig6c](fig6c.png)", "", "| MAKE epochs | GAUC |",
+                  "|---:|---:|"]
+        lines += [f"| {p['make_epochs']} | {p['gauc']:.4f} |" for p in results["fig6c"]]
+    skipped = [name for name, key in (("Fig 3", "fig3"), ("Fig 6a", "fig6a"), ("Fig 6c", "fig6c"))
+               if not results[key]]
+    if skipped:
+        lines += ["", f"Not run in this profile: {', '.join(skipped)} (`configs/paper/demo.flags` runs every figure)."]
     return "\n".join(lines) + "\n"
 
 

@@ -116,7 +116,6 @@ def test_main_mlp_reads_v_make_hidden_outputs_and_logit(base, variant):
     make.mlp.output_layer.bias.assign([3.0])  # only the MAKE logit moves
     after_logit = model(x)["ctr"].numpy()
     assert not np.allclose(after_logit, before)
-    make.attention.attention_mlp.output_layer.bias.assign([0.0])
     for w in make.mlp.dense_layers[0].weights:
         w.assign(w.numpy() * 2.0)
     assert not np.allclose(model(x)["ctr"].numpy(), after_logit)
@@ -197,7 +196,8 @@ def test_frozen_make_is_bit_identical_after_phase_b_while_id_weights_train(make_
     cfg, _ = make_run
     phase_a = _checkpoint_values(os.path.join(cfg.model_dir, "make", "ckpt"), "make/")
     phase_b = _checkpoint_values(os.path.join(cfg.model_dir, "ckpt"), "make/")
-    assert len(phase_a) == 2 * 2 + 5 * 2  # kernels and biases: attention MLP 2 Dense, MLP_MAKE 5 (ReLU: no weights)
+    # kernels and biases: attention MLP 1 Dense + the score kernel (no bias under softmax), MLP_MAKE 5 (ReLU)
+    assert len(phase_a) == 2 + 1 + 5 * 2
     assert "make/mlp/output/kernel" in phase_a
     assert phase_a.keys() == phase_b.keys()
     for k in phase_a:
