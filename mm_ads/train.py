@@ -3,7 +3,10 @@ r"""Trains a model: `python -m mm_ads.train --flagfile=configs/{ctr,scl}/<name>.
 Tasks: `ctr` (CTR models), `scl` (SCL pre-training of one encoder), `clip` (item image ↔ title
 alignment, the paper's CLIP-E baseline; writes `text_encoder.keras` and `image_encoder.keras`).
 
-Only wiring: flags → validated config (written to `<model_dir>/config.json`) → strategy →
+Only wiring: flags → validated config → validated inputs (`validate_inputs`: the data dir, its manifest
+and splits, the vector table of a multimodal variant and its dim, `item_stats.parquet`; nothing is written
+to `--model_dir`, not even the directory, before these checks pass, and their errors name the flag to
+fix) → `<model_dir>/config.json` → strategy →
 task (`CTRTask` or `SCLTask`) → trainer → `metrics.json` and a SavedModel under
 `<model_dir>/export/<version>/` (for SCL: the encoder, raw text / encoded image bytes in → vectors;
 the trained encoder is also saved as `<model_dir>/encoder.keras` for `python -m mm_ads.encode`).
@@ -30,6 +33,10 @@ SPEC_FILE = "feature_spec.json"
 ENCODER_FILE = "encoder.keras"
 
 
+class InputError(ValueError):
+    """What a run would read is missing or wrong (raised by `validate_inputs` before anything is written)."""
+
+
 def _check_resume_config(model_dir, config):
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -45,10 +52,95 @@ def _check_resume_config(model_dir, config):
     # the number of epochs/steps may grow when continuing a run; everything else must match
     for section in ("data", "model", "scl") if config.task in ("scl", "clip") else ("data", "model"):
         if old.get(section) != json.loads(json.dumps(new[section])):
-            raise ValueError(
+            raise InputError(
                 f"{path} holds a different {section} config than this run ({old.get(section)} vs {new[section]}): "
                 "use a new --model_dir, or the same flags to resume"
             )
+
+
+def validate_inputs(config):
+    """Checks what `run(config)` reads, before it writes anything; returns the dataset's `Manifest`.
+
+    The data dir and its manifest; for CTR its FeatureSpec, the `--train_split` / `--eval_split` impressions,
+    `item_stats.parquet` (readable, with its columns: the evaluation's frequency slices read it) and, for a
+    multimodal variant, the vector table (a name in the manifest or a path; its footer: readable, the dim the
+    manifest declares and the dim of the run being resumed); for SCL / CLIP-E the tables they train on; and,
+    when `model_dir` holds a run, that it ran the same config. Raises `InputError` naming the flag to fix.
+    """
+    from mm_ads.data.dataset import Manifest, read_item_stats
+
+    data = config.data
+    flag = f"--data_dir={data.data_dir}"
+    if not os.path.isdir(data.data_dir):
+        raise InputError(f"{flag}: no such directory (create a dataset with `python -m mm_ads.data.synthetic` or "
+                         "`python -m mm_ads.data.prepare`)")
+    try:
+        manifest = Manifest.load(data.data_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise InputError(f"{flag}: {e}") from None
+    have = {c: sorted(s) for c, s in manifest.components.items()}
+    if config.task == "ctr":
+        if manifest.spec is None:
+            raise InputError(f"{flag}: dataset {manifest.name!r} has no FeatureSpec: it holds no CTR impressions "
+                             f"(it has {have})")
+        for option, split in (("--train_split", data.train_split), ("--eval_split", data.eval_split)):
+            if split not in manifest.components.get("ctr", {}):
+                raise InputError(f"{option}={split}: dataset {manifest.name!r} ({data.data_dir}) has no ctr/{split} "
+                                 f"split (it has {have.get('ctr', [])})")
+        if config.model.uses_vectors:
+            _validate_vector_table(config, manifest)
+        try:
+            read_item_stats(manifest)
+        except ValueError as e:
+            raise InputError(f"{flag}: {e}") from None
+    elif config.task == "scl":
+        component = f"pretrain/{config.scl.modality}_pairs"
+        if component not in manifest.components:
+            raise InputError(f"{flag}: dataset {manifest.name!r} has no {component} table for --modality="
+                             f"{config.scl.modality} (it has {have})")
+        for option, split in (("--train_split", data.train_split), ("--eval_split", data.eval_split)):
+            if split not in manifest.components[component]:
+                raise InputError(f"{option}={split}: dataset {manifest.name!r} ({data.data_dir}) has no "
+                                 f"{component}/{split} split (it has {have[component]})")
+    elif config.task == "clip" and "items" not in manifest.components:
+        raise InputError(f"{flag}: dataset {manifest.name!r} has no item catalogue (items.parquet; it has {have}): "
+                         "CLIP-E needs item titles and images")
+    _check_resume_config(config.model_dir, config)
+    return manifest
+
+
+def _validate_vector_table(config, manifest):
+    """The vector table of a multimodal variant: resolvable, readable, and of the dim it must have."""
+    from mm_ads.data import pipeline
+    from mm_ads.data.spec import FeatureSpec
+    from mm_ads.data.vectors import read_table_info
+
+    value = config.data.vector_table
+    flag = f"--vector_table={value}" if value else "--vector_table (unset: the dataset's only table)"
+    try:
+        path = pipeline.resolve_vector_table_path(manifest, value or None, option="--vector_table")
+    except ValueError as e:  # names the flag itself
+        raise InputError(str(e)) from None
+    try:
+        info = read_table_info(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"{flag}: {e}") from None
+    entries = manifest.extra.get("vector_tables") or {}
+    name = next((n for n, p in pipeline.vector_table_paths(manifest).items() if p == path), None)
+    declared = entries.get(name) if isinstance(entries, dict) else None
+    if isinstance(declared, dict) and declared.get("dim") is not None and int(declared["dim"]) != info["dim"]:
+        raise InputError(f"{flag}: {path} has dim {info['dim']}, but the manifest of {config.data.data_dir} "
+                         f"declares dim {declared['dim']} for it")
+    # a resumed run (or its MAKE pre-training) was built for the vectors it trained with
+    for model_dir in (config.model_dir, os.path.join(config.model_dir, "make")):
+        spec_path = os.path.join(model_dir, SPEC_FILE)
+        if not os.path.exists(spec_path):
+            continue
+        with open(spec_path) as f:
+            trained_dim = FeatureSpec.from_json(json.load(f)).vector_dim
+        if trained_dim and trained_dim != info["dim"]:
+            raise InputError(f"{flag}: {path} has dim {info['dim']}, but the run in {model_dir} was trained with "
+                             f"dim {trained_dim} ({spec_path}): use a table of dim {trained_dim}, or a new --model_dir")
 
 
 def run(config):
@@ -59,8 +151,8 @@ def run(config):
     start = time.time()
     # strategy=parameter_server: the worker and ps tasks of the cluster serve here and never return
     distribute.maybe_serve(config.train.strategy)
+    validate_inputs(config)  # before anything is written to model_dir (not even the directory)
     os.makedirs(config.model_dir, exist_ok=True)
-    _check_resume_config(config.model_dir, config)
     strategy = distribute.make_strategy(config.train.strategy, config.train.num_devices)
     if config.train.deterministic:
         trainer_lib.set_global_determinism(config.train.seed)
@@ -181,7 +273,10 @@ def main(argv):
         config = flags_lib.config_from_flags()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    metrics = run(config)
+    try:
+        metrics = run(config)
+    except InputError as e:  # raised before anything was written
+        raise app.UsageError(str(e)) from None
     if not any(k in metrics for k in ("auc", "acc@1")):
         print("done: this worker is not the chief; the chief writes the metrics, checkpoints and export")
         return

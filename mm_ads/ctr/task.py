@@ -2,14 +2,12 @@
 
 import os
 
-import numpy as np
-import pyarrow.parquet as pq
 import tensorflow as tf
 
 from mm_ads.ctr.make import restore_make
 from mm_ads.ctr.model import build_ctr_model, model_input_names
 from mm_ads.data import pipeline
-from mm_ads.data.dataset import Manifest
+from mm_ads.data.dataset import Manifest, read_item_stats
 from mm_ads.data.spec import ITEM_CREATED_AT, ITEM_ID, TIMESTAMP, FeatureSpec
 from mm_ads.data.vectors import VectorTable
 from mm_ads.metrics.ctr import CTRMetrics
@@ -44,7 +42,8 @@ class CTRTask(Task):
         if config.model.uses_vectors and vector_dim is not None:
             self.spec = base.with_vectors(int(vector_dim))
         elif config.model.uses_vectors:
-            table = VectorTable.load(pipeline.resolve_vector_table_path(self.manifest, data.vector_table or None))
+            path = pipeline.resolve_vector_table_path(self.manifest, data.vector_table or None, option="--vector_table")
+            table = VectorTable.load(path)
             self.spec = base.with_vectors(table.dim)
             self.join = pipeline.VectorJoin(table, self.spec)
         else:
@@ -97,9 +96,7 @@ class CTRTask(Task):
         if "item_stats" not in self.manifest.components:
             return None
         if self._train_counts is None:
-            table = pq.read_table(self.manifest.files("item_stats", "all")[0], columns=["item_id", "train_count"])
-            self._train_counts = (table.column("item_id").to_numpy().astype(np.int64),
-                                  table.column("train_count").to_numpy().astype(np.int64))
+            self._train_counts = read_item_stats(self.manifest)
         return self._train_counts
 
     def evaluate(self, model, split="eval"):

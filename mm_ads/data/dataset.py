@@ -109,6 +109,28 @@ class Manifest:
         return "\n".join(lines)
 
 
+ITEM_STATS_COLUMNS = ("item_id", "train_count")
+
+
+def read_item_stats(manifest):
+    """`(item ids int64 [N], training impressions int64 [N])` of a dataset's `item_stats` component, or None.
+
+    A file that is not readable Parquet or lacks the `ITEM_STATS_COLUMNS` raises a `ValueError` naming it.
+    """
+    if "item_stats" not in manifest.components:
+        return None
+    path = manifest.files("item_stats", "all")[0]
+    try:
+        table = pq.read_table(path, columns=list(ITEM_STATS_COLUMNS))
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist, but the manifest lists it (item_stats)") from None
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        raise ValueError(f"{path} is not a readable item_stats table with columns {list(ITEM_STATS_COLUMNS)} "
+                         f"({e}); re-create the dataset") from e
+    return (table.column("item_id").to_numpy().astype(np.int64),
+            table.column("train_count").to_numpy().astype(np.int64))
+
+
 def serialize_examples(columns):
     """Serialises rows as `tf.train.Example` protos, vectorised (C++ `encode_proto`, ~3× Python protobuf).
 

@@ -76,13 +76,15 @@ def vector_table_paths(manifest):
     return paths
 
 
-def resolve_vector_table_path(manifest, vector_table=None):
+def resolve_vector_table_path(manifest, vector_table=None, option="vector_table"):
     """Path of a dataset's vector table.
 
     Args:
         manifest: a loaded `Manifest`.
         vector_table: a name listed in `extra["vector_tables"]` (see `vector_table_paths`), a path, or
             None for the manifest's only table.
+        option: how the caller's user names `vector_table` in the errors: the argument (`"vector_table"`)
+            or a command-line flag (`"--vector_table"`, as `mm_ads.train` does).
 
     Returns:
         The table's path; a `ValueError` listing the available names if there is no such table, or
@@ -90,22 +92,23 @@ def resolve_vector_table_path(manifest, vector_table=None):
     """
     tables = vector_table_paths(manifest)
     where = f"dataset {manifest.name!r} ({getattr(manifest, 'data_dir', '?')})"
+    choices = "<name | path>" if option.startswith("--") else "<path | VectorTable | VectorJoin>"
     if vector_table is None:
         if len(tables) == 1:
             return next(iter(tables.values()))
         if not tables:
             raise ValueError(
                 f"The FeatureSpec has vector features but {where} lists no vector table "
-                "(manifest extra['vector_tables']); pass vector_table=<path | VectorTable | VectorJoin>, "
+                f"(manifest extra['vector_tables']); pass {option}={choices}, "
                 "or use a spec without vector features"
             )
-        raise ValueError(f"{where} lists several vector tables {sorted(tables)}; choose one with vector_table=<name>")
+        raise ValueError(f"{where} lists several vector tables {sorted(tables)}; choose one with {option}=<name>")
     if vector_table in tables:
         return tables[vector_table]
     if os.path.exists(vector_table):
         return vector_table
     raise ValueError(
-        f"vector_table={vector_table!r} is neither a vector table of {where} (it has {sorted(tables)}) "
+        f"{option}={vector_table!r} is neither a vector table of {where} (it has {sorted(tables)}) "
         "nor an existing file"
     )
 

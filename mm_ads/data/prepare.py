@@ -24,6 +24,7 @@ import sys
 from absl import app, flags
 
 from mm_ads.data.readers import FORMATS, DataFormatError, prepare
+from mm_ads.data.readers.product_pairs import DEFAULT_SPLIT_FILES
 
 _FORMAT = flags.DEFINE_enum("format", None, FORMATS, "Input format; see mm_ads/data/readers/<format>.py.")
 _INPUT = flags.DEFINE_string("input", None, "Input directory (or archive, for image_folder).")
@@ -59,6 +60,14 @@ _MAX_USERS = flags.DEFINE_integer("max_users", 0, "movielens: keep a seeded rand
 _MAX_DESCRIPTION_WORDS = flags.DEFINE_integer(
     "max_description_words", 32, "product_pairs: description words kept in an offer's text.", lower_bound=0)
 _INCLUDE_PRICE = flags.DEFINE_boolean("include_price", False, "product_pairs: append the price to offer texts.")
+_SPLIT_FILES = flags.DEFINE_string(
+    "split_files", DEFAULT_SPLIT_FILES,
+    "product_pairs: which file of a benchmark directory is which split, as split=file entries (the whole "
+    "mapping: only these files are read; other files are named in a warning), e.g. "
+    "train=train.txt.small,valid=valid.txt,test=test.txt.")
+_ALLOW_MISSING_TRAIN = flags.DEFINE_boolean(
+    "allow_missing_train", False, "product_pairs: write a dataset whose benchmark has no train file (by default "
+    "refused, naming the files found).")
 
 # image_folder
 _ON_CORRUPT = flags.DEFINE_enum("on_corrupt", "skip", ("skip", "error"),
@@ -68,7 +77,7 @@ _FORMAT_FLAGS = {
     "taobao_mm": (_SEQ_LEN, _NUM_BUCKETS, _ON_MISSING_USER, _ROWS_PER_SHARD),
     "movielens": (_SEQ_LEN, _MIN_RATING, _NEGATIVES, _NEGATIVE_SAMPLING, _TEST_FRACTION, _MAX_TAGS, _MAX_USERS,
                   _ROWS_PER_SHARD),
-    "product_pairs": (_MAX_DESCRIPTION_WORDS, _INCLUDE_PRICE),
+    "product_pairs": (_MAX_DESCRIPTION_WORDS, _INCLUDE_PRICE, _SPLIT_FILES, _ALLOW_MISSING_TRAIN),
     "image_folder": (_TEST_FRACTION, _ON_CORRUPT),
 }
 
@@ -88,7 +97,7 @@ def main(argv):
     try:
         manifest = prepare(fmt, _INPUT.value, _OUTPUT_DIR.value, options, name=_NAME.value, seed=_SEED.value,
                        overwrite=_OVERWRITE.value, provenance=provenance)
-    except (DataFormatError, FileNotFoundError, FileExistsError) as e:
+    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"prepare: {e}")
     print(f"wrote {_OUTPUT_DIR.value}")
     print(manifest.summary())

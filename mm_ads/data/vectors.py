@@ -78,6 +78,40 @@ def write_vector_table(path, item_ids, vectors, encoder_version, dtype="float32"
     return path
 
 
+def read_table_info(path, expected_dim=None, expected_encoder_version=None):
+    """A vector table's metadata from its Parquet footer only (cheap: no vector is read).
+
+    Returns `{"dim", "dtype", "scale", "encoder_version", "num_rows"}`; raises `FileNotFoundError` when
+    `path` does not exist and `ValueError` when it is not a readable table of this module's format or its
+    dim / encoder version is not the expected one (`VectorTable.load` runs the same checks).
+    """
+    try:
+        parquet = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Vector table {path} does not exist") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"Vector table {path} is not a readable Parquet file: {e}") from e
+    schema = parquet.schema_arrow
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    missing = [k for k in ("dim", "dtype", "scale", "encoder_version") if _META + k not in meta]
+    if missing or "item_id" not in schema.names or "vector" not in schema.names:
+        raise ValueError(
+            f"Vector table {path} lacks item_id/vector columns or metadata {missing}; "
+            "write it with mm_ads.data.vectors.write_vector_table"
+        )
+    dim = int(meta[_META + "dim"])
+    version = meta[_META + "encoder_version"]
+    if expected_dim is not None and dim != expected_dim:
+        raise ValueError(f"Vector table {path} has dim {dim}, expected {expected_dim}")
+    if expected_encoder_version is not None and version != expected_encoder_version:
+        raise ValueError(
+            f"Vector table {path} was made by encoder {version!r}, expected {expected_encoder_version!r}: "
+            "vectors of different encoder versions cannot be mixed"
+        )
+    return {"dim": dim, "dtype": meta[_META + "dtype"], "scale": float(meta[_META + "scale"]),
+            "encoder_version": version, "num_rows": parquet.metadata.num_rows}
+
+
 class VectorTable:
     """An item → vector table held in memory.
 
@@ -100,29 +134,12 @@ class VectorTable:
 
     @classmethod
     def load(cls, path, expected_dim=None, expected_encoder_version=None):
+        info = read_table_info(path, expected_dim, expected_encoder_version)
         try:
             table = pq.read_table(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"Vector table {path} does not exist") from None
         except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(f"Vector table {path} is not a readable Parquet file: {e}") from e
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-        missing = [k for k in ("dim", "dtype", "scale", "encoder_version") if _META + k not in meta]
-        if missing or "item_id" not in table.column_names or "vector" not in table.column_names:
-            raise ValueError(
-                f"Vector table {path} lacks item_id/vector columns or metadata {missing}; "
-                "write it with mm_ads.data.vectors.write_vector_table"
-            )
-        dim = int(meta[_META + "dim"])
-        dtype = meta[_META + "dtype"]
-        version = meta[_META + "encoder_version"]
-        if expected_dim is not None and dim != expected_dim:
-            raise ValueError(f"Vector table {path} has dim {dim}, expected {expected_dim}")
-        if expected_encoder_version is not None and version != expected_encoder_version:
-            raise ValueError(
-                f"Vector table {path} was made by encoder {version!r}, expected {expected_encoder_version!r}: "
-                "vectors of different encoder versions cannot be mixed"
-            )
+        dim, dtype, version = info["dim"], info["dtype"], info["encoder_version"]
         ids = table.column("item_id").to_numpy().astype(np.int64)
         col = table.column("vector").combine_chunks()
         vecs = col.values.to_numpy(zero_copy_only=False).reshape(len(ids), dim)
@@ -132,7 +149,7 @@ class VectorTable:
             if bad.any():
                 raise ValueError(f"Vector table {path}: the vector of item_id {int(ids[bad][0])} has NaN/inf "
                                  f"({int(bad.sum())} such rows)")
-        return cls(ids, vecs, dtype, float(meta[_META + "scale"]), version, path)
+        return cls(ids, vecs, dtype, info["scale"], version, path)
 
     def float_vectors(self):
         if self.dtype == "int8":

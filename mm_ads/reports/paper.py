@@ -22,13 +22,21 @@ cores) and `full` (the demo world and every Table 2 benchmark). Steps, all under
 Every run is a normal model dir and a finished one (its `metrics.json` exists) is reused, so an
 interrupted report continues where it stopped. Output: `report.md`, `results.json` and `fig3.png`,
 `fig6a.png`, `fig6b.png`, `fig6c.png`. The report states sizes, seeds and wall times, and whether each of the
-paper's orderings holds here — a finding either way, not something tuned away.
+paper's orderings holds here — a finding either way, not something tuned away. Wall times are this
+invocation's (`results.json`: `wall_seconds` per step and `total`); the finished runs it reused are counted
+apart (`reused`: how many, and the wall time they took when they ran).
+
+Before any work, the optional dependencies are checked (matplotlib for the plots; keras-hub,
+tensorflow-text and the MiniLM weights when a chosen row needs MiniLM): a missing one stops the report with
+the install command. `report.md` and `results.json` are written before the plots are drawn, so a plotting
+failure loses no result.
 """
 
 import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -115,6 +123,8 @@ class PaperRunner:
         self.results = {"options": dataclasses.asdict(options), "wall_seconds": {}}
         self.world = None
         self.tables = {}
+        self.trained = set()  # CTR model dirs trained by this invocation
+        self.reused = {}  # CTR model dir finished before this invocation → its recorded wall seconds
 
     # -- building blocks ---------------------------------------------------------------------
     def _timed(self, name, fn):
@@ -148,7 +158,12 @@ class PaperRunner:
         values.update({k: str(v) for k, v in overrides.items()})
         config = config_lib.config_from_values(values)
         done = options_lib.reusable_metrics(model_dir, config)
-        return done if done is not None else train.run(config)
+        if done is None:
+            self.trained.add(model_dir)
+            return train.run(config)
+        if model_dir not in self.trained:
+            self.reused[model_dir] = float(done.get("wall_seconds", 0.0))
+        return done
 
     def vector_table(self, row):
         """`vectors/<row>.parquet`: the catalogue encoded by Table 2 row `row`'s text encoder (or the
@@ -311,6 +326,7 @@ class PaperRunner:
         return points
 
     def run(self):
+        check_dependencies(self.o)  # before any work
         start = time.time()
         os.makedirs(self.out, exist_ok=True)
         self.world = self._timed("data", self.make_world)
@@ -330,11 +346,25 @@ class PaperRunner:
         self.results["data"] = self._describe_data()
         self.results["findings"] = findings(self.results)
         self.results["wall_seconds"]["total"] = round(time.time() - start, 1)
-        self.results["plots"] = plot_all(self.results, self.out)
+        t2 = self.table2
+        self.results["reused"] = {"runs": len(self.reused) + t2.get("reused_runs", 0),
+                                  "wall_seconds": round(sum(self.reused.values()) + t2.get("reused_wall_seconds", 0),
+                                                        1)}
+        self.results["plots"] = {}
+        self._write()  # the results are on disk before anything is plotted
+        try:
+            self.results["plots"] = plot_all(self.results, self.out)
+        except Exception:
+            logging.error("paper report: plotting failed; the results are in %s and %s",
+                          os.path.join(self.out, "results.json"), os.path.join(self.out, "report.md"))
+            raise
+        self._write()
+        return self.results
+
+    def _write(self):
         io_utils.write_json(os.path.join(self.out, "results.json"), self.results)
         with io_utils.atomic_file(os.path.join(self.out, "report.md")) as f:
             f.write(to_markdown(self.results, self.out))
-        return self.results
 
     def _describe_data(self):
         from mm_ads.data.dataset import Manifest
@@ -479,11 +509,18 @@ def to_markdown(results, out_dir):
     vectors = (f"the table `{o['vector_table']}`" if o["vector_table"] else
                f"the `{o['encoder_row']}` text encoder of Table 2")
     times = ", ".join(f"{k} {v / 60:.1f}" for k, v in w.items() if k != "total")
+    reused = results.get("reused") or {}
+    plots = results.get("plots") or {}
+
+    def image(name):
+        return [f"![{name}]({plots[name]})", ""] if name in plots else []
+
     lines = ["# The paper's experiments on this data", "",
              f"Data: `{d['data_dir']}` — {d['train_impressions']:,} train / {d['test_impressions']:,} test "
              f"impressions, {d['text_pairs_train']:,} text pre-training pairs. Seeds {list(o['seeds'])} (Table 3; "
-             f"the figures use seed {o['seeds'][0]}). Vectors of Table 3: {vectors}. "
-             f"Wall time {w['total'] / 60:.1f} min on this machine ({times} min).", "",
+             f"the figures use seed {o['seeds'][0]}). Vectors of Table 3: {vectors}. " +
+             table2_lib.wall_time_line(w["total"], reused.get("runs", 0), reused.get("wall_seconds", 0.0)) +
+             f" Steps of this invocation: {times} min.", "",
              "## Findings (does the paper's ordering hold here?)", ""]
     lines += [f"- {f}" for f in results["findings"]] + [""]
     lines += [f"## Table 3: CTR variants (mean ± std over {len(o['seeds'])} seeds)", "", table3_markdown(results), ""]
@@ -493,24 +530,24 @@ def to_markdown(results, out_dir):
     else:
         lines += ["## Table 2 and Fig 6a: skipped (vectors from `vector_table`, no pre-training here)", ""]
     if results["fig3"]:
-        lines += ["## Fig 3: GAUC per epoch", "", "![fig3](fig3.png)", "",
+        lines += ["## Fig 3: GAUC per epoch", "", *image("fig3"),
                   "| epoch | " + " | ".join(results["fig3"]) + " |", "|---|" + "---:|" * len(results["fig3"])]
         epochs = max(len(h) for h in results["fig3"].values())
         for i in range(epochs):
             cells = [f"{h[i]['gauc']:.4f}" if i < len(h) else "" for h in results["fig3"].values()]
             lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     if results["fig6a"]:
-        lines += ["", "## Fig 6a: pre-training Acc@1 vs simtier GAUC", "", "![fig6a](fig6a.png)", "",
+        lines += ["", "## Fig 6a: pre-training Acc@1 vs simtier GAUC", "", *image("fig6a"),
                   "| encoder | Acc@1 | GAUC |", "|---|---:|---:|"]
         lines += [f"| {p['row']} | {p['acc@1']:.4f} | {p['gauc']:.4f} |" for p in results["fig6a"]]
     if results.get("fig6b"):
         lines += ["", "## Fig 6b: simtier_make vs id by item frequency (freq_1 = rarest)", "",
-                  "![fig6b](fig6b.png)", "",
+                  *image("fig6b"),
                   "| group | test examples | AUC improvement | LogLoss improvement |", "|---|---:|---:|---:|"]
         lines += [f"| {n} | {b['num_examples']:,} | {_pm(b['auc_rel'], True)} | {_pm(b['logloss_rel'], True)} |"
                   for n, b in results["fig6b"].items()]
     if results["fig6c"]:
-        lines += ["", "## Fig 6c: MAKE pre-training epochs", "", "![fig6c](fig6c.png)", "", "| MAKE epochs | GAUC |",
+        lines += ["", "## Fig 6c: MAKE pre-training epochs", "", *image("fig6c"), "| MAKE epochs | GAUC |",
                   "|---:|---:|"]
         lines += [f"| {p['make_epochs']} | {p['gauc']:.4f} |" for p in results["fig6c"]]
     skipped = [name for name, key in (("Fig 3", "fig3"), ("Fig 6a", "fig6a"), ("Fig 6c", "fig6c"))
@@ -518,6 +555,22 @@ def to_markdown(results, out_dir):
     if skipped:
         lines += ["", f"Not run in this profile: {', '.join(skipped)} (`configs/paper/demo.flags` runs every figure)."]
     return "\n".join(lines) + "\n"
+
+
+def required_modules(options):
+    """The optional modules a report of `options` needs (see `options_lib.DEPENDENCIES`)."""
+    modules = ["matplotlib"]
+    if "minilm_zero_shot" in (options.encoder_row, *options.fig6a_rows) and not options.vector_table:
+        modules += options_lib.MINILM_MODULES
+    if not options.vector_table:
+        t2 = table2_lib.Table2Config.from_values(table2_lib.read_profile(options.table2_flagfile))
+        modules += table2_lib.required_modules(t2)
+    return tuple(dict.fromkeys(modules))
+
+
+def check_dependencies(options):
+    """`MissingDependencyError` (with the install command) when a module the report needs is missing."""
+    options_lib.check_dependencies(required_modules(options), "The paper report")
 
 
 def run_paper(options, output_dir):
@@ -531,6 +584,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     options = options_lib.options_from_flags(PaperConfig)
+    try:
+        check_dependencies(options)  # before any work
+    except options_lib.MissingDependencyError as e:
+        sys.exit(f"paper: {e}")
     results = run_paper(options, flags.FLAGS.output_dir)
     out = os.path.abspath(flags.FLAGS.output_dir)
     print(f"Table 3 (mean ± std over {len(options.seeds)} seeds):\n")
@@ -544,8 +601,6 @@ def define_flags():
 
 
 if __name__ == "__main__":
-    import sys
-
     from absl import app
 
     define_flags()

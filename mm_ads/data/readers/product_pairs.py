@@ -5,8 +5,16 @@ benchmarks (then all are merged into one dataset, each row tagged with its bench
 
 ```
 BENCHMARK/                      e.g. Abt-Buy, Amazon-Google, Walmart-Amazon
-  train.txt  valid.txt  test.txt       any non-empty subset; one dataset split per file
+  train.txt  valid.txt  test.txt       one dataset split per file; train.txt is required (see below)
 ```
+
+Which file is which split: `split_files` (flag `--split_files`), comma-separated `split=file` entries, default
+`train=train.txt,valid=valid.txt,test=test.txt`. It is the whole mapping: only the files it names are read
+(e.g. `--split_files=train=train.txt.small,valid=valid.txt,test=test.txt` trains on a subsample), a split whose
+file a benchmark lacks is left out, and every other file of a benchmark directory is reported in a warning
+(and in the manifest's provenance, `ignored_files`), never read silently. A benchmark without its train file
+is refused, naming the directory, the files found and the flags, unless `allow_missing_train`
+(`--allow_missing_train`) asks for a dataset without a train split (e.g. an evaluation-only set).
 
 Each line is `LEFT \\t RIGHT \\t LABEL` (UTF-8): LABEL is 1 when both offers are the same product, else 0,
 and each offer is serialised as `COL <attr> VAL <value> COL <attr> VAL <value> ...` with the benchmark's
@@ -43,6 +51,8 @@ from mm_ads.data.readers.common import DataFormatError, fingerprint_text, normal
 
 FORMAT = "product_pairs"
 SPLIT_FILES = (("train", "train.txt"), ("valid", "valid.txt"), ("test", "test.txt"))
+DEFAULT_SPLIT_FILES = ",".join(f"{split}={name}" for split, name in SPLIT_FILES)
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 TITLE_ATTRS = ("name", "title")
 _ATTR = re.compile(r"COL (\S+) VAL(?: |$)")
 
@@ -149,23 +159,74 @@ def build_pairs(rows, rng):
     return out
 
 
-def _benchmarks(input_path):
+def parse_split_files(split_files):
+    """`"train=a.txt,valid=b.txt"` (or a `{split: file}` mapping, or None for the default) → ((split, file), ...)."""
+    if split_files is None:
+        return SPLIT_FILES
+    if isinstance(split_files, str):
+        entries = [e.strip() for e in split_files.split(",") if e.strip()]
+        pairs = []
+        for entry in entries:
+            split, sep, name = (p.strip() for p in entry.partition("="))
+            if not sep:
+                raise ValueError(f"--split_files: expected split=file entries, got {entry!r} in {split_files!r}")
+            pairs.append((split, name))
+    else:
+        pairs = list(dict(split_files).items())
+    splits = [s for s, _ in pairs]
+    names = [n for _, n in pairs]
+    if not pairs:
+        raise ValueError(f"--split_files: no split=file entry in {split_files!r}")
+    for split, name in pairs:
+        if not _SPLIT_NAME.match(split):
+            raise ValueError(f"--split_files: split name {split!r} must be letters, digits or _")
+        if not name or os.sep in name or name in (".", ".."):
+            raise ValueError(f"--split_files: {split}={name!r} must name a file of the benchmark directory")
+    if len(set(splits)) != len(splits) or len(set(names)) != len(names):
+        raise ValueError(f"--split_files: each split and each file may appear once, got {split_files!r}")
+    return tuple(pairs)
+
+
+def _benchmarks(input_path, split_files):
     """[(name, dir)] — the directory itself if it holds split files, else its sub-directories that do."""
     def has_splits(d):
-        return any(os.path.isfile(os.path.join(d, f)) for _, f in SPLIT_FILES)
+        return any(os.path.isfile(os.path.join(d, f)) for _, f in split_files)
 
     if has_splits(input_path):
         return [(os.path.basename(os.path.normpath(input_path)), input_path)]
     subs = sorted(d for d in os.listdir(input_path) if has_splits(os.path.join(input_path, d)))
     if not subs:
         raise FileNotFoundError(
-            f"{input_path}: no {'/'.join(f for _, f in SPLIT_FILES)} here or in any sub-directory "
-            "(expected the ER-Magellan layout, see mm_ads/data/readers/product_pairs.py)")
+            f"{input_path}: no {'/'.join(f for _, f in split_files)} here or in any sub-directory "
+            f"(it has {sorted(os.listdir(input_path))}; expected the ER-Magellan layout, see "
+            "mm_ads/data/readers/product_pairs.py, or name the files with --split_files=train=FILE,test=FILE)")
+    others = sorted(set(os.listdir(input_path)) - set(subs))
+    if others:
+        logging.warning("product_pairs: %s: ignoring %s (not benchmark directories with %s)", input_path, others,
+                        "/".join(f for _, f in split_files))
     return [(d, os.path.join(input_path, d)) for d in subs]
 
 
+def _check_files(bench_dir, split_files, allow_missing_train):
+    """The files of `bench_dir` that no split names (warned about); refuses a benchmark without its train file."""
+    found = sorted(f for f in os.listdir(bench_dir) if os.path.isfile(os.path.join(bench_dir, f)))
+    known = {name for _, name in split_files}
+    ignored = [f for f in found if f not in known]
+    if ignored:
+        logging.warning("product_pairs: %s: ignoring %s (no split names them; see --split_files)", bench_dir,
+                        ignored)
+    train = dict(split_files).get("train")
+    if not allow_missing_train and (train is None or train not in found):
+        raise FileNotFoundError(
+            f"{bench_dir}: no train split (" + (f"no file {train!r}" if train else "--split_files names none") +
+            f"; files found: {found}): name the training file with --split_files=train=FILE,"
+            f"{','.join(f'{s}={n}' for s, n in split_files if s != 'train')}, or pass --allow_missing_train to "
+            "write a dataset without a train split")
+    return ignored
+
+
 def prepare(input_path, output_dir, max_description_words=32, include_price=False, name=None, seed=0,
-            overwrite=False, provenance=None):
+            overwrite=False, provenance=None, split_files=DEFAULT_SPLIT_FILES, allow_missing_train=False):
     """Converts one ER-Magellan benchmark (or a directory of them, merged) into text pre-training pairs.
 
     Args:
@@ -177,6 +238,9 @@ def prepare(input_path, output_dir, max_description_words=32, include_price=Fals
         seed: seed of the hard-negative choice.
         overwrite: replace an existing non-empty `output_dir`.
         provenance: extra provenance (e.g. the command line) merged into the manifest's.
+        split_files: which file is which split: `"split=file,..."` or a `{split: file}` mapping (see the
+            module docstring); only these files are read.
+        allow_missing_train: write the dataset even when a benchmark has no train file (else refused).
 
     Returns:
         The written `Manifest`.
@@ -185,11 +249,16 @@ def prepare(input_path, output_dir, max_description_words=32, include_price=Fals
         raise ValueError(f"max_description_words must be >= 0, got {max_description_words}")
     if not os.path.isdir(input_path):
         raise FileNotFoundError(f"{input_path}: not a directory (expected the ER-Magellan layout)")
-    benchmarks = _benchmarks(input_path)
+    split_files = parse_split_files(split_files)
+    benchmarks = _benchmarks(input_path, split_files)
+    ignored = {}
+    for bench, bench_dir in benchmarks:  # every benchmark is checked before any is read
+        for f in _check_files(bench_dir, split_files, allow_missing_train):
+            ignored.setdefault(bench, []).append(f)
     rng = np.random.default_rng(seed)
     tables, files = {}, []
     for bench, bench_dir in benchmarks:
-        for split, fname in SPLIT_FILES:
+        for split, fname in split_files:
             path = os.path.join(bench_dir, fname)
             if not os.path.isfile(path):
                 continue
@@ -199,7 +268,8 @@ def prepare(input_path, output_dir, max_description_words=32, include_price=Fals
             cols["source"] = [bench] * len(cols["query"])
             tables.setdefault(split, []).append(cols)
             logging.info("product_pairs: %s: %d lines → %d pairs", path, len(rows), len(cols["query"]))
-    prov = {"input": os.path.abspath(input_path), "files": files}
+    prov = {"input": os.path.abspath(input_path), "files": files, "split_files": dict(split_files),
+            "ignored_files": ignored}
     prov.update(provenance or {})
     name = name or os.path.basename(os.path.normpath(input_path))
     stats = {}
