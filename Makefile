@@ -37,7 +37,7 @@ table2: setup
 	$(PY) -m mm_ads.reports.table2 --flagfile=configs/reports/table2_full.flags --output_dir=runs/table2
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -v --durations=15 $(PYTEST_ARGS)
 
 # the layer tests again under other global seeds: a test that holds only for some initialisations fails here
 test-seeds: setup
