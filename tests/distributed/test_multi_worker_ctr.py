@@ -60,6 +60,8 @@ def test_only_the_chief_writes(runs):
     assert "Saved checkpoint" not in out["worker:1"]
 
 
+# large: two clusters of two processes (~40 s); the single-process kill -9 resume test stays in the default suite
+@pytest.mark.large
 def test_killed_worker_then_restarted_cluster_resumes_to_the_same_model(runs, tiny_world, repo_root, tmp_path):
     killed = tmp_path / "killed"
     cmd = helpers.train_cmd(tiny_world, killed, *FLAGS, "--strategy=multi_worker")

@@ -115,6 +115,8 @@ def _check_table3(results, out):
     assert saved["table3"]["table"]["id"]["auc"] == list(t3["table"]["id"]["auc"])
 
 
+# large (~50 s): the Taobao-MM test above runs the same report code on a real-format world in the default suite
+@pytest.mark.large
 def test_movielens_world_dir(tmp_path, repo_root):
     data = str(tmp_path / "ml_data")
     manifest = prepare_dataset("movielens", str(_movielens(tmp_path / "ml")), data,
