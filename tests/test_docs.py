@@ -75,7 +75,8 @@ def _expand_braces(path):
 def test_every_named_flagfile_exists(repo_root, name):
     paths = set(re.findall(r"configs/[A-Za-z0-9_/{},.-]*?\.flags", _read(repo_root, name)))
     assert paths, f"{name} names no flagfile"
-    missing = [p for raw in sorted(paths) for p in _expand_braces(raw) if not os.path.exists(os.path.join(repo_root, p))]
+    expanded = [p for raw in sorted(paths) for p in _expand_braces(raw)]
+    missing = [p for p in expanded if not os.path.exists(os.path.join(repo_root, p))]
     assert not missing, f"{name} names flagfiles that do not exist: {missing}"
 
 

@@ -11,8 +11,10 @@ class KeyQueue(keras.layers.Layer):
     """Ring buffer of the last K keys (+ item ids) produced by the key encoder.
 
     Writes wrap around: `n` new keys go to slots `(pointer + arange(n)) mod K`, so K need not be a multiple
-    of the batch size (the reference MoCo code requires K % batch == 0); a batch larger than K keeps its last
-    K keys. Slots never written are invalid (`valid()` is False) and are masked out of the loss.
+    of the batch size (the reference MoCo code requires K % batch == 0). A batch larger than K keeps its last
+    K keys, written oldest first from the pointer on; the pointer advances by what was written (`min(n, K)`,
+    modulo K), so it always points at the oldest key and the next write evicts that one. Slots never written
+    are invalid (`valid()` is False) and are masked out of the loss.
 
     The variables are non-trainable; `enqueue` updates every replica's copy with the same all-gathered keys
     (see `mm_ads.scl.momentum.update_variables`), so all replicas hold identical queues.
@@ -59,8 +61,8 @@ class KeyQueue(keras.layers.Layer):
             ids = tf.cast(ids, tf.int64)[-size:]
             return var.scatter_nd_update(slots(pointer, tf.shape(ids, tf.int64)[0])[:, None], ids)
 
-        def advance(var, ids):
-            return var.assign((var + tf.shape(ids, tf.int64)[0]) % size)
+        def advance(var, ids):  # by the number of keys written: the pointer stays on the oldest key
+            return var.assign((var + tf.minimum(tf.shape(ids, tf.int64)[0], size)) % size)
 
         def fill(var, ids):
             return var.assign(tf.minimum(var + tf.shape(ids, tf.int64)[0], size))

@@ -197,12 +197,45 @@ class SCLTask(Task):
         return result
 
     def evaluate(self, model, split="eval"):
-        """`evaluate_encoder` of the SCL model's query encoder, plus τ and the queue fill."""
+        """`evaluate_encoder` of the SCL model's query encoder, plus τ, the queue fill and how often the split's
+        triplets violate the margin (`triplet_violation_rate`, see `triplet_violations`)."""
         result = self.evaluate_encoder(model.encoder, split)
         result["temperature"] = float(model.temperature.tau())
         if model.use_queue:
             result["queue_fill"] = int(model.queue.count.numpy())
+        result.update(self.triplet_violations(model, split))
         return result
+
+    def triplet_violations(self, model, split="eval"):
+        """How often the split's <query, positive, hard negative> triplets violate the margin, as the training
+        loss sees them (query encoder for the query; the key encoder, or the encoder without MoCo, for the
+        positive and the negative): `triplet_violation_rate` = the fraction of rows with a hard negative where
+        `margin − q·p + q·n > 0` (only those rows give the triplet loss a gradient), `triplet_loss` its mean,
+        `triplet_rows` the rows with a hard negative. Measured whether or not the run trains with the triplet
+        loss, so the ablations can be compared."""
+        margin = float(self.scl.triplet_margin)
+        key_encoder = model.key_encoder if model.use_queue else model.encoder
+
+        @tf.function
+        def terms(features):
+            q = model.encoder(features["query"], training=False)  # [b, D]
+            p = key_encoder(features["positive"], training=False)
+            n = key_encoder(features["negative"], training=False)
+            pos_id, neg_id = (tf.cast(features[c], tf.int64) for c in ("positive_id", "negative_id"))
+            valid = tf.logical_and(neg_id >= 0, tf.not_equal(neg_id, pos_id))  # [b]
+            return triplet(q, p, n, margin), valid
+
+        losses, valid = [], []
+        for features, _ in self.build_inputs(split, self.config.data.eval_batch_size, training=False):
+            loss, ok = terms(features)
+            losses.append(loss.numpy())
+            valid.append(ok.numpy())
+        losses, valid = np.concatenate(losses), np.concatenate(valid)
+        rows = int(valid.sum())
+        if rows == 0:
+            return {"triplet_rows": 0}
+        return {"triplet_rows": rows, "triplet_violation_rate": float((losses[valid] > 0).mean()),
+                "triplet_loss": float(losses[valid].mean())}
 
     def write_vocabulary(self, model_dir):
         """`<model_dir>/vocab.json`: the words and counts of the text tower's vocabulary (text only)."""

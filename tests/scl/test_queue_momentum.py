@@ -39,15 +39,40 @@ def test_partially_filled_queue_is_valid_only_where_written():
     np.testing.assert_array_equal(q.valid().numpy(), [True, True, False, False, False])
 
 
-def test_batch_larger_than_queue_keeps_the_last_keys():
+def test_batch_larger_than_queue_keeps_the_newest_keys_and_the_next_write_evicts_the_oldest():
     q = _queue(4, 1)
     q.enqueue(tf.zeros((1, 1)), tf.constant([100], tf.int64))  # pointer at 1
     ids = np.arange(10, dtype=np.int64)
     q.enqueue(tf.constant(ids[:, None].astype(np.float32)), tf.constant(ids))
-    # the last 4 (6..9) are written from slot 1 on, wrapping: slots 1,2,3,0
+    # the K = 4 newest (6..9) are written oldest first from slot 1 on, wrapping: slots 1,2,3,0
     np.testing.assert_array_equal(q.ids.numpy(), [9, 6, 7, 8])
-    assert int(q.pointer.numpy()) == (1 + 10) % 4
+    np.testing.assert_array_equal(q.keys.numpy()[:, 0], [9, 6, 7, 8])
+    # the pointer advanced by what was written (4 keys, modulo 4): it still points at the oldest key, 6
+    assert int(q.pointer.numpy()) == 1
     assert int(q.count.numpy()) == 4
+    q.enqueue(tf.constant([[20.0], [21.0]]), tf.constant([20, 21], tf.int64))
+    # the next write evicts the two oldest (6, 7), never a newer key
+    np.testing.assert_array_equal(q.ids.numpy(), [9, 20, 21, 8])
+    assert int(q.pointer.numpy()) == 3
+
+
+def test_writes_larger_than_the_queue_equal_one_key_at_a_time():
+    # any sequence of writes leaves the queue holding the K newest keys, exactly as writing them one by one
+    K = 5
+    rng = np.random.default_rng(0)
+    batched, single = _queue(K, 1), _queue(K, 1)
+    next_id = 0
+    for n in rng.integers(1, 3 * K, size=12):
+        ids = np.arange(next_id, next_id + n, dtype=np.int64)
+        next_id += n
+        batched.enqueue(tf.constant(ids[:, None].astype(np.float32)), tf.constant(ids))
+        for i in ids:
+            single.enqueue(tf.constant([[float(i)]]), tf.constant([i], tf.int64))
+        held = batched.ids.numpy()
+        assert sorted(held.tolist()) == list(range(next_id - K, next_id))
+        # the pointer is at the oldest key in both
+        assert held[int(batched.pointer.numpy())] == next_id - K
+        assert single.ids.numpy()[int(single.pointer.numpy())] == next_id - K
 
 
 def test_queue_rejects_bad_sizes():
