@@ -190,17 +190,19 @@ def _write_csv(path, header, rows):
         w.writerows(rows)
 
 
-def test_no_leakage_csv_test_period_ratings_and_tags(tmp_path):
-    """CSV layout, global time split: altering test-period ratings and adding / changing test-period tags leaves
-    train and valid records, earlier test records, item texts, item_stats and train/valid pairs unchanged."""
+@pytest.mark.parametrize("split", movielens.SPLITS)
+def test_no_leakage_csv_test_period_ratings_and_tags(tmp_path, split):
+    """CSV layout: altering the latest ratings (test rows) and adding / changing test-period tags leaves train and
+    valid records, earlier test records, item texts, item_stats and train/valid pairs unchanged."""
     movies = [(10 * j + 1, f"Movie {j} ({1990 + j})", ["Action", "Comedy", "Drama"][j % 3]) for j in range(9)]
     ratings = []
     for u in range(1, 7):
         for k in range(6):
             j = (u * 2 + k * 5) % 9
             ratings.append((u, 10 * j + 1, float(1 + (u + k) % 5), 1000 + 100 * k + u))
-    tags = [(1, 1, "classic", 1001), (2, 11, "funny", 1102), (3, 1, "Classic", 1203), (4, 21, "dark", 1450)]
-    kw = {"seq_len": 4, "negatives_per_positive": 2, "valid_fraction": 0.25, "test_fraction": 0.25, "seed": 1}
+    tags = [(1, 1, "classic", 1001), (2, 11, "funny", 1102), (3, 1, "Classic", 1203), (4, 21, "dark", 1550)]
+    kw = {"seq_len": 4, "negatives_per_positive": 2, "valid_fraction": 0.25, "test_fraction": 0.25, "seed": 1,
+          "split": split}
 
     def build(name, ratings, tags):
         d = tmp_path / f"in_{name}"
@@ -211,14 +213,17 @@ def test_no_leakage_csv_test_period_ratings_and_tags(tmp_path):
         return movielens.prepare(str(d), str(tmp_path / name), **kw)
 
     a = build("a", ratings, tags)
-    cutoff = a.extra["split"]["cutoff"]
-    assert a.extra["split"]["valid_cutoff"] < cutoff
-    assert tags[3][3] >= cutoff > tags[2][3]
+    # test period: global_time from the cutoff (1404); per_user (6 ratings: 1 valid, 1 test each) a tag is
+    # train-period before its tagger's valid rating (at 1400 + user), test-period from the test one (1500 + user)
+    cutoff = a.extra["split"]["cutoff"] if split == "global_time" else 1510
+    assert split != "global_time" or a.extra["split"]["valid_cutoff"] == 1301 and cutoff == 1404
+    assert a.num_rows("ctr", "test") == {"global_time": 9, "per_user": 6}[split] * 3  # positives · (1 + 2)
+    assert tags[2][3] < 1301 and tags[3][3] >= 1504  # "dark" (user 4): test period in both splits
     late = sorted(r[3] for r in ratings)[-3:]  # the three latest ratings get a movie their user never rated, 5 stars
     unrated = {u: min({m for m, *_ in movies} - {r[1] for r in ratings if r[0] == u}) for u in range(1, 7)}
     altered = [(u, unrated[u], 5.0, t) if t in late else (u, m, r, t) for u, m, r, t in ratings]
     more_tags = tags + [(5, 31, "classic", cutoff), (6, 1, "space", cutoff + 50), (1, 11, "funny", cutoff + 1)]
-    more_tags[3] = (4, 21, "gritty", 1450)  # a test-period tag changed
+    more_tags[3] = (4, 21, "gritty", 1550)  # a test-period tag changed
     b = build("b", altered, more_tags)
     assert b.extra["split"] == a.extra["split"]
     _same_ctr(str(tmp_path / "a"), str(tmp_path / "b"), keep=lambda c: c["timestamp"] < min(late))
