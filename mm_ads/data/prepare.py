@@ -5,6 +5,8 @@ python -m mm_ads.data.prepare --format=taobao_mm --input=../shared/data/taobao_m
     --output_dir=/tmp/taobao_mm --on_missing_user=null
 python -m mm_ads.data.prepare --format=movielens --input=ml-25m --output_dir=/tmp/ml25m \
     --min_rating=4 --negative_sampling=popularity
+python -m mm_ads.data.prepare --format=movielens --input=../shared/data/movielens-100k --output_dir=/tmp/ml100k \
+    --split=per_user --valid_fraction=0.1 --test_fraction=0.1
 python -m mm_ads.data.prepare --format=product_pairs --input=../shared/data/product_matching/Abt-Buy \
     --output_dir=/tmp/abt_buy
 python -m mm_ads.data.prepare --format=image_folder \
@@ -36,8 +38,9 @@ _NAME = flags.DEFINE_string("name", None, "Dataset name (default: the input's ba
 _ROWS_PER_SHARD = flags.DEFINE_integer("rows_per_shard", 200_000, "Impressions per TFRecord file (taobao_mm, "
                                        "movielens).", lower_bound=1)
 _TEST_FRACTION = flags.DEFINE_float(
-    "test_fraction", 0.1, "movielens: share of the latest positive timestamps in test; image_folder without "
-    "split folders: share of each class in test.", lower_bound=0.0, upper_bound=0.99)
+    "test_fraction", 0.1, "movielens: share of the latest positive timestamps (--split=global_time) or of each "
+    "user's latest ratings (per_user) in test; image_folder without split folders: share of each class in test.",
+    lower_bound=0.0, upper_bound=0.99)
 
 # taobao_mm
 _NUM_BUCKETS = flags.DEFINE_integer("num_buckets", 1 << 20, "taobao_mm: rows of every embedding table (raw "
@@ -53,6 +56,15 @@ _NEGATIVES = flags.DEFINE_integer("negatives_per_positive", 4, "movielens: sampl
 _NEGATIVE_SAMPLING = flags.DEFINE_enum("negative_sampling", "uniform", ("uniform", "popularity"),
                                        "movielens: negative item distribution.")
 _MAX_TAGS = flags.DEFINE_integer("max_tags_per_item", 10, "movielens: tags in an item's text.", lower_bound=0)
+_SPLIT = flags.DEFINE_enum("split", "global_time", ("global_time", "per_user"),
+                           "movielens: global_time = time cutoffs at quantiles of all positives; per_user = each "
+                           "user's latest ratings are valid/test (the usual MovieLens CTR protocol).")
+_VALID_FRACTION = flags.DEFINE_float("valid_fraction", 0.0, "movielens: share in the valid split, taken just before "
+                                     "the test share (0 = no valid split).", lower_bound=0.0, upper_bound=0.99)
+_PAIR_LIKE = flags.DEFINE_float("pair_like_rating", 4.0, "movielens without tags (ml-100k): ratings >= this are the "
+                                "likes that form co-liked text pairs.")
+_PAIR_DISLIKE = flags.DEFINE_float("pair_dislike_rating", 2.0, "movielens without tags: ratings <= this give a "
+                                   "pair's disliked hard negative.")
 _MAX_USERS = flags.DEFINE_integer("max_users", 0, "movielens: keep a seeded random subset of this many users "
                                   "(0 = all).", lower_bound=0)
 
@@ -75,8 +87,8 @@ _ON_CORRUPT = flags.DEFINE_enum("on_corrupt", "skip", ("skip", "error"),
 
 _FORMAT_FLAGS = {
     "taobao_mm": (_SEQ_LEN, _NUM_BUCKETS, _ON_MISSING_USER, _ROWS_PER_SHARD),
-    "movielens": (_SEQ_LEN, _MIN_RATING, _NEGATIVES, _NEGATIVE_SAMPLING, _TEST_FRACTION, _MAX_TAGS, _MAX_USERS,
-                  _ROWS_PER_SHARD),
+    "movielens": (_SEQ_LEN, _MIN_RATING, _NEGATIVES, _NEGATIVE_SAMPLING, _SPLIT, _VALID_FRACTION, _TEST_FRACTION,
+                  _MAX_TAGS, _PAIR_LIKE, _PAIR_DISLIKE, _MAX_USERS, _ROWS_PER_SHARD),
     "product_pairs": (_MAX_DESCRIPTION_WORDS, _INCLUDE_PRICE, _SPLIT_FILES, _ALLOW_MISSING_TRAIN),
     "image_folder": (_TEST_FRACTION, _ON_CORRUPT),
 }

@@ -44,6 +44,7 @@ from absl import logging
 
 from mm_ads import config as config_lib
 from mm_ads.reports import options as options_lib
+from mm_ads.reports import popularity as popularity_lib
 from mm_ads.reports import table2 as table2_lib
 from mm_ads.reports.options import finished_metrics
 from mm_ads.utils import io as io_utils
@@ -242,6 +243,13 @@ class PaperRunner:
         return {"runs": {v: {str(s): {k: m[k] for k in ("auc", "gauc", "logloss")} for s, m in r.items()}
                          for v, r in runs.items()}, "table": table}, runs
 
+    def run_popularity(self, table3_runs):
+        """Table 3's non-learned popularity rows on the CTR runs' eval split (`mm_ads.reports.popularity`)."""
+        values = self.ctr_values("id")
+        base = popularity_lib.popularity_baselines(self.world, eval_split=values.get("eval_split", "test"),
+                                                   train_split=values.get("train_split", "train"))
+        return popularity_rows(base, table3_runs.get("id", {}))
+
     def _share_make_pretraining(self, make_dir, target_dir):
         """Copies `make`'s MAKE pre-training into a `simtier_make` run when it is the same computation."""
         from mm_ads.ctr import make as make_lib
@@ -338,6 +346,7 @@ class PaperRunner:
                                             if "acc@1" in rows.get(r, {})])
         self.results["table2"] = self.table2["benchmarks"]
         self.results["table3"], runs = self._timed("table3", self.run_table3)
+        self.results["table3"]["baselines"] = self._timed("popularity", lambda: self.run_popularity(runs))
         self.results["fig3"] = self._timed("fig3", lambda: self.run_fig3(runs)) if self.o.fig3_epochs else {}
         self.results["fig6a"] = [] if self.o.vector_table or not self.o.fig6a_rows else self._timed(
             "fig6a", lambda: self.run_fig6a(runs, self.table2))
@@ -425,6 +434,36 @@ def findings(results):
         low, high = b["freq_1"]["auc_rel"][0], b["freq_8"]["auc_rel"][0]
         out.append(f"Fig 6b: relative AUC gain on the rarest items {low:+.2%} vs the most frequent {high:+.2%} — " +
                    ("larger on rare items, as in the paper" if low > high else "NOT larger on rare items"))
+    return out + popularity_findings(results)
+
+
+def popularity_rows(base, id_runs):
+    """Table 3 rows of the popularity baselines: deterministic (one computation: std 0 over the seeds), with
+    their relative AUC/GAUC vs each seed's id run (mean ± std over those seeds)."""
+    rows = {}
+    for name in popularity_lib.BASELINES:
+        b = base[name]
+        row = {k: None if b[k] is None else (float(b[k]), 0.0) for k in ("auc", "gauc", "logloss")}
+        for key in ("auc", "gauc"):
+            if id_runs:
+                row[f"{key}_rel"] = _mean_std([(b[key] - m[key]) / m[key] for m in id_runs.values()])
+        rows[name] = row
+    info = {k: base["pop_ctr"][k] for k in ("smoothing", "smoothing_from")}
+    return {"rows": rows, "prior": base["prior"], "eval_split": base["eval_split"], **info}
+
+
+def popularity_findings(results):
+    """Whether each Table 3 variant beats both popularity rows in AUC and GAUC (plain statements)."""
+    t3 = results["table3"]
+    rows = (t3.get("baselines") or {}).get("rows") or {}
+    if not rows:
+        return []
+    out = []
+    for v in [v for v in TABLE3_VARIANTS if v in t3["table"]]:
+        lost = [f"{p} {k.upper()}" for p in popularity_lib.BASELINES for k in ("auc", "gauc")
+                if t3["table"][v][k][0] <= rows[p][k][0]]
+        out.append(f"Table 3: {v} " + ("beats both popularity baselines (pop_count, pop_ctr) in AUC and GAUC" if not
+                                       lost else "does NOT beat " + ", ".join(lost)))
     return out
 
 
@@ -501,7 +540,25 @@ def table3_markdown(results):
         r = t3[v]
         rel = ("—", "—") if v == "id" else (_pm(r["auc_rel"], True), _pm(r["gauc_rel"], True))
         lines.append(f"| {v} | {_pm(r['auc'])} | {_pm(r['gauc'])} | {_pm(r['logloss'])} | {rel[0]} | {rel[1]} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _popularity_lines(results["table3"].get("baselines")))
+
+
+def _popularity_lines(baselines):
+    """The popularity rows under Table 3 and a note on what they are (none when not computed)."""
+    if not baselines:
+        return []
+    lines = []
+    for name, r in baselines["rows"].items():
+        cells = [_pm(r[k]) if r[k] is not None else "—" for k in ("auc", "gauc", "logloss")]
+        cells += [_pm(r[k], True) if k in r else "—" for k in ("auc_rel", "gauc_rel")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    source = (f"chosen on the `{baselines['smoothing_from']}` split" if baselines["smoothing_from"] != "default"
+              else "the default; no valid split")
+    lines += ["", f"pop_count / pop_ctr: no training, scored on the same `{baselines['eval_split']}` split: the item's "
+              f"train clicks (not a probability: no LogLoss) and its smoothed train CTR (clicks + a·prior) / "
+              f"(impressions + a), prior = train CTR {baselines['prior']:.4f}, a = {baselines['smoothing']:g} "
+              f"({source}). Deterministic: ± 0."]
+    return lines
 
 
 def to_markdown(results, out_dir):

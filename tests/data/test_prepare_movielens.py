@@ -93,11 +93,11 @@ def test_time_split_history_and_negatives(dataset):
     assert 0.2 <= frac < 0.4
     movie_index = {mid: i + 1 for i, (mid, _, _) in enumerate(movies)}
     users = sorted({r[0] for r in ratings})
-    rated = {}  # dense user → {item: [times]}
+    rated = {}  # dense user → {item: first rating time}
     positives = {}  # dense user → [(time, item)]
     for u, mid, rating, t in ratings:
         du, it = users.index(u) + 1, movie_index[mid]
-        rated.setdefault(du, set()).add(it)
+        rated.setdefault(du, {})[it] = min(t, rated.get(du, {}).get(it, t))
         if rating >= 2.0:
             positives.setdefault(du, []).append((t, it))
     first_rating = {}
@@ -113,8 +113,8 @@ def test_time_split_history_and_negatives(dataset):
             want = [x for _, x in sorted(p for p in positives[u] if p[0] < t)][-4:]
             assert hist.tolist() == [0] * (4 - len(want)) + want  # left-padded, most recent last
             assert int(ctr["item_created_at"][i]) == first_rating[it] <= t
-            if ctr["label"][i] == 0:
-                assert it not in rated[u]  # never a positive, nor a low-rated item
+            if ctr["label"][i] == 0:  # not rated (high or low) by then; a later rating is no information here
+                assert rated[u].get(it, t + 1) > t
             else:
                 assert (t, it) in positives[u]
             checked += 1
@@ -189,7 +189,10 @@ def test_max_users_and_no_tags(tmp_path):
     inp, _, ratings, _ = _fixture(tmp_path / "in")
     os.remove(inp / "tags.csv")
     m = movielens.prepare(str(inp), str(tmp_path / "out"), max_users=5, negatives_per_positive=0, test_fraction=0.0)
-    assert m.spec.tables()["user"] == 6 and "pretrain/text_pairs" not in m.components
+    assert m.spec.tables()["user"] == 6
+    pairs = pq.read_table(tmp_path / "out" / "pretrain" / "text_pairs-train.parquet")  # co-liked, not tag pairs
+    assert "negative_disliked" in pairs.column_names and set(pairs.column("user_id").to_pylist()) <= set(range(1, 6))
+    assert m.num_rows("pretrain/text_pairs", "test") == 0
     assert m.num_rows("ctr", "test") == 0
     ctr = _read_ctr(str(tmp_path / "out"), "train")
     assert (ctr["label"] == 1).all() and set(ctr["user_id"].tolist()) <= set(range(1, 6))

@@ -5,7 +5,8 @@ arguments (the command-line wrapper is `python -m mm_ads.data.prepare`) and docu
 layout in its module docstring:
 
   * `taobao_mm`     — the public Taobao-MM parquet files (CTR samples, user sequences, SCL int8 vectors).
-  * `movielens`     — GroupLens `ratings.csv` / `movies.csv` / `tags.csv` (implicit-feedback CTR + tag pairs).
+  * `movielens`     — GroupLens `ratings.csv` / `movies.csv` / `tags.csv`, or ml-100k's `u.data` / `u.item` /
+                      `u.user` (implicit-feedback CTR + tag or co-liked text pairs).
   * `product_pairs` — the ER-Magellan product-matching benchmark (text pre-training pairs).
   * `image_folder`  — class-per-subfolder photos, a directory or a `.tar(.gz)` (image pre-training pairs).
 

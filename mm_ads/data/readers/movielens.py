@@ -1,6 +1,10 @@
-"""Reader for the GroupLens MovieLens CSV layout (ml-latest-small, ml-25m, ml-32m, ml-latest).
+"""Reader for the GroupLens MovieLens releases: the CSV layout (ml-latest-small, ml-25m, ...) and ml-100k.
 
-Input layout (`INPUT` is the unzipped release directory; UTF-8, comma-separated, one header line):
+The layout is detected from the files present (`ratings.csv` → CSV, `u.data` → ml-100k); the files are
+parsed and checked in `movielens_files`, and everything after that (splits, impressions, item text,
+pre-training pairs) is shared.
+
+CSV layout (`INPUT` is the unzipped release directory; UTF-8, comma-separated, one header line):
 
 ```
 INPUT/
@@ -11,195 +15,120 @@ INPUT/
   tags.csv      userId,movieId,tag,timestamp        optional; free-text tags (quoted when needed)
 ```
 
+ml-100k layout (no header lines; see the release's README for its terms of use):
+
+```
+INPUT/
+  u.data        user \t item \t rating \t timestamp            ints (1..5 stars), Unix seconds
+  u.item        id|title|release date|video release date|IMDb URL|19 genre flags (0/1)   latin-1
+  u.genre       name|index                                    the genre of each flag column
+  u.user        id|age|gender|occupation|zip                  gender M/F; zip is not used
+  u.occupation  one occupation per line                       optional (default: the sorted values)
+```
+
 Output (see `mm_ads.data.dataset`):
 
-  * `ctr/{train,test}` implicit-feedback impressions with `FeatureSpec.default(S, 0, ...)`:
+  * `ctr/{train,valid,test}` implicit-feedback impressions with `FeatureSpec.default(S, 0, ...)`
+    (`valid` only with `valid_fraction > 0`):
     - positives: every rating (or only ratings >= `min_rating`), label 1;
     - negatives: `negatives_per_positive` per positive, label 0, same user / time / history, drawn from
       the movies that already existed at that time (first rating <= the impression time) and that the user
-      never rated at all, `uniform`ly or by `popularity` (number of ratings in the input); after 100
-      rejection rounds a negative that cannot be found is dropped (counted as `negatives_dropped`);
+      had not rated at or before that time, `uniform`ly or by `popularity` (number of ratings in the train
+      split); a draw is a pure function of (seed, user, positive item, time, slot), so a row's negatives
+      depend on nothing later than the row; after 100 rejection rounds a negative that cannot be found is
+      dropped (counted as `negatives_dropped`). (Excluding movies the user rates *later* would leak: the
+      model could learn that a user's future positives are never among that user's training negatives.)
     - history: the user's positives with a strictly earlier timestamp (ratings given in the same second
       have no known order and never see each other), the newest S, most recent last, left-padded with 0
-      — the layout of the synthetic world; `hist_category_id` / `hist_brand_id` follow the items;
-    - time split: the `test_fraction` latest positive timestamps form the test split: with cutoff t* =
-      the timestamp at quantile 1 - test_fraction, train has time < t* and test time >= t*, so no test
-      impression is earlier than any train impression; test histories include train-period positives;
-    - ids are dense: users 1..U (sorted userId), items 1..N (sorted movieId of movies.csv), 0 = padding;
-      `category_id` = the first listed genre (1..C, sorted names; "(no genres listed)" is a category);
-      `brand_id` = the release year parsed from the title (1..Y in year order, Y+1 = no year in the title)
-      — MovieLens has no brand; the year is the closest item attribute with many values;
+      — the layout of the synthetic world; `hist_category_id` / `hist_brand_id` follow the items; a
+      valid/test row's history holds the user's earlier train (and valid) positives, never later ones;
+    - splits (`split`):
+      `global_time` — with t_test = the positive timestamp at quantile 1 - test_fraction and t_valid the
+      one at 1 - test_fraction - valid_fraction: train has time < t_valid, valid t_valid <= time < t_test,
+      test time >= t_test; no test impression is earlier than a train one, but most test users never
+      appear in train (MovieLens users rate in a few sessions);
+      `per_user` — the common CTR protocol for MovieLens: each user's ratings in (time, movie) order, the
+      last floor(n·test_fraction) go to test, the floor(n·valid_fraction) before them to valid, the rest
+      to train (n = the user's ratings); every test user has train rows;
+    - ids are dense: users 1..U (sorted userId), items 1..N (sorted movieId), 0 = padding;
+      `category_id` = the first listed genre (1..C, sorted names; "(no genres listed)" — ml-100k's
+      "unknown" genre — is a category); `brand_id` = the release year parsed from the title (ml-100k:
+      else from the release date; 1..Y in year order, Y+1 = no year) — MovieLens has no brand; the year is
+      the closest item attribute with many values;
+    - ml-100k user profile ids: `user_profile_0` = age group (MovieLens-1M's 7 groups: <18, 18-24, 25-34,
+      35-44, 45-49, 50-55, 56+), `user_profile_1` = gender (F=1, M=2), `user_profile_2` = occupation
+      (u.occupation order) — the synthetic world's age / gender / third-profile layout;
     - meta `timestamp` = the rating time (a negative's is its positive's), `item_created_at` = the
-      impression item's first rating time in the whole ratings file;
+      impression item's first rating time (at or before the impression, so no later information);
     - records are grouped by user in time order (each positive followed by its negatives): shuffle at
       input time.
   * `item_stats` from the train impressions (count and first time per item).
   * `items.parquet`: item_id, movie_id, title, genres, year, category_id, brand_id, created_at (null if never
-    rated), num_ratings, text = "<title>. Genres: a, b. Tags: x, y." with the item's `max_tags_per_item`
-    most-used tags (by distinct users, ties alphabetical).
-  * with tags.csv, `pretrain/text_pairs-{train,test}`: one row per distinct (tag, movie); tags are
+    rated), num_ratings (ratings in the train split), text = "<title>. Genres: a, b. Tags: x, y." with the
+    item's `max_tags_per_item` most-used *train-period* tags (by distinct users, ties alphabetical); ml-100k:
+    "<title (year)>. Genres: a, b." (the year appended when the title lacks it). A tag is train-period when
+    it is earlier than t_valid (`global_time`) or than the tagger's first valid/test rating (`per_user`).
+  * with tags.csv, `pretrain/text_pairs-{train,valid,test}`: one row per distinct (tag, movie); tags are
     lower-cased with whitespace collapsed. query = the tag; positive = the movie's text built *without*
     the query tag (so the pair cannot be solved by string matching); negative = the full text of a movie
-    with the same first genre that nobody tagged with this tag (a hard negative; "" / -1 when none is
-    found); ids = dense item ids; split by the pair's first tagging time against the same t*.
+    with the same first genre that nobody had tagged with this tag by the pair's split ("" / -1 when none
+    is found); ids = dense item ids; the split of a pair is the earliest split of its tag records;
+    `num_taggers` counts the taggers up to that split.
+  * without tags (ml-100k), co-liked pairs in `pretrain/text_pairs-{train,valid,test}`: "what its users
+    consider the same thing" read from the ratings, the analogue of the paper's <search, bought item,
+    clicked-not-bought item>: for each user, the movies they liked (rating >= `pair_like_rating`) in time
+    order; every two consecutive likes form a pair, query = the earlier movie's text, positive = the later
+    one's (liked by the same person, close in time); hard negative = a movie of the positive's first genre
+    that the user rated <= `pair_dislike_rating` (watched, considered and rejected — the clicked-not-bought
+    analogue; `negative_disliked` = True), else a movie of that genre the user had not rated, else "" / -1.
+    A pair belongs to its positive's split and its negative is chosen among that user's ratings in that
+    split or earlier: train pairs use train ratings only. Columns add query_id, user_id, timestamp.
+
+Measured on ml-100k (`python -m mm_ads.data.prepare --format=movielens --input=.../movielens-100k
+--split=per_user --valid_fraction=0.1 --test_fraction=0.1`, 4 negatives per positive, seed 0, ~16 s):
+100,000 ratings → 80,808 / 9,596 / 9,596 train / valid / test positives (403,976 / 47,980 / 47,980
+impressions; 64 negatives dropped: early ratings, when few movies existed); 943 users in every split, all
+943 test users have train rows (fraction 1.0). With `--split=global_time` and the same fractions: 79,999 /
+10,001 / 10,000 positives from 751 / 197 / 166 users; only 69 of the 166 test users (42%) have train rows.
+Co-liked pairs (likes = 4-5 stars), per-user split: 45,326 / 4,596 / 4,511, 71% of them with a disliked
+hard negative, none without a negative. `tests/data/test_prepare_movielens_100k.py::test_real_ml100k`
+checks the per-user counts.
 
 Everything is vectorised over the ratings (NumPy + pyarrow.csv); the per-record work left is the TFRecord
 encoding in `DatasetWriter.write_ctr`. Deterministic for a given `seed`.
 """
 
-import csv
 import math
 import os
-import re
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-from absl import logging
 
 from mm_ads.data.dataset import DatasetWriter
-from mm_ads.data.readers.common import CtrSplitWriter, DataFormatError, ItemCounter
+from mm_ads.data.readers.common import CtrSplitWriter, DataFormatError, ItemCounter, fingerprint_text
+from mm_ads.data.readers.movielens_files import (
+    LAYOUTS,  # noqa: F401 (re-exported)
+    NO_GENRES,
+    TAGS,
+    Source,
+    dense_ids,
+    detect_layout,
+    int_column,
+    read_input,
+    read_table,
+)
 from mm_ads.data.spec import FeatureSpec
 from mm_ads.utils.progress import Progress
 
 FORMAT = "movielens"
-RATINGS = ("ratings.csv", ("userId", "movieId", "rating", "timestamp"))
-MOVIES = ("movies.csv", ("movieId", "title", "genres"))
-TAGS = ("tags.csv", ("userId", "movieId", "tag", "timestamp"))
-NO_GENRES = "(no genres listed)"
 SAMPLING = ("uniform", "popularity")
+SPLITS = ("global_time", "per_user")
+SPLIT_NAMES = ("train", "valid", "test")
 _CHUNK_POSITIVES = 20_000
 _REJECTION_ROUNDS = 100
-_YEAR = re.compile(r"\((\d{4})(?:\s*[-\u2013]\s*(?:\d{4})?)?\)\s*$")
-
-
-# -- CSV input ----------------------------------------------------------------------------------------------
-def _check_header(path, columns):
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), None)
-    header = [h.strip().lstrip("\ufeff") for h in (header or [])]
-    if header != list(columns):
-        raise DataFormatError(path, "line 1", "header", f"the header {','.join(columns)}", ",".join(header))
-
-
-def _locate(path, columns, kinds, record=None):
-    """Finds the first bad record with the csv module (only called once something is known to be wrong).
-
-    Raises the precise `DataFormatError`; `record` (0-based data record) is reported when nothing else is found.
-    """
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        next(reader, None)
-        for i, row in enumerate(reader):
-            where = f"line {reader.line_num}"
-            if len(row) != len(columns):
-                raise DataFormatError(path, where, "(record)", f"{len(columns)} fields {','.join(columns)}",
-                                      ",".join(row))
-            for name, kind, value in zip(columns, kinds, row):
-                if kind == "int":
-                    try:
-                        v = int(value)
-                    except ValueError:
-                        raise DataFormatError(path, where, name, "an integer", value) from None
-                    if v < 0:
-                        raise DataFormatError(path, where, name, "a non-negative integer", value)
-                elif kind == "rating":
-                    try:
-                        v = float(value)
-                    except ValueError:
-                        raise DataFormatError(path, where, name, "a number of stars in [0, 5]", value) from None
-                    if not 0.0 <= v <= 5.0:
-                        raise DataFormatError(path, where, name, "a number of stars in [0, 5]", value)
-            if record is not None and i == record:
-                return where
-    return None
-
-
-def _read_csv(path, columns, kinds, newlines_in_values=False):
-    """Reads a MovieLens CSV with pyarrow; any malformed record is located and reported precisely."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found (expected the MovieLens layout, see mm_ads/data/readers/"
-                                "movielens.py; unzip the release first)")
-    _check_header(path, columns)
-    types = {"int": pa.int64(), "rating": pa.float64(), "str": pa.string()}
-    try:
-        table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(newlines_in_values=newlines_in_values),
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: types[k] for c, k in zip(columns, kinds)}, strings_can_be_null=False),
-        )
-    except pa.ArrowInvalid as e:
-        _locate(path, columns, kinds)
-        raise DataFormatError(path, "somewhere", "(file)", "well-formed CSV", str(e)) from e
-    for name, kind in zip(columns, kinds):
-        col = table.column(name)
-        if kind == "str":
-            continue
-        bad = pc.is_null(col)
-        if kind == "int":
-            bad = pc.or_(bad, pc.less(col, 0))
-        else:
-            bad = pc.or_(bad, pc.invert(pc.and_(pc.greater_equal(col, 0.0), pc.less_equal(col, 5.0))))
-        bad = pc.fill_null(bad, True)
-        if pc.any(bad).as_py():
-            record = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
-            _locate(path, columns, kinds)
-            raise DataFormatError(path, f"record {record + 1}", name, "a valid value")
-    return table
-
-
-def _ints(table, name):
-    return table.column(name).to_numpy().astype(np.int64)
-
-
-def read_movies(path):
-    """movies.csv → (movie ids int64 [N] sorted, titles, genre lists, years (None if absent))."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found (expected the MovieLens layout, see mm_ads/data/readers/"
-                                "movielens.py)")
-    _check_header(path, MOVIES[1])
-    rows = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        next(reader)
-        for row in reader:
-            where = f"line {reader.line_num}"
-            if len(row) != 3:
-                raise DataFormatError(path, where, "(record)", "3 fields movieId,title,genres (quote titles "
-                                      "that contain commas)", ",".join(row))
-            try:
-                movie = int(row[0])
-            except ValueError:
-                raise DataFormatError(path, where, "movieId", "an integer", row[0]) from None
-            title = row[1].strip()
-            if not title:
-                raise DataFormatError(path, where, "title", "a non-empty title", row[1])
-            genres = [g.strip() for g in row[2].split("|") if g.strip()]
-            if not genres:
-                raise DataFormatError(path, where, "genres", f"genres separated by '|' or {NO_GENRES!r}", row[2])
-            if movie in rows:
-                raise DataFormatError(path, where, "movieId", "each movieId once", movie)
-            m = _YEAR.search(title)
-            rows[movie] = (title, genres, int(m.group(1)) if m else None)
-    ids = np.array(sorted(rows), np.int64)
-    titles = [rows[i][0] for i in ids.tolist()]
-    genres = [rows[i][1] for i in ids.tolist()]
-    years = [rows[i][2] for i in ids.tolist()]
-    return ids, titles, genres, years
-
-
-def _dense_items(movie_ids, raw, path, columns, kinds):
-    """Raw movieIds → dense item ids 1..N; an unknown movieId is an error naming its line."""
-    pos = np.clip(np.searchsorted(movie_ids, raw), 0, len(movie_ids) - 1)
-    ok = movie_ids[pos] == raw
-    if not ok.all():
-        record = int(np.flatnonzero(~ok)[0])
-        where = _locate(path, columns, kinds, record=record) or f"record {record + 1}"
-        raise DataFormatError(path, where, "movieId", "a movieId listed in movies.csv", int(raw[record]))
-    return pos.astype(np.int64) + 1
+# independent random streams of `_uniform`
+_STREAM_NEGATIVES, _STREAM_TAG_NEGATIVES, _STREAM_PAIR_NEGATIVES, _STREAM_PAIR_UNRATED = 1, 2, 3, 4
 
 
 # -- attributes and text -----------------------------------------------------------------------------------------
@@ -221,13 +150,103 @@ def item_text(title, genres, tags):
     return " ".join(parts)
 
 
-class _Tags:
-    """Distinct (tag, item) pairs with their number of taggers and first tagging time."""
+# -- seeded randomness that depends only on the keys ------------------------------------------------------------
+_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
-    def __init__(self, path, movie_ids):
+
+def _mix(x):
+    """SplitMix64's finaliser (uint64 arrays wrap around)."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _uniform(seed, *keys):
+    """Floats in [0, 1), each a pure function of (seed, its keys): a row's draws never depend on other rows."""
+    arrays = [np.asarray(k).astype(np.uint64).reshape(-1) for k in keys]
+    h = _mix(np.full(len(arrays[0]), seed & ((1 << 64) - 1), np.uint64))
+    for a in arrays:
+        h = _mix(h ^ a)
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+# -- splits -----------------------------------------------------------------------------------------------------
+def _run_starts(new_run):
+    """For a boolean 'a run starts here' vector: index of the start of each element's run."""
+    starts = np.flatnonzero(new_run)
+    return starts[np.cumsum(new_run) - 1]
+
+
+def _quantile_time(times, fraction):
+    """The timestamp at quantile 1 - fraction of `times` (sorted); max + 1 when fraction is 0."""
+    if fraction <= 0:
+        return int(times[-1]) + 1
+    return int(times[min(int(math.floor((1.0 - fraction) * len(times))), len(times) - 1)])
+
+
+def _assign_splits(user, ts, is_pos, method, valid_fraction, test_fraction):
+    """Ratings sorted by (user, time, item) → split codes int8 [n] (0 train, 1 valid, 2 test) and the rule."""
+    if method == "global_time":
+        times = np.sort(ts[is_pos])
+        t_test = _quantile_time(times, test_fraction)
+        t_valid = _quantile_time(times, test_fraction + valid_fraction) if valid_fraction > 0 else t_test
+        split = (ts >= t_valid).astype(np.int8) + (ts >= t_test).astype(np.int8)
+        return split, {"cutoff": t_test, "valid_cutoff": t_valid,
+                       "rule": "train: timestamp < valid_cutoff, valid: valid_cutoff <= timestamp < cutoff, "
+                               "test: timestamp >= cutoff (cutoffs at quantiles of the positive timestamps)"}
+    n = len(user)
+    new_user = np.r_[True, user[1:] != user[:-1]]
+    starts = np.flatnonzero(new_user)
+    count = np.diff(np.r_[starts, n])[np.cumsum(new_user) - 1]
+    position = np.arange(n) - _run_starts(new_user)
+    n_test = np.floor(count * test_fraction + 1e-9).astype(np.int64)
+    n_valid = np.floor(count * valid_fraction + 1e-9).astype(np.int64)
+    split = (position >= count - n_test - n_valid).astype(np.int8) + (position >= count - n_test).astype(np.int8)
+    return split, {"rule": "each user's ratings in (time, movie) order: the last floor(n*test_fraction) test, "
+                           "the floor(n*valid_fraction) before them valid, the rest train"}
+
+
+def _record_splits(method, split_info, user, ts, rating_user, rating_ts, rating_split, user_ids):
+    """Split codes of other timed records (tags) by the same rule: by time (`global_time`) or by the record's
+    user's first valid / test rating time (`per_user`; users without ratings: train)."""
+    if method == "global_time":
+        return (ts >= split_info["valid_cutoff"]).astype(np.int8) + (ts >= split_info["cutoff"]).astype(np.int8)
+    big = np.iinfo(np.int64).max
+    bounds = np.full((len(user_ids) + 1, 3), big, np.int64)
+    for code in (1, 2):
+        mask = rating_split >= code
+        np.minimum.at(bounds[:, code], rating_user[mask], rating_ts[mask])
+    pos = np.clip(np.searchsorted(user_ids, user), 0, len(user_ids) - 1)
+    dense = np.where(user_ids[pos] == user, pos + 1, 0)
+    return (ts >= bounds[dense, 1]).astype(np.int8) + (ts >= bounds[dense, 2]).astype(np.int8)
+
+
+class _Keys:
+    """Sorted distinct int64 keys with a value each (min over duplicates): `lookup(keys)` → (found, value)."""
+
+    def __init__(self, keys, values):
+        order = np.lexsort((values, keys))
+        keys, values = keys[order], values[order]
+        first = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.zeros(0, bool)
+        self.keys, self.values = keys[first], values[first]
+
+    def lookup(self, keys):
+        if len(self.keys) == 0:
+            return np.zeros(len(keys), bool), np.zeros(len(keys), np.int64)
+        pos = np.clip(np.searchsorted(self.keys, keys), 0, len(self.keys) - 1)
+        return self.keys[pos] == keys, self.values[pos]
+
+
+# -- tags --------------------------------------------------------------------------------------------------------
+class _Tags:
+    """Distinct (tag, item) pairs: their split, taggers up to that split, first time; train-period top tags."""
+
+    def __init__(self, path, movie_ids, split_of):
         kinds = ("int", "int", "str", "int")
-        table = _read_csv(path, TAGS[1], kinds, newlines_in_values=True)
-        items = _dense_items(movie_ids, _ints(table, "movieId"), path, TAGS[1], kinds)
+        src = Source(path, TAGS[1], kinds)
+        table = read_table(src, newlines_in_values=True)
+        items = dense_ids(movie_ids, int_column(table, "movieId"), src, "movieId", "a movieId listed in movies.csv")
         tag = pc.utf8_lower(pc.replace_substring_regex(table.column("tag"), r"\s+", " "))
         tag = pc.utf8_trim_whitespace(tag)
         keep = pc.not_equal(tag, "").to_numpy(zero_copy_only=False)
@@ -235,29 +254,41 @@ class _Tags:
         enc = pc.dictionary_encode(tag).combine_chunks()
         self.names = enc.dictionary.to_pylist()
         t = enc.indices.to_numpy().astype(np.int64)[keep]
-        u = _ints(table, "userId")[keep]
+        u = int_column(table, "userId")[keep]
         i = items[keep]
-        ts = _ints(table, "timestamp")[keep]
+        ts = int_column(table, "timestamp")[keep]
+        s = split_of(u, ts)
         order = np.lexsort((ts, u, i, t))
-        t, i, u, ts = t[order], i[order], u[order], ts[order]
-        # distinct (tag, item, user) → taggers per (tag, item); first time per (tag, item)
+        t, i, u, ts, s = t[order], i[order], u[order], ts[order], s[order]
         new_pair = np.r_[True, (t[1:] != t[:-1]) | (i[1:] != i[:-1])] if len(t) else np.zeros(0, bool)
-        new_triple = new_pair | np.r_[True, u[1:] != u[:-1]] if len(t) else np.zeros(0, bool)
         starts = np.flatnonzero(new_pair)
+        pair_of = np.cumsum(new_pair) - 1
         self.tag = t[starts]
         self.item = i[starts]
+        self.split = np.minimum.reduceat(s, starts) if len(starts) else np.zeros(0, np.int8)
         self.first_time = np.minimum.reduceat(ts, starts) if len(starts) else np.zeros(0, np.int64)
-        self.taggers = np.add.reduceat(new_triple.astype(np.int64), starts) if len(starts) else starts
+        self.taggers = self._distinct_users(pair_of, u, s <= self.split[pair_of])
+        self.train_taggers = self._distinct_users(pair_of, u, s == 0)
         # alphabetical rank of each tag name, for deterministic tie-breaking and output order
         rank = np.empty(len(self.names), np.int64)
         rank[np.argsort(np.array(self.names, dtype=object), kind="stable")] = np.arange(len(self.names))
         self.rank = rank
+        self.hash = np.array([fingerprint_text(n) for n in self.names], np.int64)  # stable random keys
         self.num_records = int(table.num_rows)
 
+    def _distinct_users(self, pair_of, u, mask):
+        """Distinct users among the records of each pair that pass `mask` (records sorted by pair, user)."""
+        out = np.zeros(len(self.tag), np.int64)
+        p, uu = pair_of[mask], u[mask]
+        new = np.r_[True, (p[1:] != p[:-1]) | (uu[1:] != uu[:-1])] if len(p) else np.zeros(0, bool)
+        np.add.at(out, p[new], 1)
+        return out
+
     def top_tags(self, num_items, limit):
-        """item → tag ids ordered by (-taggers, name), at most `limit` each (list of lists, index 0 unused)."""
+        """item → train-period tag ids ordered by (-taggers, name), at most `limit` each (index 0 unused)."""
         out = [[] for _ in range(num_items + 1)]
-        order = np.lexsort((self.rank[self.tag], -self.taggers, self.item))
+        have = np.flatnonzero(self.train_taggers > 0)
+        order = have[np.lexsort((self.rank[self.tag[have]], -self.train_taggers[have], self.item[have]))]
         for item, tag in zip(self.item[order].tolist(), self.tag[order].tolist()):
             lst = out[item]
             if len(lst) < limit:
@@ -267,41 +298,49 @@ class _Tags:
 
 # -- CTR impressions ----------------------------------------------------------------------------------------------
 class _NegativeSampler:
-    """Draws items that existed at a time and that a user never rated."""
+    """Draws items that existed at a time and that a user had not rated at or before that time.
 
-    def __init__(self, created_at, popularity, interacted_keys, num_items, mode, rng):
-        rated = np.flatnonzero(created_at >= 0)
-        order = rated[np.argsort(created_at[rated], kind="stable")]
+    Args:
+        created_at: [N + 1] first rating time per item (-1 = never rated).
+        popularity: [N + 1] weights for `popularity` sampling (train-split ratings).
+        rated: `_Keys` of user * (N + 1) + item → the user's first rating time of the item.
+        mode: "uniform" or "popularity".
+        seed: seed of `_uniform`.
+    """
+
+    def __init__(self, created_at, popularity, rated, num_items, mode, seed):
+        existing = np.flatnonzero(created_at >= 0)
+        order = existing[np.argsort(created_at[existing], kind="stable")]
         self.items = order
         self.created = created_at[order]
         self.cum = np.cumsum(popularity[order].astype(np.float64)) if mode == "popularity" else None
-        self.keys = interacted_keys
+        self.rated = rated
         self.stride = num_items + 1
-        self.rng = rng
+        self.seed = seed
 
-    def _draw(self, times):
+    def _draw(self, times, r):
         count = np.searchsorted(self.created, times, side="right")  # >= 1: the positive's item exists
-        r = self.rng.random(len(times))
         if self.cum is None:
             j = np.minimum((r * count).astype(np.int64), count - 1)
         else:
             j = np.minimum(np.searchsorted(self.cum, r * self.cum[count - 1], side="right"), count - 1)
         return self.items[j]
 
-    def _seen(self, users, items):
-        keys = users * self.stride + items
-        pos = np.clip(np.searchsorted(self.keys, keys), 0, len(self.keys) - 1)
-        return self.keys[pos] == keys
+    def _seen(self, users, items, times):
+        found, first = self.rated.lookup(users * self.stride + items)
+        return found & (first <= times)
 
-    def sample(self, users, times):
+    def sample(self, users, positives, times, slots):
         """(items [n], ok bool [n]); not ok = no unseen item found in the rejection rounds."""
-        items = self._draw(times)
-        bad = np.flatnonzero(self._seen(users, items))
-        for _ in range(_REJECTION_ROUNDS):
+        key = (users, positives, times, slots)
+        items = self._draw(times, _uniform(self.seed, _STREAM_NEGATIVES, *key, np.zeros_like(users)))
+        bad = np.flatnonzero(self._seen(users, items, times))
+        for round_ in range(1, _REJECTION_ROUNDS + 1):
             if len(bad) == 0:
                 break
-            items[bad] = self._draw(times[bad])
-            bad = bad[self._seen(users[bad], items[bad])]
+            r = _uniform(self.seed, _STREAM_NEGATIVES, *(k[bad] for k in key), np.full(len(bad), round_))
+            items[bad] = self._draw(times[bad], r)
+            bad = bad[self._seen(users[bad], items[bad], times[bad])]
         ok = np.ones(len(items), bool)
         ok[bad] = False
         return items, ok
@@ -314,27 +353,32 @@ def _histories(rows, tie_start, user_start, values, seq_len):
     return np.where(valid, values[np.where(valid, idx, 0)], 0)
 
 
-def _run_starts(new_run):
-    """For a boolean 'a run starts here' vector: index of the start of each element's run."""
-    starts = np.flatnonzero(new_run)
-    return starts[np.cumsum(new_run) - 1]
+def _by_category(category):
+    """(items sorted by category, start offset of each category 0..C+1) for drawing same-genre items."""
+    by_cat = np.argsort(category[1:], kind="stable") + 1
+    return by_cat, np.searchsorted(category[by_cat], np.arange(category.max() + 2))
 
 
 # -- the reader ----------------------------------------------------------------------------------------------------
 def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_positive=4,
-            negative_sampling="uniform", test_fraction=0.1, max_tags_per_item=10, max_users=0,
+            negative_sampling="uniform", split="global_time", valid_fraction=0.0, test_fraction=0.1,
+            max_tags_per_item=10, pair_like_rating=4.0, pair_dislike_rating=2.0, max_users=0,
             rows_per_shard=200_000, name=None, seed=0, overwrite=False, provenance=None):
-    """Converts a MovieLens directory into the canonical dataset layout.
+    """Converts a MovieLens directory (CSV or ml-100k layout, detected) into the canonical dataset layout.
 
     Args:
-        input_path: directory holding ratings.csv, movies.csv and optionally tags.csv.
+        input_path: directory holding ratings.csv, movies.csv and optionally tags.csv; or ml-100k's u.* files.
         output_dir: dataset directory to create (atomically).
         seq_len: history length S.
         min_rating: ratings below this are not positives (they still count as seen: never negatives).
         negatives_per_positive: sampled negatives per positive.
-        negative_sampling: "uniform" or "popularity" (proportional to the number of ratings).
-        test_fraction: fraction of the latest positive timestamps that form the test split (0 = no test).
+        negative_sampling: "uniform" or "popularity" (proportional to the number of train-split ratings).
+        split: "global_time" (time cutoffs at quantiles) or "per_user" (each user's latest ratings).
+        valid_fraction: share for the valid split (0 = no valid split).
+        test_fraction: share for the test split (0 = an empty test split).
         max_tags_per_item: tags in an item's text.
+        pair_like_rating: co-liked pairs (no tags): ratings >= this are likes.
+        pair_dislike_rating: co-liked pairs: ratings <= this make a disliked hard negative.
         max_users: keep a seeded random subset of this many users (0 = all).
         rows_per_shard: impressions per TFRecord file.
         name: dataset name (default: the input directory's name).
@@ -347,41 +391,33 @@ def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_po
     """
     if negative_sampling not in SAMPLING:
         raise ValueError(f"negative_sampling must be one of {SAMPLING}, got {negative_sampling!r}")
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not (0.0 <= test_fraction < 1.0 and 0.0 <= valid_fraction < 1.0 and valid_fraction + test_fraction < 1.0):
+        raise ValueError(f"test_fraction and valid_fraction must be in [0, 1) with a sum below 1, got "
+                         f"{test_fraction} and {valid_fraction}")
     if negatives_per_positive < 0 or seq_len < 1 or max_tags_per_item < 0 or max_users < 0:
         raise ValueError(f"need negatives_per_positive >= 0, seq_len >= 1, max_tags_per_item >= 0 and "
                          f"max_users >= 0; got {negatives_per_positive}, {seq_len}, {max_tags_per_item}, "
                          f"{max_users}")
     if not os.path.isdir(input_path):
         raise FileNotFoundError(f"{input_path}: not a directory (expected the unzipped MovieLens release)")
-    rng_users, rng_neg, rng_pairs = (np.random.default_rng([seed, k]) for k in range(3))
-    ratings_path = os.path.join(input_path, RATINGS[0])
-    movies_path = os.path.join(input_path, MOVIES[0])
+    layout = detect_layout(input_path)
+    rng_users = np.random.default_rng([seed, 0])
     tags_path = os.path.join(input_path, TAGS[0])
-    has_tags = os.path.exists(tags_path)
+    has_tags = layout == "csv" and os.path.exists(tags_path)
 
-    # movies and their attributes
-    movie_ids, titles, genres, years = read_movies(movies_path)
-    num_items = len(movie_ids)
-    category_names, category = _vocab([g[0] for g in genres])
-    year_names = sorted({y for y in years if y is not None})
+    cat, ratings_src, item, user_raw, rating, ts, profiles, files = read_input(input_path, layout)
+    num_items = len(cat.movie_ids)
+    category_names, category = _vocab([g[0] for g in cat.genres])
+    year_names = sorted({y for y in cat.years if y is not None})
     year_index = {y: i + 1 for i, y in enumerate(year_names)}
     unknown_year = len(year_names) + 1
-    brand = np.array([year_index[y] if y is not None else unknown_year for y in years], np.int64)
-    brand_names = [str(y) for y in year_names] + (["unknown"] if any(y is None for y in years) else [])
-    category = np.r_[0, category]  # index = dense item id
-    brand = np.r_[0, brand]
+    brand = np.array([year_index[y] if y is not None else unknown_year for y in cat.years], np.int64)
+    brand_names = [str(y) for y in year_names] + (["unknown"] if any(y is None for y in cat.years) else [])
+    category = np.r_[0, category].astype(np.int64)  # index = dense item id
+    brand = np.r_[0, brand].astype(np.int64)
 
-    # ratings
-    logging.info("movielens: reading %s", ratings_path)
-    kinds = ("int", "int", "rating", "int")
-    table = _read_csv(ratings_path, RATINGS[1], kinds)
-    item = _dense_items(movie_ids, _ints(table, "movieId"), ratings_path, RATINGS[1], kinds)
-    user_raw = _ints(table, "userId")
-    rating = table.column("rating").to_numpy()
-    ts = _ints(table, "timestamp")
-    del table
     num_ratings_file = len(item)
     created_at = np.full(num_items + 1, -1, np.int64)
     if len(item):
@@ -396,95 +432,112 @@ def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_po
         keep = np.isin(user_raw, chosen)
         user_raw, item, rating, ts = user_raw[keep], item[keep], rating[keep], ts[keep]
     user_ids, user = np.unique(user_raw, return_inverse=True)
-    user = user.astype(np.int64) + 1
+    user = user.astype(np.int64).reshape(-1) + 1
     num_users = len(user_ids)
-    popularity = np.bincount(item, minlength=num_items + 1)
-    interacted = np.unique(user * (num_items + 1) + item)
+    profile = None
+    if profiles is not None:  # [U + 1, 3], row = dense user id
+        profile = np.r_[np.zeros((1, 3), np.int64), profiles.values[np.searchsorted(profiles.user_ids, user_ids)]]
 
-    # positives in (user, time, item) order; history boundaries
+    # every rating in (user, time, item) order with its split; positives and their history boundaries
+    order = np.lexsort((item, ts, user))
+    user, item, rating, ts = user[order], item[order], rating[order], ts[order]
+    del user_raw, order
     pos_mask = rating >= min_rating
-    order = np.lexsort((item[pos_mask], ts[pos_mask], user[pos_mask]))
-    pu, pi, pt = user[pos_mask][order], item[pos_mask][order], ts[pos_mask][order]
-    del user_raw, rating, order
+    if not pos_mask.any():
+        raise DataFormatError(ratings_src.path, "all records", "rating", f"at least one rating >= {min_rating}")
+    rating_split, split_info = _assign_splits(user, ts, pos_mask, split, valid_fraction, test_fraction)
+    popularity = np.bincount(item[rating_split == 0], minlength=num_items + 1)  # train-split ratings
+    rated = _Keys(user * (num_items + 1) + item, ts)
+    pu, pi, pt, ps = user[pos_mask], item[pos_mask], ts[pos_mask], rating_split[pos_mask]
     num_pos = len(pu)
-    if num_pos == 0:
-        raise DataFormatError(ratings_path, "all records", "rating", f"at least one rating >= {min_rating}")
     new_user = np.r_[True, pu[1:] != pu[:-1]]
     user_start = _run_starts(new_user)
     tie_start = _run_starts(new_user | np.r_[True, pt[1:] != pt[:-1]])
-    if test_fraction > 0:
-        cutoff = int(np.sort(pt)[min(int(math.floor((1.0 - test_fraction) * num_pos)), num_pos - 1)])
-    else:
-        cutoff = int(pt.max()) + 1
-    is_test = pt >= cutoff
+    splits = [s for s in SPLIT_NAMES if s != "valid" or valid_fraction > 0]
 
     spec = FeatureSpec.default(seq_len, 0, num_items=num_items, num_categories=len(category_names),
-                               num_brands=len(brand_names), num_users=num_users)
-    prov = {"input": os.path.abspath(input_path),
-            "files": [RATINGS[0], MOVIES[0]] + ([TAGS[0]] if has_tags else [])}
+                               num_brands=len(brand_names), num_users=num_users,
+                               profile_buckets=() if profiles is None else tuple(map(len, profiles.names.values())))
+    prov = {"input": os.path.abspath(input_path), "layout": layout, "files": files + ([TAGS[0]] if has_tags else [])}
     prov.update(provenance or {})
     name = name or os.path.basename(os.path.normpath(input_path))
-    stats = {"ratings": num_ratings_file, "users": num_users, "items": num_items, "positives": num_pos,
-             "test_cutoff_timestamp": cutoff}
+    stats = {"ratings": num_ratings_file, "users": num_users, "items": num_items, "positives": num_pos}
+    if split == "global_time":
+        stats["test_cutoff_timestamp"] = split_info["cutoff"]
 
     with DatasetWriter(output_dir, name=name, format=FORMAT, spec=spec, seed=seed, provenance=prov,
                        overwrite=overwrite) as w:
-        sampler = _NegativeSampler(created_at, popularity, interacted, num_items, negative_sampling, rng_neg)
+        sampler = _NegativeSampler(created_at, popularity, rated, num_items, negative_sampling, seed)
         progress = Progress("movielens impressions")
-        writers = {"train": CtrSplitWriter(w, "train", rows_per_shard, progress),
-                   "test": CtrSplitWriter(w, "test", rows_per_shard, progress)}
         counter = ItemCounter()
         dropped = 0
         k = int(negatives_per_positive)
         pos_progress = Progress("movielens positives processed", num_pos, every_seconds=30.0)
-        for a in range(0, num_pos, _CHUNK_POSITIVES):
-            rows = np.arange(a, min(a + _CHUNK_POSITIVES, num_pos))
-            n = len(rows)
-            neg_items, ok = sampler.sample(np.repeat(pu[rows], k), np.repeat(pt[rows], k))
-            dropped += int((~ok).sum())
-            items = np.concatenate([pi[rows][:, None], neg_items.reshape(n, k)], axis=1)  # [n, 1+K]
-            keep = np.concatenate([np.ones((n, 1), bool), ok.reshape(n, k)], axis=1)
-            labels = np.zeros((n, 1 + k), np.float32)
-            labels[:, 0] = 1.0
-            src = np.repeat(np.arange(n), keep.sum(axis=1))  # impression → row in the chunk
-            imp_items = items[keep]
-            hist = _histories(rows, tie_start, user_start, pi, seq_len)  # [n, S]
-            cols = {
-                "user_id": pu[rows][src],
-                "item_id": imp_items,
-                "category_id": category[imp_items],
-                "brand_id": brand[imp_items],
-                "hist_item_id": hist[src],
-                "hist_category_id": category[hist][src],
-                "hist_brand_id": brand[hist][src],
-                "timestamp": pt[rows][src],
-                "item_created_at": created_at[imp_items],
-                "label": labels[keep],
-            }
-            test = is_test[rows][src]
-            for split, mask in (("train", ~test), ("test", test)):
-                if mask.any():
-                    writers[split].add({c: v[mask] for c, v in cols.items()})
-            counter.add(imp_items[~test], cols["timestamp"][~test])
-            pos_progress.add(n)
+        split_users = {}
+        for code, split_name in enumerate(SPLIT_NAMES):
+            if split_name not in splits:
+                continue
+            writer = CtrSplitWriter(w, split_name, rows_per_shard, progress)
+            in_split = np.flatnonzero(ps == code)
+            split_users[split_name] = np.unique(pu[in_split])
+            stats[f"{split_name}_positives"] = len(in_split)
+            stats[f"{split_name}_users"] = len(split_users[split_name])
+            for a in range(0, len(in_split), _CHUNK_POSITIVES):
+                rows = in_split[a:a + _CHUNK_POSITIVES]
+                n = len(rows)
+                neg_items, ok = sampler.sample(np.repeat(pu[rows], k), np.repeat(pi[rows], k),
+                                               np.repeat(pt[rows], k), np.tile(np.arange(k), n))
+                dropped += int((~ok).sum())
+                items = np.concatenate([pi[rows][:, None], neg_items.reshape(n, k)], axis=1)  # [n, 1+K]
+                keep = np.concatenate([np.ones((n, 1), bool), ok.reshape(n, k)], axis=1)
+                labels = np.zeros((n, 1 + k), np.float32)
+                labels[:, 0] = 1.0
+                src = np.repeat(np.arange(n), keep.sum(axis=1))  # impression → row in the chunk
+                imp_items = items[keep]
+                hist = _histories(rows, tie_start, user_start, pi, seq_len)  # [n, S]
+                cols = {
+                    "user_id": pu[rows][src],
+                    "item_id": imp_items,
+                    "category_id": category[imp_items],
+                    "brand_id": brand[imp_items],
+                    "hist_item_id": hist[src],
+                    "hist_category_id": category[hist][src],
+                    "hist_brand_id": brand[hist][src],
+                    "timestamp": pt[rows][src],
+                    "item_created_at": created_at[imp_items],
+                    "label": labels[keep],
+                }
+                if profile is not None:
+                    for j in range(profile.shape[1]):
+                        cols[f"user_profile_{j}"] = profile[pu[rows][src], j]
+                writer.add(cols)
+                if code == 0:
+                    counter.add(imp_items, cols["timestamp"])
+                pos_progress.add(n)
+            stats[f"{split_name}_impressions"] = writer.close()
         pos_progress.done()
-        for split, sw in writers.items():
-            stats[f"{split}_impressions"] = sw.close()
         progress.done()
         stats["negatives_dropped"] = dropped
+        stats["test_users_seen_in_train"] = int(np.isin(split_users["test"], split_users["train"]).sum())
+        stats["test_users_seen_in_train_fraction"] = round(
+            stats["test_users_seen_in_train"] / max(len(split_users["test"]), 1), 4)
         counter.write(w)
 
-        # item catalogue and tag pairs
-        tags = _Tags(tags_path, movie_ids) if has_tags else None
+        # item catalogue (text from train-period tags only) and pre-training pairs
+        tags = None
+        if has_tags:
+            tags = _Tags(tags_path, cat.movie_ids, lambda u, t: _record_splits(
+                split, split_info, u, t, user, ts, rating_split, user_ids))
         top = tags.top_tags(num_items, max_tags_per_item + 1) if tags is not None else None
-        texts = [item_text(titles[j], genres[j], [tags.names[t] for t in top[j + 1][:max_tags_per_item]]
-                           if top else []) for j in range(num_items)]
+        texts = [item_text(cat.text_titles[j], cat.genres[j],
+                           [tags.names[t] for t in top[j + 1][:max_tags_per_item]] if top else [])
+                 for j in range(num_items)]
         w.write_parquet("items", None, pa.table({
             "item_id": pa.array(np.arange(1, num_items + 1), pa.int64()),
-            "movie_id": pa.array(movie_ids, pa.int64()),
-            "title": pa.array(titles, pa.string()),
-            "genres": pa.array(["|".join(g) for g in genres], pa.string()),
-            "year": pa.array(years, pa.int64()),
+            "movie_id": pa.array(cat.movie_ids, pa.int64()),
+            "title": pa.array(cat.titles, pa.string()),
+            "genres": pa.array(["|".join(g) for g in cat.genres], pa.string()),
+            "year": pa.array(cat.years, pa.int64()),
             "category_id": pa.array(category[1:], pa.int64()),
             "brand_id": pa.array(brand[1:], pa.int64()),
             "created_at": pa.array(created_at[1:], pa.int64(), mask=created_at[1:] < 0),
@@ -492,49 +545,60 @@ def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_po
             "text": pa.array(texts, pa.string()),
         }))
         if tags is not None:
-            _write_tag_pairs(w, tags, top, texts, titles, genres, category, cutoff, max_tags_per_item, rng_pairs,
-                             stats)
+            _write_tag_pairs(w, tags, top, texts, cat, category, max_tags_per_item, seed, splits, stats)
+        else:
+            _write_coliked_pairs(w, user, item, rating, ts, rating_split, category, texts, pair_like_rating,
+                                 pair_dislike_rating, seed, splits, stats)
         w.manifest.extra.update({
-            "vocab": {"category": category_names, "brand": brand_names},
+            "layout": layout,
+            "vocab": {"category": category_names, "brand": brand_names,
+                      **(profiles.names if profiles is not None else {})},
             "history": "strictly earlier positives of the user, newest S, most recent last, left-padded with 0",
             "negatives": {"per_positive": k, "sampling": negative_sampling, "min_rating": min_rating,
-                          "pool": "movies first rated at or before the impression time, never rated by the user"},
-            "split": {"test_fraction": test_fraction, "rule": "train: timestamp < cutoff, test: >= cutoff",
-                      "cutoff": cutoff},
+                          "pool": "movies first rated at or before the impression time, not rated by the user "
+                                  "at or before it"},
+            "split": {"method": split, "valid_fraction": valid_fraction, "test_fraction": test_fraction,
+                      **split_info},
             "stats": stats,
         })
     return w.manifest
 
 
-def _write_tag_pairs(w, tags, top, texts, titles, genres, category, cutoff, max_tags, rng, stats):
-    """pretrain/text_pairs-{train,test}: (tag, movie text without that tag, same-genre untagged movie)."""
+def _write_split_pairs(w, table, pair_split, splits, stats):
+    for code, split_name in enumerate(SPLIT_NAMES):
+        if split_name not in splits:
+            continue
+        part = table.filter(pa.array(pair_split == code))
+        w.write_parquet("pretrain/text_pairs", split_name, part)
+        stats[f"text_pairs_{split_name}"] = part.num_rows
+
+
+def _write_tag_pairs(w, tags, top, texts, cat, category, max_tags, seed, splits, stats):
+    """pretrain/text_pairs-<split>: (tag, movie text without that tag, same-genre movie not tagged with it)."""
     num_items = len(texts)
     stride = num_items + 1
-    tagged = np.unique(tags.tag * stride + tags.item)
-    # candidate negatives grouped by first genre
-    by_cat = np.argsort(category[1:], kind="stable") + 1
-    cat_sorted = category[by_cat]
-    cat_start = np.searchsorted(cat_sorted, np.arange(category.max() + 2))
+    tagged = _Keys(tags.tag * stride + tags.item, tags.split.astype(np.int64))  # (tag, item) → first split
+    by_cat, cat_start = _by_category(category)
     order = np.lexsort((tags.item, tags.rank[tags.tag]))
-    t, i = tags.tag[order], tags.item[order]
+    t, i, s = tags.tag[order], tags.item[order], tags.split[order]
     c = category[i]
     size = cat_start[c + 1] - cat_start[c]
     neg = np.full(len(t), -1, np.int64)
     todo = np.flatnonzero(size > 1)
-    for _ in range(_REJECTION_ROUNDS):
+    for round_ in range(_REJECTION_ROUNDS):
         if len(todo) == 0:
             break
-        cand = by_cat[cat_start[c[todo]] + (rng.random(len(todo)) * size[todo]).astype(np.int64)]
-        keys = t[todo] * stride + cand
-        pos = np.clip(np.searchsorted(tagged, keys), 0, len(tagged) - 1)
-        good = (tagged[pos] != keys) & (cand != i[todo])
+        r = _uniform(seed, _STREAM_TAG_NEGATIVES, tags.hash[t[todo]], i[todo], np.full(len(todo), round_))
+        cand = by_cat[cat_start[c[todo]] + (r * size[todo]).astype(np.int64)]
+        found, first_split = tagged.lookup(t[todo] * stride + cand)
+        good = ~(found & (first_split <= s[todo])) & (cand != i[todo])
         neg[todo[good]] = cand[good]
         todo = todo[~good]
     queries, positives, negatives = [], [], []
     for tag, item, n in zip(t.tolist(), i.tolist(), neg.tolist()):
         queries.append(tags.names[tag])
         others = [tags.names[x] for x in top[item] if x != tag][:max_tags]
-        positives.append(item_text(titles[item - 1], genres[item - 1], others))
+        positives.append(item_text(cat.text_titles[item - 1], cat.genres[item - 1], others))
         negatives.append(texts[n - 1] if n > 0 else "")
     table = pa.table({
         "query": pa.array(queries, pa.string()),
@@ -545,11 +609,61 @@ def _write_tag_pairs(w, tags, top, texts, titles, genres, category, cutoff, max_
         "num_taggers": pa.array(tags.taggers[order], pa.int64()),
         "first_tagged_at": pa.array(tags.first_time[order], pa.int64()),
     })
-    test = tags.first_time[order] >= cutoff
-    for split, mask in (("train", ~test), ("test", test)):
-        part = table.filter(pa.array(mask))
-        w.write_parquet("pretrain/text_pairs", split, part)
-        stats[f"text_pairs_{split}"] = part.num_rows
+    _write_split_pairs(w, table, s, splits, stats)
     stats["text_pairs_without_negative"] = int((neg < 0).sum())
     stats["tag_records"] = tags.num_records
     stats["empty_tags_skipped"] = tags.empty_tags
+
+
+def _write_coliked_pairs(w, user, item, rating, ts, split, category, texts, like, dislike, seed, splits, stats):
+    """pretrain/text_pairs-<split> from ratings sorted by (user, time, item): consecutive likes of a user
+    (query, positive), hard negative = a same-genre movie the user disliked, else one they had not rated."""
+    num_items = len(texts)
+    stride = num_items + 1
+    liked = rating >= like
+    lu, li, lt, ls = user[liked], item[liked], ts[liked], split[liked]
+    same = (lu[1:] == lu[:-1]) & (li[1:] != li[:-1]) if len(lu) else np.zeros(0, bool)
+    q, p, u, t, s = li[:-1][same], li[1:][same], lu[1:][same], lt[1:][same], ls[1:][same].astype(np.int64)
+    c = category[p]
+    num_cat = int(category.max()) + 1
+    # disliked movies grouped by (user, genre, split): those of splits <= s are a prefix of the group
+    d = rating <= dislike
+    dkey = (user[d] * num_cat + category[item[d]]) * 3 + split[d]
+    order = np.argsort(dkey, kind="stable")
+    dkey, ditem = dkey[order], item[d][order]
+    group = (u * num_cat + c) * 3
+    start = np.searchsorted(dkey, group, side="left")
+    count = np.searchsorted(dkey, group + s, side="right") - start
+    r = _uniform(seed, _STREAM_PAIR_NEGATIVES, u, q, p)
+    disliked = count > 0
+    neg = np.full(len(p), -1, np.int64)
+    neg[disliked] = ditem[start[disliked] + np.minimum((r[disliked] * count[disliked]).astype(np.int64),
+                                                       count[disliked] - 1)]
+    # otherwise a movie of the genre the user had not rated by the pair's split
+    rated = _Keys(user * stride + item, split.astype(np.int64))
+    by_cat, cat_start = _by_category(category)
+    size = cat_start[c + 1] - cat_start[c]
+    todo = np.flatnonzero(~disliked & (size > 0))
+    for round_ in range(_REJECTION_ROUNDS):
+        if len(todo) == 0:
+            break
+        r = _uniform(seed, _STREAM_PAIR_UNRATED, u[todo], q[todo], p[todo], np.full(len(todo), round_))
+        cand = by_cat[cat_start[c[todo]] + (r * size[todo]).astype(np.int64)]
+        found, first_split = rated.lookup(u[todo] * stride + cand)
+        good = ~(found & (first_split <= s[todo])) & (cand != q[todo]) & (cand != p[todo])
+        neg[todo[good]] = cand[good]
+        todo = todo[~good]
+    table = pa.table({
+        "query": pa.array([texts[x - 1] for x in q.tolist()], pa.string()),
+        "positive": pa.array([texts[x - 1] for x in p.tolist()], pa.string()),
+        "negative": pa.array([texts[x - 1] if x > 0 else "" for x in neg.tolist()], pa.string()),
+        "query_id": pa.array(q, pa.int64()),
+        "positive_id": pa.array(p, pa.int64()),
+        "negative_id": pa.array(neg, pa.int64()),
+        "negative_disliked": pa.array(disliked, pa.bool_()),
+        "user_id": pa.array(u, pa.int64()),
+        "timestamp": pa.array(t, pa.int64()),
+    })
+    _write_split_pairs(w, table, s, splits, stats)
+    stats["text_pairs_disliked_negative"] = int(disliked.sum())
+    stats["text_pairs_without_negative"] = int((neg < 0).sum())
