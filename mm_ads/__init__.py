@@ -3,15 +3,21 @@
 Subpackages:
   * `mm_ads.data`     — FeatureSpec, the canonical dataset layout, the synthetic world, real-format readers,
                         tf.data pipelines with the item → vector join.
-  * `mm_ads.layers`   — public Keras layers: SparseEmbedding, DINAttention, SimTier, SimScore, MLP, Dice.
+  * `mm_ads.layers`   — public Keras layers: SparseEmbedding, DINAttention, SimTier, SimScore, MAKE, MLP, Dice.
   * `mm_ads.training` — sparse-aware optimizers, the one custom training loop, tf.distribute strategies.
-  * `mm_ads.ctr`      — the CTR model builder (id, vector, simscore, simtier) and the CTR task.
-  * `mm_ads.scl`      — semantic-aware contrastive pre-training of text/image encoders.
+  * `mm_ads.ctr`      — the CTR model builder (id, vector, simscore, simtier, make, simtier_make, make_only),
+                        MAKE's two-phase training and the CTR task.
+  * `mm_ads.scl`      — semantic-aware contrastive pre-training of text/image encoders (and CLIP-E), encoding.
   * `mm_ads.metrics`  — exact AUC, GAUC, LogLoss, slices, Acc@N.
   * `mm_ads.export`   — SavedModel export in TF Serving's versioned layout.
+  * `mm_ads.reports`  — the paper's experiments: Table 2, the whole report (Tables 2–3, Figs 3, 6a–c),
+                        popularity baselines.
+  * `mm_ads.serving`  — the online system: index table, event log, encoder service, near-line trainer,
+                        prediction server (TF Serving's gRPC and REST APIs).
 
 Entry points: `python -m mm_ads.data.synthetic`, `mm_ads.data.prepare`, `mm_ads.train`, `mm_ads.export`,
-`mm_ads.encode`.
+`mm_ads.encode`, `mm_ads.reports.table2`, `mm_ads.reports.paper`, `mm_ads.serving.{encoder_service, nearline,
+replay, server, load_index_table}`.
 """
 
 from mm_ads.utils.tf_startup import import_tensorflow_quietly

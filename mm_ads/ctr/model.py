@@ -38,7 +38,6 @@ from mm_ads.layers.sim_score import SimScore
 from mm_ads.layers.sim_tier import SimTier
 from mm_ads.layers.sparse_embedding import SparseEmbedding
 
-_DTYPES = {"int64": "int64", "float32": "float32", "int8": "int8"}
 
 
 # Name of the MAKE layer in every model that has one: phase B restores phase A's MAKE variables by this path.

@@ -21,8 +21,9 @@ class Temperature(keras.layers.Layer):
 
     Args:
         initial_value: τ at initialisation (paper-style 0.07).
-        min_value / max_value: clamp of τ (the forward pass clips; `project()` also clamps the variable so
-            the optimizer cannot drift past the bounds).
+        min_value / max_value: clamp of τ (the forward pass clips; after each optimizer step the SCL task
+            assigns `clamped_log_value(log_temperature)` to the variable, so the optimizer cannot drift past
+            the bounds).
         trainable: False keeps τ fixed.
 
     Not called: `layer.tau()` returns the float32 scalar τ.
