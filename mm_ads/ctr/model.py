@@ -38,8 +38,6 @@ from mm_ads.layers.sim_score import SimScore
 from mm_ads.layers.sim_tier import SimTier
 from mm_ads.layers.sparse_embedding import SparseEmbedding
 
-
-
 # Name of the MAKE layer in every model that has one: phase B restores phase A's MAKE variables by this path.
 MAKE_LAYER = "make"
 
