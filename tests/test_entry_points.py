@@ -25,6 +25,7 @@ ENTRY_POINTS = {
     "tools.bench.encoder_lag": "--max_wait_ms",
     "mm_ads.serving.nearline": ("--stream", "--export_every_events", "--variant", "--init_model_dir"),
     "mm_ads.serving.replay": "--rate",
+    "mm_ads.serving.load_index_table": ("--index_table", "--vectors"),
     "tools.bench.nearline": "--flagfile_ctr",
     "tools.online_demo": ("--new_item_rates", "--encoder_export", "--hot_swap_timeout_s"),
     "tools.bench.freshness": ("--rates", "--phase_s"),
