@@ -283,6 +283,14 @@ def _movielens_stand_in(root):
 
 STAND_INS = {"ml-latest-small": _movielens_stand_in}
 
+# what the output of a block must hold (the block found by a line of its text): answers, not only exit codes
+EXPECTED_OUTPUT = {
+    "curl -s -X POST localhost:8501/v1/models/ctr:rank": ['"state": "AVAILABLE"', '"ranking": ['],
+    "python -m tools.online_demo ": ["\nOK\n"],
+    "print(json.load(urllib.request.urlopen(request)))": ["{'predictions': [", "'model_version': '1'"],
+    "saved_model_cli show": ["outputs['ctr']"],
+}
+
 
 def _readme():
     with open(os.path.join(REPO, "README.md")) as f:
@@ -377,7 +385,7 @@ def test_readme_blocks_run_in_order_in_a_fresh_clone(tmp_path, shared_data):
     env.pop("PYTEST_ADDOPTS", None)
     logs = os.path.join(tmp_path, "logs")
     os.makedirs(logs)
-    background, timings = [], []
+    background, timings, checked = [], [], set()
     try:
         for n, b in enumerate(blocks):
             log = os.path.join(logs, f"{n:02d}-line{b.line}.log")
@@ -404,11 +412,18 @@ def test_readme_blocks_run_in_order_in_a_fresh_clone(tmp_path, shared_data):
                     proc = subprocess.run(argv, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
                                           input=text if b.lang == "python" else None, text=True, timeout=2400)
                     assert proc.returncode == 0, f"README.md:{b.line} failed ({proc.returncode}):\n{_tail(log)}"
+            with open(log, errors="replace") as f:
+                output = f.read()
+            for key, wanted in EXPECTED_OUTPUT.items():
+                for w in wanted if key in b.text else ():
+                    assert w in output, f"README.md:{b.line}: {w!r} not in its output:\n{_tail(log)}"
+                    checked.add(key)
             timings.append((b.line, round(time.monotonic() - started, 1)))
+        assert checked == set(EXPECTED_OUTPUT), set(EXPECTED_OUTPUT) - checked
         for b, proc, log in background:
             assert proc.poll() is None, f"README.md:{b.line} died before the last block:\n{_tail(log)}"
     finally:
-        for b, proc, log in background:
+        for _, proc, _ in background:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
                 try:
