@@ -15,10 +15,11 @@ def test_layers_snippet_builds_trains_and_saves(repo_root, tmp_path):
     import keras
 
     readme = open(os.path.join(repo_root, "README.md")).read()
-    code = _python_block(readme, "## Our layers in your Keras model").replace("10_000_000", "1000")
+    code = _python_block(readme, "## Our layers in your Keras model")  # as written: a 100k-row table
     scope = {}
     exec(code, scope)
     model = scope["model"]
+    assert scope["items"].num_buckets == 100_000
     rng = np.random.default_rng(0)
     x = [rng.integers(1, 5000, (8,)), np.where(rng.random((8, 50)) < 0.2, 0, rng.integers(1, 5000, (8, 50))),
          rng.normal(size=(8, 128)).astype("float32"), rng.normal(size=(8, 50, 128)).astype("float32")]

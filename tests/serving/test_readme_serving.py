@@ -89,7 +89,7 @@ def served(tmp_path_factory, repo_root):
     os.symlink(os.path.join(repo_root, "configs"), os.path.join(root, "configs"))  # the flagfile's relative path
     world = _world(root, repo_root)
     section = _section(repo_root)
-    bash = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    bash = "".join(re.findall(r"```bash\n(.*?)```", section, re.S))  # the server block, then the curl block
     commands = {argv[2]: argv for argv in _commands(bash)}
     assert sorted(commands) == ["mm_ads.serving.load_index_table", "mm_ads.serving.server"], commands
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=repo_root)
