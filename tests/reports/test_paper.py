@@ -89,3 +89,22 @@ def test_bad_options():
     with pytest.raises(ValueError, match=r"Unknown paper report options: \['epochs'\]"):
         paper.PaperConfig.from_values({"epochs": "3"})
 
+
+
+def test_quick_profile_skips_figures_that_cost_extra_training(smoke, repo_root, tmp_path):
+    quick = paper.PaperConfig.from_values(
+        paper.config_lib.read_flagfile(os.path.join(repo_root, "configs", "paper", "quick.flags")))
+    assert (quick.fig3_epochs, quick.fig6a_rows, quick.fig6c_epochs) == (0, (), ())
+    assert len(quick.seeds) >= 3 and set(quick.variants) == set(paper.TABLE3_VARIANTS)
+    with pytest.raises(ValueError, match="fig3_epochs must be >= 0"):
+        paper.PaperConfig.from_values({"fig3_epochs": "-1"})
+    # the smoke report's results without the three figures: no heading, no plot, and a line saying so
+    _, _, results = smoke
+    skipped = dict(results, fig3={}, fig6a=[], fig6c=[])
+    plots = paper.plot_all(skipped, str(tmp_path))
+    assert sorted(plots) == ["fig6b"] and sorted(os.listdir(tmp_path)) == ["fig6b.png"]
+    markdown = paper.to_markdown(dict(skipped, plots=plots), str(tmp_path))
+    for heading in ("## Fig 3", "## Fig 6a", "## Fig 6c"):
+        assert heading not in markdown
+    assert "## Fig 6b" in markdown and "![fig6b](fig6b.png)" in markdown
+    assert "Not run in this profile: Fig 3, Fig 6a, Fig 6c" in markdown
