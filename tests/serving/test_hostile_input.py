@@ -326,3 +326,24 @@ def test_idle_connections_time_out_and_disconnects_leave_no_traceback(world, cap
     assert any("ended: ConnectionResetError" in m for m in ended) and any("ended: BrokenPipeError" in m for m in ended)
     assert all(r.levelno == logging.DEBUG for r in caplog.records if "ended: " in r.getMessage())
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_readme_limits_table_and_flagfile_match_the_server_defaults(repo_root):
+    import dataclasses
+    import os
+    import re
+
+    readme = open(os.path.join(repo_root, "README.md")).read()
+    section = readme[readme.index("## Online serving: the prediction server"):]
+    section = section[:section.index("\n## ", 1)]
+    table = dict(re.findall(r"^\| `--(\w+)` \(([^)]*)\) \|", section, re.M))
+    defaults = ServerConfig()
+    limits = {f.name for f in dataclasses.fields(ServerConfig) if f.name.startswith("max_") or "timeout" in f.name}
+    assert set(table) == limits
+    flagfile = dict(re.findall(r"^--(\w+)=(\S+)$", open(os.path.join(repo_root, "configs/serving/server.flags")).read(),
+                               re.M))
+    for name, shown in table.items():
+        value = getattr(defaults, name)
+        number, _, unit = shown.partition(" ")
+        assert float(number) * {"": 1, "MiB": 1 << 20}[unit] == value, (name, shown)
+        assert float(flagfile[name]) == value, name
