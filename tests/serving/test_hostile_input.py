@@ -276,6 +276,13 @@ def test_nan_and_infinite_inputs_are_refused_naming_the_input(world, server, stu
 
 
 # -- 4. idle and vanishing connections ------------------------------------------------------------------------------
+def _wait_for(condition):
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def test_idle_connections_time_out_and_disconnects_leave_no_traceback(world, caplog, capfd):
     caplog.set_level(logging.DEBUG, logger="absl")
     config = _config(world, grpc_port=-1, max_rest_connections=4, rest_read_timeout_s=1.0)
@@ -288,10 +295,7 @@ def test_idle_connections_time_out_and_disconnects_leave_no_traceback(world, cap
             if i % 2:
                 sock.sendall(b"POST /v1/models/ctr:predict HTTP/1.1\r\nHost: x\r\n")
             hogs.append(sock)
-        deadline = time.monotonic() + WAIT_S
-        while len(rest._conns) < 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _wait_for(lambda: len(rest._conns) == 4)
         t0 = time.monotonic()
         while True:  # refused while the slots are taken; served once the idle ones timed out
             try:
@@ -304,6 +308,16 @@ def test_idle_connections_time_out_and_disconnects_leave_no_traceback(world, cap
         assert server.stats.snapshot()["rest_connections_refused"] >= 1
         for sock in hogs:  # the server closed them: EOF
             assert sock.recv(1024) == b""
+        _wait_for(lambda: not rest._conns)
+        # clients that go away on their own while the server waits for their request: a close and a reset
+        quiet = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+        reset = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+        reset.sendall(b"GET /v1/models/ctr HTTP/1.1\r\nHost: x\r\n")
+        _wait_for(lambda: len(rest._conns) == 2)
+        quiet.close()
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # close = RST
+        reset.close()
+        _wait_for(lambda: not rest._conns)
         # a client that vanishes mid-body (reset), and the handler of a broken pipe
         sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
         sock.sendall(b"POST /v1/models/ctr:predict HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
@@ -313,10 +327,7 @@ def test_idle_connections_time_out_and_disconnects_leave_no_traceback(world, cap
             raise BrokenPipeError(32, "Broken pipe")
         except BrokenPipeError:
             rest.handle_error(None, ("127.0.0.1", 1))
-        deadline = time.monotonic() + WAIT_S
-        while server.stats.snapshot().get("rest_disconnects", 0) < 2:  # the reset, the pipe
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _wait_for(lambda: server.stats.snapshot().get("rest_disconnects", 0) >= 2)  # the mid-body reset, the pipe
     finally:
         for sock in hogs:
             sock.close()
