@@ -136,13 +136,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status, body):
         data = json.dumps(body).encode()
+        self.connection.settimeout(self.server.read_timeout_s)  # a client that does not read its response
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         if self.server.stopping.is_set() or self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.connection.settimeout(self.server.read_timeout_s)  # a client that does not read its response
         self.wfile.write(data)
 
     def _dispatch(self, method):
@@ -157,7 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if self._held:
                     self.server.budget.release(self._held)
                     self._held = 0
-        except (ConnectionError, TimeoutError):  # the client went away: no response (`RestServer.handle_error`)
+        except _ClientGone:  # no one to answer (`RestServer.handle_error`)
             raise
         except ServingError as e:
             status, body = e.http_status, {"error": str(e)}
@@ -194,14 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise Unavailable(f"server busy: request bodies of {self.server.budget.limit} bytes are in flight, "
                               f"{length} more did not fit within {timeout:g} s; retry later")
         self._held = length
-        self._reader.deadline = time.monotonic() + timeout
-        try:
-            raw = self.rfile.read(length)
-        except TimeoutError:
-            self.close_connection = True
-            raise RequestTimeout(f"the request body ({length} bytes) did not arrive within {timeout:g} s") from None
-        if len(raw) < length:  # the client closed its side mid-body
-            raise ConnectionResetError(f"the request body ended after {len(raw)} of {length} bytes")
+        raw = self._read(length, timeout)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -256,6 +249,21 @@ class _Handler(BaseHTTPRequestHandler):
              "status": {"error_code": "UNKNOWN" if s["error"] else "OK", "error_message": s["error"]}}
             for s in app.status(name, version)]}
 
+    def _read(self, length, timeout):
+        """The `length` bytes of a request body, within `timeout` s (408 otherwise); `_ClientGone` if the client
+        closed or reset the connection first."""
+        self._reader.deadline = time.monotonic() + timeout
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestTimeout(f"the request body ({length} bytes) did not arrive within {timeout:g} s") from None
+        except ConnectionError as e:
+            raise _ClientGone(f"{type(e).__name__} while reading the request body: {e}") from None
+        if len(raw) < length:
+            raise _ClientGone(f"the request body ended after {len(raw)} of {length} bytes")
+        return raw
+
     def _drain(self, limit=1 << 20):
         """Reads (and drops) a request body of at most `limit` bytes so the connection stays usable; closes it
         otherwise."""
@@ -264,9 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if 0 <= length <= limit:
-            self._reader.deadline = time.monotonic() + self.server.read_timeout_s
-            if len(self.rfile.read(length)) < length:
-                self.close_connection = True
+            self._read(length, self.server.read_timeout_s)
         else:
             self.close_connection = True
 
@@ -282,6 +288,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(code, {"error": message or explain or "bad request"})
         except OSError:
             pass
+
+
+class _ClientGone(ConnectionError):
+    """The client closed or reset its connection mid-request: nothing is sent back."""
 
 
 class LengthRequired(ServingError):
@@ -344,7 +354,8 @@ class RestServer(ThreadingHTTPServer):
         error = sys.exc_info()[1]
         if isinstance(error, (ConnectionError, TimeoutError)):
             self.app.stats.add(rest_disconnects=1)
-            logging.debug("REST: connection from %s ended: %s: %s", client_address, type(error).__name__, error)
+            what = error if isinstance(error, _ClientGone) else f"{type(error).__name__}: {error}"
+            logging.debug("REST: client %s went away: %s", client_address, what)
         else:
             logging.exception("REST: connection from %s failed", client_address)
 
