@@ -91,10 +91,13 @@ class ServerConfig:
 def check_finite(inputs):
     """`InvalidArgument` naming the first floating-point input with a NaN or an infinity."""
     for name in sorted(inputs):
-        value = inputs[name]
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            bad = value[~np.isfinite(value)].flat[0]
-            raise InvalidArgument(f"input {name!r}: has non-finite values ({bad}); NaN and infinities are refused")
+        if not tf.as_dtype(inputs[name].dtype).is_floating:
+            continue
+        value = np.asarray(inputs[name])  # no copy for numpy arrays (what both front-ends pass)
+        finite = np.isfinite(value)
+        if not finite.all():
+            raise InvalidArgument(f"input {name!r}: has non-finite values ({value[~finite].flat[0]}); NaN and "
+                                  "infinities are refused")
 
 
 class PredictionServer:
