@@ -336,7 +336,8 @@ def _define_flags():
     flags.DEFINE_integer("max_rest_inflight_bytes", d.max_rest_inflight_bytes,
                          "Max bytes of REST request bodies being read or handled at once over all connections "
                          "(>= --max_body_bytes). A request that does not fit waits up to --rest_read_timeout_s "
-                         "for others to finish, then gets 503 (body not read).")
+                         "for others to finish, then gets 503 (a body over 64 KiB is then not read and its connection "
+                         "is closed).")
     flags.DEFINE_float("rest_read_timeout_s", d.rest_read_timeout_s,
                        "A REST connection must send its next request line and headers within this many seconds "
                        "(new or kept alive: idle connections are closed after it), and then its body within as "
