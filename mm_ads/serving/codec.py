@@ -2,7 +2,9 @@
 
 `TensorProto`s with `tensor_content` (what `tf.make_tensor_proto` writes for arrays) are decoded with
 `np.frombuffer` — a read-only view of the request bytes, no copy; protos with typed repeated fields
-(`float_val`, `int64_val`, ...) go through `tf.make_ndarray`. Responses are written as `tensor_content`.
+(`float_val`, `int64_val`, ...) with `np.fromiter`. The declared shape is validated before anything is
+allocated: its size once decoded against the server's limit, and the bytes / number of values given against
+it (`tensor_proto_to_ndarray`). Responses are written as `tensor_content`.
 
 REST (TF Serving's JSON API, https://www.tensorflow.org/tfx/serving/api_rest):
   * row format `{"signature_name": s, "instances": [{input: per-example value, ...}, ...]}` →
@@ -14,11 +16,13 @@ JSON numbers are converted to each input's signature dtype; a non-integral numbe
 a ragged list or a shape that does not match is an `InvalidArgument` naming the input.
 """
 
+import math
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
-from mm_ads.serving.errors import InvalidArgument
+from mm_ads.serving.errors import InvalidArgument, ResourceExhausted
 
 _PROTO_DTYPES = {
     types_pb2.DT_FLOAT: np.float32,
@@ -30,26 +34,95 @@ _PROTO_DTYPES = {
     types_pb2.DT_BOOL: np.bool_,
 }
 _NP_TO_PROTO = {np.dtype(v): k for k, v in _PROTO_DTYPES.items()}
+_VALUE_FIELDS = {  # the TensorProto field that holds each dtype's typed values
+    types_pb2.DT_FLOAT: "float_val",
+    types_pb2.DT_DOUBLE: "double_val",
+    types_pb2.DT_INT64: "int64_val",
+    types_pb2.DT_INT32: "int_val",
+    types_pb2.DT_INT8: "int_val",
+    types_pb2.DT_UINT8: "int_val",
+    types_pb2.DT_BOOL: "bool_val",
+}
+MAX_RANK = 32
 
 
-def tensor_proto_to_ndarray(proto, name):
-    """Decodes one request `TensorProto`; `InvalidArgument` naming `name` when it is malformed."""
+def declared_size(proto, name):
+    """(shape, numpy dtype, bytes) a request `TensorProto` declares, read from its header only (nothing allocated).
+
+    `InvalidArgument` naming `name` for an unknown rank, a negative dimension, a rank over `MAX_RANK` or a dtype the
+    server does not take (float, double, int64, int32, int8, uint8, bool).
+    """
     if proto.tensor_shape.unknown_rank:
         raise InvalidArgument(f"input {name!r}: tensor_shape has unknown rank")
-    shape = tuple(d.size for d in proto.tensor_shape.dim)
+    shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"input {name!r}: tensor_shape has {len(shape)} dimensions, at most {MAX_RANK} are "
+                              "accepted")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input {name!r}: tensor_shape has a negative dimension {list(shape)}")
     dtype = _PROTO_DTYPES.get(proto.dtype)
-    if proto.tensor_content and dtype is not None:
-        count = int(np.prod(shape, dtype=np.int64))
-        if len(proto.tensor_content) != count * np.dtype(dtype).itemsize:
-            raise InvalidArgument(f"input {name!r}: tensor_content has {len(proto.tensor_content)} bytes, shape "
-                                  f"{list(shape)} of {np.dtype(dtype).name} needs {count * np.dtype(dtype).itemsize}")
-        return np.frombuffer(proto.tensor_content, dtype).reshape(shape)
+    if dtype is None:
+        accepted = ", ".join(types_pb2.DataType.Name(k) for k in _PROTO_DTYPES)
+        raise InvalidArgument(f"input {name!r}: dtype {_dtype_name(proto.dtype)} is not accepted (one of {accepted})")
+    return shape, np.dtype(dtype), math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def _dtype_name(enum):
     try:
-        return tf.make_ndarray(proto)
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"input {name!r}: cannot decode TensorProto ({e})") from None
+        return types_pb2.DataType.Name(enum)
+    except ValueError:
+        return str(enum)
+
+
+def tensor_protos_to_ndarrays(protos, max_bytes):
+    """Decodes the `{name: TensorProto}` inputs of a request, at most `max_bytes` in all once decoded.
+
+    The declared shapes are checked against `max_bytes` (`ResourceExhausted`) before any tensor is decoded, so a
+    small message declaring a huge shape allocates nothing.
+    """
+    sizes = {name: declared_size(proto, name) for name, proto in protos.items()}
+    total = sum(size for _, _, size in sizes.values())
+    if total > max_bytes:
+        biggest = max(sizes, key=lambda k: sizes[k][2])
+        shape, dtype, size = sizes[biggest]
+        raise ResourceExhausted(f"the request's inputs declare {total} bytes once decoded, the limit is {max_bytes} "
+                                f"bytes (input {biggest!r}: shape {list(shape)} of {dtype.name}, {size} bytes)")
+    return {name: tensor_proto_to_ndarray(proto, name, max_bytes) for name, proto in protos.items()}
+
+
+def tensor_proto_to_ndarray(proto, name, max_bytes=None):
+    """Decodes one request `TensorProto`; `InvalidArgument` naming `name` when it is malformed.
+
+    The declared shape is checked first: at most `max_bytes` once decoded (`ResourceExhausted`; None: no limit),
+    and `tensor_content` must have exactly the bytes the shape needs; typed values (`float_val`, ...) must number
+    exactly the elements of the shape, or be a single value that fills it (TF's convention, what
+    `tf.make_tensor_proto(scalar, shape=...)` writes). Nothing is allocated before these checks.
+    """
+    shape, dtype, nbytes = declared_size(proto, name)
+    if max_bytes is not None and nbytes > max_bytes:
+        raise ResourceExhausted(f"input {name!r}: shape {list(shape)} of {dtype.name} is {nbytes} bytes once "
+                                f"decoded, the limit is {max_bytes} bytes")
+    count = nbytes // dtype.itemsize
+    if proto.tensor_content:
+        if len(proto.tensor_content) != nbytes:
+            raise InvalidArgument(f"input {name!r}: tensor_content has {len(proto.tensor_content)} bytes, shape "
+                                  f"{list(shape)} of {dtype.name} needs {nbytes}")
+        return np.frombuffer(proto.tensor_content, dtype).reshape(shape)
+    field = _VALUE_FIELDS[proto.dtype]
+    others = [f.name for f, _ in proto.ListFields() if f.name.endswith("_val") and f.name != field]
+    if others:
+        raise InvalidArgument(f"input {name!r}: dtype {dtype.name} takes its values in {field}, got {others}")
+    values = getattr(proto, field)
+    given = len(values)
+    try:
+        if given == count:
+            return (np.fromiter(values, dtype, count=count) if count else np.zeros(0, dtype)).reshape(shape)
+        if given == 1:  # one value fills the shape
+            return np.full(shape, values[0], dtype)
+    except OverflowError as e:  # int8 / uint8 values out of range in int_val
+        raise InvalidArgument(f"input {name!r}: a value in {field} is out of range for {dtype.name} ({e})") from None
+    raise InvalidArgument(f"input {name!r}: {given} value(s) in {field}, shape {list(shape)} needs {count} (or a "
+                          "single value that fills it)")
 
 
 def ndarray_to_tensor_proto(array):

@@ -47,6 +47,7 @@ from absl import logging
 from mm_ads.reports import options as options_lib
 from mm_ads.serving.events import EventTail, open_stream
 from mm_ads.serving.index_table import open_index_table
+from mm_ads.serving.redis_local import redact_uri
 from mm_ads.utils import io as io_utils
 
 CHECKPOINT_SUFFIX = ".encoder_service.json"
@@ -224,16 +225,16 @@ class EncoderService:
             offset = ckpt["offset"]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{self.checkpoint_path}: not an encoder service checkpoint ({e})") from e
-        if ckpt.get("events") not in (None, self.config.events):
-            raise ValueError(f"{self.checkpoint_path} holds the offset of stream {ckpt['events']!r}, not "
-                             f"{self.config.events!r}: use another --checkpoint_path")
-        logging.info("Encoder service: resuming %s at offset %s (%s)", self.config.events, offset,
-                     self.checkpoint_path)
+        events = redact_uri(self.config.events)  # what logs and the checkpoint show of the stream URI
+        if ckpt.get("events") not in (None, events, self.config.events):
+            raise ValueError(f"{self.checkpoint_path} holds the offset of stream {redact_uri(ckpt['events'])!r}, "
+                             f"not {events!r}: use another --checkpoint_path")
+        logging.info("Encoder service: resuming %s at offset %s (%s)", events, offset, self.checkpoint_path)
         return offset
 
     def _save_checkpoint(self, offset):
         io_utils.write_json(self.checkpoint_path, {
-            "offset": offset, "events": self.config.events, "index_table": self.table.uri,
+            "offset": offset, "events": redact_uri(self.config.events), "index_table": self.table.uri,
             "encoder_version": self.encoder.encoder_version, "updated": time.time()})
 
     @property

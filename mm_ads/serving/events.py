@@ -38,6 +38,8 @@ import zlib
 
 from absl import logging
 
+from mm_ads.serving.redis_local import redact_uri
+
 _HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 64 << 20  # a longer length field is corruption, not a record
 _READ_CHUNK = 1 << 20
@@ -276,8 +278,8 @@ class RedisStream:
         from mm_ads.serving.redis_local import connect
 
         self._client, self.stream = connect(uri, "stream", "mm_ads:events", "Redis streams", client)
-        self.uri = uri
-        self.path = uri
+        self.uri = redact_uri(uri)  # shown in messages, logs and stats files: no password
+        self.path = self.uri
 
     def append(self, records):
         payloads = _encode(records, f"Redis stream {self.uri}")
@@ -345,7 +347,7 @@ def open_stream(uri, create=True):
     if uri.startswith("file://"):
         uri = urllib.parse.urlsplit(uri).path
     elif "://" in uri:
-        raise EventLogError(f"{uri}: unknown stream scheme (expected a path or redis://…?stream=NAME)")
+        raise EventLogError(f"{redact_uri(uri)}: unknown stream scheme (expected a path or redis://…?stream=NAME)")
     return EventLog(uri, create=create)
 
 

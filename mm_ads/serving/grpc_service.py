@@ -4,8 +4,10 @@ The servicers subclass the official generated bases of `tensorflow-serving-api`,
 Serving's and the official client stubs work unchanged:
 
   * `Predict`: `model_spec` (name, optional version, `signature_name`, default `serving_default`),
-    `inputs` `{name: TensorProto}`, optional `output_filter`; the response carries the served version in
-    `model_spec`. `signature_name="rank"` is the ids-only ranking call (see `mm_ads.serving.ranking`).
+    `inputs` `{name: TensorProto}` (their declared shapes checked against `--max_decoded_bytes` before
+    anything is decoded; see `mm_ads.serving.codec.tensor_proto_to_ndarray`), optional `output_filter`;
+    the response carries the served version in `model_spec`. `signature_name="rank"` is the ids-only
+    ranking call (see `mm_ads.serving.ranking`).
   * `GetModelMetadata` with `metadata_field=["signature_def"]`: the SavedModel's SignatureDefs (plus
     `rank` when ranking is configured).
   * `ModelService.GetModelStatus`: the version states.
@@ -30,7 +32,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from mm_ads.serving.codec import ndarray_to_tensor_proto, tensor_proto_to_ndarray
+from mm_ads.serving.codec import ndarray_to_tensor_proto, tensor_protos_to_ndarrays
 from mm_ads.serving.errors import InvalidArgument, NotFound, ServingError
 
 
@@ -75,7 +77,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_rpc("predict")
     def Predict(self, request, context):
         spec = request.model_spec
-        inputs = {name: tensor_proto_to_ndarray(proto, name) for name, proto in request.inputs.items()}
+        inputs = tensor_protos_to_ndarrays(request.inputs, self.server.config.max_decoded_bytes)
         model, signature, outputs = self.server.predict(inputs, spec.name, _version(spec), spec.signature_name)
         if request.output_filter:
             unknown = sorted(set(request.output_filter) - set(outputs))

@@ -42,6 +42,7 @@ import urllib.parse
 import numpy as np
 
 from mm_ads.data.vectors import VectorTable
+from mm_ads.serving.redis_local import redact_uri
 
 _DTYPES = ("float32", "int8")
 _TS = struct.Struct("<d")
@@ -361,7 +362,7 @@ class RedisIndexTable(IndexTable):
         from mm_ads.serving.redis_local import connect
 
         self._client, self.prefix = connect(uri, "prefix", "mm_ads:index", "the Redis index table", client)
-        self.uri = uri
+        self.uri = uri = redact_uri(uri)  # shown in messages and logs: no password
         self._meta_key = f"{self.prefix}:meta"
         self._rows_key = f"{self.prefix}:rows"
         import redis  # present: connect() checked
@@ -458,7 +459,8 @@ def open_index_table(uri, dim=None, encoder_version=None, dtype="float32", creat
             raise IndexTableError(f"{uri}: a sqlite URI needs a path: sqlite:///abs/path.db")
         uri = path
     elif "://" in uri:
-        raise IndexTableError(f"{uri}: unknown index table scheme (expected a path, sqlite:///…, or redis://…)")
+        raise IndexTableError(f"{redact_uri(uri)}: unknown index table scheme (expected a path, sqlite:///…, or "
+                              "redis://…)")
     return SQLiteIndexTable(uri, dim, encoder_version, dtype, create, scale)
 
 

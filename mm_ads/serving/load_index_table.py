@@ -27,6 +27,7 @@ from absl import app, flags, logging
 
 from mm_ads.data.vectors import VectorTable
 from mm_ads.serving.index_table import IndexTableError, load_vector_table_into, open_index_table
+from mm_ads.serving.redis_local import redact_uri
 
 COMMAND = "python -m mm_ads.serving.load_index_table"
 
@@ -57,7 +58,7 @@ def load_index_table(index_table, vectors, dtype="float32"):
         before = len(table)
         loaded = load_vector_table_into(table, vectors)
         after = len(table)
-    return {"index_table": index_table, "vectors": vectors, "encoder_version": source.encoder_version,
+    return {"index_table": redact_uri(index_table), "vectors": vectors, "encoder_version": source.encoder_version,
             "dim": source.dim, "loaded": loaded, "items_before": before, "items": after}
 
 
@@ -80,7 +81,7 @@ def main(argv):
     except (OSError, ValueError) as e:  # IndexTableError is a ValueError
         sys.exit(f"load_index_table: {e}")
     logging.info("loaded %d vectors of encoder %r (dim %d) from %s into %s: %d items before, %d now",
-                 result["loaded"], result["encoder_version"], result["dim"], f.vectors, f.index_table,
+                 result["loaded"], result["encoder_version"], result["dim"], f.vectors, result["index_table"],
                  result["items_before"], result["items"])
     print(json.dumps(result), flush=True)
 

@@ -62,6 +62,7 @@ import time
 from absl import app, logging
 
 from mm_ads import config as config_lib
+from mm_ads.serving.redis_local import redact_uri
 from mm_ads.utils import io as io_utils
 
 NEARLINE_FILE = "nearline.json"
@@ -366,7 +367,9 @@ class NearlineTrainer:
             if old != version:
                 raise ValueError(f"{path}: this model was trained on vectors of encoder {old!r}, the index table "
                                  f"holds encoder {version!r}: use a new --model_dir")
-        io_utils.write_json(path, {"encoder_version": version, "nearline": dataclasses.asdict(self.nearline)})
+        settings = dataclasses.asdict(self.nearline)
+        settings.update({k: redact_uri(settings[k]) for k in ("stream", "index_table") if settings.get(k)})
+        io_utils.write_json(path, {"encoder_version": version, "nearline": settings})
 
     def _restore(self):
         import tensorflow as tf

@@ -2,10 +2,12 @@
 
 `local_redis_server()` starts the binary on a random free port with its own temporary directory and no
 persistence (`--save '' --appendonly no`), waits until it answers PING, yields `redis://127.0.0.1:PORT/0`,
-and always kills it and removes the directory. `connect()` opens a `redis://` URI of the Redis backends.
+and always kills it and removes the directory. `connect()` opens a `redis://` URI of the Redis backends;
+`redact_uri()` is what logs, errors and written files show of one (its password replaced by `***`).
 """
 
 import contextlib
+import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +18,26 @@ import urllib.parse
 
 class RedisUnavailable(RuntimeError):
     """No `redis-server` binary or no redis-py."""
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_uri(uri):
+    """`uri` without its credentials, for logs, error messages and files.
+
+    `redis://user:secret@host:6379/0` → `redis://user:***@host:6379/0`; `redis://:secret@host/0` →
+    `redis://:***@host/0`; user info without a colon (`redis://secret@host`) is replaced whole (`***@`); a
+    `password=` query parameter becomes `password=***`. A path or a URI without credentials is returned unchanged.
+    """
+    text = str(uri)
+
+    def userinfo(m):
+        user, colon, _ = m.group(2).partition(":")
+        return m.group(1) + (f"{user}:***" if colon else "***") + "@"
+
+    return _PASSWORD_PARAM.sub(r"\1***", _USERINFO.sub(userinfo, text, count=1))
 
 
 def connect(uri, key, default, what, client=None):

@@ -14,6 +14,8 @@ import time
 
 from absl import app, flags, logging
 
+from mm_ads.serving.redis_local import redact_uri
+
 
 def impression_rows(data_dir, split="train", batch_size=1024, limit=0):
     """Yields `{stored feature: numpy [n, ...]}` batches of a dataset's impressions, in stored order."""
@@ -113,7 +115,7 @@ def main(argv, holders):
         raise app.UsageError("--data_dir and --stream are required")
     result = replay(v["data_dir"], v["stream"], v["split"], v["rate"], v["limit"], v["chunk"])
     logging.info("replayed %s", result)
-    print(f"{result['events']} impression events → {v['stream']} (offsets {result['first_offset']}.."
+    print(f"{result['events']} impression events → {redact_uri(v['stream'])} (offsets {result['first_offset']}.."
           f"{result['last_offset']}, {result['seconds']} s)")
 
 

@@ -7,18 +7,33 @@ Routes (`<name>` the model name; `/versions/<v>` may follow it to pin a version)
   * `GET /v1/models/<name>` — `{"model_version_status": [...]}` as TF Serving;
     `GET /v1/models/<name>/metadata` — the signature defs.
   * `GET /v1/stats` — the server's counters (requests, errors, unknown items).
-Errors are `{"error": message}` with 400 (malformed), 404 (unknown model/version/signature/route),
-411 (no Content-Length), 413 (over the body or candidate limit), 503 (no version yet / shutting down).
+Errors are `{"error": message}` with 400 (malformed: bad JSON, JSON nested too deeply, a NaN or infinite
+input, a negative or non-numeric Content-Length), 404 (unknown model/version/signature/route), 408 (the body
+did not arrive in time), 411 (no Content-Length), 413 (over the body or candidate limit), 503 (no version yet,
+shutting down, or too many request bytes in flight).
+
+Hostile clients (limits of `ServerConfig`):
+  * the body size comes from Content-Length, checked against `max_body_bytes` before anything is read;
+  * `max_inflight_bytes` bounds the bodies being read or handled at once over all connections: a request
+    reserves its Content-Length before reading, waits up to `read_timeout_s` for room, else gets 503 (a body
+    over 64 KiB is not read and its connection is closed);
+  * `read_timeout_s`: the request line and headers must arrive within it (so an idle connection, new or kept
+    alive, is closed after it and frees its slot), then the body within as long again — a deadline over all the
+    reads, so a client trickling bytes cannot hold a thread either;
+  * a client that disconnects (reset, broken pipe, timeout) ends its connection with one DEBUG line.
 
 HTTP/1.1 keep-alive, one thread per connection, at most `max_connections` (more are closed at once).
 Shutdown (`RestServer.stop`): stop accepting, close connections that are idle between requests, let
 requests in progress finish and join their threads.
 """
 
+import io
 import json
 import re
 import socket
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import tensorflow as tf
@@ -32,6 +47,52 @@ from mm_ads.serving.ranking import RankRequest
 _ROUTE = re.compile(r"^/v1/models/([^/:]+)(?:/versions/([^/:]+))?(?::(predict|rank)|/(metadata))?$")
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads with one deadline over all of them (`deadline`: a `time.monotonic()` value).
+
+    Each `recv` may wait only for what is left of the deadline, then `TimeoutError`: a per-read timeout alone
+    would let a client that sends a byte now and then hold its connection forever.
+    """
+
+    def __init__(self, sock):
+        super().__init__()
+        self._sock = sock
+        self.deadline = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("read deadline passed")
+            self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
+class _ByteBudget:
+    """Bytes of request bodies in flight over all connections, at most `limit`."""
+
+    def __init__(self, limit):
+        self.limit = int(limit)
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n, timeout):
+        """Reserves `n` bytes, waiting up to `timeout` seconds for room; False if there was none."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used + n <= self.limit, timeout):
+                return False
+            self.used += n
+            return True
+
+    def release(self, n):
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
 def _parse_version(text):
     if text is None:
         return None
@@ -43,11 +104,14 @@ def _parse_version(text):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mm_ads-serving"
-    timeout = 60  # seconds a keep-alive connection may stay idle
+    timeout = None  # reads have a deadline instead (`_DeadlineReader`, the server's `read_timeout_s`)
     disable_nagle_algorithm = True  # TCP_NODELAY: headers and body writes must not wait for delayed ACKs
 
     def setup(self):
         super().setup()
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader, max(self.rbufsize, io.DEFAULT_BUFFER_SIZE))
+        self._held = 0  # bytes of the in-flight budget this request holds
         self.server.track(self, busy=False)
 
     def finish(self):
@@ -59,6 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
         return super().parse_request()
 
     def handle_one_request(self):
+        self._reader.deadline = time.monotonic() + self.server.read_timeout_s  # request line + headers
         try:
             super().handle_one_request()
         finally:
@@ -71,10 +136,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status, body):
         data = json.dumps(body).encode()
+        self.connection.settimeout(self.server.read_timeout_s)  # a client that does not read its response
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        if self.server.stopping.is_set():
+        if self.server.stopping.is_set() or self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
@@ -85,7 +151,14 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if self.server.stopping.is_set():
                 raise Unavailable("the server is shutting down")
-            status, body = self._route(method, app)
+            try:
+                status, body = self._route(method, app)
+            finally:
+                if self._held:
+                    self.server.budget.release(self._held)
+                    self._held = 0
+        except _ClientGone:  # no one to answer (`RestServer.handle_error`)
+            raise
         except ServingError as e:
             status, body = e.http_status, {"error": str(e)}
         except tf.errors.InvalidArgumentError as e:
@@ -105,17 +178,30 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(length)
         except ValueError:
+            length = None
+        if length is None or length < 0:
             self.close_connection = True
-            raise InvalidArgument(f"Content-Length {length!r} is not an integer") from None
+            raise InvalidArgument(f"Content-Length {self.headers.get('Content-Length')!r} is not a non-negative "
+                                  "integer")
         limit = self.server.app.config.max_body_bytes
         if length > limit:
             self.close_connection = True  # the body is not read
             raise ResourceExhausted(f"request body of {length} bytes is over the limit of {limit} bytes")
-        raw = self.rfile.read(length)
+        timeout = self.server.read_timeout_s
+        if not self.server.budget.acquire(length, timeout):
+            self.server.app.stats.add(rest_busy=1)
+            self._drain(64 << 10)  # a small body is read and dropped (the connection stays usable), else closed
+            raise Unavailable(f"server busy: request bodies of {self.server.budget.limit} bytes are in flight, "
+                              f"{length} more did not fit within {timeout:g} s; retry later")
+        self._held = length
+        raw = self._read(length, timeout)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidArgument(f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise InvalidArgument("request body is not valid JSON: arrays/objects nested too deeply") from None
+        del raw
         if not isinstance(body, dict):
             raise InvalidArgument("request body must be a JSON object")
         return body
@@ -163,14 +249,30 @@ class _Handler(BaseHTTPRequestHandler):
              "status": {"error_code": "UNKNOWN" if s["error"] else "OK", "error_message": s["error"]}}
             for s in app.status(name, version)]}
 
-    def _drain(self):
-        """Reads (and drops) a small request body so the connection stays usable; closes it otherwise."""
+    def _read(self, length, timeout):
+        """The `length` bytes of a request body, within `timeout` s (408 otherwise); `_ClientGone` if the client
+        closed or reset the connection first."""
+        self._reader.deadline = time.monotonic() + timeout
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestTimeout(f"the request body ({length} bytes) did not arrive within {timeout:g} s") from None
+        except ConnectionError as e:
+            raise _ClientGone(f"{type(e).__name__} while reading the request body: {e}") from None
+        if len(raw) < length:
+            raise _ClientGone(f"the request body ended after {len(raw)} of {length} bytes")
+        return raw
+
+    def _drain(self, limit=1 << 20):
+        """Reads (and drops) a request body of at most `limit` bytes so the connection stays usable; closes it
+        otherwise."""
         try:
             length = int(self.headers.get("Content-Length", 0))
         except ValueError:
             length = -1
-        if 0 <= length <= 1 << 20:
-            self.rfile.read(length)
+        if 0 <= length <= limit:
+            self._read(length, self.server.read_timeout_s)
         else:
             self.close_connection = True
 
@@ -188,9 +290,18 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
+class _ClientGone(ConnectionError):
+    """The client closed or reset its connection mid-request: nothing is sent back."""
+
+
 class LengthRequired(ServingError):
     grpc_code = "INVALID_ARGUMENT"
     http_status = 411
+
+
+class RequestTimeout(ServingError):
+    grpc_code = "DEADLINE_EXCEEDED"
+    http_status = 408
 
 
 class RestServer(ThreadingHTTPServer):
@@ -199,6 +310,9 @@ class RestServer(ThreadingHTTPServer):
     Args:
         app: the `mm_ads.serving.server.PredictionServer`.
         host, port: where to bind (port 0: any free port; `server_port` tells which).
+        max_connections: open connections (one thread each); more are closed at once.
+        max_inflight_bytes: request bodies being read or handled at once, over all connections.
+        read_timeout_s: deadline of a request's line and headers (and of an idle connection), then of its body.
     """
 
     daemon_threads = False
@@ -206,9 +320,12 @@ class RestServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, app, host, port, max_connections=256):
+    def __init__(self, app, host, port, max_connections=256, max_inflight_bytes=128 << 20, read_timeout_s=5.0):
         self.app = app
         self.max_connections = int(max_connections)
+        self.budget = _ByteBudget(max_inflight_bytes)
+        self.read_timeout_s = float(read_timeout_s)
+        self._refused_logged = None  # when the last "refusing" warning was logged (one per 10 s at most)
         self.stopping = threading.Event()
         self._conns = {}
         self._conns_lock = threading.Lock()
@@ -225,8 +342,22 @@ class RestServer(ThreadingHTTPServer):
             ok = len(self._conns) < self.max_connections
         if not ok:
             self.app.stats.add(rest_connections_refused=1)
-            logging.warning("REST: %d connections open, refusing %s", self.max_connections, client_address)
+            now = time.monotonic()
+            if self._refused_logged is None or now - self._refused_logged >= 10:
+                self._refused_logged = now
+                logging.warning("REST: %d connections open, refusing %s (logged once per 10 s; the count is "
+                                "rest_connections_refused in /v1/stats)", self.max_connections, client_address)
         return ok
+
+    def handle_error(self, request, client_address):
+        """An exception out of a connection's handler: a client that went away is one DEBUG line, no traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            self.app.stats.add(rest_disconnects=1)
+            what = error if isinstance(error, _ClientGone) else f"{type(error).__name__}: {error}"
+            logging.debug("REST: client %s went away: %s", client_address, what)
+        else:
+            logging.exception("REST: connection from %s failed", client_address)
 
     def untrack(self, handler):
         with self._conns_lock:

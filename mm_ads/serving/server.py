@@ -55,8 +55,11 @@ class ServerConfig:
     max_candidates: int = 1000  # rows of a Predict request / candidates of a rank request
     vector_cache_items: int = 100_000  # ranking's cache of found vectors (0: every request asks the table)
     vector_cache_ttl_s: float = 1.0  # a vector rewritten in the index table is seen after at most this
-    max_body_bytes: int = 64 << 20
+    max_body_bytes: int = 64 << 20  # REST request body (its Content-Length; 413 beyond, the body not read)
+    max_rest_inflight_bytes: int = 128 << 20  # REST bodies being read or handled at once, over all connections
+    rest_read_timeout_s: float = 5.0  # a REST request (line + headers, then body) must arrive within this; idle too
     max_grpc_message_bytes: int = 64 << 20
+    max_decoded_bytes: int = 256 << 20  # a gRPC request's input tensors once decoded (from their declared shapes)
     max_rest_connections: int = 256  # open REST connections (a thread each); more are closed at once
     grpc_workers: int = 8
     shutdown_grace_s: float = 10.0
@@ -66,10 +69,15 @@ class ServerConfig:
             raise ValueError("model_base_path is required (the TF Serving base path <base>/<version>/)")
         if not self.model_name or "/" in self.model_name or ":" in self.model_name:
             raise ValueError(f"model_name must be a non-empty name without '/' or ':', got {self.model_name!r}")
-        for name in ("max_candidates", "max_body_bytes", "max_grpc_message_bytes", "max_rest_connections",
-                     "grpc_workers"):
+        for name in ("max_candidates", "max_body_bytes", "max_rest_inflight_bytes", "max_grpc_message_bytes",
+                     "max_decoded_bytes", "max_rest_connections", "grpc_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_rest_inflight_bytes < self.max_body_bytes:
+            raise ValueError(f"max_rest_inflight_bytes ({self.max_rest_inflight_bytes}) must be >= max_body_bytes "
+                             f"({self.max_body_bytes}): a body of the largest size must fit")
+        if self.rest_read_timeout_s <= 0:
+            raise ValueError(f"rest_read_timeout_s must be > 0, got {self.rest_read_timeout_s}")
         if self.vector_cache_items < 0 or self.vector_cache_ttl_s < 0:
             raise ValueError(f"vector_cache_items and vector_cache_ttl_s must be >= 0, got "
                              f"{self.vector_cache_items}, {self.vector_cache_ttl_s}")
@@ -78,6 +86,18 @@ class ServerConfig:
         if self.wait_log_interval_s <= 0:
             raise ValueError(f"wait_log_interval_s must be > 0, got {self.wait_log_interval_s}")
         return self
+
+
+def check_finite(inputs):
+    """`InvalidArgument` naming the first floating-point input with a NaN or an infinity."""
+    for name in sorted(inputs):
+        if not tf.as_dtype(inputs[name].dtype).is_floating:
+            continue
+        value = np.asarray(inputs[name])  # no copy for numpy arrays (what both front-ends pass)
+        finite = np.isfinite(value)
+        if not finite.all():
+            raise InvalidArgument(f"input {name!r}: has non-finite values ({value[~finite].flat[0]}); NaN and "
+                                  "infinities are refused")
 
 
 class PredictionServer:
@@ -139,6 +159,7 @@ class PredictionServer:
             raise ResourceExhausted(f"request has {batch} rows, the limit is {self.config.max_candidates}")
         if batch == 0:
             raise InvalidArgument("request has no rows (batch size 0)")
+        check_finite(inputs)
         self.stats.add(predict_requests=1, predict_rows=batch)
         return model, signature_name, model.predict(inputs, signature_name, check=False)
 
@@ -221,7 +242,8 @@ class PredictionServer:
                     self, c.host, c.grpc_port, c.max_grpc_message_bytes, c.grpc_workers)
                 self._grpc.start()
             if c.rest_port >= 0:
-                self._rest = RestServer(self, c.host, c.rest_port, c.max_rest_connections).start()
+                self._rest = RestServer(self, c.host, c.rest_port, c.max_rest_connections,
+                                        c.max_rest_inflight_bytes, c.rest_read_timeout_s).start()
                 self.rest_port = self._rest.server_port
         except BaseException:
             self.stop()
@@ -308,8 +330,23 @@ def _define_flags():
                          "Ranking's cache of found vectors in front of the index table (0: off).")
     flags.DEFINE_float("vector_cache_ttl_s", d.vector_cache_ttl_s,
                        "A cached vector is used this long (a rewritten vector is seen after at most this).")
-    flags.DEFINE_integer("max_body_bytes", d.max_body_bytes, "Max REST request body.")
+    flags.DEFINE_integer("max_body_bytes", d.max_body_bytes,
+                         "Max REST request body, from its Content-Length before anything is read: 413 beyond "
+                         "(a missing Content-Length: 411; a negative or non-numeric one: 400).")
+    flags.DEFINE_integer("max_rest_inflight_bytes", d.max_rest_inflight_bytes,
+                         "Max bytes of REST request bodies being read or handled at once over all connections "
+                         "(>= --max_body_bytes). A request that does not fit waits up to --rest_read_timeout_s "
+                         "for others to finish, then gets 503 (a body over 64 KiB is then not read and its connection "
+                         "is closed).")
+    flags.DEFINE_float("rest_read_timeout_s", d.rest_read_timeout_s,
+                       "A REST connection must send its next request line and headers within this many seconds "
+                       "(new or kept alive: idle connections are closed after it), and then its body within as "
+                       "long again.")
     flags.DEFINE_integer("max_grpc_message_bytes", d.max_grpc_message_bytes, "Max gRPC message (both ways).")
+    flags.DEFINE_integer("max_decoded_bytes", d.max_decoded_bytes,
+                         "Max bytes of a gRPC Predict request's input tensors once decoded (elements x dtype size, "
+                         "summed), checked from their declared shapes before anything is allocated: "
+                         "RESOURCE_EXHAUSTED beyond.")
     flags.DEFINE_integer("max_rest_connections", d.max_rest_connections,
                          "Max open REST connections (one thread each); more are closed at once.")
     flags.DEFINE_integer("grpc_workers", d.grpc_workers, "gRPC handler threads.")
@@ -358,8 +395,9 @@ def main(argv):
         rest_port=f.rest_port, poll_interval_s=f.poll_interval_s, wait_log_interval_s=f.wait_log_interval_s,
         warmup_batch_sizes=tuple(int(b) for b in f.warmup_batch_sizes), max_candidates=f.max_candidates,
         vector_cache_items=f.vector_cache_items, vector_cache_ttl_s=f.vector_cache_ttl_s,
-        max_body_bytes=f.max_body_bytes, max_grpc_message_bytes=f.max_grpc_message_bytes,
-        max_rest_connections=f.max_rest_connections,
+        max_body_bytes=f.max_body_bytes, max_rest_inflight_bytes=f.max_rest_inflight_bytes,
+        rest_read_timeout_s=f.rest_read_timeout_s, max_grpc_message_bytes=f.max_grpc_message_bytes,
+        max_decoded_bytes=f.max_decoded_bytes, max_rest_connections=f.max_rest_connections,
         grpc_workers=f.grpc_workers, shutdown_grace_s=f.shutdown_grace_s)
     spec, catalogue = load_ranking_inputs(f.data_dir, f.feature_spec, f.catalogue)
     table = None

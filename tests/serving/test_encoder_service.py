@@ -116,6 +116,27 @@ def test_text_events_to_vectors_skips_and_restart(text_encoder, uris, caplog):
             assert ckpt["offset"] == stream.end_offset() and ckpt["encoder_version"] == version
 
 
+def test_the_checkpoint_and_logs_show_no_redis_password(text_encoder, tmp_path, caplog):
+    _, path = text_encoder
+    events = "redis://app:s3cret@10.0.0.5:6379/0?stream=items"  # named by the config; the events come from a file
+    ckpt = tmp_path / "ckpt.json"
+    config = _config(path, (events, str(tmp_path / "index.db"), str(ckpt)))
+    with open_stream(str(tmp_path / "items.log")) as stream:
+        stream.append(_items([1, 2], TITLES[:2]))
+        service = EncoderService(config, stream=stream)
+        _drain(service)
+        service.close()
+        written = ckpt.read_text()
+        assert json.loads(written)["events"] == "redis://app:***@10.0.0.5:6379/0?stream=items"
+        assert "s3cret" not in written
+        with caplog.at_level(logging.INFO, logger="absl"):  # a restart matches the redacted checkpoint
+            again = EncoderService(config, stream=stream)
+        assert again.offset == stream.end_offset()
+        again.close()
+    assert "resuming redis://app:***@10.0.0.5:6379/0?stream=items" in caplog.text
+    assert "s3cret" not in caplog.text
+
+
 def _png(seed, size=(20, 24)):
     from PIL import Image
 
