@@ -20,10 +20,15 @@ Entry points: `python -m mm_ads.data.synthetic`, `mm_ads.data.prepare`, `mm_ads.
 replay, server, load_index_table}`.
 """
 
+import os
+
 from mm_ads.utils.tf_startup import import_tensorflow_quietly
 from mm_ads.version import __version__
 
-# TensorFlow's CUDA start-up notices on a CPU-only machine are dropped (mm_ads/utils/tf_startup.py)
+# TensorFlow's C++ INFO and WARNING lines (e.g. grappler's "Error in PredictCost()" debug notes) are hidden unless
+# the user sets TF_CPP_MIN_LOG_LEVEL; its errors stay visible. The CUDA start-up notices on a CPU-only machine
+# are dropped (mm_ads/utils/tf_startup.py).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import_tensorflow_quietly()
 
 __all__ = ["__version__"]

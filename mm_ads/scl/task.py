@@ -9,6 +9,7 @@ all-gathered keys with their item ids, clamp log τ. Every replica applies the s
 """
 
 import os
+import weakref
 
 import numpy as np
 import pyarrow as pa
@@ -72,6 +73,10 @@ class SCLTask(Task):
             raise ValueError(f"Dataset {config.data.data_dir} pairs query == positive and needs augmentation: "
                              "set --augment")
         self._columns_cache = {}
+        # one inference function per encoder (and one for the triplet terms per model), reused by every
+        # evaluation: a new tf.function per epoch retraces each time (TF's retracing warnings)
+        self._predict_fns = weakref.WeakKeyDictionary()
+        self._triplet_fns = weakref.WeakKeyDictionary()
         self.vocabulary, self.vocabulary_stats = None, None
         if self.scl.modality == "text" and self.scl.text_encoder == "scratch":
             cols = self._columns("train")
@@ -176,7 +181,10 @@ class SCLTask(Task):
     def encode_split(self, encoder, split):
         """(query vectors, positive vectors, positive ids) of a split, encoded by `encoder` (the query tower)."""
         ds = self.build_inputs(split, self.config.data.eval_batch_size, training=False)
-        predict = tf.function(lambda x: encoder(x, training=False))
+        predict = self._predict_fns.get(encoder)
+        if predict is None:
+            predict = tf.function(lambda x: encoder(x, training=False), reduce_retracing=True)
+            self._predict_fns[encoder] = predict
         queries, positives, ids = [], [], []
         for features, _ in ds:
             queries.append(predict(features["query"]).numpy())
@@ -216,14 +224,19 @@ class SCLTask(Task):
         margin = float(self.scl.triplet_margin)
         key_encoder = model.key_encoder if model.use_queue else model.encoder
 
-        @tf.function
-        def terms(features):
+        def terms_fn(features):
             q = model.encoder(features["query"], training=False)  # [b, D]
             p = key_encoder(features["positive"], training=False)
             n = key_encoder(features["negative"], training=False)
             pos_id, neg_id = (tf.cast(features[c], tf.int64) for c in ("positive_id", "negative_id"))
             valid = tf.logical_and(neg_id >= 0, tf.not_equal(neg_id, pos_id))  # [b]
             return triplet(q, p, n, margin), valid
+
+        terms = self._triplet_fns.get(model)
+        if terms is None or terms[1] != margin:
+            terms = (tf.function(terms_fn, reduce_retracing=True), margin)
+            self._triplet_fns[model] = terms
+        terms = terms[0]
 
         losses, valid = [], []
         for features, _ in self.build_inputs(split, self.config.data.eval_batch_size, training=False):

@@ -29,13 +29,16 @@ def _run(code, **env):
 
 @pytest.mark.skipif(not CPU_ONLY, reason="the CUDA notices are only dropped on a machine without an NVIDIA driver")
 def test_entry_point_output_has_no_cuda_noise_but_keeps_other_lines():
-    code = ("import sys, mm_ads, tensorflow as tf; print(int(tf.constant(2) * 3)); "
-            "sys.stderr.write('a real warning\\n')")
+    code = ("import os, sys, mm_ads, tensorflow as tf; print(int(tf.constant(2) * 3)); "
+            "print(os.environ['TF_CPP_MIN_LOG_LEVEL']); sys.stderr.write('a real warning\\n')")
     result = _run(code)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "6"
+    # TF's C++ INFO/WARNING lines are hidden by default (level 2: errors still shown)
+    assert result.stdout.split() == ["6", "2"]
     assert "cuInit" not in result.stderr and "cuda drivers" not in result.stderr, result.stderr
     assert "a real warning" in result.stderr
     # TF_CPP_MIN_LOG_LEVEL=0 asks for every line: nothing is filtered
-    loud = _run("import mm_ads, tensorflow as tf; tf.constant(1)", TF_CPP_MIN_LOG_LEVEL="0")
+    loud = _run("import os, mm_ads, tensorflow as tf; tf.constant(1); print(os.environ['TF_CPP_MIN_LOG_LEVEL'])",
+                TF_CPP_MIN_LOG_LEVEL="0")
     assert loud.returncode == 0 and "cuda" in loud.stderr.lower(), loud.stderr
+    assert loud.stdout.strip() == "0"
