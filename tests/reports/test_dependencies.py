@@ -119,6 +119,7 @@ def _canned_paper(monkeypatch, tmp_path):
     monkeypatch.setattr(paper.PaperRunner, "run_table3", lambda self: (
         {"runs": {"id": {"0": id_run}}, "table": {"id": {k: (v, 0.0) for k, v in id_run.items()}}},
         {"id": {0: id_run}}))
+    monkeypatch.setattr(paper.PaperRunner, "run_popularity", lambda self, runs: None)  # needs a real world
     monkeypatch.setattr(paper.PaperRunner, "run_fig3", lambda self, runs: {
         "id": [{"epoch": 1.0, "gauc": 0.6, "auc": 0.7}], "make_only": [{"epoch": 1.0, "gauc": 0.55, "auc": 0.65}]})
     monkeypatch.setattr(paper.PaperRunner, "run_fig6c", lambda self, runs: [{"make_epochs": 0, "gauc": 0.6,

@@ -105,3 +105,28 @@ def free_threads_snapshot():
 
 def exported_path(base, version):
     return os.path.join(base, str(version))
+
+
+def tiny_server_world(root):
+    """A tiny simtier version 1 under `root/export`, its catalogue and a filled index table, and the exported
+    signature to compare scores with: the world of the server tests."""
+    import tensorflow as tf
+
+    from mm_ads.serving.index_table import open_index_table
+    from mm_ads.serving.ranking import Catalogue
+
+    spec = tiny_spec()
+    base = str(os.path.join(root, "export"))
+    export_version(spec, base, 1, seed=1)
+    catalogue = Catalogue.load(write_catalogue(str(os.path.join(root, "items.parquet"))), ["category_id", "brand_id"])
+    table = fill_index_table(open_index_table(str(os.path.join(root, "index.db")), dim=DIM, encoder_version="enc-test",
+                                              create=True))
+    reference = tf.saved_model.load(exported_path(base, 1)).signatures["serving_default"]
+    return {"spec": spec, "base": base, "catalogue": catalogue, "table": table, "reference": reference, "root": root}
+
+
+def reference_scores(world, x):
+    """The exported `serving_default` scores of inputs `x` (numpy dict) in a `tiny_server_world`."""
+    import tensorflow as tf
+
+    return world["reference"](**{k: tf.constant(v) for k, v in x.items()})["ctr"].numpy()

@@ -17,8 +17,6 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from mm_ads.serving import codec
 from mm_ads.serving.errors import InvalidArgument, ResourceExhausted
-from mm_ads.serving.index_table import open_index_table
-from mm_ads.serving.ranking import Catalogue
 from mm_ads.serving.server import PredictionServer, ServerConfig
 from tests.serving import server_helpers as h
 
@@ -28,15 +26,9 @@ WAIT_S = 30  # generous bound of every wait on a condition
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_world")
-    spec = h.tiny_spec()
-    base = str(root / "export")
-    h.export_version(spec, base, 1, seed=1)
-    catalogue = Catalogue.load(h.write_catalogue(str(root / "items.parquet")), ["category_id", "brand_id"])
-    table = h.fill_index_table(open_index_table(str(root / "index.db"), dim=h.DIM, encoder_version="enc-test",
-                                                create=True))
-    reference = tf.saved_model.load(h.exported_path(base, 1)).signatures["serving_default"]
-    yield {"spec": spec, "base": base, "catalogue": catalogue, "table": table, "reference": reference}
-    table.close()
+    world = h.tiny_server_world(root)
+    yield world
+    world["table"].close()
 
 
 def _config(world, **overrides):
@@ -62,7 +54,7 @@ def stub(server):
 
 
 def _reference(world, x):
-    return world["reference"](**{k: tf.constant(v) for k, v in x.items()})["ctr"].numpy()
+    return h.reference_scores(world, x)
 
 
 def _request(protos, signature="serving_default"):

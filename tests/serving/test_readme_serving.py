@@ -10,7 +10,6 @@ import ast
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 from tests.serving import nearline_world as nw
+from tests.test_readme_commands import commands as readme_commands
 
 SECTION = "## Online serving: the prediction server"
 
@@ -34,17 +34,8 @@ def _section(repo_root):
 
 
 def _commands(bash):
-    """The block's `python -m …` commands (continuation lines joined, comments dropped) as argv lists."""
-    out, line = [], ""
-    for raw in bash.splitlines():
-        line += raw.rstrip()
-        if line.endswith("\\"):
-            line = line[:-1] + " "
-            continue
-        if line.startswith("python "):
-            out.append(shlex.split(line, comments=True))
-        line = ""
-    return out
+    """The block's `python …` commands as argv lists (parsed as the README test parses every block)."""
+    return [argv for argv in readme_commands(bash) if argv[0] == "python"]
 
 
 def _world(root, repo_root):

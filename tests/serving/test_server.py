@@ -18,25 +18,16 @@ from tensorflow_serving.apis import (
 )
 
 from mm_ads.serving.index_table import open_index_table
-from mm_ads.serving.ranking import Catalogue
 from mm_ads.serving.server import PredictionServer, ServerConfig
 from tests.serving import server_helpers as h
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """FeatureSpec, base path with version 1, catalogue, a filled SQLite index table and the reference function."""
     root = tmp_path_factory.mktemp("serving_world")
-    spec = h.tiny_spec()
-    base = str(root / "export")
-    h.export_version(spec, base, 1, seed=1)
-    catalogue = Catalogue.load(h.write_catalogue(str(root / "items.parquet")), ["category_id", "brand_id"])
-    table = h.fill_index_table(open_index_table(str(root / "index.db"), dim=h.DIM, encoder_version="enc-test",
-                                                create=True))
-    reference = tf.saved_model.load(h.exported_path(base, 1)).signatures["serving_default"]
-    yield {"spec": spec, "base": base, "catalogue": catalogue, "table": table, "reference": reference,
-           "root": root}
-    table.close()
+    world = h.tiny_server_world(root)
+    yield world
+    world["table"].close()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def stub(server):
 
 
 def _reference(world, x):
-    return world["reference"](**{k: tf.constant(v) for k, v in x.items()})["ctr"].numpy()
+    return h.reference_scores(world, x)
 
 
 def _predict_request(x, name="ctr", signature="serving_default", version=None):
