@@ -50,3 +50,14 @@ def stream_uri(request, tmp_path, unique_name):
     if request.param == "file":
         return os.path.join(str(tmp_path), "events.log")
     return f"{request.getfixturevalue('redis_url')}?stream={unique_name}"
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    """A TF Serving PredictionService client of the module's `server` fixture (gRPC on 127.0.0.1)."""
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    channel.close()

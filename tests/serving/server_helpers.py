@@ -130,3 +130,18 @@ def reference_scores(world, x):
     import tensorflow as tf
 
     return world["reference"](**{k: tf.constant(v) for k, v in x.items()})["ctr"].numpy()
+
+
+def rest_call(port, method, path, body=None, raw=None, headers=None, timeout=30):
+    """One REST request to 127.0.0.1:`port` (`body` as JSON, or `raw` bytes); returns (status, decoded JSON)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn.request(method, path, body=data, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import predict_pb2
 
 from mm_ads.serving import codec
 from mm_ads.serving.errors import InvalidArgument, ResourceExhausted
@@ -46,17 +46,6 @@ def server(world):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def stub(server):
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
-    yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    channel.close()
-
-
-def _reference(world, x):
-    return h.reference_scores(world, x)
-
-
 def _request(protos, signature="serving_default"):
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "ctr"
@@ -86,14 +75,7 @@ def _rss_bytes():
 
 
 def _rest(port, method, path, body=None, raw=None, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
-    try:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        conn.request(method, path, body=data, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"null")
-    finally:
-        conn.close()
+    return h.rest_call(port, method, path, body, raw, headers, timeout=WAIT_S)
 
 
 def _raw_http(port, head, body=b""):
@@ -142,8 +124,8 @@ def test_grpc_tensor_protos_must_hold_what_their_shape_declares(world, server, s
               for k, v in x.items()}
     protos["user_id"] = tf.make_tensor_proto(np.int64(4), shape=[3])
     response = stub.Predict(_request(protos), timeout=WAIT_S)
-    np.testing.assert_allclose(tf.make_ndarray(response.outputs["ctr"]),
-                               _reference(world, {**x, "user_id": np.full(3, 4, np.int64)}), rtol=1e-6, atol=1e-7)
+    expected = h.reference_scores(world, {**x, "user_id": np.full(3, 4, np.int64)})
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["ctr"]), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_codec_decodes_typed_values_like_tf_and_checks_sizes_first():

@@ -40,17 +40,6 @@ def server(world):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def stub(server):
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
-    yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    channel.close()
-
-
-def _reference(world, x):
-    return h.reference_scores(world, x)
-
-
 def _predict_request(x, name="ctr", signature="serving_default", version=None):
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
@@ -63,14 +52,7 @@ def _predict_request(x, name="ctr", signature="serving_default", version=None):
 
 
 def _rest(server, method, path, body=None, raw=None, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
-    try:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        conn.request(method, path, body=data, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"null")
-    finally:
-        conn.close()
+    return h.rest_call(server.rest_port, method, path, body, raw, headers)
 
 
 # -- Predict through the official client --------------------------------------------------------------------
@@ -81,7 +63,7 @@ def test_official_grpc_client_predict_equals_in_process_model(world, server, stu
     assert response.model_spec.version.value == 1
     assert response.model_spec.signature_name == "serving_default"
     got = tf.make_ndarray(response.outputs["ctr"])
-    np.testing.assert_allclose(got, _reference(world, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got, h.reference_scores(world, x), rtol=1e-6, atol=1e-7)
     assert got.shape == (5,) and len(set(got.round(6))) > 1  # rows differ: the inputs reach the model
     # an explicit version and output_filter, as TF Serving accepts them
     request = _predict_request(x, version=1)
@@ -113,7 +95,7 @@ def test_official_grpc_client_metadata_and_status(world, server, stub):
 # -- REST ------------------------------------------------------------------------------------------------------------
 def test_rest_row_and_columnar_formats_equal_in_process_model(world, server):
     x = h.random_batch(world["spec"], 3, seed=4)
-    expected = _reference(world, x)
+    expected = h.reference_scores(world, x)
     status, columnar = _rest(server, "POST", "/v1/models/ctr:predict",
                              {"inputs": {k: v.tolist() for k, v in x.items()}})
     assert status == 200, columnar
@@ -139,7 +121,7 @@ def test_rank_equals_manual_predict_with_vectors_fetched_by_hand(world, server, 
     history = [5, 9, 41, 2, 33, 12, 7, 11]  # longer than S=6: the last 6 are kept; 41 has no vector
     features = {"user_id": 4, "user_profile_0": 2}
     x = h.manual_rank_inputs(world["spec"], candidates, history, features, world["table"])
-    expected = _reference(world, x)
+    expected = h.reference_scores(world, x)
     before = server.stats.snapshot()
     # the version was exported with its FeatureSpec: ranking feeds the user side once (`user_candidates`)
     assert server.ranker.signature_for(server.model("ctr")) == "user_candidates"
@@ -174,7 +156,7 @@ def test_rank_equals_manual_predict_with_vectors_fetched_by_hand(world, server, 
     x2 = h.manual_rank_inputs(world["spec"], [3, 999], [5], features, world["table"])
     x2["category_id"] = np.array([2, 3], np.int64)
     got = server.rank([3, 999], [5], features, candidate_features={"category_id": [2, 3]}).scores
-    np.testing.assert_allclose(got, _reference(world, x2), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got, h.reference_scores(world, x2), rtol=1e-6, atol=1e-7)
 
 
 # -- malformed requests --------------------------------------------------------------------------------------------
@@ -338,7 +320,7 @@ def test_entry_point_serves_ranks_and_exits_cleanly_on_sigterm(world, repo_root)
                              {"candidates": candidates, "history": history, "features": features})
         assert status == 200, body
         x = h.manual_rank_inputs(world["spec"], candidates, history, features, world["table"])
-        np.testing.assert_allclose(body["scores"], _reference(world, x), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(body["scores"], h.reference_scores(world, x), rtol=1e-6, atol=1e-7)
         status, body = _rest(_Ports, "GET", "/v1/stats")
         assert body["tf_threads"] == {"intra_op": 1, "inter_op": 0}  # the flagfile's --intra_op_threads=1
         proc.send_signal(signal.SIGTERM)
@@ -397,7 +379,7 @@ def test_readme_grpc_client_snippet_runs_against_the_server(world, server, repo_
     assert version == "1"
     x = h.manual_rank_inputs(world["spec"], [17, 4, 256], [5, 9, 12], {"user_id": 42, "user_profile_0": 3},
                              world["table"])
-    np.testing.assert_allclose(tf.make_ndarray(scope["response"].outputs["ctr"]), _reference(world, x),
+    np.testing.assert_allclose(tf.make_ndarray(scope["response"].outputs["ctr"]), h.reference_scores(world, x),
                                rtol=1e-6, atol=1e-7)
     assert "[" in scores
 
@@ -439,7 +421,7 @@ def test_rank_with_the_redis_index_table(world, redis_url, unique_name):
         candidates, history, features = [3, 45, 17], [2, 41, 9], {"user_id": 1, "user_profile_0": 1}
         result = server.rank(candidates, history, features)
         x = h.manual_rank_inputs(world["spec"], candidates, history, features, world["table"])  # SQLite, by hand
-        np.testing.assert_allclose(result.scores, _reference(world, x), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(result.scores, h.reference_scores(world, x), rtol=1e-6, atol=1e-7)
         assert result.found.tolist() == [True, False, True]
     finally:
         server.stop()
