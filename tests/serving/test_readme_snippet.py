@@ -16,6 +16,7 @@ def test_online_snippet_runs(repo_root, tmp_path, monkeypatch, capsys):
     np.testing.assert_array_equal(scope["found"], [True, False, True])
     np.testing.assert_array_equal(scope["vectors"], [[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
     assert capsys.readouterr().out == "0 13\n"
-    assert os.path.exists(tmp_path / "runs" / "online" / "index.db")
+    assert os.path.exists(tmp_path / "runs" / "example" / "index.db")
+    assert os.path.exists(tmp_path / "runs" / "example" / "items.log")
     scope["table"].close()
     scope["log"].close()
