@@ -103,9 +103,16 @@ class CTRTask(Task):
         """Exact AUC, GAUC (by user), LogLoss, calibration and frequency/new-item/age slices."""
         data = self.config.data
         ds = self.build_inputs(split, data.eval_batch_size, training=False)
-        if self._eval_fn is None or self._eval_fn[0] is not model:
-            self._eval_fn = (model, tf.function(lambda f: model(f, training=False)["ctr"]))
-        predict = self._eval_fn[1]
+
+        def predict(inputs):
+            # one trace per model: the batch dimension is left open (the last batch is smaller), so evaluating
+            # never retraces (TF's retracing warnings)
+            if self._eval_fn is None or self._eval_fn[0] is not model:
+                signature = {k: tf.TensorSpec([None, *v.shape[1:]], v.dtype) for k, v in inputs.items()}
+                self._eval_fn = (model, tf.function(lambda f: model(f, training=False)["ctr"],
+                                                    input_signature=[signature]))
+            return self._eval_fn[1](inputs)
+
         counts = self.train_counts()
         metrics = CTRMetrics(train_counts_by_item=counts)
         user = self.spec.by_role("user")[0].name if self.spec.by_role("user") else None
