@@ -408,8 +408,11 @@ def run_table2(options, output_dir):
 def main(argv):
     from absl import app, flags
 
+    from mm_ads.utils.tf_startup import hide_retracing_warnings
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    hide_retracing_warnings()  # dozens of runs in one process: see the function's docstring
     options = options_lib.options_from_flags(Table2Config)
     try:
         check_dependencies(options)  # before any work

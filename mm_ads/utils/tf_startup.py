@@ -64,3 +64,26 @@ def import_tensorflow_quietly():
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+class _RetracingWarningFilter:
+    """Drops TensorFlow's "N out of the last M calls to <function> triggered tf.function retracing" warning."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+_RETRACING_FILTER = _RetracingWarningFilter()
+
+
+def hide_retracing_warnings():
+    """For entry points that build many models in one process (the reports train dozens of runs).
+
+    TF's retracing detector counts traces per source location, not per function object: every run's model gets
+    its own evaluation function, traced once by design, and after a few runs the detector warns about "excessive
+    retracing" that is not there. Only that warning is dropped (idempotent)."""
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    if _RETRACING_FILTER not in logger.filters:
+        logger.addFilter(_RETRACING_FILTER)

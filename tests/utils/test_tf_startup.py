@@ -42,3 +42,27 @@ def test_entry_point_output_has_no_cuda_noise_but_keeps_other_lines():
                 TF_CPP_MIN_LOG_LEVEL="0")
     assert loud.returncode == 0 and "cuda" in loud.stderr.lower(), loud.stderr
     assert loud.stdout.strip() == "0"
+
+
+def test_hide_retracing_warnings_drops_only_that_warning():
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        tf_startup.hide_retracing_warnings()
+        tf_startup.hide_retracing_warnings()  # idempotent: one filter
+        assert logger.filters.count(tf_startup._RETRACING_FILTER) == 1
+        logger.warning("5 out of the last 7 calls to <function f> triggered tf.function retracing. Tracing is ...")
+        logger.warning("something else")
+        assert seen == ["something else"]
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(tf_startup._RETRACING_FILTER)
