@@ -16,6 +16,8 @@ ACTIVATIONS = ("relu", "prelu", "dice", "sigmoid", "gelu")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server")
+# early stopping: metric -> True when higher is better
+EARLY_STOPPING_METRICS = {"gauc": True, "auc": True, "logloss": False}
 TASKS = ("ctr", "scl", "clip")
 SCL_MODALITIES = ("text", "image")
 TEXT_ENCODERS = ("scratch", "minilm")
@@ -35,6 +37,8 @@ class DataConfig:
         vector_table: item→vector table for multimodal variants: a path, or the name of a
             table listed in the manifest (`extra.vector_tables`); "" = none.
         train_split / eval_split: split names of the `ctr` component.
+        valid_split: the `ctr` split on which choices are made, never the test split: MAKE's pre-training
+            stops early on it (`model.make_patience`). Used when the dataset has it ("" = never).
         batch_size: global training batch size (split across replicas).
         eval_batch_size: evaluation batch size.
         shuffle_buffer: shuffle buffer of the training input (0 = no shuffling).
@@ -44,6 +48,7 @@ class DataConfig:
     vector_table: str = ""
     train_split: str = "train"
     eval_split: str = "test"
+    valid_split: str = "valid"
     batch_size: int = 1024
     eval_batch_size: int = 4096
     shuffle_buffer: int = 100_000
@@ -66,8 +71,12 @@ class CTRModelConfig:
         mlp_units: hidden units of the final MLP.
         activation: activation of the MLPs.
         dropout: dropout of the final MLP.
-        num_tiers: SimTier tiers over [-1, 1].
-        tier_transform: "none" (raw counts, the paper) or "log1p".
+        num_tiers: SimTier tiers.
+        tier_calibration: "equal" (equal tiers over [-1, 1], the paper) or "quantile" (boundaries at the
+            quantiles of the training similarities, computed once by `train.run`: `mm_ads.ctr.tiers`).
+        tier_boundaries: the N-1 inner tier boundaries (filled in by "quantile"; stored in config.json so that
+            a resumed run and its export use the same tiers). Empty = equal tiers.
+        tier_transform: "none" (raw counts, the paper), "log1p" or "fraction" (counts / counted items).
         vector_projection_dim: width the Vector variant projects multimodal vectors to.
         make_units: hidden widths of MAKE's MLP (paper: "four-layer", sizes unpublished; then a 1-unit logit).
         make_attention_units: hidden units of the attention MLP of MAKE's DIN over the vectors.
@@ -75,6 +84,10 @@ class CTRModelConfig:
             with the pre-trained MAKE; 0 = no pre-training: MAKE trains jointly with the ID model.
         make_trainable: fine-tune the pre-trained MAKE with the ID model (default: frozen). Ignored with
             `make_epochs=0` (MAKE then has to train with the ID model).
+        make_patience: early stopping of MAKE's pre-training: `make_epochs` is then a maximum, and phase A
+            stops after `make_patience` epochs without a better GAUC on the validation split
+            (`data.valid_split`), keeping its best epoch. 0, or a dataset without that split: exactly
+            `make_epochs` epochs.
     """
 
     variant: str = "id"
@@ -84,12 +97,15 @@ class CTRModelConfig:
     activation: str = "prelu"
     dropout: float = 0.0
     num_tiers: int = 20
+    tier_calibration: str = "equal"
+    tier_boundaries: tuple = ()
     tier_transform: str = "none"
     vector_projection_dim: int = 16
     make_units: tuple = (256, 128, 64, 32)
     make_attention_units: tuple = (80, 40)
     make_epochs: int = 4
     make_trainable: bool = False
+    make_patience: int = 1
 
     def validate(self):
         _check(self.variant in CTR_VARIANTS, f"model.variant must be one of {CTR_VARIANTS}, got {self.variant!r}")
@@ -101,8 +117,12 @@ class CTRModelConfig:
                f"{self.activation!r}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(self.num_tiers >= 2, f"model.num_tiers must be >= 2, got {self.num_tiers}")
-        _check(self.tier_transform in ("none", "log1p"),
-               f"model.tier_transform must be 'none' or 'log1p', got {self.tier_transform!r}")
+        _check(self.tier_transform in ("none", "log1p", "fraction"),
+               f"model.tier_transform must be 'none', 'log1p' or 'fraction', got {self.tier_transform!r}")
+        _check(self.tier_calibration in ("equal", "quantile"),
+               f"model.tier_calibration must be 'equal' or 'quantile', got {self.tier_calibration!r}")
+        _check(not self.tier_boundaries or all(a < b for a, b in zip(self.tier_boundaries, self.tier_boundaries[1:])),
+               f"model.tier_boundaries must be strictly increasing, got {self.tier_boundaries}")
         _check(self.vector_projection_dim >= 1,
                f"model.vector_projection_dim must be >= 1, got {self.vector_projection_dim}")
         _check(len(self.make_units) >= 1 and all(u >= 1 for u in self.make_units),
@@ -110,6 +130,7 @@ class CTRModelConfig:
         _check(all(u >= 1 for u in self.make_attention_units),
                f"model.make_attention_units must be positive, got {self.make_attention_units}")
         _check(self.make_epochs >= 0, f"model.make_epochs must be >= 0, got {self.make_epochs}")
+        _check(self.make_patience >= 0, f"model.make_patience must be >= 0, got {self.make_patience}")
 
     @property
     def uses_vectors(self):
@@ -152,6 +173,10 @@ class TrainConfig:
         export: export a SavedModel to `<model_dir>/export/<version>` at the end.
         make_learning_rate: learning rate of MAKE's pre-training (phase A, dense optimizer); 0 = the
             `dense_learning_rate`.
+        early_stopping_patience: stop after this many end-of-epoch evaluations without a better
+            `early_stopping_metric` and keep the best epoch's checkpoint in `<model_dir>/ckpt_best/`
+            (0 = train every epoch). Needs `eval_every=0` (one evaluation per epoch).
+        early_stopping_metric: "gauc", "auc" (higher is better) or "logloss" (lower is better).
     """
 
     epochs: int = 1
@@ -171,6 +196,8 @@ class TrainConfig:
     deterministic: bool = False
     export: bool = True
     make_learning_rate: float = 0.0
+    early_stopping_patience: int = 0
+    early_stopping_metric: str = "gauc"
 
     def validate(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
@@ -181,6 +208,12 @@ class TrainConfig:
                f"train.dense_optimizer must be one of {DENSE_OPTIMIZERS}, got {self.dense_optimizer!r}")
         _check(self.sparse_learning_rate > 0 and self.dense_learning_rate > 0, "learning rates must be > 0")
         _check(self.make_learning_rate >= 0, f"train.make_learning_rate must be >= 0, got {self.make_learning_rate}")
+        _check(self.early_stopping_patience >= 0,
+               f"train.early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+        _check(self.early_stopping_metric in EARLY_STOPPING_METRICS, f"train.early_stopping_metric must be one of "
+               f"{tuple(EARLY_STOPPING_METRICS)}, got {self.early_stopping_metric!r}")
+        _check(not (self.early_stopping_patience and self.eval_every),
+               "train.early_stopping_patience needs eval_every=0 (one evaluation at the end of every epoch)")
         _check(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
@@ -356,7 +389,12 @@ def read_flagfile(path, _seen=None):
     return values
 
 
+# the config's tuples hold ints, except these (floats)
+FLOAT_SEQUENCES = ("tier_boundaries",)
+
+
 def _convert(name, default, value):
+    element = float if name in FLOAT_SEQUENCES else int
     if isinstance(value, str):
         text = value.strip()
         if isinstance(default, bool):
@@ -369,15 +407,15 @@ def _convert(name, default, value):
             if isinstance(default, float):
                 return float(text)
             if isinstance(default, tuple):
-                return tuple(int(v) for v in text.split(",") if v.strip())
+                return tuple(element(v) for v in text.split(",") if v.strip())
         except ValueError:
             raise ValueError(f"--{name}: cannot read {value!r} as {type(default).__name__}") from None
         return text
-    if isinstance(default, tuple):  # a parsed list flag or a typed sequence: the config's tuples hold ints
+    if isinstance(default, tuple):  # a parsed list flag or a typed sequence
         try:
-            return tuple(int(v) for v in value)
+            return tuple(element(v) for v in value)
         except ValueError:
-            raise ValueError(f"--{name} must be comma-separated integers, got {list(value)!r}") from None
+            raise ValueError(f"--{name} must be comma-separated {element.__name__}s, got {list(value)!r}") from None
     return value
 
 

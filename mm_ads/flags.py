@@ -29,7 +29,8 @@ def _define(section, field, default):
     if isinstance(default, float):
         return flags.DEFINE_float(field.name, default, help_text)
     if isinstance(default, tuple):
-        return flags.DEFINE_list(field.name, [str(v) for v in default], help_text + " Comma-separated ints.")
+        kind = "floats" if field.name in config_lib.FLOAT_SEQUENCES else "ints"
+        return flags.DEFINE_list(field.name, [str(v) for v in default], help_text + f" Comma-separated {kind}.")
     return flags.DEFINE_string(field.name, default, help_text)
 
 

@@ -64,8 +64,10 @@ def validate_inputs(config):
     The data dir and its manifest; for CTR its FeatureSpec, the `--train_split` / `--eval_split` impressions,
     `item_stats.parquet` (readable, with its columns: the evaluation's frequency slices read it) and, for a
     multimodal variant, the vector table (a name in the manifest or a path; its footer: readable, the dim the
-    manifest declares and the dim of the run being resumed); for SCL / CLIP-E the tables they train on; and,
-    when `model_dir` holds a run, that it ran the same config. Raises `InputError` naming the flag to fix.
+    manifest declares and the dim of the run being resumed) and, with `--tier_calibration=quantile`,
+    SimTier's boundaries computed from the training split (into `config.model.tier_boundaries`); for SCL /
+    CLIP-E the tables they train on; and, when `model_dir` holds a run, that it ran the same config. Raises
+    `InputError` naming the flag to fix.
     """
     from mm_ads.data.dataset import Manifest, read_item_stats
 
@@ -93,6 +95,9 @@ def validate_inputs(config):
             read_item_stats(manifest)
         except ValueError as e:
             raise InputError(f"{flag}: {e}") from None
+        from mm_ads.ctr import tiers
+
+        tiers.calibrate(config)  # quantile SimTier tiers (fills model.tier_boundaries): compared on resume
     elif config.task == "scl":
         component = f"pretrain/{config.scl.modality}_pairs"
         if component not in manifest.components:
@@ -183,7 +188,8 @@ def _pretrain_make(config, strategy, chief):
     if chief:
         io_utils.write_json(os.path.join(cfg.model_dir, CONFIG_FILE), cfg.to_json())
     metrics = _run_ctr(cfg, strategy, chief, time.time())
-    return metrics, tf.train.latest_checkpoint(os.path.join(cfg.model_dir, "ckpt"))
+    ckpt = "ckpt_best" if cfg.train.early_stopping_patience else "ckpt"
+    return metrics, tf.train.latest_checkpoint(os.path.join(cfg.model_dir, ckpt))
 
 
 def _run_ctr(config, strategy, chief, start):
@@ -204,8 +210,11 @@ def _run_ctr(config, strategy, chief, start):
     metrics = trainer.train()
     metrics = dict(metrics)
     metrics["variant"] = config.model.variant
-    metrics["steps"] = trainer.total_steps
+    metrics["steps"] = int(trainer.step.numpy())
+    metrics["planned_steps"] = trainer.total_steps
     metrics["epochs"] = config.train.epochs
+    if trainer.early_stopping:
+        metrics["early_stopping"] = trainer.early_stopping
     metrics["eval_history"] = trainer.history
     metrics["wall_seconds"] = round(time.time() - start, 1)  # of this invocation (a resumed run: its part)
     if make_metrics is not None:

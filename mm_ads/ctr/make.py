@@ -8,6 +8,11 @@
   `config.json`, `eval_history.json` (one evaluation per epoch) and `metrics.json`. Its learning rate is
   `--make_learning_rate` (0 = `--dense_learning_rate`); `--max_steps` caps it like any training. It is
   resumable like any run; once `make/metrics.json` is written, re-running the command skips it.
+  With a validation split in the dataset (`--valid_split`, default `valid`) and `--make_patience` > 0 (default
+  1), phase A evaluates on that split after every epoch and stops once `make_patience` epochs in a row did
+  not improve its GAUC: `make_epochs` is the maximum and phase B starts from the best epoch
+  (`make/ckpt_best/`). The choice is made on validation, never on the test split; `make/metrics.json`
+  then holds the validation metrics of the best epoch and `early_stopping` (best and trained epochs).
 * **Phase B — knowledge utilisation.** The ID model (`epochs`, one in the flagfiles) is built with a MAKE
   layer of the same name and sizes, so its variables have the same paths; `restore_make` loads them from
   phase A's last checkpoint before the trainer restores phase B's own checkpoint (a resumed phase B keeps
@@ -32,11 +37,22 @@ from mm_ads.training.trainer import model_checkpoint, planned_steps
 MAKE_DIR = "make"
 
 
+def validation_split(config):
+    """The split MAKE's pre-training stops early on: `data.valid_split` when the dataset has it and
+    `make_patience > 0`, else None (phase A then trains exactly `make_epochs` epochs)."""
+    split = config.data.valid_split
+    if not config.model.make_patience or not split or split == config.data.eval_split:
+        return None
+    return split if split in Manifest.load(config.data.data_dir).components.get("ctr", {}) else None
+
+
 def pretrain_config(config):
     """The `ExperimentConfig` of phase A for the `ExperimentConfig` of a MAKE variant.
 
     Same data, batch size, seed, optimizers and MAKE sizes; variant `make_only`, model dir
-    `<model_dir>/make`, `make_epochs` epochs, learning rate `make_learning_rate` (if set), no export.
+    `<model_dir>/make`, `make_epochs` epochs, learning rate `make_learning_rate` (if set), no export. With a
+    validation split (`validation_split`): evaluated on it after every epoch and stopped early on its GAUC
+    (patience `make_patience`; `make_epochs` is the maximum), so that no choice is made on the test split.
     """
     if not config.model.pretrains_make:
         raise ValueError(f"Variant {config.model.variant!r} with make_epochs={config.model.make_epochs} has no "
@@ -48,6 +64,12 @@ def pretrain_config(config):
     if config.train.make_learning_rate:
         cfg.train.dense_learning_rate = config.train.make_learning_rate
     cfg.train.export = False
+    valid = validation_split(config)
+    if valid:
+        cfg.data.eval_split = valid
+        cfg.train.early_stopping_patience = config.model.make_patience
+        cfg.train.early_stopping_metric = "gauc"
+        cfg.train.eval_every = 0
     return cfg.validate()
 
 
@@ -55,7 +77,9 @@ def finished_pretraining(config):
     """`(metrics, checkpoint)` of a finished phase A for a MAKE variant's config, or None if it must (still) run.
 
     Phase A is finished when `<model_dir>/make/metrics.json` records the number of steps this config
-    plans. Raises ValueError when a finished phase A of another length already fed a phase B.
+    plans (`planned_steps`: with early stopping it may have stopped before). The checkpoint is the best
+    epoch's under early stopping, else the last. Raises ValueError when a finished phase A of another length
+    already fed a phase B.
     """
     cfg = pretrain_config(config)
     path = os.path.join(cfg.model_dir, "metrics.json")
@@ -65,8 +89,9 @@ def finished_pretraining(config):
         metrics = json.load(f)
     num_train = Manifest.load(cfg.data.data_dir).num_rows("ctr", cfg.data.train_split)
     _, steps = planned_steps(num_train, cfg.data.batch_size, cfg.train)
-    checkpoint = tf.train.latest_checkpoint(os.path.join(cfg.model_dir, "ckpt"))
-    if metrics.get("steps") == steps and checkpoint:
+    ckpt = "ckpt_best" if cfg.train.early_stopping_patience else "ckpt"
+    checkpoint = tf.train.latest_checkpoint(os.path.join(cfg.model_dir, ckpt))
+    if metrics.get("planned_steps", metrics.get("steps")) == steps and checkpoint:
         return metrics, checkpoint
     if tf.train.latest_checkpoint(os.path.join(config.model_dir, "ckpt")):
         raise ValueError(

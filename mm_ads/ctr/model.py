@@ -166,7 +166,12 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
         elif variant == "simscore":
             side = SimScore(keepdims=True, name="sim_score")(target_vec, hist_vec, mask=hist_has_vec)  # [B, S, 1]
         elif variant in ("simtier", "simtier_make"):
-            tiers = SimTier(num_tiers=config.num_tiers, count_transform=config.tier_transform,
+            if config.tier_calibration == "quantile" and not config.tier_boundaries:
+                raise ValueError("tier_calibration='quantile' needs tier_boundaries: computed from the training "
+                                 "data by mm_ads.ctr.tiers.calibrate (train.run does it)")
+            boundaries = list(config.tier_boundaries) or None
+            tiers = SimTier(num_tiers=len(boundaries) + 1 if boundaries else config.num_tiers, boundaries=boundaries,
+                            count_transform=config.tier_transform,
                             name="sim_tier")(target_vec, hist_vec, mask=hist_has_vec)  # [B, N]
             mlp_inputs.append(tiers)
         parts.update({"target_vector": target_vec, "history_vector": hist_vec, "history_has_vector": hist_has_vec})

@@ -275,3 +275,17 @@ class DatasetWriter:
             cols["first_seen"] = first
         return self.write_parquet("item_stats", None, pa.table(cols))
 
+
+def read_ctr_columns(data_dir, split, names):
+    """`{name: np.ndarray}` of some stored features of a dataset's `ctr/<split>` (parsed in large batches)."""
+    import tensorflow as tf
+
+    manifest = Manifest.load(data_dir)
+    parse = manifest.spec.parse_spec()
+    wanted = {n: parse[n] for n in names}
+    ds = tf.data.TFRecordDataset(manifest.files("ctr", split)).batch(1 << 16).map(
+        lambda b: tf.io.parse_example(b, wanted))
+    parts = list(ds.as_numpy_iterator())
+    if not parts:
+        return {n: np.zeros((0,), np.float32 if parse[n].dtype == tf.float32 else np.int64) for n in names}
+    return {n: np.concatenate([p[n] for p in parts]) for n in names}

@@ -5,7 +5,7 @@ from keras import ops
 
 from mm_ads.layers.sim_score import similarity_and_validity
 
-COUNT_TRANSFORMS = ("none", "log1p")
+COUNT_TRANSFORMS = ("none", "log1p", "fraction")
 
 
 @keras.saving.register_keras_serializable(package="mm_ads")
@@ -31,10 +31,22 @@ class SimTier(keras.layers.Layer):
     Similarity and tier boundaries are computed in float32 whatever the dtype policy (float inputs are
     not autocast to bf16/fp16), and the output is float32: counts above 256 are not exact in bfloat16.
 
+    **Calibrated tiers** (`boundaries`): equal tiers over [-1, 1] suit an encoder whose similarities spread
+    over that range; a text encoder's target-to-history similarities may all fall in, say, [0.2, 0.6], so
+    that only 4-5 of 20 equal tiers are ever used. `boundaries` gives the N-1 increasing inner tier
+    boundaries instead (e.g. quantiles of the training similarities, `quantile_boundaries`): tier `k` holds
+    the scores in `(b_{k-1}, b_k]` with `b_0 = -inf`, `b_N = +inf` — the same rule as the equal tiers,
+    whose boundaries are `2k/N - 1`. The boundaries are part of the layer's config, so a saved model or
+    export carries them.
+
     Args:
         num_tiers: int N >= 1, number of equal-width tiers over [-1, 1]. Default 20 (width 0.1, as in
-            the authors' public MUSE implementation).
-        count_transform: "none" (raw counts, the paper's definition) or "log1p" (`log(1 + count)`, MUSE).
+            the authors' public MUSE implementation). With `boundaries`: must be `len(boundaries) + 1`
+            (or None).
+        boundaries: optional N-1 strictly increasing floats, the inner tier boundaries (see above).
+        count_transform: "none" (raw counts, the paper's definition), "log1p" (`log(1 + count)`, MUSE) or
+            "fraction" (counts divided by the number of counted history items: the histogram as a
+            distribution, whose scale does not grow with the history length; an empty history gives 0s).
         normalize: L2-normalise both inputs (cosine similarity). Set False when the inputs are already
             unit vectors (then the similarity is their dot product, as in the paper's Eq. 2).
         learnable_tier_weights: multiply the (transformed) counts by a learnable float32 weight per tier,
@@ -68,6 +80,7 @@ class SimTier(keras.layers.Layer):
     def __init__(
         self,
         num_tiers=20,
+        boundaries=None,
         count_transform="none",
         normalize=True,
         learnable_tier_weights=False,
@@ -75,6 +88,17 @@ class SimTier(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if boundaries is not None:
+            boundaries = [float(b) for b in boundaries]
+            if not boundaries or any(not b < c for b, c in zip(boundaries, boundaries[1:])) or any(
+                    b != b for b in boundaries):
+                raise ValueError(f"`boundaries` must be one or more strictly increasing floats. Received: "
+                                 f"boundaries={boundaries}")
+            if num_tiers is None:
+                num_tiers = len(boundaries) + 1
+            if num_tiers != len(boundaries) + 1:
+                raise ValueError(f"`num_tiers` must be len(boundaries) + 1 = {len(boundaries) + 1}. Received: "
+                                 f"num_tiers={num_tiers!r}")
         if not isinstance(num_tiers, int) or isinstance(num_tiers, bool) or num_tiers < 1:
             raise ValueError(f"`num_tiers` must be an int >= 1. Received: num_tiers={num_tiers!r}")
         if count_transform not in COUNT_TRANSFORMS:
@@ -84,6 +108,7 @@ class SimTier(keras.layers.Layer):
         if not scale > 0:
             raise ValueError(f"`scale` must be > 0. Received: scale={scale}")
         self.num_tiers = num_tiers
+        self.boundaries = boundaries
         self.count_transform = count_transform
         self.normalize = bool(normalize)
         self.learnable_tier_weights = bool(learnable_tier_weights)
@@ -109,8 +134,12 @@ class SimTier(keras.layers.Layer):
     def call(self, target, history, mask=None):
         n = self.num_tiers
         scores, valid = similarity_and_validity(target, history, self.normalize, self.scale, mask)  # [B, S]
-        indices = ops.clip(ops.ceil((scores + 1.0) / 2.0 * n) - 1.0, 0.0, n - 1.0)
-        indices = ops.cast(indices, "int32")  # [B, S] in 0..N-1
+        if self.boundaries is None:
+            indices = ops.clip(ops.ceil((scores + 1.0) / 2.0 * n) - 1.0, 0.0, n - 1.0)
+            indices = ops.cast(indices, "int32")  # [B, S] in 0..N-1
+        else:  # the number of inner boundaries below the score: (b_{k-1}, b_k] -> k
+            inner = ops.convert_to_tensor(self.boundaries, dtype="float32")  # [N-1]
+            indices = ops.sum(ops.cast(ops.expand_dims(scores, -1) > inner, "int32"), axis=-1)  # [B, S]
         # Algorithm 1's equality against range(N) summed over S, without the [B, S, N] tensor: every valid
         # position adds 1 to segment b·N + tier (a segment sum over B·S elements); invalid ones go to one
         # extra segment that is dropped.
@@ -122,6 +151,8 @@ class SimTier(keras.layers.Layer):
         counts = ops.reshape(counts[:-1], (batch, n))  # [B, N]
         if self.count_transform == "log1p":
             counts = ops.log1p(counts)
+        elif self.count_transform == "fraction":
+            counts = counts / ops.maximum(ops.sum(counts, axis=-1, keepdims=True), 1.0)
         if self.tier_weights is not None:
             counts = counts * self.tier_weights
         return counts
@@ -138,6 +169,7 @@ class SimTier(keras.layers.Layer):
         config.update(
             {
                 "num_tiers": self.num_tiers,
+                "boundaries": self.boundaries,
                 "count_transform": self.count_transform,
                 "normalize": self.normalize,
                 "learnable_tier_weights": self.learnable_tier_weights,
@@ -145,3 +177,22 @@ class SimTier(keras.layers.Layer):
             }
         )
         return config
+
+
+def quantile_boundaries(similarities, num_tiers):
+    """The N-1 inner boundaries that split `similarities` (a 1-D array of target-to-history cosine
+    similarities, e.g. from training impressions) into `num_tiers` tiers of equal mass: the quantiles
+    k/N, k = 1..N-1. Ties (an encoder with many equal scores) are merged, so fewer boundaries may come back;
+    a SimTier built with them has `len(boundaries) + 1` tiers. Raises when there are no finite values."""
+    import numpy as np
+
+    values = np.asarray(similarities, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError("quantile_boundaries needs at least one finite similarity")
+    q = np.quantile(values, np.arange(1, num_tiers) / num_tiers)
+    out = [float(q[0])]
+    for b in q[1:]:
+        if b > out[-1]:
+            out.append(float(b))
+    return out

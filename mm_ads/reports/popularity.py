@@ -16,6 +16,7 @@ package's own (`mm_ads.metrics.ctr`: exact AUC, impression-weighted GAUC by the 
 
 import numpy as np
 
+from mm_ads.data.dataset import read_ctr_columns
 from mm_ads.data.spec import ITEM_ID
 from mm_ads.metrics import ctr as ctr_metrics
 
@@ -82,23 +83,6 @@ def choose_smoothing(stats, labels, item_ids, grid=SMOOTHING_GRID):
     """The `grid` value whose smoothed CTR has the lowest LogLoss on (labels, item_ids); ties → the first."""
     losses = [ctr_metrics.logloss(labels, stats.smoothed_ctr(item_ids, a)) for a in grid]
     return float(grid[int(np.argmin(losses))])
-
-
-def read_ctr_columns(data_dir, split, names):
-    """`{name: np.ndarray}` of some stored features of a dataset's `ctr/<split>` (parsed in large batches)."""
-    import tensorflow as tf
-
-    from mm_ads.data.dataset import Manifest
-
-    manifest = Manifest.load(data_dir)
-    parse = manifest.spec.parse_spec()
-    wanted = {n: parse[n] for n in names}
-    ds = tf.data.TFRecordDataset(manifest.files("ctr", split)).batch(1 << 16).map(
-        lambda b: tf.io.parse_example(b, wanted))
-    parts = list(ds.as_numpy_iterator())
-    if not parts:
-        return {n: np.zeros((0,), np.float32 if parse[n].dtype == tf.float32 else np.int64) for n in names}
-    return {n: np.concatenate([p[n] for p in parts]) for n in names}
 
 
 def popularity_baselines(data_dir, eval_split="test", train_split="train", valid_split="valid"):

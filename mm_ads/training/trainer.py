@@ -12,6 +12,11 @@ of (seed, e), so a restarted run restores the last checkpoint and skips the batc
 current epoch it had already trained on: a kill loses at most the steps since the last
 checkpoint and never trains a batch twice in the resulting model.
 
+Early stopping (`early_stopping_patience > 0`): after every end-of-epoch evaluation the trainer keeps the best
+epoch's checkpoint in `<model_dir>/ckpt_best/` and stops once `early_stopping_patience` evaluations in a row
+did not beat it; the model then holds the best epoch's weights and the returned metrics are theirs. The
+decision is re-derived from `eval_history.json` on resume, so a restarted run stops where it would have.
+
 Clusters (see `mm_ads.training.distribute`):
   * MultiWorkerMirroredStrategy: every worker runs this loop in lock-step on its own input shard.
     Only the chief writes `<model_dir>/ckpt`, summaries and `eval_history.json` and evaluates; the other
@@ -42,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from mm_ads import config as config_lib
 from mm_ads.training import distribute
 from mm_ads.training.sparse_optimizers import SparseAdagrad, SparseAdam, SparseSGD, combine_rows
 from mm_ads.utils import io as io_utils
@@ -184,6 +190,10 @@ class Trainer:
         self._train_step = None
         self._batch_step = None
         self.history = []
+        self.best_manager = (tf.train.CheckpointManager(self.checkpoint, os.path.join(model_dir, "ckpt_best"),
+                                                        max_to_keep=1)
+                             if self.chief and config.early_stopping_patience else None)
+        self.early_stopping = None  # the summary of early stopping, after `train`
 
     def _log_placement(self):
         """Logs where every table shard and sparse-optimizer slot lives (`<path> [rows, E] on <device>`)."""
@@ -292,13 +302,15 @@ class Trainer:
         self._saved_step = int(self.step.numpy()) if latest else None
         return int(self.step.numpy())
 
-    def save(self):
-        """Writes a checkpoint of the current step (chief: `<model_dir>/ckpt`; other workers: a temporary
-        directory, deleted at once — they take part because a multi-worker save may need every worker)."""
+    def save(self, best=False):
+        """Writes a checkpoint of the current step (chief: `<model_dir>/ckpt`, or `ckpt_best` with `best`; other
+        workers: a temporary directory, deleted at once — they take part because a multi-worker save may need
+        every worker)."""
         step = int(self.step.numpy())
-        self._saved_step = step
+        if not best:
+            self._saved_step = step
         if self.chief:
-            path = self.manager.save(checkpoint_number=step)
+            path = (self.best_manager if best else self.manager).save(checkpoint_number=step)
             logging.info("Saved checkpoint %s", path)
             return path
         tmp = tempfile.mkdtemp(prefix="mm_ads-worker-ckpt-")
@@ -329,8 +341,66 @@ class Trainer:
         logging.info("eval at step %d (epoch %.2f): %s", step, epoch, entry)
         return metrics
 
+    def _early_stopping_state(self):
+        """`(best entry, evaluations since it)` over the end-of-epoch entries of the evaluation history."""
+        metric = self.config.early_stopping_metric
+        higher = config_lib.EARLY_STOPPING_METRICS[metric]
+        best, since = None, 0
+        for entry in sorted(self.history, key=lambda h: h["step"]):
+            value = entry.get(metric)
+            if value is None or not math.isfinite(value) or entry["step"] % self.steps_per_epoch:
+                continue
+            if best is None or (value > best[metric] if higher else value < best[metric]):
+                best, since = entry, 0
+            else:
+                since += 1
+        return best, since
+
+    def _should_stop(self):
+        patience = self.config.early_stopping_patience
+        return bool(patience) and self._early_stopping_state()[1] >= patience
+
+    def _after_epoch_evaluation(self, step):
+        """Early stopping after the evaluation at `step` (an epoch's end): keeps a new best; True = stop."""
+        best, since = self._early_stopping_state()
+        if best is not None and best["step"] == step:
+            self.save(best=True)
+        return since >= self.config.early_stopping_patience
+
+    def _finish_early_stopping(self, step, last_eval):
+        """Loads the best epoch's weights (evaluated again: the returned metrics are theirs) and records the
+        summary in `self.early_stopping`."""
+        cfg = self.config
+        best, since = self._early_stopping_state()
+        if best is None:
+            raise ValueError(f"Early stopping on {cfg.early_stopping_metric!r}: no end-of-epoch evaluation has it")
+        self.early_stopping = {
+            "metric": cfg.early_stopping_metric, "patience": cfg.early_stopping_patience,
+            "best_epoch": round(best["step"] / self.steps_per_epoch), "best_step": best["step"],
+            "best_value": best[cfg.early_stopping_metric], "epochs_trained": round(step / self.steps_per_epoch),
+            "max_epochs": round(self.total_steps / self.steps_per_epoch), "stopped_early": step < self.total_steps,
+        }
+        logging.info("early stopping: %s", self.early_stopping)
+        if best["step"] == step and last_eval:
+            return last_eval
+        best_dir = os.path.join(self.model_dir, "ckpt_best")
+        path = tf.train.latest_checkpoint(best_dir)
+        if path is None or not path.endswith(f"-{best['step']}"):
+            raise ValueError(f"The best epoch's checkpoint (step {best['step']}) is missing from {best_dir} "
+                             f"(found {path})")
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        return self.task.evaluate(self.model, "eval") if self.chief else {}
+
+    @property
+    def best_checkpoint(self):
+        """The checkpoint of the best epoch (early stopping) or, without early stopping, the latest."""
+        if self.config.early_stopping_patience and self.early_stopping:
+            return tf.train.latest_checkpoint(os.path.join(self.model_dir, "ckpt_best"))
+        return self.latest_checkpoint
+
     def train(self):
-        """Runs (or resumes) training to `total_steps`; returns the final evaluation metrics."""
+        """Runs (or resumes) training to `total_steps` (or early stopping); returns the final evaluation
+        metrics (with early stopping: of the best epoch, whose weights the model then holds)."""
         cfg = self.config
         os.makedirs(self.model_dir, exist_ok=True)
         self.writer = (tf.summary.create_file_writer(os.path.join(self.model_dir, "summaries")) if self.chief
@@ -338,13 +408,16 @@ class Trainer:
         self._load_history()
         step = self.restore()
         if self.parameter_server:
+            if cfg.early_stopping_patience:
+                raise ValueError("early stopping is not supported with strategy=parameter_server")
             return self._train_parameter_server(step)
         if self._train_step is None:
             self._train_step = self._make_train_step()
         progress = _Progress(self.total_steps)
         last_eval = None
+        stop = self._should_stop()
         t0, n0, loss_sum, loss_n = time.time(), step, 0.0, 0
-        while step < self.total_steps:
+        while step < self.total_steps and not stop:
             epoch, in_epoch = divmod(step, self.steps_per_epoch)
             iterator = iter(self._dataset(epoch, in_epoch))
             while in_epoch < self.steps_per_epoch and step < self.total_steps:
@@ -370,10 +443,18 @@ class Trainer:
                 end_of_epoch = in_epoch == self.steps_per_epoch
                 if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch):
                     last_eval = self._evaluate(step / self.steps_per_epoch, step)
+                    if cfg.early_stopping_patience and end_of_epoch:
+                        stop = self._after_epoch_evaluation(step)
+                        if stop:
+                            logging.info("early stopping at epoch %d: no better %s on the evaluation split for %d "
+                                         "epoch(s)", epoch + 1, cfg.early_stopping_metric, cfg.early_stopping_patience)
+                            break
         if self._saved_step != step:  # the same decision on every worker
             self.save()
-        if last_eval is None:
+        if last_eval is None and not cfg.early_stopping_patience:
             last_eval = self._evaluate(step / self.steps_per_epoch, step)
+        if cfg.early_stopping_patience:
+            last_eval = self._finish_early_stopping(step, last_eval)
         self.writer.flush()
         return last_eval
 

@@ -155,15 +155,15 @@ def test_restore_make_loads_only_make_from_a_make_only_checkpoint(tmp_path):
         make_lib.restore_make(other_sizes, path)
 
 
-def test_pretrain_config():
-    cfg = _config("data", "/runs/m", make_epochs=3, make_learning_rate=0.05, max_steps=7)
+def test_pretrain_config(tiny_world):
+    cfg = _config(tiny_world, "/runs/m", make_epochs=3, make_learning_rate=0.05, max_steps=7)
     a = make_lib.pretrain_config(cfg)
     assert a.model_dir == os.path.join("/runs/m", "make") and a.model.variant == "make_only"
     assert (a.train.epochs, a.train.dense_learning_rate, a.train.max_steps, a.train.export) == (3, 0.05, 7, False)
     assert a.model.make_units == MAKE_UNITS and cfg.model.variant == "make"  # the original is untouched
-    assert make_lib.pretrain_config(_config("data", "/m", make_epochs=3)).train.dense_learning_rate == 0.01
+    assert make_lib.pretrain_config(_config(tiny_world, "/m", make_epochs=3)).train.dense_learning_rate == 0.01
     with pytest.raises(ValueError, match="no MAKE pre-training"):
-        make_lib.pretrain_config(_config("data", "/m", make_epochs=0))
+        make_lib.pretrain_config(_config(tiny_world, "/m", make_epochs=0))
 
 
 # -- the two phases --------------------------------------------------------------------------------

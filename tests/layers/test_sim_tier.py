@@ -191,3 +191,62 @@ def test_tier_boundaries_formula():
     s = np.cos(angles)
     expected = np.bincount(np.clip(np.ceil((s + 1) / 2 * n) - 1, 0, n - 1).astype(int), minlength=n)
     np.testing.assert_array_equal(out, expected)
+
+
+# -- calibrated tiers and the fraction transform ----------------------------------------------------
+
+
+def test_equal_boundaries_given_explicitly_give_the_equal_tiers():
+    for n in (4, 7, 20):
+        target, history, mask = random_inputs(seed=n)
+        inner = [2.0 * k / n - 1.0 for k in range(1, n)]
+        np.testing.assert_array_equal(SimTier(num_tiers=n, boundaries=inner)(target, history, mask=mask).numpy(),
+                                      SimTier(num_tiers=n)(target, history, mask=mask).numpy())
+    # the hand-computed example, including the exact scores -1, 0 and 1
+    np.testing.assert_array_equal(SimTier(num_tiers=None, boundaries=[-0.5, 0.0, 0.5])(TARGET, HISTORY).numpy(),
+                                  EXPECTED)
+
+
+def test_calibrated_boundaries_hand_computed():
+    # scores of HISTORY: 1, -1, 0, 0.6, -0.6, 0.707, 0.496; boundaries (0.5, 0.65]: (-inf, .5] (.5, .65] (.65, inf)
+    out = SimTier(num_tiers=3, boundaries=[0.5, 0.65])(TARGET, HISTORY).numpy()
+    np.testing.assert_array_equal(out, [[4.0, 1.0, 2.0]])
+    layer = SimTier(boundaries=[0.5, 0.65], num_tiers=None)
+    assert layer.num_tiers == 3
+    again = SimTier.from_config(layer.get_config())
+    assert again.boundaries == [0.5, 0.65] and again.num_tiers == 3
+
+
+def test_fraction_transform_is_the_histogram_as_a_distribution():
+    target, history, mask = random_inputs()
+    counts = SimTier(num_tiers=6)(target, history, mask=mask).numpy()
+    frac = SimTier(num_tiers=6, count_transform="fraction")(target, history, mask=mask).numpy()
+    np.testing.assert_allclose(frac[:-1], counts[:-1] / counts[:-1].sum(axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(frac[:-1].sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(frac[-1], 0.0)  # the all-padded row
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"boundaries": [0.5, 0.2]}, "strictly increasing"),
+    ({"boundaries": []}, "strictly increasing"),
+    ({"boundaries": [0.1, 0.2], "num_tiers": 20}, "len\\(boundaries\\) \\+ 1 = 3"),
+])
+def test_invalid_boundaries(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SimTier(**kwargs)
+
+
+def test_quantile_boundaries_split_the_mass_equally_and_merge_ties():
+    from mm_ads.layers.sim_tier import quantile_boundaries
+
+    rng = np.random.default_rng(0)
+    sims = rng.uniform(0.2, 0.6, size=100_000)  # a narrow band, as a sentence encoder's
+    inner = quantile_boundaries(sims, 20)
+    assert len(inner) == 19 and 0.2 < inner[0] < inner[-1] < 0.6
+    counts = np.bincount(np.searchsorted(inner, sims, side="left"), minlength=20)
+    assert counts.min() > 0.97 * len(sims) / 20 and counts.max() < 1.03 * len(sims) / 20
+    # equal tiers over [-1, 1] use only 4 of 20 tiers on the same scores
+    assert len(np.unique(np.clip(np.ceil((sims + 1) / 2 * 20) - 1, 0, 19))) == 4
+    assert quantile_boundaries(np.r_[np.zeros(90), np.ones(10)], 4) == [0.0]  # ties merged
+    with pytest.raises(ValueError, match="finite"):
+        quantile_boundaries([np.nan], 4)
