@@ -5,19 +5,29 @@ r"""The paper's experiments end to end: Tables 2–3 and Figures 3, 6a, 6b, 6c i
 Profiles: `smoke` (tests: tiny world, a few steps), `demo` (the README's main job, ≤ 30 minutes on 2
 cores) and `full` (the demo world and every Table 2 benchmark). Steps, all under `DIR`:
 
-1. `data/` — the synthetic world of `world_flagfile` (or `world_dir`, an existing dataset).
+1. `data/` — the synthetic world of `world_flagfile`, or the real dataset `prepare_flagfile` prepares (e.g.
+   `configs/data/movielens100k.flags`), or `world_dir`, an existing dataset.
 2. `table2/` — Table 2 with the Table 2 profile `table2_flagfile` on that world (`mm_ads.reports.table2`).
 3. `vectors/<row>.parquet` — the catalogue encoded by the text encoder of each Table 2 row that a CTR run
-   needs: `encoder_row` (the vectors of Table 3) and every row of `fig6a_rows`.
+   needs: `encoder_row` (the vectors of Table 3) and every row of `fig6a_rows`. `encoder_row=auto` picks it
+   on the validation pairs: among `encoder_candidates` (the generic pretrained encoder, SCL fine-tuned from
+   it, the from-scratch SCL tower) the one with the best validation `encoder_metric`; ties go to the earlier
+   candidate, so an encoder no better than the generic one (listed first) is never chosen. The report states
+   the choice and the numbers it was made on.
 4. `ctr/<variant>/seed<k>/` — Table 3: every variant of `variants` × `seeds`, flagfile
    `configs/ctr/<variant>.flags` plus `ctr_overrides`. A `simtier_make` run starts from the `make` run's
    MAKE pre-training of the same seed when the two are the same computation (copied, not re-run).
+   `control/<variant>/seed<k>/` — the random-vector control: each of `control_variants` with every item's
+   vector replaced by a random unit vector (`vectors/random.parquet`, the chosen encoder's dim), same seeds:
+   vectors that carry nothing must leave every variant within the seed spread of `id`.
 5. `fig3/` — test GAUC per epoch for 1..`fig3_epochs`: the id model (seed 0 run continued), and MAKE alone
    (the `make_only` variant: the multimodal-only model).
 6. `fig6a/` — the simtier model (seed 0) on the vectors of each row of `fig6a_rows`: Acc@1 vs GAUC.
 7. Fig 6b — from Table 3: relative AUC and LogLoss improvement of `simtier_make` over `id` per item-frequency
    group (freq_1 = rarest … freq_8) and new items, mean ± std over seeds.
-8. `fig6c/` — the `make` model (seed 0) with MAKE pre-trained for each of `fig6c_epochs` epochs (0 = joint).
+8. `fig6c/` — the `make` model (seed 0) with MAKE pre-trained for each of `fig6c_epochs` epochs (0 = joint),
+   early stopping off; with a validation split, also MAKE's validation GAUC per pre-training epoch of the
+   Table 3 `make` run (seed 0) and the epoch early stopping chose.
 
 Every run is a normal model dir and a finished one (its `metrics.json` exists) is reused, so an
 interrupted report continues where it stopped. Output: `report.md`, `results.json` and `fig3.png`,
@@ -59,8 +69,13 @@ class PaperConfig:
 
     Args:
         world_flagfile: the synthetic world's profile; world_dir: use this existing dataset instead.
+        prepare_flagfile: flags of `python -m mm_ads.data.prepare` (format, input, options; e.g.
+            `configs/data/movielens100k.flags`): prepare that dataset into `DIR/data` instead of a synthetic world.
         table2_flagfile: the Table 2 profile (`configs/reports/table2_*.flags`); its world is this report's.
-        encoder_row: the Table 2 text row whose encoder gives the vectors of Table 3 and Figs 3, 6b, 6c.
+        encoder_row: the Table 2 text row whose encoder gives the vectors of Table 3 and Figs 3, 6b, 6c, or
+            "auto": the best of `encoder_candidates` by validation `encoder_metric` (needs valid pairs).
+        encoder_candidates / encoder_metric: what "auto" chooses among (generic pretrained encoder first) and on.
+        control_variants: variants re-run on random unit vectors (the control); empty = no control.
         vector_table: use this item → vector table (a path or a name in the dataset's manifest, e.g. the
             Taobao-MM reader's `scl`) instead: Table 2 and Fig 6a are then skipped (data without pre-training
             pairs).
@@ -73,8 +88,12 @@ class PaperConfig:
 
     world_flagfile: str = "configs/data/demo.flags"
     world_dir: str = ""
+    prepare_flagfile: str = ""
     table2_flagfile: str = "configs/reports/table2_demo.flags"
     encoder_row: str = "scl"
+    encoder_candidates: tuple = ("minilm_zero_shot", "scl_minilm", "scl")
+    encoder_metric: str = "acc@5"
+    control_variants: tuple = ()
     vector_table: str = ""
     ctr_config_dir: str = "configs/ctr"
     ctr_overrides: tuple = ()
@@ -101,9 +120,19 @@ class PaperConfig:
         for item in self.ctr_overrides:
             if "=" not in item:
                 raise ValueError(f"ctr_overrides entries are name=value, got {item!r}")
-        for row in (self.encoder_row, *self.fig6a_rows):
+        for row in (*([] if self.encoder_row == "auto" else [self.encoder_row]), *self.fig6a_rows,
+                    *self.encoder_candidates):
             if row not in table2_lib.ROWS:
-                raise ValueError(f"{row!r} is not a Table 2 row ({sorted(table2_lib.ROWS)})")
+                raise ValueError(f"{row!r} is not a Table 2 row ({sorted(table2_lib.ROWS)}) or 'auto'")
+        if self.encoder_row == "auto" and not self.encoder_candidates:
+            raise ValueError("encoder_row=auto needs encoder_candidates")
+        if self.encoder_metric not in ("acc@1", "acc@5", "acc@10"):
+            raise ValueError(f"encoder_metric must be acc@1, acc@5 or acc@10, got {self.encoder_metric!r}")
+        bad = [v for v in self.control_variants if v == "id" or v not in self.variants]
+        if bad:
+            raise ValueError(f"control_variants must be multimodal variants of `variants`, got {bad}")
+        if self.prepare_flagfile and self.world_dir:
+            raise ValueError("give prepare_flagfile or world_dir, not both")
         return self
 
     @classmethod
@@ -126,6 +155,7 @@ class PaperRunner:
         self.tables = {}
         self.trained = set()  # CTR model dirs trained by this invocation
         self.reused = {}  # CTR model dir finished before this invocation → its recorded wall seconds
+        self.encoder_row = None if options.encoder_row == "auto" else options.encoder_row  # set by choose_encoder
 
     # -- building blocks ---------------------------------------------------------------------
     def _timed(self, name, fn):
@@ -155,7 +185,7 @@ class PaperRunner:
         values = self.ctr_values(variant)
         values.update(data_dir=self.world, model_dir=model_dir, seed=str(seed), export="false")
         if variant != "id":
-            values["vector_table"] = self.vector_table(vector_row or self.o.encoder_row)
+            values["vector_table"] = self.vector_table(vector_row or self.encoder_row)
         values.update({k: str(v) for k, v in overrides.items()})
         config = config_lib.config_from_values(values)
         done = options_lib.reusable_metrics(model_dir, config)
@@ -169,6 +199,8 @@ class PaperRunner:
     def vector_table(self, row):
         """`vectors/<row>.parquet`: the catalogue encoded by Table 2 row `row`'s text encoder (or the
         `vector_table` option when set)."""
+        if row == RANDOM_ROW:
+            return self.random_vectors()
         if self.o.vector_table:
             return self.o.vector_table
         path = os.path.join(self.out, "vectors", f"{row}.parquet")
@@ -180,6 +212,44 @@ class PaperRunner:
             encode_catalogue(self.encoder(row), self.world, "text", path)
         self.tables[row] = path
         return path
+
+    def random_vectors(self):
+        """`vectors/random.parquet`: a random unit vector per catalogue item (seed 0), of the Table 3 vectors' dim."""
+        from mm_ads.data.vectors import VectorTable, read_table_info, write_vector_table
+
+        path = os.path.join(self.out, "vectors", f"{RANDOM_ROW}.parquet")
+        if not os.path.exists(path):
+            real = VectorTable.load(self.vector_table(self.encoder_row))
+            rng = np.random.default_rng(0)
+            v = rng.normal(size=(len(real.item_ids), real.dim)).astype(np.float32)
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+            write_vector_table(path, real.item_ids, v, "random-unit-vectors-seed0", source="mm_ads.reports.paper")
+        read_table_info(path)
+        return path
+
+    def choose_encoder(self):
+        """`encoder_row=auto`: the candidate with the best validation `encoder_metric` (see the module docstring)."""
+        rows = self.table2["benchmarks"]["synthetic_text"]["rows"]
+        metric = self.o.encoder_metric
+        scores = {r: rows[r]["valid"][metric] for r in self.o.encoder_candidates
+                  if metric in (rows.get(r, {}).get("valid") or {})}
+        if not scores:
+            raise ValueError(f"encoder_row=auto: no candidate of {list(self.o.encoder_candidates)} has a validation "
+                             f"{metric} (the dataset needs pretrain/text_pairs valid; Table 2 rows: "
+                             f"{ {r: sorted(v) for r, v in rows.items()} })")
+        best = max(scores.values())
+        chosen = next(r for r in self.o.encoder_candidates if scores.get(r) == best)
+        generic = next((r for r in self.o.encoder_candidates if r in scores), None)
+        reason = (f"{chosen} has the best validation {metric} ({best:.4f}) among " +
+                  ", ".join(f"{r} {v:.4f}" for r, v in scores.items()))
+        if chosen != generic:
+            reason += f"; it beats the generic encoder {generic} ({scores[generic]:.4f})"
+        skipped = [r for r in self.o.encoder_candidates if r not in scores]
+        if skipped:
+            reason += f"; not available: {', '.join(skipped)}"
+        logging.info("paper report: encoder for Table 3: %s", reason)
+        self.encoder_row = chosen
+        return {"row": chosen, "metric": metric, "valid": scores, "reason": reason}
 
     def encoder(self, row):
         import keras
@@ -208,7 +278,9 @@ class PaperRunner:
         if self.o.world_dir:
             return os.path.abspath(self.o.world_dir)
         path = os.path.join(self.out, "data")
-        if not os.path.exists(os.path.join(path, "manifest.json")):
+        if self.o.prepare_flagfile and not os.path.exists(os.path.join(path, "manifest.json")):
+            prepare_dataset(self.o.prepare_flagfile, path)
+        elif not os.path.exists(os.path.join(path, "manifest.json")):
             from mm_ads.data import synthetic
 
             synthetic.generate(synthetic.world_config_from_flagfile(self.o.world_flagfile), path,
@@ -224,13 +296,26 @@ class PaperRunner:
         return table2_lib.run_table2(options, os.path.join(self.out, "table2"))
 
     def run_table3(self):
-        runs = {}
+        return self._run_variants("ctr", self.o.variants, self.encoder_row)
+
+    def run_control(self, table3_runs):
+        """The random-vector control: `control_variants` on random unit vectors, relative to Table 3's id runs."""
+        summary, runs = self._run_variants("control", self.o.control_variants, RANDOM_ROW,
+                                           id_runs=table3_runs["id"])
+        table = summary["table"]
+        within = {v: abs(r["gauc_rel"][0]) <= max(r["gauc_rel"][1], table3_std(table3_runs, "id")) for v, r in
+                  table.items() if v != "id"}
+        return dict(summary, within_seed_spread=within)
+
+    def _run_variants(self, root, variants, vector_row, id_runs=None):
+        runs = {} if id_runs is None else {"id": id_runs}
         for seed in self.o.seeds:
-            for variant in self.o.variants:
-                model_dir = os.path.join(self.out, "ctr", variant, f"seed{seed}")
-                if variant == "simtier_make" and "make" in self.o.variants:
-                    self._share_make_pretraining(os.path.join(self.out, "ctr", "make", f"seed{seed}"), model_dir)
-                runs.setdefault(variant, {})[seed] = self.ctr(variant, seed, model_dir)
+            for variant in variants:
+                model_dir = os.path.join(self.out, root, variant, f"seed{seed}")
+                if variant == "simtier_make" and "make" in variants:
+                    self._share_make_pretraining(os.path.join(self.out, root, "make", f"seed{seed}"), model_dir,
+                                                 vector_row)
+                runs.setdefault(variant, {})[seed] = self.ctr(variant, seed, model_dir, vector_row=vector_row)
         table = {}
         for variant, by_seed in runs.items():
             row = {}
@@ -250,7 +335,7 @@ class PaperRunner:
                                                    train_split=values.get("train_split", "train"))
         return popularity_rows(base, table3_runs.get("id", {}))
 
-    def _share_make_pretraining(self, make_dir, target_dir):
+    def _share_make_pretraining(self, make_dir, target_dir, vector_row):
         """Copies `make`'s MAKE pre-training into a `simtier_make` run when it is the same computation."""
         from mm_ads.ctr import make as make_lib
 
@@ -262,7 +347,7 @@ class PaperRunner:
             done = json.load(f)
         values = self.ctr_values("simtier_make")
         values.update(data_dir=self.world, model_dir=target_dir, seed=done["train"]["seed"], export="false",
-                      vector_table=self.vector_table(self.o.encoder_row))
+                      vector_table=self.vector_table(vector_row))
         planned = make_lib.pretrain_config(config_lib.config_from_values(values)).to_json()
         planned = json.loads(json.dumps(planned))
         same = all(planned[k] == done[k] for k in ("data", "model", "train"))
@@ -296,7 +381,7 @@ class PaperRunner:
             info = table2["benchmarks"]["synthetic_text"]["rows"].get(row, {})
             if "acc@1" not in info:
                 continue
-            if row == self.o.encoder_row and "simtier" in table3_runs:
+            if row == self.encoder_row and "simtier" in table3_runs:
                 m = table3_runs["simtier"][seed]
             else:
                 m = self.ctr("simtier", seed, os.path.join(self.out, "fig6a", row), vector_row=row)
@@ -326,12 +411,27 @@ class PaperRunner:
         default_epochs = int(base.get("make_epochs", 4))
         points = []
         for epochs in self.o.fig6c_epochs:
-            if epochs == default_epochs and "make" in table3_runs:
+            same = "make" in table3_runs and "early_stopping" not in table3_runs["make"][seed].get("make_pretrain", {})
+            if epochs == default_epochs and same:  # the Table 3 run is this point (no early stopping there)
                 m = table3_runs["make"][seed]
             else:
-                m = self.ctr("make", seed, os.path.join(self.out, "fig6c", f"make_epochs{epochs}"), make_epochs=epochs)
+                m = self.ctr("make", seed, os.path.join(self.out, "fig6c", f"make_epochs{epochs}"), make_epochs=epochs,
+                             make_patience=0)
             points.append({"make_epochs": epochs, "gauc": m["gauc"], "auc": m["auc"]})
         return points
+
+    def make_validation_curve(self, table3_runs):
+        """MAKE's validation GAUC per pre-training epoch of the Table 3 `make` run (first seed) and the epoch
+        early stopping chose; None without early stopping (no validation split)."""
+        pre = (table3_runs.get("make", {}).get(self.o.seeds[0]) or {}).get("make_pretrain") or {}
+        if "early_stopping" not in pre:
+            return None
+        es = pre["early_stopping"]
+        return {"curve": [{"epoch": round(h["epoch"]), "gauc": h["gauc"]} for h in pre["eval_history"]],
+                "chosen_epoch": es["best_epoch"], "max_epochs": es["max_epochs"], "patience": es["patience"],
+                "chosen_by_seed": {str(s): m["make_pretrain"]["early_stopping"]["best_epoch"]
+                                   for s, m in table3_runs["make"].items()
+                                   if "early_stopping" in m.get("make_pretrain", {})}}
 
     def run(self):
         check_dependencies(self.o)  # before any work
@@ -342,11 +442,18 @@ class PaperRunner:
         if not self.o.vector_table:
             self.table2 = self._timed("table2", self.run_table2)
             rows = self.table2["benchmarks"]["synthetic_text"]["rows"]
-            self._timed("vectors", lambda: [self.vector_table(r) for r in {self.o.encoder_row, *self.o.fig6a_rows}
+            if self.encoder_row is None:
+                self.results["encoder_choice"] = self.choose_encoder()
+            self._timed("vectors", lambda: [self.vector_table(r) for r in {self.encoder_row, *self.o.fig6a_rows}
                                             if "acc@1" in rows.get(r, {})])
+        elif self.encoder_row is None:
+            raise ValueError("encoder_row=auto chooses among Table 2 rows: it cannot be used with vector_table")
         self.results["table2"] = self.table2["benchmarks"]
         self.results["table3"], runs = self._timed("table3", self.run_table3)
         self.results["table3"]["baselines"] = self._timed("popularity", lambda: self.run_popularity(runs))
+        self.results["control"] = (self._timed("control", lambda: self.run_control(runs))
+                                   if self.o.control_variants else None)
+        self.results["make_validation"] = self.make_validation_curve(runs)
         self.results["fig3"] = self._timed("fig3", lambda: self.run_fig3(runs)) if self.o.fig3_epochs else {}
         self.results["fig6a"] = [] if self.o.vector_table or not self.o.fig6a_rows else self._timed(
             "fig6a", lambda: self.run_fig6a(runs, self.table2))
@@ -380,9 +487,36 @@ class PaperRunner:
 
         m = Manifest.load(self.world)
         pairs = m.num_rows("pretrain/text_pairs", "train") if "pretrain/text_pairs" in m.components else 0
-        return {"data_dir": self.world, "train_impressions": m.num_rows("ctr", "train"),
+        ctr = m.components.get("ctr", {})
+        return {"data_dir": self.world, "name": m.name, "train_impressions": m.num_rows("ctr", "train"),
+                "valid_impressions": m.num_rows("ctr", "valid") if "valid" in ctr else 0,
                 "test_impressions": m.num_rows("ctr", "test"), "generator": m.extra.get("config"),
-                "text_pairs_train": pairs, "vector_table": self.o.vector_table or None}
+                "text_pairs_train": pairs, "vector_table": self.o.vector_table or None,
+                "encoder_row": self.encoder_row}
+
+
+RANDOM_ROW = "random"
+
+
+def table3_std(runs, variant, key="gauc"):
+    """The seed std of `variant`'s `key` in a `{variant: {seed: metrics}}` mapping, relative to its mean."""
+    values = [m[key] for m in runs[variant].values()]
+    mean, std = _mean_std(values)
+    return std / mean
+
+
+def prepare_dataset(flagfile, output_dir):
+    """Runs `python -m mm_ads.data.prepare --flagfile=FLAGFILE --output_dir=OUTPUT_DIR` (its own flag parsing and
+    errors); raises RuntimeError with the command's error output when it fails."""
+    import subprocess
+
+    if not os.path.exists(flagfile):
+        raise FileNotFoundError(f"prepare_flagfile {flagfile} not found")
+    cmd = [sys.executable, "-m", "mm_ads.data.prepare", f"--flagfile={flagfile}", f"--output_dir={output_dir}"]
+    logging.info("paper report: %s", " ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"preparing the dataset failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")
 
 
 # -- findings, plots, markdown -----------------------------------------------------------------
@@ -434,6 +568,13 @@ def findings(results):
         low, high = b["freq_1"]["auc_rel"][0], b["freq_8"]["auc_rel"][0]
         out.append(f"Fig 6b: relative AUC gain on the rarest items {low:+.2%} vs the most frequent {high:+.2%} — " +
                    ("larger on rare items, as in the paper" if low > high else "NOT larger on rare items"))
+    control = results.get("control")
+    if control:
+        table = control["table"]
+        parts = [f"{v} {table[v]['gauc_rel'][0]:+.2%} ± {table[v]['gauc_rel'][1]:.2%}" for v in table if v != "id"]
+        ok = all(control["within_seed_spread"].values())
+        out.append("Random-vector control: " + ("every variant stays within the seed spread of id" if ok else
+                   "NOT every variant stays within the seed spread of id") + f" (GAUC vs id: {', '.join(parts)})")
     return out + popularity_findings(results)
 
 
@@ -572,15 +713,38 @@ def to_markdown(results, out_dir):
     def image(name):
         return [f"![{name}]({plots[name]})", ""] if name in plots else []
 
+    valid = f" / {d['valid_impressions']:,} valid" if d.get("valid_impressions") else ""
+    if results.get("encoder_choice"):
+        vectors = f"the `{results['encoder_choice']['row']}` text encoder of Table 2, chosen on validation (below)"
     lines = ["# The paper's experiments on this data", "",
-             f"Data: `{d['data_dir']}` — {d['train_impressions']:,} train / {d['test_impressions']:,} test "
-             f"impressions, {d['text_pairs_train']:,} text pre-training pairs. Seeds {list(o['seeds'])} (Table 3; "
+             f"Data: `{d.get('name') or d['data_dir']}` — {d['train_impressions']:,} train{valid} / "
+             f"{d['test_impressions']:,} test impressions, {d['text_pairs_train']:,} text pre-training pairs. "
+             f"Seeds {list(o['seeds'])} (Table 3; "
              f"the figures use seed {o['seeds'][0]}). Vectors of Table 3: {vectors}. " +
              table2_lib.wall_time_line(w["total"], reused.get("runs", 0), reused.get("wall_seconds", 0.0)) +
              f" Steps of this invocation: {times} min.", "",
              "## Findings (does the paper's ordering hold here?)", ""]
     lines += [f"- {f}" for f in results["findings"]] + [""]
     lines += [f"## Table 3: CTR variants (mean ± std over {len(o['seeds'])} seeds)", "", table3_markdown(results), ""]
+    choice = results.get("encoder_choice")
+    if choice:
+        lines += ["## The encoder of Table 3, chosen on validation", "",
+                  f"Candidates in order (generic pretrained encoder first; a tie goes to the earlier one), scored by "
+                  f"{choice['metric']} on the validation pre-training pairs — the test split plays no part: "
+                  f"{choice['reason']}.", ""]
+    control = results.get("control")
+    if control:
+        lines += ["## Random-vector control (every item's vector replaced by a random unit vector)", "",
+                  "The same variants, seeds and flagfiles as Table 3 on vectors that carry no information: the "
+                  "integration must not let them hurt. Within the seed spread = |mean GAUC change| ≤ the larger of "
+                  "the change's std over seeds and id's relative GAUC std.", "",
+                  "| variant | GAUC | GAUC vs id | within seed spread |", "|---|---:|---:|---|"]
+        for v, r in control["table"].items():
+            if v == "id":
+                continue
+            ok = "yes" if control["within_seed_spread"][v] else "NO"
+            lines.append(f"| {v} | {_pm(r['gauc'])} | {_pm(r['gauc_rel'], True)} | {ok} |")
+        lines.append("")
     if results["table2"]:
         lines += [table2_lib.to_markdown({"benchmarks": results["table2"]}).replace("# Table 2", "## Table 2", 1)
                   .replace("\n## ", "\n### ")]
@@ -604,9 +768,20 @@ def to_markdown(results, out_dir):
         lines += [f"| {n} | {b['num_examples']:,} | {_pm(b['auc_rel'], True)} | {_pm(b['logloss_rel'], True)} |"
                   for n, b in results["fig6b"].items()]
     if results["fig6c"]:
-        lines += ["", "## Fig 6c: MAKE pre-training epochs", "", *image("fig6c"), "| MAKE epochs | GAUC |",
-                  "|---:|---:|"]
+        lines += ["", "## Fig 6c: MAKE pre-training epochs", "", *image("fig6c"),
+                  "Test GAUC of the make model, MAKE pre-trained a fixed number of epochs (no early stopping):", "",
+                  "| MAKE epochs | GAUC |", "|---:|---:|"]
         lines += [f"| {p['make_epochs']} | {p['gauc']:.4f} |" for p in results["fig6c"]]
+    mv = results.get("make_validation")
+    if mv:
+        lines += ["", "## MAKE's pre-training epochs, chosen on validation", "",
+                  f"Early stopping (patience {mv['patience']}, at most {mv['max_epochs']} epochs) on MAKE's GAUC on "
+                  f"the validation split; the Table 3 make/simtier_make runs use the chosen epoch. Seed "
+                  f"{o['seeds'][0]}: chose epoch {mv['chosen_epoch']}; chosen epoch per seed: "
+                  + ", ".join(f"{s}: {e}" for s, e in mv["chosen_by_seed"].items()) + ".", "",
+                  "| MAKE epoch | validation GAUC (MAKE alone) |", "|---:|---:|"]
+        lines += [f"| {p['epoch']}{' (chosen)' if p['epoch'] == mv['chosen_epoch'] else ''} | {p['gauc']:.4f} |"
+                  for p in mv["curve"]]
     skipped = [name for name, key in (("Fig 3", "fig3"), ("Fig 6a", "fig6a"), ("Fig 6c", "fig6c"))
                if not results[key]]
     if skipped:

@@ -17,11 +17,15 @@ Rows (the paper's Table 2 plus references; a row that does not apply to a benchm
   * `clip_e` — towers aligned on item image ↔ item title (synthetic only: the other sets have one modality);
   * `scl`, `scl_no_triplet`, `scl_no_triplet_no_queue` — SCL and its ablations ("w/o Triplet Loss",
     "w/o Triplet Loss & MoCo": in-batch negatives only), all from the same flagfile and seed;
+  * `scl_minilm` — on the world's (or a prepared dataset's) text pairs, SCL fine-tuning MiniLM
+    (`text_minilm_flagfile`): the paper's recipe, SCL starting from a generic pretrained encoder;
   * `scl_scratch` — on product pairs, SCL with the from-scratch text tower (the main rows fine-tune MiniLM).
 
 Every run lives in `DIR/runs/<benchmark>/<row>/` (a normal model dir); a finished run (its `metrics.json`
 exists) is reused, so re-running the command after an interruption continues where it stopped. Output:
-`DIR/table2.md` and `DIR/table2.json` (per benchmark and row: acc@1/5/10, queries, candidates, model dir and
+`DIR/table2.md` and `DIR/table2.json` (per benchmark and row: acc@1/5/10 on the test split and, when the
+dataset has a `valid` split of its pairs, the same on it under `valid` — what choices are made on —, queries,
+candidates, model dir and
 `wall_seconds`, the time this invocation spent on the row; a row that reused a finished run also has
 `reused_wall_seconds`, the time that run took when it ran). The totals are labelled the same way:
 `wall_seconds` of this invocation, and `reused_wall_seconds` summed over the finished runs it reused.
@@ -52,6 +56,7 @@ ROWS = {
     "scl_no_triplet": "SCL w/o triplet loss",
     "scl_no_triplet_no_queue": "SCL w/o triplet loss & MoCo (in-batch negatives)",
     "scl_scratch": "SCL, text tower from scratch",
+    "scl_minilm": "SCL fine-tuned from all-MiniLM-L6-v2",
 }
 ABLATIONS = {"scl": {}, "scl_no_triplet": {"use_triplet": "false"},
              "scl_no_triplet_no_queue": {"use_triplet": "false", "use_queue": "false"}}
@@ -60,7 +65,8 @@ _ALL = ("synthetic_text", "synthetic_image", "pairs", "clothing")
 # the benchmarks each row applies to
 ROW_BENCHMARKS = {"untrained": ("synthetic_text", "synthetic_image", "clothing"),
                   "minilm_zero_shot": ("synthetic_text", "pairs"), "clip_e": ("synthetic_text", "synthetic_image"),
-                  "scl": _ALL, "scl_no_triplet": _ALL, "scl_no_triplet_no_queue": _ALL, "scl_scratch": ("pairs",)}
+                  "scl": _ALL, "scl_no_triplet": _ALL, "scl_no_triplet_no_queue": _ALL, "scl_scratch": ("pairs",),
+                  "scl_minilm": ("synthetic_text",)}
 
 
 @dataclasses.dataclass
@@ -73,6 +79,7 @@ class Table2Config:
         world_dir: an existing synthetic world; "" = generate one from `world_flagfile`.
         world_flagfile: the synthetic world's profile (`configs/data/*.flags`).
         text_flagfile / image_flagfile / clip_flagfile: SCL text, SCL image and CLIP-E runs on the world.
+        text_minilm_flagfile: the `scl_minilm` row (SCL fine-tuning MiniLM on the world's text pairs).
         pairs_dir: the ER-Magellan directory; pair_benchmarks: which of its benchmarks.
         pairs_flagfile: SCL on product pairs (fine-tuning MiniLM); pairs_scratch_flagfile: the from-scratch
             reference row ("" = no such row).
@@ -88,6 +95,7 @@ class Table2Config:
     text_flagfile: str = "configs/scl/text.flags"
     image_flagfile: str = "configs/scl/image.flags"
     clip_flagfile: str = "configs/scl/clip.flags"
+    text_minilm_flagfile: str = "configs/scl/text_minilm.flags"
     pairs_dir: str = "../shared/data/product_matching"
     pair_benchmarks: tuple = PAIR_BENCHMARKS
     pairs_flagfile: str = "configs/scl/product_pairs.flags"
@@ -143,7 +151,8 @@ def _needs_minilm(flagfile):
 def required_modules(options):
     """The optional modules the chosen rows and benchmarks need (see `options_lib.DEPENDENCIES`)."""
     o = options
-    needs_minilm = "minilm_zero_shot" in o.rows and any(b in o.benchmarks for b in ROW_BENCHMARKS["minilm_zero_shot"])
+    needs_minilm = any(r in o.rows and any(b in o.benchmarks for b in ROW_BENCHMARKS[r])
+                       for r in ("minilm_zero_shot", "scl_minilm"))
     scl_rows = [r for r in ABLATIONS if r in o.rows]
     flagfiles = {"synthetic_text": [o.text_flagfile], "synthetic_image": [o.image_flagfile],
                  "pairs": [o.pairs_flagfile], "clothing": [o.clothing_flagfile]}
@@ -156,7 +165,7 @@ def required_modules(options):
 
 def check_dependencies(options):
     """`MissingDependencyError` (with the install command) when a module the chosen rows need is missing."""
-    without = [r for r in options.rows if r not in ("minilm_zero_shot", "scl_scratch")]
+    without = [r for r in options.rows if r not in ("minilm_zero_shot", "scl_scratch", "scl_minilm")]
     options_lib.check_dependencies(
         required_modules(options), f"Table 2 (rows {','.join(options.rows)} on {','.join(options.benchmarks)})",
         hint="or leave out the MiniLM rows (and the pairs benchmarks, whose SCL rows fine-tune MiniLM): e.g. "
@@ -179,9 +188,25 @@ def _evaluate_tower(task, encoder):
     return task.evaluate_encoder(encoder, "eval")
 
 
-def _row(result, model_dir, seconds, reused_seconds=None):
-    keys = ("acc@1", "acc@5", "acc@10", "num_queries", "num_candidates")
-    out = {k: result[k] for k in keys if k in result}
+VALID_SPLIT = "valid"
+_ACC_KEYS = ("acc@1", "acc@5", "acc@10", "num_queries", "num_candidates")
+
+
+def _has_valid_pairs(flagfile, data_dir):
+    from mm_ads.data.dataset import Manifest
+
+    component = f"pretrain/{_modality(flagfile)}_pairs"
+    try:
+        manifest = Manifest.load(data_dir)
+    except FileNotFoundError:  # no dataset (a run that never reads one): nothing to validate on
+        return False
+    return VALID_SPLIT in manifest.components.get(component, {})
+
+
+def _row(result, model_dir, seconds, reused_seconds=None, valid=None):
+    out = {k: result[k] for k in _ACC_KEYS if k in result}
+    if valid is not None:
+        out["valid"] = {k: valid[k] for k in _ACC_KEYS if k in valid}
     out.update(wall_seconds=round(seconds, 1), model_dir=model_dir)  # of this invocation
     if reused_seconds is not None:  # the finished run it reused took this long when it ran
         out["reused_wall_seconds"] = round(reused_seconds, 1)
@@ -254,12 +279,13 @@ class Table2Runner:
         start = time.time()
         self._row_reused = None
         try:
-            result, model_dir = fn()
+            result, model_dir, *valid = fn()
         except _Skip as e:
             bench["rows"][row] = {"skipped": str(e)}
             logging.warning("Table 2 %s / %s skipped: %s", benchmark, row, e)
             return
-        bench["rows"][row] = _row(result, model_dir, time.time() - start, self._row_reused)
+        bench["rows"][row] = _row(result, model_dir, time.time() - start, self._row_reused,
+                                  valid[0] if valid else None)
         logging.info("Table 2 %s / %s: %s", benchmark, row, bench["rows"][row])
         self._write()  # results so far are on disk after every row
 
@@ -269,9 +295,18 @@ class Table2Runner:
         def fn():
             task = _scl_task(flagfile, data_dir, self.options, **overrides)
             keras.utils.set_random_seed(self.options.seed)
-            return _evaluate_tower(task, task.build_model().encoder), None
+            encoder = task.build_model().encoder
+            return (_evaluate_tower(task, encoder), None,
+                    self._valid(flagfile, data_dir, encoder, **overrides))
 
         self._record(benchmark, _modality(flagfile), "untrained", fn)
+
+    def _valid(self, flagfile, data_dir, encoder, **overrides):
+        """Acc@N of `encoder` on the dataset's valid pairs (None without them)."""
+        if not _has_valid_pairs(flagfile, data_dir):
+            return None
+        task = _scl_task(flagfile, data_dir, self.options, eval_split=VALID_SPLIT, **overrides)
+        return _evaluate_tower(task, encoder)
 
     def minilm_zero_shot(self, benchmark, flagfile, data_dir):
         def fn():
@@ -279,9 +314,10 @@ class Table2Runner:
                 raise _Skip(self.minilm_reason)
             from mm_ads.scl.pretrained_tower import PretrainedTextTower
 
-            task = _scl_task(flagfile, data_dir, self.options, text_encoder="minilm", output_dim="0")
+            overrides = {"text_encoder": "minilm", "output_dim": "0"}
+            task = _scl_task(flagfile, data_dir, self.options, **overrides)
             tower = PretrainedTextTower(task.scl.pretrained_path, task.scl.max_tokens, 0, name="minilm")
-            return _evaluate_tower(task, tower), None
+            return _evaluate_tower(task, tower), None, self._valid(flagfile, data_dir, tower, **overrides)
 
         self._record(benchmark, "text", "minilm_zero_shot", fn)
 
@@ -292,9 +328,15 @@ class Table2Runner:
             def fn(row=row, name=name):
                 if _needs_minilm(flagfile) and not self.minilm:
                     raise _Skip(self.minilm_reason)
+                from mm_ads.scl.encode import load_encoder
+
                 model_dir = self._run_dir(benchmark, name)
                 metrics = self._train(flagfile, data_dir, model_dir, **ABLATIONS[row])
-                return metrics, model_dir
+                valid = None
+                if _has_valid_pairs(flagfile, data_dir):
+                    encoder = load_encoder(os.path.join(model_dir, "encoder.keras"))
+                    valid = self._valid(flagfile, data_dir, encoder, **ABLATIONS[row])
+                return metrics, model_dir, valid
 
             self._record(benchmark, _modality(flagfile), name, fn)
 
@@ -308,7 +350,7 @@ class Table2Runner:
                 clip_metrics = self._train(self.options.clip_flagfile, world, model_dir)
                 encoder = load_encoder(clip_metrics["encoders"][modality])
                 result = _evaluate_tower(_scl_task(flagfile, world, self.options), encoder)
-                return result, model_dir
+                return result, model_dir, self._valid(flagfile, world, encoder)
 
             self._record(benchmark, modality, "clip_e", fn)
 
@@ -328,6 +370,9 @@ class Table2Runner:
             self.clip_e(world, [(b, _modality(flagfiles[b]), flagfiles[b]) for b in synthetic])
             for b in synthetic:
                 self.scl_rows(b, flagfiles[b], world)
+            if "synthetic_text" in synthetic:
+                self.scl_rows("synthetic_text", o.text_minilm_flagfile, world, rows=("scl",),
+                              row_names={"scl": "scl_minilm"})
         if "pairs" in o.benchmarks:
             for name in o.pair_benchmarks:
                 benchmark = f"pairs:{name}"
@@ -371,19 +416,26 @@ def to_markdown(results):
     """Table 2 as markdown: one table per benchmark (rows in the paper's order), then a summary."""
     lines = ["# Table 2: pre-training ablations (Acc@N on the test split, exact)", ""]
     for benchmark, bench in results["benchmarks"].items():
-        lines += [f"## {benchmark} ({bench['modality']})", "", "| method | Acc@1 | Acc@5 | queries | wall s |",
-                  "|---|---:|---:|---:|---:|"]
+        has_valid = any("valid" in r for r in bench["rows"].values())
+        extra = " valid Acc@1 | valid Acc@5 |" if has_valid else ""
+        lines += [f"## {benchmark} ({bench['modality']})", "", f"| method | Acc@1 | Acc@5 |{extra} queries | wall s |",
+                  "|---|---:|---:|" + ("---:|---:|" if has_valid else "") + "---:|---:|"]
         for row in ROWS:
             if row not in bench["rows"]:
                 continue
             r = bench["rows"][row]
             if "skipped" in r:
-                lines.append(f"| {ROWS[row]} | skipped: {r['skipped']} | | | |")
+                lines.append(f"| {ROWS[row]} | skipped: {r['skipped']} | |" + (" | |" if has_valid else "") + " | |")
             else:
                 wall = f"{r['wall_seconds']:.0f}"
                 if "reused_wall_seconds" in r:
                     wall += f" (reused run: {r['reused_wall_seconds']:.0f})"
-                lines.append(f"| {ROWS[row]} | {r['acc@1']:.4f} | {r['acc@5']:.4f} | {r['num_queries']} | {wall} |")
+                valid = ""
+                if has_valid:
+                    v = r.get("valid") or {}
+                    valid = " " + " | ".join(f"{v[k]:.4f}" if k in v else "—" for k in ("acc@1", "acc@5")) + " |"
+                lines.append(f"| {ROWS[row]} | {r['acc@1']:.4f} | {r['acc@5']:.4f} |{valid} {r['num_queries']} | "
+                             f"{wall} |")
         lines.append("")
     if "wall_seconds" in results:
         lines.append(wall_time_line(results["wall_seconds"], results.get("reused_runs", 0),
