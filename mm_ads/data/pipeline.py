@@ -16,6 +16,16 @@ spec are reported in three ways, from cheapest to most precise:
 Bytes that are not a `tf.train.Example` at all fail without a name (TensorFlow's parser reports only the
 bytes).
 
+Every file is also checked against the number of records the manifest lists for it (`Manifest.file_rows`):
+a file cut short at a record boundary would otherwise just end early, and a corrupt record (a CRC mismatch,
+a file cut inside a record) makes TensorFlow's reader fail without naming the file. So each file's reader
+counts its records (and their bytes) and, when it reaches the file's end, compares the count with the
+manifest's: an `InvalidArgumentError` names the file, the expected and actual counts, and the record index and
+byte offset where reading stopped; a reader error ends the file's records there (TensorFlow logs its own message,
+e.g. `corrupted record at <offset>`) and is reported the same way. The count runs in the pipeline on batches of
+records (no extra pass over the data; BUILD.md "Record counts" has its cost). A manifest written before it had
+per-file counts is checked only for a split of one file; its other splits are read as before.
+
 Multimodal vectors are not stored in the records: `VectorJoin` looks every item id up in an item → vector
 table held in memory (a `tf.lookup.StaticHashTable` id → row and a non-trainable `tf.Variable` of rows)
 and adds the vector features of the spec with their missing flags.
@@ -298,6 +308,57 @@ def build_vector_join(data_dir, vector_table=None, spec=None, vector_dtype="floa
     return VectorJoin(vector_table, spec, vector_dtype=vector_dtype, warn_miss_rate=warn_miss_rate)
 
 
+_COUNT_BATCH = 256  # records counted together (a per-record count costs more than the read)
+_RECORD_OVERHEAD = 16  # bytes of a TFRecord around its data: length (8), its CRC (4), the data's CRC (4)
+
+
+def counted_records(path, expected, what="records"):
+    """`TFRecordDataset(path)` that checks, at the file's end, that it held `expected` records.
+
+    A reader error (a corrupt or cut record) ends the file there; the check then fails. The error, an
+    `InvalidArgumentError` raised when the end is reached, names the file, both counts, and the index and byte
+    offset of the first record not read.
+
+    Args:
+        path: a TFRecord file (string tensor).
+        expected: the number of records the manifest lists for it (int64 tensor).
+        what: what the file holds, for the message (e.g. "ctr/train").
+
+    Returns:
+        A dataset of the file's serialized records, in file order.
+    """
+    batches = tf.data.TFRecordDataset(path).ignore_errors(log_warning=True).batch(_COUNT_BATCH)
+    # an empty batch marks the end (`batch` never yields one)
+    batches = batches.concatenate(tf.data.Dataset.from_tensors(tf.zeros([0], tf.string)))
+
+    def count(state, batch):
+        records, offset = state
+        n = tf.size(batch, out_type=tf.int64)
+        size = tf.reduce_sum(tf.cast(tf.strings.length(batch), tf.int64)) + _RECORD_OVERHEAD * n
+        ok = tf.logical_or(n > 0, tf.equal(records, expected))
+
+        def message():
+            def text(x):
+                return tf.strings.as_string(x)
+
+            return tf.strings.join([
+                f"{what}: ", path, " holds ", text(records), " readable records, the manifest lists ", text(expected),
+                tf.where(records < expected,
+                         tf.strings.join([": reading stopped at record index ", text(records), " (byte offset ",
+                                          text(offset), "): the file is cut short there or that record is corrupt "
+                                          "(TensorFlow's reader logs its error just before); re-create the "
+                                          "dataset or restore the file"]),
+                         ": the file has records the manifest does not list; re-create the dataset")])
+
+        check = tf.debugging.Assert(ok, [tf.cond(ok, lambda: tf.constant(""), message)])
+        with tf.control_dependencies([check]):
+            batch = tf.identity(batch)
+        return (records + n, offset + size), batch
+
+    zero = tf.constant(0, tf.int64)
+    return batches.scan((zero, zero), count).unbatch()
+
+
 def check_first_records(files, parse_spec, what, files_per_batch=256):
     """Parses the first record of every file; a `ValueError` naming the file if one does not parse.
 
@@ -349,6 +410,7 @@ def make_ctr_dataset(
     parallel_reads=False,
     check_files=True,
     record_file_names=False,
+    check_counts=True,
 ):
     """The CTR impressions of one split as batches of `(features, label)`.
 
@@ -382,6 +444,8 @@ def make_ctr_dataset(
             if it does not match the spec (skipped when called inside a `tf.function`).
         record_file_names: every record carries its file name so that a parse error names the file
             (slower; for debugging bad data).
+        check_counts: check every file's number of records against the manifest when a file has been read to
+            its end (see the module docstring); False reads the files as they are.
 
     Returns:
         A `tf.data.Dataset` of `(features, label)`: `features` holds every spec feature except the label
@@ -428,15 +492,25 @@ def make_ctr_dataset(
     pipeline_id = input_context.input_pipeline_id if input_context is not None else 0
     mode = _shard_mode(shard_policy, len(files), num_pipelines) if num_pipelines > 1 else None
 
-    ds = tf.data.Dataset.from_tensor_slices(files)
+    rows = manifest.file_rows("ctr", split) if check_counts else None
+    if check_counts and rows is None:
+        logging.info("ctr/%s of %s: the manifest has no per-file record counts (written before they were "
+                     "recorded): the files' record counts are not checked", split, data_dir)
+    counts = rows if rows is not None else [-1] * len(files)  # -1: not checked
+    ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(counts, tf.int64)))
     if mode == "files":
         ds = ds.shard(num_pipelines, pipeline_id)
     # Record mode needs the same record order in every pipeline: file order is then never shuffled.
     if shuffle and mode != "records":
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
 
-    def read_file(path):
-        records = tf.data.TFRecordDataset(path)
+    what = f"ctr/{split}"
+
+    def read_file(path, expected):
+        if rows is not None:
+            records = counted_records(path, expected, what)
+        else:
+            records = tf.data.TFRecordDataset(path)
         if record_file_names:
             return tf.data.Dataset.zip(records, tf.data.Dataset.from_tensors(path).repeat())
         return records

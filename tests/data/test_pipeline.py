@@ -1,5 +1,6 @@
 """Tests of the tf.data CTR pipeline and the vector join."""
 
+import json
 import os
 import re
 import subprocess
@@ -278,10 +279,110 @@ def test_a_bad_record_inside_a_file_fails_naming_split_or_file(tmp_path, record_
     with tf.io.TFRecordWriter(shard) as w:
         for r in records:
             w.write(r)
+    _set_file_rows(path, [len(records)])  # the manifest lists them: the records, not their count, are bad
     ds = pipeline.make_ctr_dataset(path, "train", 8, record_file_names=record_file_names)  # first record is fine
     where = re.escape(shard if record_file_names else os.path.join(path, "ctr", "train") + " (one of 1 files)")
     with pytest.raises(tf.errors.InvalidArgumentError, match=rf"Name: {where}, Feature: hist_\w+_id"):
         _collect(ds)
+
+
+def _set_file_rows(path, rows):
+    """Rewrites the ctr/train entry's per-file counts in the manifest (None: removes them, as old manifests)."""
+    manifest = os.path.join(path, "manifest.json")
+    with open(manifest) as f:
+        obj = json.load(f)
+    entry = obj["components"]["ctr"]["train"]
+    if rows is None:
+        entry.pop("file_rows")
+    else:
+        entry["file_rows"] = rows
+    with open(manifest, "w") as f:
+        json.dump(obj, f)
+
+
+def _record_bounds(shard):
+    """(start, end) byte offsets of every record of a TFRecord file."""
+    bounds, offset = [], 0
+    for r in tf.data.TFRecordDataset(shard).as_numpy_iterator():
+        bounds.append((offset, offset + len(r) + 16))
+        offset += len(r) + 16
+    return bounds
+
+
+def test_the_manifest_lists_every_files_record_count(data):
+    path, _ = data
+    m = Manifest.load(path)
+    rows = m.file_rows("ctr", "train")
+    assert rows == [25, 25, 25, 25] and sum(rows) == m.num_rows("ctr", "train") == N
+    for shard, n in zip(m.files("ctr", "train"), rows):
+        assert sum(1 for _ in tf.data.TFRecordDataset(shard)) == n
+
+
+def test_a_shard_cut_at_a_record_boundary_fails_naming_file_and_counts(tmp_path):
+    path = _write_dataset(tmp_path / "d", _columns(), _no_vectors(_spec()), 2)
+    shard = Manifest.load(path).files("ctr", "train")[1]
+    bounds = _record_bounds(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(bounds[40][0])  # 40 of 50 records left, every one intact
+    assert sum(1 for _ in tf.data.TFRecordDataset(shard)) == 40  # what TensorFlow alone reports: nothing wrong
+    ds = pipeline.make_ctr_dataset(path, "train", 8)
+    pattern = (rf"ctr/train: {re.escape(shard)} holds 40 readable records, the manifest lists 50: reading stopped "
+               rf"at record index 40 \(byte offset {bounds[40][0]}\)")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
+        _collect(ds)
+    # a pass that stops before the end of the file is not checked (e.g. max_steps)
+    assert len(list(pipeline.make_ctr_dataset(path, "train", 8).take(3))) == 3
+
+
+@pytest.mark.parametrize("where", ["data", "cut_inside"])
+def test_a_corrupt_record_fails_naming_file_index_and_offset(tmp_path, where):
+    path = _write_dataset(tmp_path / "d", _columns(), _no_vectors(_spec()), 2)
+    shard = Manifest.load(path).files("ctr", "train")[0]
+    bounds = _record_bounds(shard)
+    with open(shard, "r+b") as f:
+        if where == "data":
+            f.seek(bounds[17][0] + 12 + 5)  # a byte of record 17's data: its CRC no longer matches
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        else:
+            f.truncate(bounds[17][0] + 20)  # cut inside record 17
+    ds = pipeline.make_ctr_dataset(path, "train", 8)
+    pattern = (rf"{re.escape(shard)} holds 17 readable records, the manifest lists 50: reading stopped at record "
+               rf"index 17 \(byte offset {bounds[17][0]}\)")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
+        _collect(ds)
+
+
+def test_a_shard_with_more_records_than_listed_fails(tmp_path):
+    path = _write_dataset(tmp_path / "d", _columns(), _no_vectors(_spec()), 2)
+    _set_file_rows(path, [49, 50])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="holds 50 readable records, the manifest lists 49: "
+                                                             "the file has records the manifest does not list"):
+        _collect(pipeline.make_ctr_dataset(path, "train", 8))
+
+
+def test_counting_keeps_the_record_order(data):
+    path, _ = data
+    kwargs = dict(shuffle=True, seed=3)
+    checked, _ = _collect(pipeline.make_ctr_dataset(path, "train", 8, **kwargs))
+    plain, _ = _collect(pipeline.make_ctr_dataset(path, "train", 8, check_counts=False, **kwargs))
+    np.testing.assert_array_equal(checked["timestamp"], plain["timestamp"])
+
+
+def test_a_manifest_without_file_counts_is_read_as_before(tmp_path):
+    path = _write_dataset(tmp_path / "d", _columns(), _no_vectors(_spec()), 2)
+    _set_file_rows(path, None)
+    assert Manifest.load(path).file_rows("ctr", "train") is None
+    shard = Manifest.load(path).files("ctr", "train")[1]
+    with open(shard, "r+b") as f:
+        f.truncate(_record_bounds(shard)[40][0])
+    feats, _ = _collect(pipeline.make_ctr_dataset(path, "train", 8))  # unchecked: 90 rows read
+    assert len(feats["timestamp"]) == 90
+    # a split of one file: its num_rows is that file's count
+    one = _write_dataset(tmp_path / "one", _columns(), _no_vectors(_spec()), 1)
+    _set_file_rows(one, None)
+    assert Manifest.load(one).file_rows("ctr", "train") == [N]
 
 
 _MIRRORED = textwrap.dedent("""
