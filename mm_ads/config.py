@@ -152,6 +152,8 @@ class TrainConfig:
         export: export a SavedModel to `<model_dir>/export/<version>` at the end.
         make_learning_rate: learning rate of MAKE's pre-training (phase A, dense optimizer); 0 = the
             `dense_learning_rate`.
+        allow_vector_table_change: resume (and export) although the vector table differs from the one the run
+            recorded in its model dir (`mm_ads.training.vector_record`): a warning instead of an error.
     """
 
     epochs: int = 1
@@ -171,6 +173,7 @@ class TrainConfig:
     deterministic: bool = False
     export: bool = True
     make_learning_rate: float = 0.0
+    allow_vector_table_change: bool = False
 
     def validate(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
