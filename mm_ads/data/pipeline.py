@@ -18,13 +18,14 @@ bytes).
 
 Every file is also checked against the number of records the manifest lists for it (`Manifest.file_rows`):
 a file cut short at a record boundary would otherwise just end early, and a corrupt record (a CRC mismatch,
-a file cut inside a record) makes TensorFlow's reader fail without naming the file. So each file's reader
-counts its records (and their bytes) and, when it reaches the file's end, compares the count with the
-manifest's: an `InvalidArgumentError` names the file, the expected and actual counts, and the record index and
-byte offset where reading stopped; a reader error ends the file's records there (TensorFlow logs its own message,
-e.g. `corrupted record at <offset>`) and is reported the same way. The count runs in the pipeline on batches of
-records (no extra pass over the data; BUILD.md "Record counts" has its cost). A manifest written before it had
-per-file counts is checked only for a split of one file; its other splits are read as before.
+a file cut inside a record) makes TensorFlow's reader fail without naming the file. At construction,
+`verify_record_counts` reads the files once (batched, in parallel, every record's CRC checked) and raises a
+`ValueError` naming the file, the expected and actual counts, and the record index and byte offset where reading
+stopped (with TensorFlow's own error for a corrupt record). A process verifies a file once while its inode, size
+and mtime stay the same, so the pipelines of later epochs cost nothing more. Counting inside the pipeline instead
+(per file, checked at its end) measured 20-45% fewer records/s; the pass reads the data once more at start (BUILD.md,
+"Record counts"). A manifest written before it had per-file counts is checked only for a split of one file; its
+other splits are read as before.
 
 Multimodal vectors are not stored in the records: `VectorJoin` looks every item id up in an item → vector
 table held in memory (a `tf.lookup.StaticHashTable` id → row and a non-trainable `tf.Variable` of rows)
@@ -43,6 +44,7 @@ join.stats()                                          # {"lookups": ..., "missin
 
 import os
 import re
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -308,55 +310,84 @@ def build_vector_join(data_dir, vector_table=None, spec=None, vector_dtype="floa
     return VectorJoin(vector_table, spec, vector_dtype=vector_dtype, warn_miss_rate=warn_miss_rate)
 
 
-_COUNT_BATCH = 256  # records counted together (a per-record count costs more than the read)
+_COUNT_BATCH = 8192  # records counted together by the verification pass
 _RECORD_OVERHEAD = 16  # bytes of a TFRecord around its data: length (8), its CRC (4), the data's CRC (4)
+_VERIFIED = {}  # (real path, inode, size, mtime_ns) -> record count verified in this process
+_VERIFIED_LOCK = threading.Lock()
 
 
-def counted_records(path, expected, what="records"):
-    """`TFRecordDataset(path)` that checks, at the file's end, that it held `expected` records.
+def _file_key(path):
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns
 
-    A reader error (a corrupt or cut record) ends the file there; the check then fails. The error, an
-    `InvalidArgumentError` raised when the end is reached, names the file, both counts, and the index and byte
-    offset of the first record not read.
+
+def _locate_stop(path):
+    """(records read, byte offset after them, TensorFlow's error or "") of reading `path` record by record."""
+    count, offset = 0, 0
+    try:
+        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            count += 1
+            offset += len(record) + _RECORD_OVERHEAD
+    except tf.errors.OpError as e:
+        return count, offset, re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*", "", e.message).strip()
+    return count, offset, ""
+
+
+def verify_record_counts(files, expected, what="records"):
+    """Checks that every TFRecord file holds the number of records the manifest lists and that every record reads.
+
+    One pass over the files' bytes (batched, files in parallel; the reader checks every record's CRC), once per
+    process for a file whose path, inode, size and mtime stay the same. A file that differs is read again record
+    by record to say where reading stops.
 
     Args:
-        path: a TFRecord file (string tensor).
-        expected: the number of records the manifest lists for it (int64 tensor).
-        what: what the file holds, for the message (e.g. "ctr/train").
+        files: TFRecord paths.
+        expected: the manifest's record count of each file.
+        what: what the files hold, for the message (e.g. "ctr/train").
 
-    Returns:
-        A dataset of the file's serialized records, in file order.
+    Raises:
+        ValueError: naming the file, both counts, and the record index and byte offset where reading stopped
+            (with TensorFlow's reader error for a corrupt or cut record).
     """
-    batches = tf.data.TFRecordDataset(path).ignore_errors(log_warning=True).batch(_COUNT_BATCH)
-    # an empty batch marks the end (`batch` never yields one)
-    batches = batches.concatenate(tf.data.Dataset.from_tensors(tf.zeros([0], tf.string)))
+    todo = []
+    with _VERIFIED_LOCK:
+        for path, n in zip(files, expected):
+            try:
+                key = _file_key(path)
+            except OSError:
+                raise ValueError(f"{what}: {path} is listed in the manifest but cannot be read") from None
+            if _VERIFIED.get(key) != n:
+                todo.append((path, int(n), key))
+    if not todo:
+        return
 
-    def count(state, batch):
-        records, offset = state
-        n = tf.size(batch, out_type=tf.int64)
-        size = tf.reduce_sum(tf.cast(tf.strings.length(batch), tf.int64)) + _RECORD_OVERHEAD * n
-        ok = tf.logical_or(n > 0, tf.equal(records, expected))
+    def count(path):
+        return tf.data.TFRecordDataset(path).batch(_COUNT_BATCH).reduce(
+            tf.constant(0, tf.int64), lambda total, batch: total + tf.size(batch, out_type=tf.int64))
 
-        def message():
-            def text(x):
-                return tf.strings.as_string(x)
-
-            return tf.strings.join([
-                f"{what}: ", path, " holds ", text(records), " readable records, the manifest lists ", text(expected),
-                tf.where(records < expected,
-                         tf.strings.join([": reading stopped at record index ", text(records), " (byte offset ",
-                                          text(offset), "): the file is cut short there or that record is corrupt "
-                                          "(TensorFlow's reader logs its error just before); re-create the "
-                                          "dataset or restore the file"]),
-                         ": the file has records the manifest does not list; re-create the dataset")])
-
-        check = tf.debugging.Assert(ok, [tf.cond(ok, lambda: tf.constant(""), message)])
-        with tf.control_dependencies([check]):
-            batch = tf.identity(batch)
-        return (records + n, offset + size), batch
-
-    zero = tf.constant(0, tf.int64)
-    return batches.scan((zero, zero), count).unbatch()
+    counts = tf.data.Dataset.from_tensor_slices([p for p, _, _ in todo]).map(
+        count, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    try:
+        got = [int(c) for c in counts]
+    except tf.errors.OpError:  # a record that does not read: find which file, and where, below
+        got = [None] * len(todo)
+    for (path, n, key), actual in zip(todo, got):
+        if actual == n:
+            with _VERIFIED_LOCK:
+                _VERIFIED[key] = n
+            continue
+        records, offset, error = _locate_stop(path)
+        if records == n and not error:  # the batched pass failed on another file
+            with _VERIFIED_LOCK:
+                _VERIFIED[key] = n
+            continue
+        head = f"{what}: {path} holds {records} readable records, the manifest lists {n}"
+        if records > n and not error:
+            raise ValueError(f"{head}: the file has records the manifest does not list; re-create the dataset")
+        cause = f"TensorFlow's reader: {error}" if error else \
+            "the file ends there: it is cut short at a record boundary"
+        raise ValueError(f"{head}: reading stopped at record index {records} (byte offset {offset}; {cause}); "
+                         "re-create the dataset or restore the file")
 
 
 def check_first_records(files, parse_spec, what, files_per_batch=256):
@@ -444,8 +475,8 @@ def make_ctr_dataset(
             if it does not match the spec (skipped when called inside a `tf.function`).
         record_file_names: every record carries its file name so that a parse error names the file
             (slower; for debugging bad data).
-        check_counts: check every file's number of records against the manifest when a file has been read to
-            its end (see the module docstring); False reads the files as they are.
+        check_counts: verify every file's records and their number against the manifest now
+            (`verify_record_counts`; skipped inside a `tf.function`, like `check_files`).
 
     Returns:
         A `tf.data.Dataset` of `(features, label)`: `features` holds every spec feature except the label
@@ -466,6 +497,13 @@ def make_ctr_dataset(
     # Not inside a tf.function (e.g. the dataset function ParameterServerStrategy traces for its workers):
     # there the check's loop would become part of the workers' graph (it hangs them). Such callers build
     # the pipeline once eagerly first (the parameter-server trainer does).
+    if check_counts and not tf.inside_function():
+        rows = manifest.file_rows("ctr", split)
+        if rows is None:
+            logging.info("ctr/%s of %s: the manifest has no per-file record counts (written before they were "
+                         "recorded): the files' record counts are not checked", split, data_dir)
+        else:
+            verify_record_counts(files, rows, f"ctr/{split}")
     if check_files and not tf.inside_function():
         check_first_records(files, parse_spec, f"ctr/{split}")
     join = None
@@ -492,25 +530,15 @@ def make_ctr_dataset(
     pipeline_id = input_context.input_pipeline_id if input_context is not None else 0
     mode = _shard_mode(shard_policy, len(files), num_pipelines) if num_pipelines > 1 else None
 
-    rows = manifest.file_rows("ctr", split) if check_counts else None
-    if check_counts and rows is None:
-        logging.info("ctr/%s of %s: the manifest has no per-file record counts (written before they were "
-                     "recorded): the files' record counts are not checked", split, data_dir)
-    counts = rows if rows is not None else [-1] * len(files)  # -1: not checked
-    ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(counts, tf.int64)))
+    ds = tf.data.Dataset.from_tensor_slices(files)
     if mode == "files":
         ds = ds.shard(num_pipelines, pipeline_id)
     # Record mode needs the same record order in every pipeline: file order is then never shuffled.
     if shuffle and mode != "records":
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
 
-    what = f"ctr/{split}"
-
-    def read_file(path, expected):
-        if rows is not None:
-            records = counted_records(path, expected, what)
-        else:
-            records = tf.data.TFRecordDataset(path)
+    def read_file(path):
+        records = tf.data.TFRecordDataset(path)
         if record_file_names:
             return tf.data.Dataset.zip(records, tf.data.Dataset.from_tensors(path).repeat())
         return records

@@ -325,13 +325,13 @@ def test_a_shard_cut_at_a_record_boundary_fails_naming_file_and_counts(tmp_path)
     with open(shard, "r+b") as f:
         f.truncate(bounds[40][0])  # 40 of 50 records left, every one intact
     assert sum(1 for _ in tf.data.TFRecordDataset(shard)) == 40  # what TensorFlow alone reports: nothing wrong
-    ds = pipeline.make_ctr_dataset(path, "train", 8)
     pattern = (rf"ctr/train: {re.escape(shard)} holds 40 readable records, the manifest lists 50: reading stopped "
-               rf"at record index 40 \(byte offset {bounds[40][0]}\)")
-    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
-        _collect(ds)
-    # a pass that stops before the end of the file is not checked (e.g. max_steps)
-    assert len(list(pipeline.make_ctr_dataset(path, "train", 8).take(3))) == 3
+               rf"at record index 40 \(byte offset {bounds[40][0]}; the file ends there")
+    with pytest.raises(ValueError, match=pattern):
+        pipeline.make_ctr_dataset(path, "train", 8)
+    # without the check the split just ends early
+    feats, _ = _collect(pipeline.make_ctr_dataset(path, "train", 8, check_counts=False))
+    assert len(feats["timestamp"]) == 90
 
 
 @pytest.mark.parametrize("where", ["data", "cut_inside"])
@@ -347,42 +347,37 @@ def test_a_corrupt_record_fails_naming_file_index_and_offset(tmp_path, where):
             f.write(bytes([byte[0] ^ 0xFF]))
         else:
             f.truncate(bounds[17][0] + 20)  # cut inside record 17
-    ds = pipeline.make_ctr_dataset(path, "train", 8)
+    error = "corrupted record at" if where == "data" else "truncated record at"
     pattern = (rf"{re.escape(shard)} holds 17 readable records, the manifest lists 50: reading stopped at record "
-               rf"index 17 \(byte offset {bounds[17][0]}\)")
-    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
-        _collect(ds)
+               rf"index 17 \(byte offset {bounds[17][0]}; TensorFlow's reader: {error}")
+    with pytest.raises(ValueError, match=pattern):
+        pipeline.make_ctr_dataset(path, "train", 8)
 
 
 def test_a_shard_with_more_records_than_listed_fails(tmp_path):
     path = _write_dataset(tmp_path / "d", _columns(), _no_vectors(_spec()), 2)
     _set_file_rows(path, [49, 50])
-    with pytest.raises(tf.errors.InvalidArgumentError, match="holds 50 readable records, the manifest lists 49: "
-                                                             "the file has records the manifest does not list"):
-        _collect(pipeline.make_ctr_dataset(path, "train", 8))
+    with pytest.raises(ValueError, match="holds 50 readable records, the manifest lists 49: "
+                                         "the file has records the manifest does not list"):
+        pipeline.make_ctr_dataset(path, "train", 8)
 
 
-def test_counting_keeps_the_record_order(data):
-    path, _ = data
-    kwargs = dict(shuffle=True, seed=3)
-    checked, _ = _collect(pipeline.make_ctr_dataset(path, "train", 8, **kwargs))
-    plain, _ = _collect(pipeline.make_ctr_dataset(path, "train", 8, check_counts=False, **kwargs))
-    np.testing.assert_array_equal(checked["timestamp"], plain["timestamp"])
-
-
-def test_a_manifest_without_file_counts_is_read_as_before(tmp_path):
+def test_a_file_is_verified_once_per_process_until_it_changes(tmp_path, monkeypatch):
     path = _write_dataset(tmp_path / "d", _columns(), _no_vectors(_spec()), 2)
-    _set_file_rows(path, None)
-    assert Manifest.load(path).file_rows("ctr", "train") is None
-    shard = Manifest.load(path).files("ctr", "train")[1]
-    with open(shard, "r+b") as f:
-        f.truncate(_record_bounds(shard)[40][0])
-    feats, _ = _collect(pipeline.make_ctr_dataset(path, "train", 8))  # unchecked: 90 rows read
-    assert len(feats["timestamp"]) == 90
-    # a split of one file: its num_rows is that file's count
-    one = _write_dataset(tmp_path / "one", _columns(), _no_vectors(_spec()), 1)
-    _set_file_rows(one, None)
-    assert Manifest.load(one).file_rows("ctr", "train") == [N]
+    files = Manifest.load(path).files("ctr", "train")
+    pipeline.make_ctr_dataset(path, "train", 8)
+    assert all(pipeline._VERIFIED.get(pipeline._file_key(f)) == 50 for f in files)
+    with monkeypatch.context() as m:  # e.g. the next epoch's pipeline: no file is read again
+        m.setattr(tf.data, "TFRecordDataset", lambda *a, **k: pytest.fail("a verified file was read again"))
+        pipeline.verify_record_counts(files, [50, 50], "ctr/train")
+    located = []
+    locate = pipeline._locate_stop
+    monkeypatch.setattr(pipeline, "_locate_stop", lambda p: located.append(p) or locate(p))
+    with open(files[0], "r+b") as f:  # changed: verified again
+        f.truncate(_record_bounds(files[0])[10][0])
+    with pytest.raises(ValueError, match="holds 10 readable records"):
+        pipeline.make_ctr_dataset(path, "train", 8)
+    assert located == [files[0]]  # only the file that differs is read record by record
 
 
 _MIRRORED = textwrap.dedent("""
