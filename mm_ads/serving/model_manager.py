@@ -11,9 +11,14 @@ Version policy: serve the largest complete version that loads (TF Serving's defa
 warm-up calls of every signature — and only then swaps one reference. A request takes that reference
 once (`ModelManager.get()`), so in-flight requests finish on the version they started with, and the old
 version is freed when its last request drops it. A version that fails to load or to warm up is logged,
-recorded in the status (state END with the error) and skipped until its directory changes; the version
-already loaded keeps serving. When the served version's directory disappears, the largest remaining
-version is loaded (rollback by deleting a version); with no version left, the loaded one keeps serving.
+recorded in the status (state END with the error) and skipped until its directory's content changes
+(`dir_fingerprint`: file names, sizes, mtimes) and then stays the same for one poll; the version already loaded
+keeps serving. Given the index table ranking reads (`index_table=`), a version is loaded only if its vector inputs
+take the table's dim and were trained on the table's encoder version (`vector_mismatch`, from the signatures and
+the export's `assets.extra/mm_ads_vectors.json`); otherwise it is refused before loading: status END with code
+FAILED_PRECONDITION and the reason, an ERROR log line, and the served version stays. When the served version's
+directory disappears, the largest remaining version is loaded (rollback by deleting a version); with no version
+left, the loaded one keeps serving.
 
 Waiting for the first version: like TF Serving, a base path that does not exist yet, or holds no loadable
 version yet, is not an error — the watcher keeps polling it (a trainer may create it later). Until a version
