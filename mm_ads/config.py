@@ -177,6 +177,8 @@ class TrainConfig:
             `early_stopping_metric` and keep the best epoch's checkpoint in `<model_dir>/ckpt_best/`
             (0 = train every epoch). Needs `eval_every=0` (one evaluation per epoch).
         early_stopping_metric: "gauc", "auc" (higher is better) or "logloss" (lower is better).
+        allow_vector_table_change: resume (and export) although the vector table differs from the one the run
+            recorded in its model dir (`mm_ads.training.vector_record`): a warning instead of an error.
     """
 
     epochs: int = 1
@@ -198,6 +200,7 @@ class TrainConfig:
     make_learning_rate: float = 0.0
     early_stopping_patience: int = 0
     early_stopping_metric: str = "gauc"
+    allow_vector_table_change: bool = False
 
     def validate(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")

@@ -14,7 +14,9 @@ The MAKE variants (`make`, `simtier_make`) first pre-train MAKE in `<model_dir>/
 `--make_epochs` epochs (phase A; skipped when already done), then train the ID model with it
 (phase B); `metrics.json` holds phase A's metrics under `make_pretrain` (see `mm_ads.ctr.make`).
 Flags given on the command line override the flagfile. Re-running the same command resumes
-from the last checkpoint in `model_dir`.
+from the last checkpoint in `model_dir`. A multimodal run records its vector table (encoder version, dim,
+content fingerprint) in `<model_dir>/vector_tables.json`; resuming with a table that differs is refused
+(`--allow_vector_table_change` goes on with a warning; see `mm_ads.training.vector_record`).
 """
 
 import json
@@ -114,11 +116,9 @@ def validate_inputs(config):
     return manifest
 
 
-def _validate_vector_table(config, manifest):
-    """The vector table of a multimodal variant: resolvable, readable, and of the dim it must have."""
+def _vector_table(config, manifest):
+    """(the flag as given, the path, the manifest's name of the table or None) of a multimodal run's table."""
     from mm_ads.data import pipeline
-    from mm_ads.data.spec import FeatureSpec
-    from mm_ads.data.vectors import read_table_info
 
     value = config.data.vector_table
     flag = f"--vector_table={value}" if value else "--vector_table (unset: the dataset's only table)"
@@ -126,16 +126,32 @@ def _validate_vector_table(config, manifest):
         path = pipeline.resolve_vector_table_path(manifest, value or None, option="--vector_table")
     except ValueError as e:  # names the flag itself
         raise InputError(str(e)) from None
+    name = next((n for n, p in pipeline.vector_table_paths(manifest).items() if p == path), None)
+    return flag, path, name
+
+
+def _validate_vector_table(config, manifest):
+    """The vector table of a multimodal variant: resolvable, readable, of the dim it must have, and, when
+    `model_dir` holds a run, the table that run recorded (`mm_ads.training.vector_record`)."""
+    from mm_ads.data.spec import FeatureSpec
+    from mm_ads.data.vectors import read_table_info
+    from mm_ads.training import vector_record
+
+    flag, path, name = _vector_table(config, manifest)
     try:
         info = read_table_info(path)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"{flag}: {e}") from None
     entries = manifest.extra.get("vector_tables") or {}
-    name = next((n for n, p in pipeline.vector_table_paths(manifest).items() if p == path), None)
     declared = entries.get(name) if isinstance(entries, dict) else None
     if isinstance(declared, dict) and declared.get("dim") is not None and int(declared["dim"]) != info["dim"]:
         raise InputError(f"{flag}: {path} has dim {info['dim']}, but the manifest of {config.data.data_dir} "
                          f"declares dim {declared['dim']} for it")
+    try:
+        vector_record.check(config.model_dir, vector_record.describe_table(path, name),
+                            config.train.allow_vector_table_change, "resume", option=flag)
+    except ValueError as e:  # VectorTableChanged, or an unreadable record
+        raise InputError(str(e)) from None
     # a resumed run (or its MAKE pre-training) was built for the vectors it trained with
     for model_dir in (config.model_dir, os.path.join(config.model_dir, "make")):
         spec_path = os.path.join(model_dir, SPEC_FILE)
@@ -168,10 +184,26 @@ def run(config):
         return _run_scl(config, strategy, chief, start)
     if config.task == "clip":
         return _run_clip(config, strategy, chief, start)
-    return _run_ctr(config, strategy, chief, start)
+    return _run_ctr(config, strategy, chief, start, _record_vector_table(config, chief))
 
 
-def _pretrain_make(config, strategy, chief):
+def _record_vector_table(config, chief):
+    """The record entry of a multimodal run's vector table, written to the model dir when new or allowed to
+    change (checked by `validate_inputs`); None for a run without vectors."""
+    from mm_ads.data.dataset import Manifest
+    from mm_ads.training import vector_record
+
+    if not config.model.uses_vectors:
+        return None
+    _, path, name = _vector_table(config, Manifest.load(config.data.data_dir))
+    current = vector_record.describe_table(path, name)  # the file was hashed once already in this process
+    recorded = vector_record.recorded_entry(config.model_dir)
+    if recorded is None or vector_record.differences(recorded, current):  # new, or a change allowed (and warned)
+        return vector_record.write(config.model_dir, current) if chief else current
+    return recorded
+
+
+def _pretrain_make(config, strategy, chief, vectors=None):
     """Phase A of a MAKE variant (skipped when finished); returns `(metrics, checkpoint)`."""
     import tensorflow as tf
 
@@ -187,19 +219,20 @@ def _pretrain_make(config, strategy, chief):
     _check_resume_config(cfg.model_dir, cfg)
     if chief:
         io_utils.write_json(os.path.join(cfg.model_dir, CONFIG_FILE), cfg.to_json())
-    metrics = _run_ctr(cfg, strategy, chief, time.time())
+    metrics = _run_ctr(cfg, strategy, chief, time.time(), vectors)
     ckpt = "ckpt_best" if cfg.train.early_stopping_patience else "ckpt"
     return metrics, tf.train.latest_checkpoint(os.path.join(cfg.model_dir, ckpt))
 
 
-def _run_ctr(config, strategy, chief, start):
+def _run_ctr(config, strategy, chief, start, vectors=None):
     from mm_ads.ctr.task import CTRTask
     from mm_ads.export import export_saved_model
     from mm_ads.training import trainer as trainer_lib
+    from mm_ads.training import vector_record
 
     make_metrics = make_checkpoint = None
     if config.model.pretrains_make:
-        make_metrics, make_checkpoint = _pretrain_make(config, strategy, chief)
+        make_metrics, make_checkpoint = _pretrain_make(config, strategy, chief, vectors)
         logging.info("MAKE (%s) from %s", "frozen" if config.model.make_frozen else "fine-tuned", make_checkpoint)
     task = CTRTask(config, make_checkpoint=make_checkpoint)
     if chief:
@@ -225,10 +258,12 @@ def _run_ctr(config, strategy, chief, start):
             # unsharded model restored from the final checkpoint (the checkpoint does not depend on shards)
             from mm_ads.export.saved_model import export_checkpoint
 
-            metrics["export_path"] = export_checkpoint(config.model_dir, checkpoint=trainer.latest_checkpoint)
+            metrics["export_path"] = export_checkpoint(
+                config.model_dir, checkpoint=trainer.latest_checkpoint,
+                allow_vector_table_change=config.train.allow_vector_table_change)
         else:
             metrics["export_path"] = export_saved_model(trainer.model, os.path.join(config.model_dir, "export"),
-                                                        spec=task.spec)
+                                                        spec=task.spec, vectors=vector_record.export_vectors(vectors))
     if chief:
         io_utils.write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
     return metrics

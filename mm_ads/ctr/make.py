@@ -41,7 +41,7 @@ def validation_split(config):
     """The split MAKE's pre-training stops early on: `data.valid_split` when the dataset has it and
     `make_patience > 0`, else None (phase A then trains exactly `make_epochs` epochs)."""
     split = config.data.valid_split
-    if not config.model.make_patience or not split or split == config.data.eval_split:
+    if not config.model.make_patience or not split:
         return None
     return split if split in Manifest.load(config.data.data_dir).components.get("ctr", {}) else None
 

@@ -2,7 +2,8 @@
 
 ```
 DIR/
-  manifest.json                 spec, splits with files and row counts, provenance, seed, extras
+  manifest.json                 spec, splits with files and row counts (per file for ctr), provenance, seed,
+                                extras
   ctr/<split>-NNNNN-of-MMMMM.tfrecord
                                 impressions as tf.train.Example, one feature per stored FeatureSpec entry
   items.parquet                 item catalogue (item_id, attributes, created_at, title, image bytes)
@@ -94,6 +95,21 @@ class Manifest:
 
     def num_rows(self, component, split):
         return self.components[component][split]["num_rows"]
+
+    def file_rows(self, component, split):
+        """Rows of each file of a split (in `files` order), or None when the manifest does not say.
+
+        Manifests list them as `file_rows` (written since the input pipeline checks them); an older manifest
+        without them still says it for a split of one file (its `num_rows`).
+        """
+        entry = self.components[component][split]
+        rows = entry.get("file_rows")
+        if rows is None:
+            return [int(entry["num_rows"])] if len(entry["files"]) == 1 else None
+        if len(rows) != len(entry["files"]) or any(int(r) < 0 for r in rows):
+            raise ValueError(f"Dataset {self.name!r}: {component}/{split} lists {len(entry['files'])} files but "
+                             f"file_rows {rows}")
+        return [int(r) for r in rows]
 
     def summary(self):
         """A short human-readable description."""
@@ -214,11 +230,11 @@ class DatasetWriter:
             io_utils.write_json(os.path.join(self.tmp_dir, MANIFEST), self.manifest.to_json())
         return self._ctx.__exit__(exc_type, exc, tb)
 
-    def _register(self, component, split, rel_files, num_rows):
-        self.manifest.components.setdefault(component, {})[split or "all"] = {
-            "files": rel_files,
-            "num_rows": int(num_rows),
-        }
+    def _register(self, component, split, rel_files, num_rows, file_rows=None):
+        entry = {"files": rel_files, "num_rows": int(num_rows)}
+        if file_rows is not None:
+            entry["file_rows"] = [int(r) for r in file_rows]
+        self.manifest.components.setdefault(component, {})[split or "all"] = entry
 
     def write_ctr(self, split, columns, num_shards=1, progress=None):
         """Writes impressions (`{feature: array [N, ...]}`) as `num_shards` TFRecord files."""
@@ -245,7 +261,7 @@ class DatasetWriter:
                         w.write(record)
                     if progress is not None:
                         progress.add(hi - lo)
-        self._register("ctr", split, rel, n)
+        self._register("ctr", split, rel, n, file_rows=np.diff(bounds))
         return rel
 
     def write_parquet(self, component, split, table, row_group_size=65536):

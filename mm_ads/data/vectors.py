@@ -7,6 +7,10 @@ The file's metadata carries `mm_ads.dim`, `mm_ads.dtype`, `mm_ads.scale` and
 serving can refuse to mix vectors from different encoders.
 """
 
+import hashlib
+import os
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -110,6 +114,31 @@ def read_table_info(path, expected_dim=None, expected_encoder_version=None):
         )
     return {"dim": dim, "dtype": meta[_META + "dtype"], "scale": float(meta[_META + "scale"]),
             "encoder_version": version, "num_rows": parquet.metadata.num_rows}
+
+
+_FINGERPRINTS = {}  # (real path, inode, size, mtime_ns) -> fingerprint, for this process
+_FINGERPRINTS_LOCK = threading.Lock()
+
+
+def table_fingerprint(path):
+    """`"sha256:<hex>"` of a vector table file's bytes: changes with any vector, id or metadata.
+
+    The whole file is hashed (~600 MB/s on the 2-core VM: 2 s for a 10M × 128 int8 table, 8.5 s in float32; about
+    what loading it costs); a process hashes a file once while its inode, size and mtime stay the same.
+    """
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _FINGERPRINTS_LOCK:
+        if key in _FINGERPRINTS:
+            return _FINGERPRINTS[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    fingerprint = f"sha256:{digest.hexdigest()}"
+    with _FINGERPRINTS_LOCK:
+        _FINGERPRINTS[key] = fingerprint
+    return fingerprint
 
 
 class VectorTable:

@@ -4,7 +4,9 @@ r"""Exports a trained model's checkpoint for TF Serving.
 
 Reads `config.json` and `feature_spec.json` that `python -m mm_ads.train` wrote to the model dir,
 rebuilds the model, restores the latest (or the given) checkpoint and writes
-`<export_base>/<version>/` atomically (see `mm_ads.export.saved_model`). No data is read.
+`<export_base>/<version>/` atomically (see `mm_ads.export.saved_model`). No data is read, except the vector
+table of a multimodal run, compared with the one the run recorded (`vector_tables.json`): a table that differs
+refuses the export unless `--allow_vector_table_change`.
 """
 
 from absl import app, flags
@@ -15,13 +17,22 @@ _MODEL_DIR = flags.DEFINE_string("model_dir", None, "A model dir written by pyth
 _EXPORT_BASE = flags.DEFINE_string("export_base", None, "TF Serving base path (default <model_dir>/export).")
 _VERSION = flags.DEFINE_integer("version", None, "Version number (default: latest + 1).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (default: the latest in <model_dir>/ckpt).")
+_ALLOW = flags.DEFINE_bool("allow_vector_table_change", False,
+                           "Export although the vector table the run's config names differs from the one the run "
+                           "recorded in <model_dir>/vector_tables.json (a warning instead of an error).")
 flags.mark_flag_as_required("model_dir")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    path = export_checkpoint(_MODEL_DIR.value, _EXPORT_BASE.value, _VERSION.value, _CHECKPOINT.value)
+    from mm_ads.training.vector_record import VectorTableChanged
+
+    try:
+        path = export_checkpoint(_MODEL_DIR.value, _EXPORT_BASE.value, _VERSION.value, _CHECKPOINT.value,
+                                 allow_vector_table_change=_ALLOW.value)
+    except VectorTableChanged as e:
+        raise app.UsageError(str(e)) from None
     print(f"export: {path}")
 
 

@@ -13,6 +13,13 @@ Given the FeatureSpec, a second signature, `user_candidates`, scores the B candi
 inputs, but the user-side ones (user/context features, the behaviour sequence's ids, `hist_item_vector`
 [1, S, D] and its flags) have batch 1 and are not repeated per candidate. Same scores as `serving_default`
 on the repeated inputs, with the history-only work done once (BUILD.md: serving benchmark).
+
+Given the vector table the model was trained with (`vectors=`), the version records it in
+`<version>/assets.extra/mm_ads_vectors.json` (TF Serving's place for files next to a SavedModel, which loaders
+ignore): for each vector input its dim and the encoder version (plus the table's name and content fingerprint).
+The prediction server refuses a version whose record does not match its index table
+(`mm_ads.serving.model_manager.vector_mismatch`). The file is written inside the version's temporary directory,
+so it appears with the version, atomically.
 """
 
 import json
@@ -54,7 +61,58 @@ def user_candidates_specs(specs, user_inputs):
             for name, s in specs.items()}
 
 
-def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=None):
+VECTORS_ASSET = os.path.join("assets.extra", "mm_ads_vectors.json")
+VECTORS_FORMAT = 1
+
+
+def vector_record(specs, vectors, spec=None):
+    """The `mm_ads_vectors.json` content: `{"format_version", "inputs": {vector input: {dim, encoder_version, ...}}}`.
+
+    Args:
+        specs: `{input name: tf.TensorSpec}` of the served signature.
+        vectors: `{"encoder_version", "dim", ...}` of the vector table the model was trained with (what
+            `mm_ads.training.vector_record` records in the model dir); every key is copied per input.
+        spec: the model's `FeatureSpec` (its `vector` features are the vector inputs; default `item_vector` and
+            `hist_item_vector`).
+    """
+    from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR
+
+    names = [f.name for f in spec.by_role("vector")] if spec is not None else [ITEM_VECTOR, HIST_ITEM_VECTOR]
+    inputs = {}
+    for name in names:
+        if name not in specs:
+            continue
+        dim = int(specs[name].shape[-1])
+        if vectors.get("dim") is not None and int(vectors["dim"]) != dim:
+            raise ValueError(f"input {name!r} takes vectors of dim {dim}, but the vector table "
+                             f"{vectors.get('table', '')} has dim {vectors['dim']}")
+        if not vectors.get("encoder_version"):
+            raise ValueError(f"the vector table record {vectors} has no encoder_version")
+        inputs[name] = dict(vectors, dim=dim)
+    return {"format_version": VECTORS_FORMAT, "inputs": inputs}
+
+
+def read_vector_record(version_dir):
+    """The vector record of an exported version (`VECTORS_ASSET`), or None when it has none.
+
+    Raises `ValueError` naming the file when it is not a record of this format.
+    """
+    path = os.path.join(version_dir, VECTORS_ASSET)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format_version") != VECTORS_FORMAT or \
+            not isinstance(record.get("inputs"), dict):
+        raise ValueError(f"{path} is not a vector record of format {VECTORS_FORMAT} "
+                         "({\"format_version\": 1, \"inputs\": {...}})")
+    return record
+
+
+def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=None, vectors=None):
     """Writes `model` to `<export_base>/<version>/` atomically and returns that path.
 
     Args:
@@ -64,8 +122,15 @@ def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=
         outputs: which of the model's outputs the signatures return.
         spec: the model's `FeatureSpec`: adds the `user_candidates` signature (a model of
             `mm_ads.ctr.model.build_ctr_model`, or one that broadcasts its user-side inputs likewise).
+        vectors: `{"encoder_version", "dim", ...}` of the vector table the model was trained with: recorded in
+            `VECTORS_ASSET` for the server's check (see the module docstring). None: no record.
     """
     specs = serving_signature_specs(model)
+    extra = None
+    if vectors is not None:
+        record = vector_record(specs, vectors, spec)
+        if record["inputs"]:
+            extra = {VECTORS_ASSET: json.dumps(record, indent=2, sort_keys=True).encode()}
 
     def serve(inputs):
         result = model(inputs, training=False)
@@ -79,7 +144,7 @@ def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=
 
         user_specs = user_candidates_specs(specs, user_side_inputs(spec, specs))
         archive.add_endpoint(USER_SIGNATURE, tf.function(serve), input_signature=[user_specs])
-    return write_archive(archive, export_base, version)
+    return write_archive(archive, export_base, version, extra)
 
 
 _TEMPORARY = re.compile(r"^\.\d+\..*\.tmp$")
@@ -98,10 +163,11 @@ def remove_stale_temporaries(export_base):
     return stale
 
 
-def write_archive(archive, export_base, version=None):
+def write_archive(archive, export_base, version=None, extra_files=None):
     """Writes a `keras.export.ExportArchive` to `<export_base>/<version>/` atomically; returns that path.
 
-    `version` defaults to the latest existing + 1; an existing version is never overwritten.
+    `version` defaults to the latest existing + 1; an existing version is never overwritten. `extra_files`
+    (`{path relative to the version: bytes}`) are written into the version before it is renamed into place.
     """
     version = latest_version(export_base) + 1 if version is None else int(version)
     if version < 1:
@@ -113,6 +179,12 @@ def write_archive(archive, export_base, version=None):
     tmp = tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=export_base)
     try:
         archive.write_out(tmp, verbose=False)
+        for rel, data in (extra_files or {}).items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            with open(os.path.join(tmp, rel), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,11 +192,14 @@ def write_archive(archive, export_base, version=None):
     return final
 
 
-def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None):
+def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None, allow_vector_table_change=False):
     """Rebuilds the model of `model_dir`, restores a checkpoint and exports it; returns the version path.
 
     The model is built unsharded and on the local device whatever the strategy it was trained with
-    (checkpoints do not depend on the number of embedding shards).
+    (checkpoints do not depend on the number of embedding shards). The vector table the run recorded
+    (`mm_ads.training.vector_record`) goes into the version for the server's check; when the config's table
+    is readable here and differs from the record, the export is refused (`VectorTableChanged`) unless
+    `allow_vector_table_change` (then a warning).
     """
     from mm_ads.config import ExperimentConfig
     from mm_ads.ctr.model import build_ctr_model
@@ -142,7 +217,40 @@ def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None
     checkpoint = checkpoint or tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
     if not checkpoint:
         raise FileNotFoundError(f"No checkpoint in {os.path.join(model_dir, 'ckpt')}")
+    vectors = _checked_vector_table(model_dir, config, allow_vector_table_change) \
+        if config.model.uses_vectors else None
     model = build_ctr_model(spec, config.model)
     restore = tf.train.Checkpoint(model=model_checkpoint(model)).restore(checkpoint)
     restore.expect_partial().assert_existing_objects_matched()
-    return export_saved_model(model, export_base or os.path.join(model_dir, "export"), version=version, spec=spec)
+    return export_saved_model(model, export_base or os.path.join(model_dir, "export"), version=version, spec=spec,
+                              vectors=vectors)
+
+
+def _checked_vector_table(model_dir, config, allow_change):
+    """What the export records about the run's vector table (None when the run recorded none), after comparing
+    the table its config names with the record, when that table can be read here (an export reads no data)."""
+    from absl import logging
+
+    from mm_ads.data.dataset import Manifest
+    from mm_ads.data.pipeline import resolve_vector_table_path, vector_table_paths
+    from mm_ads.training import vector_record
+
+    recorded = vector_record.recorded_entry(model_dir)
+    if recorded is None:
+        logging.warning("%s records no vector table (a run from before the record): the export records no encoder "
+                        "version, so a server checks only the vectors' dim", model_dir)
+        return None
+    try:
+        manifest = Manifest.load(config.data.data_dir)
+        path = resolve_vector_table_path(manifest, config.data.vector_table or None, option="--vector_table")
+        name = next((n for n, p in vector_table_paths(manifest).items() if p == path), None)
+        current = vector_record.describe_table(path, name)
+    except (OSError, ValueError) as e:
+        logging.warning("the vector table of %s cannot be read here (%s): not compared with the record %s; the "
+                        "export records the recorded table", model_dir, e,
+                        os.path.join(model_dir, vector_record.RECORD_FILE))
+        return vector_record.export_vectors(recorded)
+    option = f"data.vector_table={config.data.vector_table!r} of {os.path.join(model_dir, 'config.json')}"
+    if vector_record.check(model_dir, current, allow_change, "export", option=option):
+        return vector_record.export_vectors(current)  # allowed: the table the model is exported for
+    return vector_record.export_vectors(recorded)

@@ -125,7 +125,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             status.version = entry["version"]
             status.state = get_model_status_pb2.ModelVersionStatus.State.Value(entry["state"])
             if entry["error"]:
-                status.status.error_code = 13  # tensorflow.error.Code INTERNAL (load failure)
+                # tensorflow.error.Code: FAILED_PRECONDITION (9) for a version refused by the index-table check,
+                # INTERNAL (13) for a load failure
+                status.status.error_code = 9 if entry.get("code") == "FAILED_PRECONDITION" else 13
                 status.status.error_message = entry["error"]
         return response
 

@@ -11,9 +11,14 @@ Version policy: serve the largest complete version that loads (TF Serving's defa
 warm-up calls of every signature — and only then swaps one reference. A request takes that reference
 once (`ModelManager.get()`), so in-flight requests finish on the version they started with, and the old
 version is freed when its last request drops it. A version that fails to load or to warm up is logged,
-recorded in the status (state END with the error) and skipped until its directory changes; the version
-already loaded keeps serving. When the served version's directory disappears, the largest remaining
-version is loaded (rollback by deleting a version); with no version left, the loaded one keeps serving.
+recorded in the status (state END with the error) and skipped until its directory's content changes
+(`dir_fingerprint`: file names, sizes, mtimes) and then stays the same for one poll; the version already loaded
+keeps serving. Given the index table ranking reads (`index_table=`), a version is loaded only if its vector inputs
+take the table's dim and were trained on the table's encoder version (`vector_mismatch`, from the signatures and
+the export's `assets.extra/mm_ads_vectors.json`); otherwise it is refused before loading: status END with code
+FAILED_PRECONDITION and the reason, an ERROR log line, and the served version stays. When the served version's
+directory disappears, the largest remaining version is loaded (rollback by deleting a version); with no version
+left, the loaded one keeps serving.
 
 Waiting for the first version: like TF Serving, a base path that does not exist yet, or holds no loadable
 version yet, is not an error — the watcher keeps polling it (a trainer may create it later). Until a version
@@ -31,10 +36,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mm_ads.serving.errors import InvalidArgument, NotFound, Unavailable
+from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR
+from mm_ads.serving.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 DEFAULT_SIGNATURE = "serving_default"
 _SHARD = re.compile(r"^variables\.data-(\d+)-of-(\d+)$")
+VECTOR_FEATURES = (ITEM_VECTOR, HIST_ITEM_VECTOR)
 
 
 def incomplete_reason(path):
@@ -71,15 +78,24 @@ def version_dirs(base_path):
     return out
 
 
-def _dir_stamp(path):
-    """Changes when a version directory is rewritten (its mtime and the saved_model.pb's)."""
-    stamps = []
-    for p in (path, os.path.join(path, "saved_model.pb")):
-        try:
-            stamps.append(os.stat(p).st_mtime_ns)
-        except OSError:
-            stamps.append(0)
-    return tuple(stamps)
+def dir_fingerprint(path):
+    """A fingerprint of a version directory's content: every file's relative path, size and mtime (ns).
+
+    Repairing a version in place (copying a missing shard, rewriting `saved_model.pb`, replacing a file with one of
+    another size or time) changes it; a directory that is not touched keeps it. Cost: one `os.stat` a file (a
+    SavedModel has a handful).
+    """
+    entries = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:  # removed while walking: the next poll sees the new content
+                continue
+            entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    return tuple(entries)
 
 
 class Signature:
@@ -200,6 +216,61 @@ def _read_signature_defs(path):
     return {}
 
 
+def vector_inputs(signature_defs, record=None):
+    """`{input name: dim}` of the multimodal vector inputs of a version's signatures.
+
+    The vector inputs are those the export recorded (`record`, see `mm_ads.export.saved_model.read_vector_record`)
+    and the FeatureSpec's `item_vector` / `hist_item_vector`; their dim is the last dimension of the input.
+    """
+    names = set(VECTOR_FEATURES) | set((record or {}).get("inputs", {}))
+    out = {}
+    for sig in signature_defs.values():
+        for name, info in sig.inputs.items():
+            if name in names and info.tensor_shape.dim:
+                out[name] = int(info.tensor_shape.dim[-1].size)
+    return out
+
+
+def vector_mismatch(path, signature_defs, index_table):
+    """Why the version at `path` cannot rank with `index_table`'s vectors, or None when it can.
+
+    Every vector input must take the table's dim and, where the export recorded the encoder that made the vectors
+    it was trained on, come from the table's encoder version (`index_table.encoder_version`; a vector source
+    without one is checked on dims only). A version with vector inputs but no record (exported
+    before the record existed) is checked on its dims only, with a warning.
+    """
+    from mm_ads.export.saved_model import read_vector_record
+
+    try:
+        record = read_vector_record(path)
+    except ValueError as e:
+        return str(e)
+    inputs = vector_inputs(signature_defs, record)
+    if not inputs:
+        return None
+    table = f"the index table {getattr(index_table, 'uri', '')}".rstrip()
+    encoder = getattr(index_table, "encoder_version", None)  # None: a vector source that does not say
+    holds = f"dim {int(index_table.dim)}, encoder {encoder!r}"
+    problems = []
+    for name, dim in sorted(inputs.items()):
+        if dim != int(index_table.dim):
+            problems.append(f"input {name!r} takes vectors of dim {dim}")
+    recorded = (record or {}).get("inputs", {})
+    for name in sorted(inputs):
+        version = recorded.get(name, {}).get("encoder_version")
+        if version is not None and encoder is not None and version != encoder:
+            problems.append(f"input {name!r} was trained on vectors of encoder {version!r}")
+    if problems:
+        return (f"refused: {'; '.join(problems)}; {table} holds {holds} (export the model trained on this "
+                "encoder's vectors, or serve an index table of the version's encoder)")
+    unrecorded = sorted(n for n in inputs if "encoder_version" not in recorded.get(n, {}))
+    if unrecorded:
+        logging.warning("version dir %s records no encoder version for its vector input(s) %s (exported before "
+                        "the record existed): only their dim is checked against %s (%s)", path, unrecorded, table,
+                        holds)
+    return None
+
+
 class ModelManager:
     """Watches `<base_path>` and serves its latest loadable version (see the module docstring).
 
@@ -212,10 +283,12 @@ class ModelManager:
             exception there rejects the version like a load failure.
         wait_log_interval_s: while no version is served, the watcher logs `waiting_message()` at INFO this
             often (and once at `start()`).
+        index_table: the index table ranking reads vectors from (`dim`, `encoder_version`), or None: a version
+            whose vector inputs do not match it is refused (`vector_mismatch`), before it is loaded.
     """
 
     def __init__(self, name, base_path, poll_interval_s=1.0, warmup_batch_sizes=(1,), on_load=None,
-                 wait_log_interval_s=10.0):
+                 wait_log_interval_s=10.0, index_table=None):
         if wait_log_interval_s <= 0:
             raise ValueError(f"wait_log_interval_s must be > 0, got {wait_log_interval_s}")
         self.name = name
@@ -225,8 +298,10 @@ class ModelManager:
         self._last_wait_log = None
         self.warmup_batch_sizes = tuple(warmup_batch_sizes)
         self.on_load = on_load
+        self.index_table = index_table
         self._current = None
-        self._failed = {}  # version -> (dir stamp, error message)
+        self._failed = {}  # version -> {"fingerprint", "error", "code"} of its last failed load or refusal
+        self._changed = {}  # failed version -> its new fingerprint, seen once (retried when seen twice in a row)
         self._incomplete = {}  # version -> the reason last logged (logged once per reason)
         self._loading = None
         self._poll_lock = threading.Lock()
@@ -261,8 +336,8 @@ class ModelManager:
                 if current is not None and version == current.version:
                     return False
                 failed = self._failed.get(version)
-                stamp = _dir_stamp(path)
-                if failed is not None and failed[0] == stamp:
+                fingerprint = dir_fingerprint(path)
+                if failed is not None and not self._retry(version, path, failed, fingerprint):
                     continue
                 reason = incomplete_reason(path)
                 if reason is not None:
@@ -272,7 +347,7 @@ class ModelManager:
                     logging.info("model %s: version dir %s is not a complete SavedModel (%s); not loaded",
                                  self.name, path, reason)
                     continue
-                model = self._load(version, path, stamp)
+                model = self._load(version, path, fingerprint)
                 if model is None:
                     continue
                 self._current = model  # the swap: one reference assignment
@@ -282,19 +357,44 @@ class ModelManager:
                 return True
             return False
 
-    def _load(self, version, path, stamp):
+    def _retry(self, version, path, failed, fingerprint):
+        """Whether a version that failed (or was refused) is tried again: only once its directory's content changed
+        (`dir_fingerprint`) and then stayed the same for one more poll, so a repair being copied in is not loaded
+        half-way and an untouched broken version costs one `os.stat` a file per poll, never a load."""
+        if fingerprint == failed["fingerprint"]:
+            self._changed.pop(version, None)
+            return False
+        if self._changed.get(version) != fingerprint:
+            self._changed[version] = fingerprint
+            logging.info("model %s: version dir %s changed since it failed; retried if it stays unchanged until the "
+                         "next poll", self.name, path)
+            return False
+        self._changed.pop(version, None)
+        logging.info("model %s: retrying version %d (%s): its directory changed since it failed", self.name, version,
+                     path)
+        return True
+
+    def _load(self, version, path, fingerprint):
         self._loading = version
         t0 = time.perf_counter()
         try:
+            if self.index_table is not None:
+                refused = vector_mismatch(path, _read_signature_defs(path), self.index_table)
+                if refused:
+                    raise FailedPrecondition(refused)
             model = LoadedModel(self.name, version, path)
             model.warmup(self.warmup_batch_sizes)
             if self.on_load is not None:
                 self.on_load(model)
         except Exception as e:  # any load/warm-up failure rejects this version only
-            message = f"{type(e).__name__}: {e}"
-            self._failed[version] = (stamp, message[:2000])
-            logging.error("model %s: version %d at %s failed to load and is skipped: %s", self.name, version, path,
-                          message[:2000])
+            refused = isinstance(e, FailedPrecondition)
+            message = str(e) if refused else f"{type(e).__name__}: {e}"
+            self._failed[version] = {"fingerprint": fingerprint, "error": message[:2000],
+                                     "code": "FAILED_PRECONDITION" if refused else "UNKNOWN"}
+            current = self._current
+            keeps = f"; version {current.version} keeps serving" if current is not None else ""
+            logging.error("model %s: version %d at %s %s and is skipped%s: %s", self.name, version, path,
+                          "was refused" if refused else "failed to load", keeps, message[:2000])
             return None
         finally:
             self._loading = None
@@ -304,15 +404,17 @@ class ModelManager:
         return model
 
     def status(self):
-        """`[{version, state, error}]`: the served version AVAILABLE, failed versions END with their error."""
+        """`[{version, state, error, code}]` (TF Serving's model version status): the served version AVAILABLE,
+        failed or refused versions END with their error; `code` names the error (a `tensorflow.error.Code`: OK,
+        UNKNOWN for a load failure, FAILED_PRECONDITION for a version refused by the index-table check)."""
         out = []
         current, loading = self._current, self._loading
         if current is not None:
-            out.append({"version": current.version, "state": "AVAILABLE", "error": ""})
+            out.append({"version": current.version, "state": "AVAILABLE", "error": "", "code": "OK"})
         if loading is not None:
-            out.append({"version": loading, "state": "LOADING", "error": ""})
-        for version, (_, message) in sorted(self._failed.items()):
-            out.append({"version": version, "state": "END", "error": message})
+            out.append({"version": loading, "state": "LOADING", "error": "", "code": "OK"})
+        for version, failed in sorted(self._failed.items()):
+            out.append({"version": version, "state": "END", "error": failed["error"], "code": failed["code"]})
         return out
 
     def waiting_message(self):
@@ -332,7 +434,11 @@ class ModelManager:
         why = []
         for version in sorted(dirs, reverse=True)[:5]:
             failed = self._failed.get(version)
-            reason = f"failed to load: {failed[1][:200]}" if failed else incomplete_reason(dirs[version])
+            if failed:
+                reason = failed["error"][:300] if failed["code"] == "FAILED_PRECONDITION" else \
+                    f"failed to load: {failed['error'][:200]}"
+            else:
+                reason = incomplete_reason(dirs[version])
             why.append(f"{version} ({reason or 'not loaded yet'})")
         more = f" and {len(dirs) - 5} more" if len(dirs) > 5 else ""
         return (f"model {self.name}: waiting for a first version: no loadable version in {base}: "

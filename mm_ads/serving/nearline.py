@@ -638,7 +638,10 @@ class NearlineTrainer:
         from mm_ads.export.saved_model import export_saved_model
 
         self.checkpoint()
-        path = export_saved_model(self.trainer.model, self.export_base, spec=self.spec)
+        # the index table's encoder is the one these vectors came from: the server checks it against its table
+        vectors = None if self.table is None else {"encoder_version": self.table.encoder_version,
+                                                   "dim": int(self.table.dim), "table": self.table.uri}
+        path = export_saved_model(self.trainer.model, self.export_base, spec=self.spec, vectors=vectors)
         entry = {"version": int(os.path.basename(path)), "path": os.path.abspath(path),
                  "step": int(self.trainer.step.numpy()), "events": self.state.events,
                  "next_offset": self.state.next_offset, "exported_at": time.time()}

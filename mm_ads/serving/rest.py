@@ -246,7 +246,8 @@ class _Handler(BaseHTTPRequestHandler):
             }
         return 200, {"model_version_status": [
             {"version": str(s["version"]), "state": s["state"],
-             "status": {"error_code": "UNKNOWN" if s["error"] else "OK", "error_message": s["error"]}}
+             "status": {"error_code": s.get("code") or ("UNKNOWN" if s["error"] else "OK"),
+                        "error_message": s["error"]}}
             for s in app.status(name, version)]}
 
     def _read(self, length, timeout):

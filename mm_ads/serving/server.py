@@ -133,7 +133,7 @@ class PredictionServer:
                                                         self.stats)
         self.manager = ModelManager(config.model_name, config.model_base_path, config.poll_interval_s,
                                     config.warmup_batch_sizes, on_load=self._warm_rank,
-                                    wait_log_interval_s=config.wait_log_interval_s)
+                                    wait_log_interval_s=config.wait_log_interval_s, index_table=index_table)
         self._grpc = self._grpc_executor = self._rest = None
         self.grpc_port = self.rest_port = None
         self._stopped = threading.Event()

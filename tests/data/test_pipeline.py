@@ -1,5 +1,6 @@
 """Tests of the tf.data CTR pipeline and the vector join."""
 
+import json
 import os
 import re
 import subprocess
@@ -278,10 +279,105 @@ def test_a_bad_record_inside_a_file_fails_naming_split_or_file(tmp_path, record_
     with tf.io.TFRecordWriter(shard) as w:
         for r in records:
             w.write(r)
+    _set_file_rows(path, [len(records)])  # the manifest lists them: the records, not their count, are bad
     ds = pipeline.make_ctr_dataset(path, "train", 8, record_file_names=record_file_names)  # first record is fine
     where = re.escape(shard if record_file_names else os.path.join(path, "ctr", "train") + " (one of 1 files)")
     with pytest.raises(tf.errors.InvalidArgumentError, match=rf"Name: {where}, Feature: hist_\w+_id"):
         _collect(ds)
+
+
+def _set_file_rows(path, rows):
+    """Rewrites the ctr/train entry's per-file counts in the manifest (None: removes them, as old manifests)."""
+    manifest = os.path.join(path, "manifest.json")
+    with open(manifest) as f:
+        obj = json.load(f)
+    entry = obj["components"]["ctr"]["train"]
+    if rows is None:
+        entry.pop("file_rows")
+    else:
+        entry["file_rows"] = rows
+    with open(manifest, "w") as f:
+        json.dump(obj, f)
+
+
+def _record_bounds(shard):
+    """(start, end) byte offsets of every record of a TFRecord file."""
+    bounds, offset = [], 0
+    for r in tf.data.TFRecordDataset(shard).as_numpy_iterator():
+        bounds.append((offset, offset + len(r) + 16))
+        offset += len(r) + 16
+    return bounds
+
+
+def test_the_manifest_lists_every_files_record_count(data):
+    path, _ = data
+    m = Manifest.load(path)
+    rows = m.file_rows("ctr", "train")
+    assert rows == [25, 25, 25, 25] and sum(rows) == m.num_rows("ctr", "train") == N
+    for shard, n in zip(m.files("ctr", "train"), rows):
+        assert sum(1 for _ in tf.data.TFRecordDataset(shard)) == n
+
+
+def test_a_shard_cut_at_a_record_boundary_fails_naming_file_and_counts(tmp_path):
+    path = _write_dataset(tmp_path / "d", _columns(), _no_vectors(_spec()), 2)
+    shard = Manifest.load(path).files("ctr", "train")[1]
+    bounds = _record_bounds(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(bounds[40][0])  # 40 of 50 records left, every one intact
+    assert sum(1 for _ in tf.data.TFRecordDataset(shard)) == 40  # what TensorFlow alone reports: nothing wrong
+    pattern = (rf"ctr/train: {re.escape(shard)} holds 40 readable records, the manifest lists 50: reading stopped "
+               rf"at record index 40 \(byte offset {bounds[40][0]}; the file ends there")
+    with pytest.raises(ValueError, match=pattern):
+        pipeline.make_ctr_dataset(path, "train", 8)
+    # without the check the split just ends early
+    feats, _ = _collect(pipeline.make_ctr_dataset(path, "train", 8, check_counts=False))
+    assert len(feats["timestamp"]) == 90
+
+
+@pytest.mark.parametrize("where", ["data", "cut_inside"])
+def test_a_corrupt_record_fails_naming_file_index_and_offset(tmp_path, where):
+    path = _write_dataset(tmp_path / "d", _columns(), _no_vectors(_spec()), 2)
+    shard = Manifest.load(path).files("ctr", "train")[0]
+    bounds = _record_bounds(shard)
+    with open(shard, "r+b") as f:
+        if where == "data":
+            f.seek(bounds[17][0] + 12 + 5)  # a byte of record 17's data: its CRC no longer matches
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        else:
+            f.truncate(bounds[17][0] + 20)  # cut inside record 17
+    error = "corrupted record at" if where == "data" else "truncated record at"
+    pattern = (rf"{re.escape(shard)} holds 17 readable records, the manifest lists 50: reading stopped at record "
+               rf"index 17 \(byte offset {bounds[17][0]}; TensorFlow's reader: {error}")
+    with pytest.raises(ValueError, match=pattern):
+        pipeline.make_ctr_dataset(path, "train", 8)
+
+
+def test_a_shard_with_more_records_than_listed_fails(tmp_path):
+    path = _write_dataset(tmp_path / "d", _columns(), _no_vectors(_spec()), 2)
+    _set_file_rows(path, [49, 50])
+    with pytest.raises(ValueError, match="holds 50 readable records, the manifest lists 49: "
+                                         "the file has records the manifest does not list"):
+        pipeline.make_ctr_dataset(path, "train", 8)
+
+
+def test_a_file_is_verified_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    path = _write_dataset(tmp_path / "d", _columns(), _no_vectors(_spec()), 2)
+    files = Manifest.load(path).files("ctr", "train")
+    pipeline.make_ctr_dataset(path, "train", 8)
+    assert all(pipeline._VERIFIED.get(pipeline._file_key(f)) == 50 for f in files)
+    with monkeypatch.context() as m:  # e.g. the next epoch's pipeline: no file is read again
+        m.setattr(tf.data, "TFRecordDataset", lambda *a, **k: pytest.fail("a verified file was read again"))
+        pipeline.verify_record_counts(files, [50, 50], "ctr/train")
+    located = []
+    locate = pipeline._locate_stop
+    monkeypatch.setattr(pipeline, "_locate_stop", lambda p: located.append(p) or locate(p))
+    with open(files[0], "r+b") as f:  # changed: verified again
+        f.truncate(_record_bounds(files[0])[10][0])
+    with pytest.raises(ValueError, match="holds 10 readable records"):
+        pipeline.make_ctr_dataset(path, "train", 8)
+    assert located == [files[0]]  # only the file that differs is read record by record
 
 
 _MIRRORED = textwrap.dedent("""

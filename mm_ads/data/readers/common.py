@@ -113,15 +113,16 @@ class CtrSplitWriter:
             self._writer.write_ctr(self.split, empty, num_shards=1)
             return 0
         comps = self._writer.manifest.components["ctr"]
-        files, total, k = [], 0, len(self._parts)
+        files, counts, k = [], [], len(self._parts)
         for i, part in enumerate(self._parts):
             entry = comps.pop(part)
             (src,) = entry["files"]
             dst = f"ctr/{self.split}-{i:05d}-of-{k:05d}.tfrecord"
             os.replace(os.path.join(self._writer.tmp_dir, src), os.path.join(self._writer.tmp_dir, dst))
             files.append(dst)
-            total += entry["num_rows"]
-        comps[self.split] = {"files": files, "num_rows": int(total)}
+            counts.append(int(entry["num_rows"]))
+        total = sum(counts)
+        comps[self.split] = {"files": files, "num_rows": int(total), "file_rows": counts}
         self._parts = []
         return total
 
