@@ -138,7 +138,10 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
         def extra_block(inputs, parts):
             return _make_features(config, inputs, parts) + (list(user_block(inputs, parts)) if user_block else [])
     e = config.embedding_dim
-    tables = {t: SparseEmbedding(n, e, padding_id=0, num_shards=min(embedding_shards, n), name=f"emb_{t}")
+    mappings = spec.id_mappings()
+    tables = {t: SparseEmbedding(n, e, padding_id=0, num_shards=min(embedding_shards, n), name=f"emb_{t}",
+                                 id_mapping=mappings[t] if config.id_mapping == "auto" else config.id_mapping,
+                                 admit_after=config.admit_after, unseen_row=config.unseen_row)
               for t, n in spec.tables().items()}
 
     def embed(feature):

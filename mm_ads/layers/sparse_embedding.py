@@ -26,7 +26,7 @@ def shard_of(rows, num_buckets, num_shards):
     return shard, local
 
 
-ID_MAPPINGS = ("dense", "hash")
+ID_MAPPINGS = ("dense", "hash", "modulo")
 UNSEEN_ROWS = ("zeros", "learned")
 
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment: 2^64 / golden ratio
@@ -61,6 +61,9 @@ class SparseEmbedding(keras.layers.Layer):
         `mix64(id) mod num_buckets`. The mixing hash (splitmix64's output function) spreads sequential or
         strided ids like a random function does, where a bare `id mod num_buckets` would pile ids `k·stride`
         into a few rows. Distinct ids may still share a row (a fixed-size table holds no id dictionary).
+      * `"modulo"`: `floormod(id, num_buckets)`, every id has a row. The mapping of models configured before
+        `id_mapping` existed, kept so that their checkpoints restore and serve unchanged; new models should use
+        "dense" or "hash" (a modulo maps strided ids into few rows, and `k·num_buckets` onto padding's row).
 
     **Unseen and rare ids** (`admit_after = k`): with `k ≥ 1` the layer keeps an exact per-row count of the
     ids looked up in training (`counts`, an int64 `[num_buckets]` weight; padding is not counted), and a row is
@@ -113,8 +116,9 @@ class SparseEmbedding(keras.layers.Layer):
         embeddings_initializer: initializer of the table (float32 variable).
         embeddings_regularizer: optional regularizer (note: a regularizer reads the whole
             table every step; prefer none for tables of millions of rows).
-        id_mapping: `"dense"` (ids are rows; ids outside the table read the default row) or `"hash"`
-            (`mix64(id) mod num_buckets`).
+        id_mapping: `"dense"` (ids are rows; ids outside the table read the default row), `"hash"`
+            (`mix64(id) mod num_buckets`) or `"modulo"` (`id mod num_buckets`, for models configured before
+            the option existed).
         admit_after: k, the training lookups after which a row is admitted; 0 = no counting (every row is).
         unseen_row: the default row of ids without an admitted row: `"zeros"` or `"learned"`.
         **kwargs: base `keras.layers.Layer` arguments.
@@ -220,6 +224,9 @@ class SparseEmbedding(keras.layers.Layer):
         n = tf.constant(self.num_buckets, tf.int64)
         if self.id_mapping == "hash":
             rows = tf.cast(tf.math.floormod(mix64(ids), tf.cast(n, tf.uint64)), tf.int64)
+            has_row = tf.ones_like(ids, tf.bool)
+        elif self.id_mapping == "modulo":
+            rows = tf.math.floormod(ids, n)
             has_row = tf.ones_like(ids, tf.bool)
         else:
             has_row = tf.logical_and(ids >= 0, ids < n)
