@@ -25,6 +25,10 @@ The model is forward-only: it maps the FeatureSpec's model inputs (named after t
 to `{"ctr": [B], "logit": [B]}`; losses and metrics live in the task. `extra_block` is a seam
 for more MLP inputs: a callable `(inputs, parts) -> list of [B, F] tensors` appended to the MLP
 input (the MAKE variants use it for MAKE's outputs).
+
+Every FeatureSpec table is one `SparseEmbedding` (`emb_<table>`) whose id mapping is the spec's declaration for
+that table (or `config.id_mapping`), and whose ids read the table's default row (`config.unseen_row`) until they
+have occurred `config.admit_after` times in training.
 """
 
 import keras
