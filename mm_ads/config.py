@@ -21,6 +21,11 @@ EARLY_STOPPING_METRICS = {"gauc": True, "auc": True, "logloss": False}
 TASKS = ("ctr", "scl", "clip")
 SCL_MODALITIES = ("text", "image")
 TEXT_ENCODERS = ("scratch", "minilm")
+# How ids become embedding rows (`mm_ads.layers.SparseEmbedding`); "auto" = as the FeatureSpec declares per table.
+ID_MAPPINGS = ("auto", "dense", "hash", "modulo")
+UNSEEN_ROWS = ("zeros", "learned")
+# What a config.json written before these model fields existed meant (its checkpoints hold no admission counts).
+_LEGACY_MODEL_FIELDS = {"id_mapping": "modulo", "admit_after": 0, "unseen_row": "zeros"}
 
 
 def _check(cond, message):
@@ -88,6 +93,16 @@ class CTRModelConfig:
             stops after `make_patience` epochs without a better GAUC on the validation split
             (`data.valid_split`), keeping its best epoch. 0, or a dataset without that split: exactly
             `make_epochs` epochs.
+        id_mapping: how ids become rows of the embedding tables: "auto" (per table, as the dataset's FeatureSpec
+            declares: "dense" for ids numbered 1..N — synthetic world, MovieLens — and "hash" for raw hashed
+            ids — Taobao-MM), "dense" (ids are rows; an id outside the table is unseen), "hash" (a 64-bit mixing
+            hash into the rows) or "modulo" (`id mod rows`, the mapping of models configured before this option).
+        admit_after: an id gets its own embedding row once it has been looked up this many times in training;
+            until then, and if it never occurs in training (a brand-new item at serving time), it reads the
+            table's default row (`unseen_row`). 1 = every id admitted the first time it trains; 0 = no counts
+            (every id with a row reads it, trained or not). The counts are checkpointed and exported.
+        unseen_row: the default row of ids without an admitted row: "zeros" or "learned" (one trained vector per
+            table, initialised to zeros).
     """
 
     variant: str = "id"
@@ -106,6 +121,9 @@ class CTRModelConfig:
     make_epochs: int = 4
     make_trainable: bool = False
     make_patience: int = 1
+    id_mapping: str = "auto"
+    admit_after: int = 1
+    unseen_row: str = "zeros"
 
     def validate(self):
         _check(self.variant in CTR_VARIANTS, f"model.variant must be one of {CTR_VARIANTS}, got {self.variant!r}")
@@ -131,6 +149,11 @@ class CTRModelConfig:
                f"model.make_attention_units must be positive, got {self.make_attention_units}")
         _check(self.make_epochs >= 0, f"model.make_epochs must be >= 0, got {self.make_epochs}")
         _check(self.make_patience >= 0, f"model.make_patience must be >= 0, got {self.make_patience}")
+        _check(self.id_mapping in ID_MAPPINGS,
+               f"model.id_mapping must be one of {ID_MAPPINGS}, got {self.id_mapping!r}")
+        _check(self.admit_after >= 0, f"model.admit_after must be >= 0, got {self.admit_after}")
+        _check(self.unseen_row in UNSEEN_ROWS,
+               f"model.unseen_row must be one of {UNSEEN_ROWS}, got {self.unseen_row!r}")
 
     @property
     def uses_vectors(self):
@@ -340,6 +363,8 @@ class ExperimentConfig:
 
     @classmethod
     def from_json(cls, obj):
+        """The config of a `config.json`. One written before the model's `id_mapping`/`admit_after`/`unseen_row`
+        existed describes a model without them: it reads as "modulo", 0 and "zeros" (its checkpoints restore)."""
         def build(kind, values):
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = set(values) - names
@@ -352,7 +377,7 @@ class ExperimentConfig:
             task=obj.get("task", "ctr"),
             model_dir=obj.get("model_dir", ""),
             data=build(DataConfig, obj.get("data", {})),
-            model=build(CTRModelConfig, obj.get("model", {})),
+            model=build(CTRModelConfig, {**_LEGACY_MODEL_FIELDS, **obj.get("model", {})}),
             train=build(TrainConfig, obj.get("train", {})),
             scl=build(SCLConfig, obj.get("scl", {})),
         )

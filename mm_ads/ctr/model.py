@@ -25,6 +25,10 @@ The model is forward-only: it maps the FeatureSpec's model inputs (named after t
 to `{"ctr": [B], "logit": [B]}`; losses and metrics live in the task. `extra_block` is a seam
 for more MLP inputs: a callable `(inputs, parts) -> list of [B, F] tensors` appended to the MLP
 input (the MAKE variants use it for MAKE's outputs).
+
+Every FeatureSpec table is one `SparseEmbedding` (`emb_<table>`) whose id mapping is the spec's declaration for
+that table (or `config.id_mapping`), and whose ids read the table's default row (`config.unseen_row`) until they
+have occurred `config.admit_after` times in training.
 """
 
 import keras
@@ -138,7 +142,10 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
         def extra_block(inputs, parts):
             return _make_features(config, inputs, parts) + (list(user_block(inputs, parts)) if user_block else [])
     e = config.embedding_dim
-    tables = {t: SparseEmbedding(n, e, padding_id=0, num_shards=min(embedding_shards, n), name=f"emb_{t}")
+    mappings = spec.id_mappings()
+    tables = {t: SparseEmbedding(n, e, padding_id=0, num_shards=min(embedding_shards, n), name=f"emb_{t}",
+                                 id_mapping=mappings[t] if config.id_mapping == "auto" else config.id_mapping,
+                                 admit_after=config.admit_after, unseen_row=config.unseen_row)
               for t, n in spec.tables().items()}
 
     def embed(feature):

@@ -17,7 +17,10 @@ Roles:
                 `[S, D]` for the history; `source` names the id feature joined.
 
 Id features name an embedding `table`; features that share a table share their
-embedding rows (target item and history items share the item table).
+embedding rows (target item and history items share the item table). A table's
+`id_mapping` says how its ids become rows: "dense" (the ids are row numbers `[0, num_buckets)`,
+e.g. `1..N` with 0 for padding: the synthetic world, MovieLens) or "hash" (raw ids of any
+value, hashed into the rows by the model: Taobao-MM).
 """
 
 import dataclasses
@@ -26,6 +29,7 @@ from typing import Any
 
 ROLES = ("user", "item", "history", "context", "meta", "label", "vector")
 DTYPES = ("int64", "float32", "int8")
+ID_MAPPINGS = ("dense", "hash")  # the values of `mm_ads.layers.SparseEmbedding(id_mapping=...)`
 
 # Conventional names used by the built-in readers and the synthetic world.
 ITEM_ID = "item_id"
@@ -55,6 +59,8 @@ class Feature:
         num_buckets: number of rows of that table (ids are bucketed into it).
         padding_id: for `history` features, the id that marks an empty slot.
         source: for `vector` features, the id feature whose vectors are joined.
+        id_mapping: for id features, how ids become rows of the table (`ID_MAPPINGS`): "dense" (ids are
+            rows; the default, left out of the JSON) or "hash" (raw ids, hashed by the model).
     """
 
     name: str
@@ -65,11 +71,14 @@ class Feature:
     num_buckets: int | None = None
     padding_id: int = 0
     source: str | None = None
+    id_mapping: str = "dense"
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         if not self.name or not self.name.replace("_", "").isalnum():
             raise ValueError(f"Feature name must be a non-empty identifier, got {self.name!r}")
+        if self.id_mapping not in ID_MAPPINGS:
+            raise ValueError(f"Feature {self.name!r}: id_mapping must be one of {ID_MAPPINGS}, got {self.id_mapping!r}")
         if self.role not in ROLES:
             raise ValueError(f"Feature {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
         if self.dtype not in DTYPES:
@@ -109,6 +118,8 @@ class Feature:
     def to_json(self):
         out = dataclasses.asdict(self)
         out["shape"] = list(self.shape)
+        if self.id_mapping == "dense":  # the default: specs written before the field existed read the same
+            del out["id_mapping"]
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -150,7 +161,7 @@ class FeatureSpec:
         labels = [f for f in self.features if f.role == "label"]
         if len(labels) != 1:
             raise ValueError(f"FeatureSpec needs exactly one label feature, got {[f.name for f in labels]}")
-        table_rows = {}
+        table_rows, table_mappings = {}, {}
         for f in self.features:
             if f.role == "history" and f.shape != (self.seq_len,):
                 raise ValueError(f"History feature {f.name!r} has shape {f.shape}, expected ({self.seq_len},)")
@@ -160,6 +171,12 @@ class FeatureSpec:
                     raise ValueError(
                         f"Features sharing table {f.table!r} disagree on num_buckets: {rows} vs "
                         f"{f.num_buckets} ({f.name!r})"
+                    )
+                mapping = table_mappings.setdefault(f.table, f.id_mapping)
+                if mapping != f.id_mapping:
+                    raise ValueError(
+                        f"Features sharing table {f.table!r} disagree on id_mapping: {mapping!r} vs "
+                        f"{f.id_mapping!r} ({f.name!r})"
                     )
             if f.role == "vector":
                 src = self._by_name.get(f.source)
@@ -217,6 +234,10 @@ class FeatureSpec:
             if f.is_id:
                 out[f.table] = f.num_buckets
         return out
+
+    def id_mappings(self):
+        """`{table: id_mapping}` of every embedding table ("dense" or "hash")."""
+        return {f.table: f.id_mapping for f in self.features if f.is_id}
 
     def with_vectors(self, vector_dim, item_feature=ITEM_ID, history_feature=HIST_ITEM_ID):
         """A copy with `item_vector` [D] and `hist_item_vector` [S, D] joined from the item ids."""

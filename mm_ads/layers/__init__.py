@@ -6,7 +6,8 @@
 - `SimScore`: per-item similarity to the target (the paper's SimScore baseline, side information to DIN).
 - `MLP`: dense tower (relu/prelu/dice/any Keras activation, dropout, batch/layer norm, float32 logit).
 - `Dice`: DIN's data-adaptive activation.
-- `SparseEmbedding`: large id table (integer bucketing, row gathers, sparse gradients).
+- `SparseEmbedding`: large id table (dense or hashed ids, row gathers, sparse gradients, a default row for
+  unseen and rare ids).
 """
 
 from mm_ads.layers.dice import Dice

@@ -13,8 +13,9 @@ by name, plus the event's type and creation time:
 | each `history` id feature | list of int | yes | e.g. `hist_item_id`, `hist_category_id`: most recent last |
 | each `meta` feature | int | no | e.g. `timestamp`, `item_created_at` (kept for analysis, not trained on) |
 
-Ids are signed 64-bit integers (JSON numbers without a fraction; `true`/`false` are not ids); the model buckets
-any value into its tables (`SparseEmbedding`), exactly as offline. History lists hold at most the spec's `S`
+Ids are signed 64-bit integers (JSON numbers without a fraction; `true`/`false` are not ids); the model maps
+any value to a row of its tables, or to a table's default row (`SparseEmbedding`), exactly as offline; trained
+impressions count towards the admission of their ids, as offline. History lists hold at most the spec's `S`
 most recent items: a shorter list is left-padded with the feature's `padding_id`, like the datasets' records,
 and a longer one keeps its last `S` entries. The history features of one event must have equal lengths (they
 describe the same behaviour sequence position by position). Other fields are ignored. Multimodal vectors are

@@ -13,22 +13,36 @@ def _layer(**kw):
     return SparseEmbedding(**args)
 
 
-def test_exact_values_bucketing_and_padding():
+def test_exact_values_dense_ids_and_padding():
     layer = _layer()
-    ids = tf.constant([[4, 0, -1, 23, (1 << 62) + 3]], tf.int64)
+    ids = tf.constant([[4, 0, -1, 23, (1 << 62) + 3, 9]], tf.int64)
     out = layer(ids).numpy()
     table = np.arange(30, dtype=np.float32).reshape(10, 3)
-    # floormod bucketing: -1 → 9, 23 → 3, 2^62+3 → (2^62 mod 10 + 3) mod 10 = 7; 0 is padding → zeros
-    np.testing.assert_array_equal(out[0], [table[4], np.zeros(3), table[9], table[3], table[7]])
-    np.testing.assert_array_equal(layer.compute_mask(ids).numpy(), [[True, False, True, True, True]])
-    assert len(layer.trainable_weights) == 1 and layer.embeddings.shape == (10, 3)
+    # dense ids: 4 and 9 read their rows; -1, 23, 2^62+3 are outside the table: the default row (zeros);
+    # 0 is padding → zeros, masked
+    np.testing.assert_array_equal(out[0], [table[4], np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), table[9]])
+    np.testing.assert_array_equal(layer.compute_mask(ids).numpy(), [[True, False, True, True, True, True]])
+    assert len(layer.trainable_weights) == 1 and layer.embeddings.shape == (10, 3) and not layer.non_trainable_weights
+
+
+def test_modulo_mapping_keeps_the_bucketing_of_older_models():
+    layer = _layer(id_mapping="modulo")
+    ids = tf.constant([[4, 0, -1, 23, (1 << 62) + 3, 20]], tf.int64)
+    out = layer(ids).numpy()
+    table = np.arange(30, dtype=np.float32).reshape(10, 3)
+    # floormod: -1 → 9, 23 → 3, 2^62+3 → (2^62 mod 10 + 3) mod 10 = 7; 0 is padding → zeros; 20 reads padding's
+    # row 0 but is not padding (masked by value)
+    np.testing.assert_array_equal(out[0], [table[4], np.zeros(3), table[9], table[3], table[7], table[0]])
+    np.testing.assert_array_equal(layer.compute_mask(ids).numpy(), [[True, False, True, True, True, True]])
 
 
 def test_no_padding_and_validation():
     out = _layer(padding_id=None)(tf.constant([0], tf.int64)).numpy()
     np.testing.assert_array_equal(out, [[0.0, 1.0, 2.0]])
     for kw, match in [({"num_buckets": 0}, "num_buckets"), ({"output_dim": 2.5}, "output_dim"),
-                      ({"padding_id": "x"}, "padding_id")]:
+                      ({"padding_id": "x"}, "padding_id"), ({"id_mapping": "identity"}, "id_mapping"),
+                      ({"admit_after": -1}, "admit_after"), ({"admit_after": True}, "admit_after"),
+                      ({"unseen_row": "random"}, "unseen_row")]:
         with pytest.raises(ValueError, match=match):
             _layer(**kw)
 

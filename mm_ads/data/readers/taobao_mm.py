@@ -33,7 +33,8 @@ from the train split, and `vectors/scl.parquet` (int8, scale 1/127, `encoder_ver
 "taobao_mm_scl_int8_" + 12 hex digits of a SHA-256 over the sorted ids and vectors`) whose relative path,
 scale, dim and version are in `manifest.extra["vector_tables"]["scl"]`.
 
-FeatureSpec (raw hashed ids; every table has `num_buckets` rows — the model buckets ids itself):
+FeatureSpec (raw hashed ids; every table has `num_buckets` rows and `id_mapping="hash"`: the model hashes ids
+into the rows itself, see `mm_ads.layers.SparseEmbedding`):
   `user_id` (129_1, table user), `user_profile_1..5` (130_*, own tables), `item_id` (205, table item),
   `item_attr_206` (table category), `item_attr_213`, `item_attr_214` (own tables),
   `hist_item_id` [S] (150_2_180, table item), `hist_category_id` [S] (151_2_180, table category),
@@ -233,16 +234,18 @@ class _ItemTable:
 
 def make_spec(seq_len, num_buckets, vector_dim=0):
     """The Taobao-MM FeatureSpec (see the module docstring)."""
-    feats = [Feature("user_id", "user", table="user", num_buckets=num_buckets)]
-    feats += [Feature(f"user_profile_{i + 1}", "user", table=f"user_profile_{i + 1}", num_buckets=num_buckets)
-              for i in range(len(PROFILE))]
+    def ids(name, role, table, shape=()):
+        return Feature(name, role, shape=shape, table=table, num_buckets=num_buckets, id_mapping="hash")
+
+    feats = [ids("user_id", "user", "user")]
+    feats += [ids(f"user_profile_{i + 1}", "user", f"user_profile_{i + 1}") for i in range(len(PROFILE))]
     feats += [
-        Feature("item_id", "item", table="item", num_buckets=num_buckets),
-        Feature("item_attr_206", "item", table="category", num_buckets=num_buckets),
-        Feature("item_attr_213", "item", table="item_attr_213", num_buckets=num_buckets),
-        Feature("item_attr_214", "item", table="item_attr_214", num_buckets=num_buckets),
-        Feature("hist_item_id", "history", shape=(seq_len,), table="item", num_buckets=num_buckets),
-        Feature("hist_category_id", "history", shape=(seq_len,), table="category", num_buckets=num_buckets),
+        ids("item_id", "item", "item"),
+        ids("item_attr_206", "item", "category"),
+        ids("item_attr_213", "item", "item_attr_213"),
+        ids("item_attr_214", "item", "item_attr_214"),
+        ids("hist_item_id", "history", "item", shape=(seq_len,)),
+        ids("hist_category_id", "history", "category", shape=(seq_len,)),
         Feature("label", "label", dtype="float32"),
     ]
     spec = FeatureSpec(feats, seq_len, 0)
