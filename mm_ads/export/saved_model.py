@@ -31,6 +31,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from mm_ads.utils import io as io_utils
+
 
 def serving_signature_specs(model):
     """`{input name: tf.TensorSpec}` of a functional model's inputs (batch dimension None)."""
@@ -98,13 +100,9 @@ def read_vector_record(version_dir):
     Raises `ValueError` naming the file when it is not a record of this format.
     """
     path = os.path.join(version_dir, VECTORS_ASSET)
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except FileNotFoundError:
+    record = io_utils.read_json_if_exists(path)
+    if record is None:
         return None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not readable JSON ({e})") from None
     if not isinstance(record, dict) or record.get("format_version") != VECTORS_FORMAT or \
             not isinstance(record.get("inputs"), dict):
         raise ValueError(f"{path} is not a vector record of format {VECTORS_FORMAT} "

@@ -16,7 +16,6 @@ Format: `{"format_version": 1, "tables": {name: {"name", "path", "encoder_versio
 """
 
 import datetime
-import json
 import os
 
 from absl import logging
@@ -45,13 +44,9 @@ def describe_table(path, name=None):
 def read_record(model_dir):
     """The record of `model_dir`, or None (no multimodal run started there yet, or one started before records)."""
     path = os.path.join(model_dir, RECORD_FILE)
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except FileNotFoundError:
+    record = io_utils.read_json_if_exists(path)
+    if record is None:
         return None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not readable JSON ({e})") from None
     if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION or \
             not isinstance(record.get("tables"), dict) or not record["tables"]:
         raise ValueError(f"{path} is not a vector table record of format {FORMAT_VERSION}")

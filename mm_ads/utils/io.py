@@ -57,6 +57,18 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def read_json_if_exists(path):
+    """The JSON value in `path`, or None when the file does not exist; `ValueError` naming the file when it
+    cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
+
+
 @contextlib.contextmanager
 def atomic_directory(path, overwrite=False):
     """Yields a temporary directory next to `path`; on success it replaces `path` whole.
