@@ -30,11 +30,13 @@ import os
 
 import tensorflow as tf
 
+from mm_ads.config import CTRModelConfig
 from mm_ads.ctr.model import MAKE_LAYER
 from mm_ads.data.dataset import Manifest
 from mm_ads.training.trainer import model_checkpoint, planned_steps
 
 MAKE_DIR = "make"
+SIMTIER_FIELDS = ("num_tiers", "tier_calibration", "tier_boundaries", "tier_transform")
 
 
 def validation_split(config):
@@ -60,6 +62,11 @@ def pretrain_config(config):
     cfg = copy.deepcopy(config)
     cfg.model_dir = os.path.join(config.model_dir, MAKE_DIR)
     cfg.model.variant = "make_only"
+    # SimTier's options do not enter MAKE alone: their defaults, so that make and simtier_make plan the same
+    # phase A (and a report shares it) whatever their SimTier settings
+    defaults = CTRModelConfig()
+    for name in SIMTIER_FIELDS:
+        setattr(cfg.model, name, getattr(defaults, name))
     cfg.train.epochs = config.model.make_epochs
     if config.train.make_learning_rate:
         cfg.train.dense_learning_rate = config.train.make_learning_rate

@@ -328,3 +328,12 @@ def test_config_json_without_the_make_fields_still_resumes(tmp_path):
     cfg.model.make_epochs = 1
     with pytest.raises(ValueError, match="different model config"):
         _check_resume_config(str(tmp_path), cfg)
+
+
+def test_phase_a_does_not_depend_on_simtier_options(tiny_world):
+    plain = make_lib.pretrain_config(_config(tiny_world, "/m", "make", make_epochs=2))
+    tiered = _config(tiny_world, "/m", "simtier_make", make_epochs=2)
+    tiered.model.tier_transform, tiered.model.num_tiers = "fraction", 7
+    a = make_lib.pretrain_config(tiered)
+    assert a.to_json() == plain.to_json()
+    assert (tiered.model.tier_transform, tiered.model.num_tiers) == ("fraction", 7)  # the original is untouched
