@@ -79,6 +79,10 @@ def reusable_metrics(model_dir, config):
         return None
     with open(os.path.join(model_dir, "config.json")) as f:
         done = config_lib.ExperimentConfig.from_json(json.load(f)).to_json()
+    if config.task == "ctr":
+        from mm_ads.ctr import tiers
+
+        tiers.calibrate(config)  # quantile tiers: the boundaries the run computed from its data (as train.run does)
     planned = json.loads(json.dumps(config.to_json()))
     done = json.loads(json.dumps(done))
     for section in ("data", "model", "train", "scl"):

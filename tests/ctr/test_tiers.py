@@ -71,3 +71,17 @@ def test_quantile_tiers_without_boundaries_cannot_build():
         build_ctr_model(spec, dataclasses.replace(CTRModelConfig(variant="simtier"), tier_calibration="quantile"))
     with pytest.raises(ValueError, match="strictly increasing"):
         CTRModelConfig(variant="simtier", tier_boundaries=(0.5, 0.1)).validate()
+
+
+def test_a_finished_quantile_run_is_reused_by_the_reports(tiny_world, tmp_path):
+    from mm_ads.reports.options import reusable_metrics
+
+    cfg = _config(tiny_world, tmp_path / "m", "simtier", max_steps=4)
+    cfg.model.tier_calibration = "quantile"
+    metrics = run(cfg)
+    again = _config(tiny_world, tmp_path / "m", "simtier", max_steps=4)
+    again.model.tier_calibration = "quantile"  # boundaries not computed yet, as a report plans a run
+    assert reusable_metrics(str(tmp_path / "m"), again)["steps"] == metrics["steps"] == 4
+    again.model.tier_transform = "log1p"
+    with pytest.raises(ValueError, match="another model config"):
+        reusable_metrics(str(tmp_path / "m"), again)
