@@ -245,9 +245,8 @@ class SparseEmbedding(keras.layers.Layer):
     def _count(self, rows, has_row):
         """Adds the looked-up rows (padding and ids without a row excluded) to `counts`, once per occurrence."""
         counted = tf.boolean_mask(rows, has_row)  # [M]
-        unique, position = tf.unique(counted)
-        per_row = tf.math.unsorted_segment_sum(tf.ones_like(counted), position, tf.shape(unique)[0])  # [U]
-        self.counts.value.scatter_add(tf.IndexedSlices(per_row, unique))
+        # a scatter-add sums duplicate indices itself: no tf.unique on the training step's path
+        self.counts.value.scatter_add(tf.IndexedSlices(tf.ones_like(counted), counted))
 
     def call(self, ids, training=False):
         ids = tf.cast(ids, tf.int64)
@@ -257,8 +256,10 @@ class SparseEmbedding(keras.layers.Layer):
         if self.counts is not None:
             if training:
                 self._count(rows, has_row)
-            # after the update (ordered on the variable): an id admitted by this very batch reads its own row
-            read = tf.logical_and(has_row, tf.gather(self.counts.value, rows) >= self.admit_after)
+            # after the update (ordered on the variable): an id admitted by this very batch reads its own row;
+            # in training with k = 1 that is every id just counted, so the counts need not be read back
+            if not (training and self.admit_after == 1):
+                read = tf.logical_and(has_row, tf.gather(self.counts.value, rows) >= self.admit_after)
         # gather only the rows read: other ids' rows (not admitted) and padding get no gradient entry at all
         positions = tf.where(read)  # [M, 1]
         tables = [v.value for v in self.shards]  # the tf.Variables: the gather reads only the rows
