@@ -334,8 +334,14 @@ class Table2Runner:
                 metrics = self._train(flagfile, data_dir, model_dir, **ABLATIONS[row])
                 valid = None
                 if _has_valid_pairs(flagfile, data_dir):
-                    encoder = load_encoder(os.path.join(model_dir, "encoder.keras"))
-                    valid = self._valid(flagfile, data_dir, encoder, **ABLATIONS[row])
+                    # computed once per trained encoder (a reused run keeps its file): `valid.json` records the
+                    # step it was computed at, so a run trained further is evaluated again
+                    cache = os.path.join(model_dir, "valid.json")
+                    valid = (io_utils.read_json_if_exists(cache) or {}).get(str(metrics.get("steps")))
+                    if valid is None:
+                        encoder = load_encoder(os.path.join(model_dir, "encoder.keras"))
+                        valid = self._valid(flagfile, data_dir, encoder, **ABLATIONS[row])
+                        io_utils.write_json(cache, {str(metrics.get("steps")): valid})
                 return metrics, model_dir, valid
 
             self._record(benchmark, _modality(flagfile), name, fn)
