@@ -299,7 +299,8 @@ def test_simtier_make_export_equals_the_keras_model(tiny_world, tmp_path):
     assert not np.allclose(fn(**moved)["ctr"].numpy(), expected)
 
 
-@pytest.mark.parametrize("variant", ["make", "simtier_make"])
+# the make variant is large (~13 s): simtier_make runs the same command line through both phases
+@pytest.mark.parametrize("variant", [pytest.param("make", marks=pytest.mark.large), "simtier_make"])
 def test_flagfile_runs_both_phases_from_the_command_line(variant, tiny_world, tmp_path, repo_root):
     model_dir = tmp_path / "m"
     cmd = [sys.executable, "-m", "mm_ads.train", f"--flagfile=configs/ctr/{variant}.flags",

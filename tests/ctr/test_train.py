@@ -133,6 +133,8 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_world, tmp_path, repo_roo
     assert ma["auc"] == pytest.approx(mb["auc"], abs=1e-5)
 
 
+# large (~16 s): tests/distributed and the 2-replica tests of the layers cover training over replicas
+@pytest.mark.large
 def test_mirrored_strategy_on_two_logical_cpus(tiny_world, tmp_path, repo_root):
     cmd = _train_cmd(tiny_world, tmp_path / "mirrored")[:-2] + ["--strategy=mirrored", "--num_devices=2",
                                                                  "--epochs=1", "--batch_size=64"]

@@ -127,6 +127,8 @@ def test_missing_input(tmp_path):
         product_pairs.prepare(str(tmp_path / "empty"), str(tmp_path / "out"))
 
 
+# large (~15 s): the reader is tested through Python above; README's static check covers the flags
+@pytest.mark.large
 def test_command_line_end_to_end(tmp_path):
     inp = _fixture(tmp_path / "Bench")
     out = tmp_path / "out"
