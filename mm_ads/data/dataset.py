@@ -35,6 +35,10 @@ FORMAT_VERSION = 1
 # Pre-training pair tables: `query`/`positive`/`negative` are strings (text) or encoded image bytes
 # (image); `*_id` are int64 item ids (negative_id = -1 when there is no hard negative).
 PAIR_COLUMNS = ("query", "positive", "negative", "positive_id", "negative_id")
+# Optional: the item id of the query itself, when queries are catalogue items (e.g. MovieLens co-liked pairs:
+# query = the text of the movie liked before). SCL masks that item out of the query's negatives and Acc@N out
+# of its candidates; -1 = the query is not an item.
+QUERY_ITEM_ID = "query_item_id"
 
 
 class Manifest:

@@ -21,6 +21,11 @@ it under the pessimistic rule. Pass `positive_ids` to de-duplicate: the candidat
 distinct items (each represented by the vector of its first occurrence; an item encoder is
 deterministic at evaluation time, so all occurrences share one vector) and query i is correct when
 the candidate with id `positive_ids[i]` is within the top N of the distinct candidates.
+
+Queries that are themselves catalogue items (e.g. "the movie a user liked next" pairs, whose query is the
+previous movie's text): pass `exclude_ids` with the query's own item id and that candidate is left out of
+the query's ranking. Otherwise an encoder finds the query's own item first (its text is the query), and Acc@1
+measures nothing.
 """
 
 import numpy as np
@@ -62,7 +67,8 @@ def dedupe_by_id(positive_ids, positive_vectors):
     return positive_vectors[first], target.reshape(-1)
 
 
-def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positive_ids=None, ties="pessimistic"):
+def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positive_ids=None, ties="pessimistic",
+             exclude_ids=None):
     """Exact Acc@N (paper eq. 6) by dot product against all test positives.
 
     Args:
@@ -73,6 +79,9 @@ def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positiv
         positive_ids: optional [D] item ids of the positives; de-duplicates the candidate set
             (see the module docstring and `dedupe_by_id`).
         ties: "pessimistic" (default: a tie counts against the positive) or "optimistic".
+        exclude_ids: optional [D] item id per query (needs `positive_ids`): that candidate is left out of
+            query i's ranking (the query's own item, when queries are items); ids not among the candidates,
+            negative ids and an id equal to the query's positive exclude nothing.
 
     Returns:
         dict `{"acc@N": float}` for each N in `ns`.
@@ -98,15 +107,29 @@ def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positiv
     if len(queries) == 0:
         raise ValueError("acc_at_n: empty input (no queries)")
     if positive_ids is None:
+        if exclude_ids is not None:
+            raise ValueError("acc_at_n: exclude_ids needs positive_ids (the candidates' item ids)")
         candidates, target = positives, np.arange(len(queries))
     else:
         candidates, target = dedupe_by_id(positive_ids, positives)
+    excluded = None
+    if exclude_ids is not None:
+        exclude_ids = np.asarray(exclude_ids)
+        if exclude_ids.shape != (len(queries),):
+            raise ValueError(f"acc_at_n: exclude_ids (shape {exclude_ids.shape}) must hold one id per query "
+                             f"(n={len(queries)})")
+        distinct = np.unique(positive_ids)  # the candidates' ids, in candidate order
+        where = np.minimum(np.searchsorted(distinct, exclude_ids), len(distinct) - 1)
+        excluded = np.where((distinct[where] == exclude_ids) & (where != target), where, -1)  # [D], -1: none
     candidates_t = np.ascontiguousarray(candidates.T)  # [dim, M]
     ranks = np.empty(len(queries), np.int64)  # other candidates scoring >= (or >) the positive
     for start in range(0, len(queries), int(chunk_size)):
         stop = min(start + int(chunk_size), len(queries))
         scores = queries[start:stop] @ candidates_t  # [c, M]
         own = scores[np.arange(stop - start), target[start:stop]][:, None]  # [c, 1]
+        if excluded is not None:
+            rows = np.flatnonzero(excluded[start:stop] >= 0)
+            scores[rows, excluded[start:stop][rows]] = -np.inf
         if ties == "pessimistic":
             ranks[start:stop] = np.count_nonzero(scores >= own, axis=1) - 1  # minus the positive itself
         else:

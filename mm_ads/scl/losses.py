@@ -58,7 +58,7 @@ class Temperature(keras.layers.Layer):
 
 
 def info_nce(queries, keys, labels, positive_ids, key_ids, temperature, key_valid=None, queue_keys=None,
-             queue_ids=None, queue_valid=None):
+             queue_ids=None, queue_valid=None, query_ids=None):
     """Per-example InfoNCE (eq. 1) with false negatives masked by item id.
 
     The candidates are `keys` (the in-batch positives of every replica), then optionally a queue. The queue
@@ -74,6 +74,10 @@ def info_nce(queries, keys, labels, positive_ids, key_ids, temperature, key_vali
         temperature: float32 scalar τ.
         key_valid: optional bool `[N]`; False columns are ignored.
         queue_keys / queue_ids / queue_valid: optional queue `[K, D]`, `[K]`, bool `[K]` (empty slots False).
+        query_ids: optional int64 `[B]`: item id of query i itself, when queries are catalogue items (ids < 0:
+            none). A key of that item is masked too: it is the query's own item, not a negative (its text is
+            the query, so it would be the hardest "negative" of all and teach the encoder to push a thing away
+            from itself).
 
     Returns:
         float32 `[B]` losses.
@@ -83,14 +87,14 @@ def info_nce(queries, keys, labels, positive_ids, key_ids, temperature, key_vali
     logits = tf.matmul(scaled, tf.cast(keys, tf.float32), transpose_b=True)  # [B, N]
     n = tf.shape(logits)[1]
     own = tf.equal(tf.range(n, dtype=labels.dtype)[None, :], labels[:, None])  # [B, N]
-    same_item = tf.equal(tf.cast(key_ids, tf.int64)[None, :], positive_ids[:, None])
+    same_item = _same_item(key_ids, positive_ids, query_ids)
     masked = tf.logical_and(same_item, tf.logical_not(own))  # [B, N]
     if key_valid is not None:
         masked = tf.logical_or(masked, tf.logical_not(key_valid)[None, :])
     logits = tf.where(masked, tf.float32.min, logits)
     if queue_keys is None:
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32), logits=logits)
-    same = tf.equal(tf.cast(queue_ids, tf.int64)[None, :], positive_ids[:, None])  # [B, K]
+    same = _same_item(queue_ids, positive_ids, query_ids)  # [B, K]
     if queue_valid is not None:
         same = tf.cond(tf.reduce_all(queue_valid), lambda: same,
                        lambda: tf.logical_or(same, tf.logical_not(queue_valid)[None, :]))
@@ -98,6 +102,16 @@ def info_nce(queries, keys, labels, positive_ids, key_ids, temperature, key_vali
                                           _masked_logsumexp(scaled, tf.cast(queue_keys, tf.float32), same)], 1), 1)
     positive = tf.gather(logits, tf.cast(labels, tf.int32), axis=1, batch_dims=1)  # [B]
     return log_z - positive
+
+
+def _same_item(key_ids, positive_ids, query_ids):
+    """bool `[B, N]`: key j is query i's positive item, or (with `query_ids`) query i's own item."""
+    key_ids = tf.cast(key_ids, tf.int64)[None, :]
+    same = tf.equal(key_ids, positive_ids[:, None])
+    if query_ids is not None:
+        query_ids = tf.cast(query_ids, tf.int64)[:, None]
+        same = tf.logical_or(same, tf.logical_and(tf.equal(key_ids, query_ids), query_ids >= 0))
+    return same
 
 
 @tf.custom_gradient

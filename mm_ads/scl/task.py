@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from mm_ads.data.dataset import Manifest
+from mm_ads.data.dataset import QUERY_ITEM_ID, Manifest
 from mm_ads.metrics.retrieval import acc_at_n
 from mm_ads.scl import augment as augment_lib
 from mm_ads.scl.image_tower import ImageTower
@@ -96,6 +96,8 @@ class SCLTask(Task):
                 cols[c] = np.asarray(table.column(c).to_pylist(), dtype=object)
             for c in ("positive_id", "negative_id"):
                 cols[c] = table.column(c).to_numpy().astype(np.int64)
+            if QUERY_ITEM_ID in table.column_names:  # queries that are catalogue items themselves
+                cols[QUERY_ITEM_ID] = table.column(QUERY_ITEM_ID).to_numpy().astype(np.int64)
             self._columns_cache[name] = cols
         return self._columns_cache[name]
 
@@ -159,6 +161,8 @@ class SCLTask(Task):
         if model.use_queue:
             queue = dict(queue_keys=tf.convert_to_tensor(model.queue.keys),  # [K, D]
                          queue_ids=tf.convert_to_tensor(model.queue.ids), queue_valid=model.queue.valid())
+        if QUERY_ITEM_ID in features:
+            queue["query_ids"] = tf.cast(features[QUERY_ITEM_ID], tf.int64)
         loss = info_nce(queries, all_keys, labels, ids, all_ids, model.temperature.tau(), **queue)  # [b]
         if scl.use_triplet and scl.triplet_weight > 0:
             neg_ids = tf.cast(features["negative_id"], tf.int64)
@@ -179,7 +183,8 @@ class SCLTask(Task):
 
     # -- evaluation ----------------------------------------------------------------------
     def encode_split(self, encoder, split):
-        """(query vectors, positive vectors, positive ids) of a split, encoded by `encoder` (the query tower)."""
+        """(query vectors, positive vectors, positive ids) of a split, encoded by `encoder` (the query tower).
+        The rows are in the split's stored order (evaluation never shuffles)."""
         ds = self.build_inputs(split, self.config.data.eval_batch_size, training=False)
         predict = self._predict_fns.get(encoder)
         if predict is None:
@@ -196,7 +201,8 @@ class SCLTask(Task):
         """Exact Acc@1/5/10 (eq. 6) of any tower of this modality on a split: each query against all distinct
         positives of the split (deduped by item id). Also used for untrained, zero-shot and CLIP-E towers."""
         queries, positives, ids = self.encode_split(encoder, split)
-        result = acc_at_n(queries, positives, ns=(1, 5, 10), positive_ids=ids)
+        own_items = self._columns(split).get(QUERY_ITEM_ID)  # the query's own item is not a candidate for it
+        result = acc_at_n(queries, positives, ns=(1, 5, 10), positive_ids=ids, exclude_ids=own_items)
         result["num_queries"] = int(len(ids))
         result["num_candidates"] = int(len(np.unique(ids)))
         if self.scl.modality == "text" and hasattr(encoder, "oov_fraction"):

@@ -135,6 +135,8 @@ def test_coliked_pairs(ml100k):
         "valid": [(1, 2, 3, -1, False), (2, 3, 4, 6, False)],  # user 2 had not rated Drama movie 6
         "test": [(1, 3, 6, 4, True)],  # movie 4 (Drama) rated 1 star by user 1
     }
+    # the query is a catalogue movie: SCL leaves it out of its own negatives and candidates
+    assert all(r["query_item_id"] == r["query_id"] for s in ("train", "valid", "test") for r in _pairs(out, s))
     row = _pairs(out, "test")[0]
     assert (row["query"], row["positive"], row["negative"], row["timestamp"]) == (
         "Gamma (1995). Genres: Comedy.", "\u00c9psilon (1993). Genres: Drama.", "Delta (1992). Genres: Drama.", 400)

@@ -94,6 +94,31 @@ def test_duplicates_count_against_the_positive_unless_deduped():
     assert acc_at_n(queries, positives, ns=(1, 5), positive_ids=np.full(5, 42)) == {"acc@1": 1.0, "acc@5": 1.0}
 
 
+def test_exclude_ids_leaves_the_query_item_out_of_its_own_ranking():
+    # query i is the text of item q_i (every item is also a candidate); its positive is the item liked next
+    items = {10: [1.0, 0.0, 0.0, 0.0], 20: [0.8, 0.6, 0.0, 0.0], 30: [0.0, 0.0, 1.0, 0.0], 40: [0.0, 0.0, 0.8, 0.6]}
+    query_item = np.array([10, 20, 30, 40])
+    positive_ids = np.array([20, 10, 40, 30])
+    queries = np.array([items[i] for i in query_item], np.float32)  # the query's own item scores 1.0
+    positives = np.array([items[i] for i in positive_ids], np.float32)
+    assert acc_at_n(queries, positives, ns=(1, 2), positive_ids=positive_ids) == {"acc@1": 0.0, "acc@2": 1.0}
+    excluded = acc_at_n(queries, positives, ns=(1, 2), positive_ids=positive_ids, exclude_ids=query_item)
+    assert excluded == {"acc@1": 1.0, "acc@2": 1.0}
+    # naive reference: rank the positive among the candidates other than the query's item, pessimistic ties
+    for i, q in enumerate(queries):
+        others = [k for k in items if k != query_item[i]]
+        scores = {k: float(np.dot(q, items[k])) for k in others}
+        assert sum(s >= scores[positive_ids[i]] for k, s in scores.items() if k != positive_ids[i]) == 0
+    # an id that is not a candidate, -1, or the positive itself excludes nothing
+    for ids in ([99] * 4, [-1] * 4, list(positive_ids)):
+        assert acc_at_n(queries, positives, ns=(1, 2), positive_ids=positive_ids, exclude_ids=ids) == {
+            "acc@1": 0.0, "acc@2": 1.0}
+    with pytest.raises(ValueError, match="exclude_ids needs positive_ids"):
+        acc_at_n(queries, positives, exclude_ids=query_item)
+    with pytest.raises(ValueError, match="one id per query"):
+        acc_at_n(queries, positives, positive_ids=positive_ids, exclude_ids=[10])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -60,6 +60,30 @@ def test_false_negatives_are_masked_by_item_id():
                                masked, rtol=1e-6)
 
 
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_keys_of_the_query_own_item_are_masked(with_queue):
+    q, keys, qk, _, ids, queue_ids, valid, _ = _case()
+    query_ids = np.array([20, 13, -1, 12, 30, 14], np.int64)  # 20: a queue slot; 13, 12: in-batch keys;
+    # 14 equals row 5's own positive (never masked); -1 and 30: nothing to mask
+    cand, cand_ids = np.concatenate([keys, qk]), np.concatenate([ids, queue_ids])
+    cand_valid = np.concatenate([np.ones(len(ids), bool), valid])
+    if with_queue:
+        got = info_nce(q, keys, tf.range(len(ids)), ids, ids, 0.1, queue_keys=qk, queue_ids=queue_ids,
+                       queue_valid=valid, query_ids=query_ids).numpy()
+    else:
+        got = info_nce(q, cand, tf.range(len(ids)), ids, cand_ids, 0.1, cand_valid, query_ids=query_ids).numpy()
+    want = []
+    for i in range(len(ids)):
+        logits = q[i] @ cand.T / 0.1
+        keep = cand_valid & ((cand_ids != ids[i]) | (np.arange(len(cand)) == i))
+        keep &= (cand_ids != query_ids[i]) | (np.arange(len(cand)) == i)
+        want.append(np.log(np.exp(logits[keep]).sum()) - logits[i])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    plain = info_nce(q, cand, tf.range(len(ids)), ids, cand_ids, 0.1, cand_valid).numpy()
+    assert got[0] < plain[0] and got[1] < plain[1] and got[3] < plain[3]  # a negative fewer
+    np.testing.assert_allclose(got[[2, 4, 5]], plain[[2, 4, 5]], rtol=1e-6)
+
+
 def test_all_masked_row_is_finite_and_zero():
     q = np.eye(3, dtype=np.float32)
     ids = np.array([5, 5, 5], np.int64)  # every other key is the same item: only the positive remains

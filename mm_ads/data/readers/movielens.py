@@ -82,7 +82,9 @@ Output (see `mm_ads.data.dataset`):
     that the user rated <= `pair_dislike_rating` (watched, considered and rejected — the clicked-not-bought
     analogue; `negative_disliked` = True), else a movie of that genre the user had not rated, else "" / -1.
     A pair belongs to its positive's split and its negative is chosen among that user's ratings in that
-    split or earlier: train pairs use train ratings only. Columns add query_id, user_id, timestamp.
+    split or earlier: train pairs use train ratings only. Columns add query_id, user_id, timestamp, and
+    `query_item_id` (= query_id): the query is a movie of the catalogue, so SCL leaves it out of its own
+    negatives and Acc@N out of its own candidates (else its identical text is found first).
 
 Measured on ml-100k (`python -m mm_ads.data.prepare --format=movielens --input=.../movielens-100k
 --split=per_user --valid_fraction=0.1 --test_fraction=0.1`, 4 negatives per positive, seed 0, ~16 s):
@@ -105,7 +107,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mm_ads.data.dataset import DatasetWriter
+from mm_ads.data.dataset import QUERY_ITEM_ID, DatasetWriter
 from mm_ads.data.readers.common import CtrSplitWriter, DataFormatError, ItemCounter, fingerprint_text
 from mm_ads.data.readers.movielens_files import (
     LAYOUTS,  # noqa: F401 (re-exported)
@@ -658,6 +660,7 @@ def _write_coliked_pairs(w, user, item, rating, ts, split, category, texts, like
         "positive": pa.array([texts[x - 1] for x in p.tolist()], pa.string()),
         "negative": pa.array([texts[x - 1] if x > 0 else "" for x in neg.tolist()], pa.string()),
         "query_id": pa.array(q, pa.int64()),
+        QUERY_ITEM_ID: pa.array(q, pa.int64()),  # the query is a movie: not a candidate or negative for itself
         "positive_id": pa.array(p, pa.int64()),
         "negative_id": pa.array(neg, pa.int64()),
         "negative_disliked": pa.array(disliked, pa.bool_()),
