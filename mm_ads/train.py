@@ -26,38 +26,9 @@ import time
 
 from absl import app, logging
 
-from mm_ads import config as config_lib
+from mm_ads.errors import InputError
+from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
-
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-SPEC_FILE = "feature_spec.json"
-ENCODER_FILE = "encoder.keras"
-
-
-class InputError(ValueError):
-    """What a run would read is missing or wrong (raised by `validate_inputs` before anything is written)."""
-
-
-def _check_resume_config(model_dir, config):
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    try:
-        # fields added since that run (e.g. the MAKE ones) take their defaults, as when it was trained
-        old = json.loads(json.dumps(config_lib.ExperimentConfig.from_json(old).to_json()))
-    except (ValueError, TypeError):
-        pass
-    new = config.to_json()
-    # the number of epochs/steps may grow when continuing a run; everything else must match
-    for section in ("data", "model", "scl") if config.task in ("scl", "clip") else ("data", "model"):
-        if old.get(section) != json.loads(json.dumps(new[section])):
-            raise InputError(
-                f"{path} holds a different {section} config than this run ({old.get(section)} vs {new[section]}): "
-                "use a new --model_dir, or the same flags to resume"
-            )
 
 
 def validate_inputs(config):
@@ -112,7 +83,7 @@ def validate_inputs(config):
     elif config.task == "clip" and "items" not in manifest.components:
         raise InputError(f"{flag}: dataset {manifest.name!r} has no item catalogue (items.parquet; it has {have}): "
                          "CLIP-E needs item titles and images")
-    _check_resume_config(config.model_dir, config)
+    run_dir.check_resume(config.model_dir, config)
     return manifest
 
 
@@ -153,8 +124,8 @@ def _validate_vector_table(config, manifest):
     except ValueError as e:  # VectorTableChanged, or an unreadable record
         raise InputError(str(e)) from None
     # a resumed run (or its MAKE pre-training) was built for the vectors it trained with
-    for model_dir in (config.model_dir, os.path.join(config.model_dir, "make")):
-        spec_path = os.path.join(model_dir, SPEC_FILE)
+    for model_dir in (config.model_dir, run_dir.path(config.model_dir, run_dir.MAKE_DIR)):
+        spec_path = run_dir.path(model_dir, run_dir.SPEC)
         if not os.path.exists(spec_path):
             continue
         with open(spec_path) as f:
@@ -179,7 +150,7 @@ def run(config):
         trainer_lib.set_global_determinism(config.train.seed)
     chief = distribute.is_chief(strategy)
     if chief:
-        io_utils.write_json(os.path.join(config.model_dir, CONFIG_FILE), config.to_json())
+        io_utils.write_json(run_dir.path(config.model_dir, run_dir.CONFIG), config.to_json())
     if config.task == "scl":
         return _run_scl(config, strategy, chief, start)
     if config.task == "clip":
@@ -205,7 +176,6 @@ def _record_vector_table(config, chief):
 
 def _pretrain_make(config, strategy, chief, vectors=None):
     """Phase A of a MAKE variant (skipped when finished); returns `(metrics, checkpoint)`."""
-    import tensorflow as tf
 
     from mm_ads.ctr import make as make_lib
 
@@ -216,12 +186,11 @@ def _pretrain_make(config, strategy, chief, vectors=None):
     cfg = make_lib.pretrain_config(config)
     logging.info("MAKE pre-training (phase A): %d epochs in %s", cfg.train.epochs, cfg.model_dir)
     os.makedirs(cfg.model_dir, exist_ok=True)
-    _check_resume_config(cfg.model_dir, cfg)
+    run_dir.check_resume(cfg.model_dir, cfg)
     if chief:
-        io_utils.write_json(os.path.join(cfg.model_dir, CONFIG_FILE), cfg.to_json())
+        io_utils.write_json(run_dir.path(cfg.model_dir, run_dir.CONFIG), cfg.to_json())
     metrics = _run_ctr(cfg, strategy, chief, time.time(), vectors)
-    ckpt = "ckpt_best" if cfg.train.early_stopping_patience else "ckpt"
-    return metrics, tf.train.latest_checkpoint(os.path.join(cfg.model_dir, ckpt))
+    return metrics, run_dir.latest_checkpoint(cfg.model_dir, best=bool(cfg.train.early_stopping_patience))
 
 
 def _run_ctr(config, strategy, chief, start, vectors=None):
@@ -237,7 +206,7 @@ def _run_ctr(config, strategy, chief, start, vectors=None):
     task = CTRTask(config, make_checkpoint=make_checkpoint)
     if chief:
         # the model's own FeatureSpec (with the vector features it was trained with): export needs no data
-        io_utils.write_json(os.path.join(config.model_dir, SPEC_FILE), task.spec.to_json())
+        io_utils.write_json(run_dir.path(config.model_dir, run_dir.SPEC), task.spec.to_json())
     trainer = trainer_lib.Trainer(task, config.train, config.data.batch_size, config.model_dir, strategy)
     logging.info("Training %s: %s", config.model.variant, task.describe())
     metrics = trainer.train()
@@ -262,10 +231,10 @@ def _run_ctr(config, strategy, chief, start, vectors=None):
                 config.model_dir, checkpoint=trainer.latest_checkpoint,
                 allow_vector_table_change=config.train.allow_vector_table_change)
         else:
-            metrics["export_path"] = export_saved_model(trainer.model, os.path.join(config.model_dir, "export"),
+            metrics["export_path"] = export_saved_model(trainer.model, run_dir.path(config.model_dir, run_dir.EXPORT),
                                                         spec=task.spec, vectors=vector_record.export_vectors(vectors))
     if chief:
-        io_utils.write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
+        io_utils.write_json(run_dir.path(config.model_dir, run_dir.METRICS), metrics)
     return metrics
 
 
@@ -284,11 +253,11 @@ def _run_scl(config, strategy, chief, start):
                    eval_history=trainer.history, wall_seconds=round(time.time() - start, 1))
     if chief:
         encoder = trainer.model.encoder
-        io_utils.save_keras(encoder, os.path.join(config.model_dir, ENCODER_FILE))
+        io_utils.save_keras(encoder, run_dir.path(config.model_dir, run_dir.ENCODER))
         if config.train.export:
-            metrics["export_path"] = export_encoder(encoder, os.path.join(config.model_dir, "export"),
+            metrics["export_path"] = export_encoder(encoder, run_dir.path(config.model_dir, run_dir.EXPORT),
                                                     config.scl.modality, config.scl.image_size)
-        io_utils.write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
+        io_utils.write_json(run_dir.path(config.model_dir, run_dir.METRICS), metrics)
     return metrics
 
 
@@ -304,7 +273,7 @@ def _run_clip(config, strategy, chief, start):
                    skipped_items=task.skipped, wall_seconds=round(time.time() - start, 1))
     if chief:
         metrics["encoders"] = task.save_encoders(trainer.model, config.model_dir)
-        io_utils.write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
+        io_utils.write_json(run_dir.path(config.model_dir, run_dir.METRICS), metrics)
     return metrics
 
 
@@ -329,7 +298,7 @@ def main(argv):
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=None))
     if "make_pretrain" in metrics:
         print("make_pretrain: " + json.dumps({k: metrics["make_pretrain"].get(k) for k in keys}, indent=None))
-    print(f"metrics: {os.path.join(os.path.abspath(config.model_dir), METRICS_FILE)}")
+    print(f"metrics: {os.path.join(os.path.abspath(config.model_dir), run_dir.METRICS)}")
     if "export_path" in metrics:
         print(f"export: {metrics['export_path']}")
 

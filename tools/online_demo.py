@@ -150,6 +150,7 @@ def prepare(cfg):
     from mm_ads import train as train_lib
     from mm_ads.export.saved_model import latest_version
     from mm_ads.serving.encoder_service import ExportedEncoder, resolve_saved_model
+    from mm_ads.training import model_dir as run_dir
 
     start = time.monotonic()
     work = os.path.abspath(cfg.work_dir)
@@ -186,7 +187,7 @@ def prepare(cfg):
 
     flagfile_name = os.path.splitext(os.path.basename(cfg.ctr_flagfile))[0]
     ctr_dir = os.path.join(work, f"ctr-{flagfile_name}-{encoder.encoder_version}")
-    if not os.path.exists(os.path.join(ctr_dir, train_lib.METRICS_FILE)):
+    if run_dir.finished_metrics(ctr_dir) is None:
         ctr = config_lib.config_from_flagfile(_repo_path(cfg.ctr_flagfile), data_dir=data_dir, model_dir=ctr_dir,
                                               vector_table=vectors, max_steps=cfg.ctr_steps, seed=cfg.seed)
         if ctr.task != "ctr" or not ctr.model.uses_vectors or ctr.model.pretrains_make:

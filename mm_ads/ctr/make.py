@@ -25,7 +25,6 @@ the ID model in phase B (the paper's "0 epochs" point of Fig. 6(c)).
 """
 
 import copy
-import json
 import os
 
 import tensorflow as tf
@@ -33,9 +32,10 @@ import tensorflow as tf
 from mm_ads.config import CTRModelConfig
 from mm_ads.ctr.model import MAKE_LAYER
 from mm_ads.data.dataset import Manifest
+from mm_ads.training import model_dir as run_dir
+from mm_ads.training.model_dir import MAKE_DIR
 from mm_ads.training.trainer import model_checkpoint, planned_steps
 
-MAKE_DIR = "make"
 SIMTIER_FIELDS = ("num_tiers", "tier_calibration", "tier_boundaries", "tier_transform")
 
 
@@ -89,18 +89,15 @@ def finished_pretraining(config):
     already fed a phase B.
     """
     cfg = pretrain_config(config)
-    path = os.path.join(cfg.model_dir, "metrics.json")
-    if not os.path.exists(path):
+    metrics = run_dir.finished_metrics(cfg.model_dir)
+    if metrics is None:
         return None
-    with open(path) as f:
-        metrics = json.load(f)
     num_train = Manifest.load(cfg.data.data_dir).num_rows("ctr", cfg.data.train_split)
     _, steps = planned_steps(num_train, cfg.data.batch_size, cfg.train)
-    ckpt = "ckpt_best" if cfg.train.early_stopping_patience else "ckpt"
-    checkpoint = tf.train.latest_checkpoint(os.path.join(cfg.model_dir, ckpt))
+    checkpoint = run_dir.latest_checkpoint(cfg.model_dir, best=bool(cfg.train.early_stopping_patience))
     if metrics.get("planned_steps", metrics.get("steps")) == steps and checkpoint:
         return metrics, checkpoint
-    if tf.train.latest_checkpoint(os.path.join(config.model_dir, "ckpt")):
+    if run_dir.latest_checkpoint(config.model_dir):
         raise ValueError(
             f"MAKE's pre-training in {cfg.model_dir} ran {metrics.get('steps')} steps, this run plans {steps}, and "
             f"the ID model in {config.model_dir} already trained with it: use a new --model_dir"

@@ -199,28 +199,18 @@ def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None
     is readable here and differs from the record, the export is refused (`VectorTableChanged`) unless
     `allow_vector_table_change` (then a warning).
     """
-    from mm_ads.config import ExperimentConfig
     from mm_ads.ctr.model import build_ctr_model
-    from mm_ads.data.spec import FeatureSpec
+    from mm_ads.training import model_dir as run_dir
     from mm_ads.training.trainer import model_checkpoint
 
-    paths = {name: os.path.join(model_dir, name) for name in ("config.json", "feature_spec.json")}
-    for path in paths.values():
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: {model_dir} is not a model dir written by mm_ads.train")
-    with open(paths["config.json"]) as f:
-        config = ExperimentConfig.from_json(json.load(f))
-    with open(paths["feature_spec.json"]) as f:
-        spec = FeatureSpec.from_json(json.load(f))
-    checkpoint = checkpoint or tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
-    if not checkpoint:
-        raise FileNotFoundError(f"No checkpoint in {os.path.join(model_dir, 'ckpt')}")
+    config, spec = run_dir.load_ctr_run(model_dir)
+    checkpoint = checkpoint or run_dir.require_checkpoint(model_dir)
     vectors = _checked_vector_table(model_dir, config, allow_vector_table_change) \
         if config.model.uses_vectors else None
     model = build_ctr_model(spec, config.model)
     restore = tf.train.Checkpoint(model=model_checkpoint(model)).restore(checkpoint)
     restore.expect_partial().assert_existing_objects_matched()
-    return export_saved_model(model, export_base or os.path.join(model_dir, "export"), version=version, spec=spec,
+    return export_saved_model(model, export_base or run_dir.path(model_dir, run_dir.EXPORT), version=version, spec=spec,
                               vectors=vectors)
 
 

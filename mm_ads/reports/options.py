@@ -2,10 +2,9 @@
 
 import dataclasses
 import importlib.util
-import json
-import os
 
 from mm_ads import config as config_lib
+from mm_ads.training import model_dir as run_dir
 
 
 def options_from_values(cls, values, what):
@@ -62,39 +61,15 @@ def options_from_flags(cls):
         raise app.UsageError(str(e)) from None
 
 
-def finished_metrics(model_dir):
-    """The `metrics.json` of a finished run in `model_dir`, or None."""
-    path = os.path.join(model_dir, "metrics.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
-
-
 def reusable_metrics(model_dir, config):
     """The metrics of a finished run in `model_dir` if it ran `config` (an `ExperimentConfig`), None if the
-    run is not finished; a ValueError when it finished with another config (its results would be wrong here)."""
-    metrics = finished_metrics(model_dir)
-    if metrics is None:
-        return None
-    with open(os.path.join(model_dir, "config.json")) as f:
-        done = config_lib.ExperimentConfig.from_json(json.load(f)).to_json()
-    if config.task == "ctr":
+    run is not finished; a ValueError when it finished with another config (its results would be wrong here).
+    Quantile SimTier tiers are computed from the data first, as `train.run` does, so the configs compare."""
+    if run_dir.finished_metrics(model_dir) is not None and config.task == "ctr":
         from mm_ads.ctr import tiers
 
-        tiers.calibrate(config)  # quantile tiers: the boundaries the run computed from its data (as train.run does)
-    planned = json.loads(json.dumps(config.to_json()))
-    done = json.loads(json.dumps(done))
-    for section in ("data", "model", "train", "scl"):
-        a, b = dict(done[section]), dict(planned[section])
-        if section == "train":  # how a finished run was checkpointed, logged or exported does not change it
-            for key in ("checkpoint_every", "log_every", "export"):
-                a.pop(key, None)
-                b.pop(key, None)
-        if a != b:
-            raise ValueError(f"{model_dir} holds a finished run of another {section} config ({a} vs {b}): use a new "
-                             "--output_dir, or delete that run")
-    return metrics
+        tiers.calibrate(config)
+    return run_dir.reusable_metrics(model_dir, config)
 
 
 # Optional dependencies of the reports: what each is for, how to tell it is there, and the install command

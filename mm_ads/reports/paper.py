@@ -56,7 +56,8 @@ from mm_ads import config as config_lib
 from mm_ads.reports import options as options_lib
 from mm_ads.reports import popularity as popularity_lib
 from mm_ads.reports import table2 as table2_lib
-from mm_ads.reports.options import finished_metrics
+from mm_ads.training import model_dir as run_dir
+from mm_ads.training.model_dir import finished_metrics
 from mm_ads.utils import io as io_utils
 
 TABLE3_VARIANTS = ("id", "vector", "simscore", "simtier", "make", "simtier_make")
@@ -271,7 +272,7 @@ class PaperRunner:
         metrics = finished_metrics(info["model_dir"])
         if row == "clip_e":
             return load_encoder(metrics["encoders"]["text"])
-        return load_encoder(os.path.join(info["model_dir"], "encoder.keras"))
+        return load_encoder(run_dir.path(info["model_dir"], run_dir.ENCODER))
 
     # -- steps -------------------------------------------------------------------------------
     def make_world(self):
@@ -348,7 +349,7 @@ class PaperRunner:
         dst = os.path.join(target_dir, make_lib.MAKE_DIR)
         if os.path.exists(dst) or finished_metrics(src) is None:
             return
-        with open(os.path.join(src, "config.json")) as f:
+        with open(run_dir.path(src, run_dir.CONFIG)) as f:
             done = json.load(f)
         values = self.ctr_values("simtier_make")
         values.update(data_dir=self.world, model_dir=target_dir, seed=done["train"]["seed"], export="false",
@@ -358,8 +359,8 @@ class PaperRunner:
         same = all(planned[k] == done[k] for k in ("data", "model", "train"))
         if same:
             shutil.copytree(src, dst)
-            with open(os.path.join(dst, "config.json"), "w") as f:  # the copy's own model dir
-                json.dump(dict(done, model_dir=planned["model_dir"]), f, indent=2, sort_keys=True)
+            # the copy's own model dir
+            io_utils.write_json(run_dir.path(dst, run_dir.CONFIG), dict(done, model_dir=planned["model_dir"]))
             logging.info("simtier_make seed %s: MAKE pre-training shared with %s", done["train"]["seed"], src)
 
     def run_fig3(self, table3_runs):
@@ -367,10 +368,10 @@ class PaperRunner:
         id_dir = os.path.join(self.out, "fig3", "id")
         source = os.path.join(self.out, "ctr", "id", f"seed{seed}")
         if finished_metrics(id_dir) is None and not os.path.exists(id_dir) and os.path.exists(source):
-            shutil.copytree(source, id_dir, ignore=shutil.ignore_patterns("metrics.json", "export"))
+            shutil.copytree(source, id_dir, ignore=shutil.ignore_patterns(run_dir.METRICS, run_dir.EXPORT))
         id_metrics = self.ctr("id", seed, id_dir, epochs=self.o.fig3_epochs)
         mm_dir = os.path.join(self.out, "fig3", "make_only")
-        pretrained = os.path.join(self.out, "ctr", "make", f"seed{seed}", "make")  # the same run when as long
+        pretrained = os.path.join(self.out, "ctr", "make", f"seed{seed}", run_dir.MAKE_DIR)  # the same run when as long
         if not os.path.exists(mm_dir) and finished_metrics(pretrained) is not None and \
                 finished_metrics(pretrained).get("epochs") == self.o.fig3_epochs:
             shutil.copytree(pretrained, mm_dir)

@@ -46,6 +46,7 @@ from absl import logging
 
 from mm_ads import config as config_lib
 from mm_ads.reports import options as options_lib
+from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
 
 ROWS = {
@@ -339,7 +340,7 @@ class Table2Runner:
                     cache = os.path.join(model_dir, "valid.json")
                     valid = (io_utils.read_json_if_exists(cache) or {}).get(str(metrics.get("steps")))
                     if valid is None:
-                        encoder = load_encoder(os.path.join(model_dir, "encoder.keras"))
+                        encoder = load_encoder(run_dir.path(model_dir, run_dir.ENCODER))
                         valid = self._valid(flagfile, data_dir, encoder, **ABLATIONS[row])
                         io_utils.write_json(cache, {str(metrics.get("steps")): valid})
                 return metrics, model_dir, valid

@@ -21,6 +21,7 @@ import tensorflow as tf
 from mm_ads.data.dataset import MANIFEST, Manifest
 from mm_ads.data.vectors import write_vector_table
 from mm_ads.scl.export import decode_images
+from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
 
 COLUMNS = {"text": "title", "image": "image"}
@@ -109,7 +110,7 @@ def encode_model_dir(model_dir, data_dir, output=None, name=None, dtype="float32
     from mm_ads.config import ExperimentConfig
     from mm_ads.scl.export import export_encoder
 
-    config_path, encoder_path = (os.path.join(model_dir, f) for f in ("config.json", "encoder.keras"))
+    config_path, encoder_path = (run_dir.path(model_dir, f) for f in (run_dir.CONFIG, run_dir.ENCODER))
     for path in (config_path, encoder_path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found: {model_dir} is not an SCL model dir written by mm_ads.train")

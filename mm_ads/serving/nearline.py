@@ -63,6 +63,7 @@ from absl import app, logging
 
 from mm_ads import config as config_lib
 from mm_ads.serving.redis_local import redact_uri
+from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
 
 NEARLINE_FILE = "nearline.json"
@@ -223,9 +224,7 @@ def read_checkpoint_state(model_dir, checkpoint=None):
     """The `StreamState` values saved in a near-line model dir's latest (or the given) checkpoint, as a dict."""
     import tensorflow as tf
 
-    path = checkpoint or tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt"))
-    if not path:
-        raise FileNotFoundError(f"No checkpoint in {os.path.join(model_dir, 'ckpt')}")
+    path = checkpoint or run_dir.require_checkpoint(model_dir)
     reader = tf.train.load_checkpoint(path)
     out = {}
     for name in StreamState._INTS + StreamState._STRINGS + ("last_ts",):
@@ -281,7 +280,6 @@ class NearlineTrainer:
         from mm_ads.ctr.task import CTRTask
         from mm_ads.serving import events
         from mm_ads.serving.impressions import ImpressionSchema, IndexTableJoin
-        from mm_ads.train import CONFIG_FILE, SPEC_FILE, _check_resume_config
         from mm_ads.training import trainer as trainer_lib
 
         self.config, self.nearline = config, nearline.validate()
@@ -295,7 +293,7 @@ class NearlineTrainer:
                              f"{config.model.make_epochs}): start from its model dir with --init_model_dir")
         self.model_dir = config.model_dir
         os.makedirs(self.model_dir, exist_ok=True)
-        _check_resume_config(self.model_dir, config)
+        run_dir.check_resume(self.model_dir, config)
         if config.train.deterministic:
             trainer_lib.set_global_determinism(config.train.seed)
         self.stream = stream if stream is not None else self._own(events.open_stream(nearline.stream))
@@ -321,7 +319,7 @@ class NearlineTrainer:
         self.trainer = trainer_lib.Trainer(self.task, config.train, config.data.batch_size, self.model_dir,
                                            extra_checkpoint={"stream": self.state.checkpoint})
         self.batch_size = self.trainer.global_batch
-        self.export_base = nearline.export_base or os.path.join(self.model_dir, "export")
+        self.export_base = nearline.export_base or run_dir.path(self.model_dir, run_dir.EXPORT)
         from mm_ads.export.saved_model import remove_stale_temporaries
 
         stale = remove_stale_temporaries(self.export_base)  # this trainer is the base's one writer
@@ -329,8 +327,8 @@ class NearlineTrainer:
             logging.info("Removed %d unfinished export(s) of an earlier run from %s: %s", len(stale),
                          self.export_base, stale)
         self._check_encoder_version()
-        io_utils.write_json(os.path.join(self.model_dir, CONFIG_FILE), config.to_json())
-        io_utils.write_json(os.path.join(self.model_dir, SPEC_FILE), self.spec.to_json())
+        io_utils.write_json(run_dir.path(self.model_dir, run_dir.CONFIG), config.to_json())
+        io_utils.write_json(run_dir.path(self.model_dir, run_dir.SPEC), self.spec.to_json())
         self.started_from = self._restore()
         self._read_offset = decode_offset(self.state.next_offset)
         self._pending, self._pending_since = [], None
@@ -384,9 +382,7 @@ class NearlineTrainer:
         init = self.nearline.init_model_dir
         if init:
             self._check_init_model_dir(init)
-            ckpt = tf.train.latest_checkpoint(os.path.join(init, "ckpt"))
-            if not ckpt:
-                raise FileNotFoundError(f"--init_model_dir={init}: no checkpoint in {os.path.join(init, 'ckpt')}")
+            ckpt = run_dir.require_checkpoint(init, f"--init_model_dir={init}")
             t = self.trainer
             offline = tf.train.Checkpoint(model=model_checkpoint(t.model), sparse_optimizer=t.sparse_opt,
                                           dense_optimizer=t.dense_opt, step=t.step)
@@ -405,24 +401,13 @@ class NearlineTrainer:
         return started
 
     def _check_init_model_dir(self, init):
-        from mm_ads.config import ExperimentConfig
-        from mm_ads.data.spec import FeatureSpec
-
-        paths = {name: os.path.join(init, name) for name in ("config.json", "feature_spec.json")}
-        for path in paths.values():
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} not found: --init_model_dir={init} is not a model dir of "
-                                        "python -m mm_ads.train")
-        with open(paths["config.json"]) as f:
-            old = ExperimentConfig.from_json(json.load(f))
+        old, spec = run_dir.load_ctr_run(init, f"--init_model_dir={init}")
         if old.model != self.config.model:
             raise ValueError(f"--init_model_dir={init} trained another model config ({old.model}) than this flagfile "
                              f"({self.config.model})")
-        with open(paths["feature_spec.json"]) as f:
-            spec = FeatureSpec.from_json(json.load(f))
         if spec != self.spec:
-            raise ValueError(f"{paths['feature_spec.json']}: the offline model's FeatureSpec differs from the one of "
-                             f"--data_dir with the index table's dim ({spec} vs {self.spec})")
+            raise ValueError(f"{run_dir.path(init, run_dir.SPEC)}: the offline model's FeatureSpec differs from the "
+                             f"one of --data_dir with the index table's dim ({spec} vs {self.spec})")
 
     def _load_exports(self):
         path = os.path.join(self.model_dir, EXPORTS_FILE)

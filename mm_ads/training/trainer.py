@@ -49,6 +49,7 @@ from absl import logging
 
 from mm_ads import config as config_lib
 from mm_ads.training import distribute
+from mm_ads.training import model_dir as run_dir
 from mm_ads.training.sparse_optimizers import SparseAdagrad, SparseAdam, SparseSGD, combine_rows
 from mm_ads.utils import io as io_utils
 
@@ -183,14 +184,14 @@ class Trainer:
                                               dense_optimizer=self.dense_opt, step=self.step,
                                               **(extra_checkpoint or {}))
         # Every process restores from the chief's directory; only the chief's manager writes there.
-        self.ckpt_dir = os.path.join(model_dir, "ckpt")
+        self.ckpt_dir = run_dir.path(model_dir, run_dir.CKPT)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=3) if self.chief else None
         self._saved_step = None
         self._planned = None
         self._train_step = None
         self._batch_step = None
         self.history = []
-        self.best_manager = (tf.train.CheckpointManager(self.checkpoint, os.path.join(model_dir, "ckpt_best"),
+        self.best_manager = (tf.train.CheckpointManager(self.checkpoint, run_dir.path(model_dir, run_dir.CKPT_BEST),
                                                         max_to_keep=1)
                              if self.chief and config.early_stopping_patience else None)
         self.early_stopping = None  # the summary of early stopping, after `train`
@@ -315,13 +316,13 @@ class Trainer:
             return path
         tmp = tempfile.mkdtemp(prefix="mm_ads-worker-ckpt-")
         try:
-            self.checkpoint.write(os.path.join(tmp, "ckpt"))
+            self.checkpoint.write(os.path.join(tmp, run_dir.CKPT))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return None
 
     def _load_history(self):
-        path = os.path.join(self.model_dir, "eval_history.json")
+        path = run_dir.path(self.model_dir, run_dir.EVAL_HISTORY)
         if os.path.exists(path):
             with open(path) as f:
                 self.history = json.load(f)
@@ -333,7 +334,7 @@ class Trainer:
         entry = {"epoch": epoch, "step": step, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}}
         self.history = [h for h in self.history if h["step"] != step] + [entry]
         if self.chief:
-            io_utils.write_json(os.path.join(self.model_dir, "eval_history.json"), self.history)
+            io_utils.write_json(run_dir.path(self.model_dir, run_dir.EVAL_HISTORY), self.history)
             with self.writer.as_default(step=step):
                 for k, v in entry.items():
                     if isinstance(v, float) and math.isfinite(v):
@@ -383,7 +384,7 @@ class Trainer:
         logging.info("early stopping: %s", self.early_stopping)
         if best["step"] == step and last_eval:
             return last_eval
-        best_dir = os.path.join(self.model_dir, "ckpt_best")
+        best_dir = run_dir.path(self.model_dir, run_dir.CKPT_BEST)
         path = tf.train.latest_checkpoint(best_dir)
         if path is None or not path.endswith(f"-{best['step']}"):
             raise ValueError(f"The best epoch's checkpoint (step {best['step']}) is missing from {best_dir} "
@@ -395,7 +396,7 @@ class Trainer:
     def best_checkpoint(self):
         """The checkpoint of the best epoch (early stopping) or, without early stopping, the latest."""
         if self.config.early_stopping_patience and self.early_stopping:
-            return tf.train.latest_checkpoint(os.path.join(self.model_dir, "ckpt_best"))
+            return tf.train.latest_checkpoint(run_dir.path(self.model_dir, run_dir.CKPT_BEST))
         return self.latest_checkpoint
 
     def train(self):

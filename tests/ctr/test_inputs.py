@@ -14,6 +14,7 @@ from absl.testing import flagsaver
 from mm_ads import config as config_lib
 from mm_ads import train
 from mm_ads.data.spec import FeatureSpec
+from mm_ads.training import model_dir as run_dir
 
 FLAGS = flags.FLAGS
 
@@ -103,11 +104,11 @@ def test_vector_table_of_the_wrong_dim(tiny_world, tmp_path, repo_root):
     model_dir.mkdir()
     spec = FeatureSpec.from_json(manifest["spec"])
     trained = FeatureSpec([f for f in spec if f.role != "vector"], spec.seq_len, 0).with_vectors(8)
-    json.dump(trained.to_json(), open(model_dir / train.SPEC_FILE, "w"))
+    json.dump(trained.to_json(), open(model_dir / run_dir.SPEC, "w"))
     with pytest.raises(train.InputError, match=r"has dim 16, but the run in .* was trained with dim 8 .*"
                                                r"feature_spec.json"):
         train.run(config)
-    assert os.listdir(model_dir) == [train.SPEC_FILE]
+    assert os.listdir(model_dir) == [run_dir.SPEC]
 
 
 def test_unreadable_vector_table_path(tiny_world, tmp_path, repo_root):

@@ -316,7 +316,7 @@ def test_flagfile_runs_both_phases_from_the_command_line(variant, tiny_world, tm
 
 
 def test_config_json_without_the_make_fields_still_resumes(tmp_path):
-    from mm_ads.train import _check_resume_config
+    from mm_ads.training.model_dir import check_resume
 
     cfg = _config("data", tmp_path, "simtier")
     cfg.model = CTRModelConfig(variant="simtier")  # the MAKE fields at their defaults
@@ -325,10 +325,10 @@ def test_config_json_without_the_make_fields_still_resumes(tmp_path):
         del old["model"][name]
     del old["train"]["make_learning_rate"]
     json.dump(old, open(tmp_path / "config.json", "w"))
-    _check_resume_config(str(tmp_path), cfg)  # a model dir written before MAKE existed: defaults, same config
+    check_resume(str(tmp_path), cfg)  # a model dir written before MAKE existed: defaults, same config
     cfg.model.make_epochs = 1
     with pytest.raises(ValueError, match="different model config"):
-        _check_resume_config(str(tmp_path), cfg)
+        check_resume(str(tmp_path), cfg)
 
 
 def test_phase_a_does_not_depend_on_simtier_options(tiny_world):
