@@ -1,6 +1,21 @@
+import typing
+
 import keras
 import numpy as np
 import tensorflow as tf
+
+
+@typing.runtime_checkable
+class SparseTables(typing.Protocol):
+    """A layer with tables that the trainer's sparse optimizer updates row by row (`SparseEmbedding`, or a
+    user's own layer that implements these two methods); the trainer finds them by this protocol, not by type.
+    """
+
+    def sparse_tables(self):
+        """The variables updated by row (every shard of every table)."""
+
+    def checkpoint_slices(self):
+        """`(key, shards)` when one table is split into shards saved as one tensor under `key`, else None."""
 
 
 def partition_sizes(num_buckets, num_shards):
@@ -216,6 +231,16 @@ class SparseEmbedding(keras.layers.Layer):
     def tables(self):
         """The table's variables: `[embeddings]`, or the `num_shards` shards in row order."""
         return list(self.shards)
+
+    def sparse_tables(self):
+        """`SparseTables`: the table's variables, updated by row by the sparse optimizer."""
+        return self.tables
+
+    def checkpoint_slices(self):
+        """`SparseTables`: a sharded table is saved under the key of the unsharded one (`emb_item.embeddings`)."""
+        if self.num_shards <= 1:
+            return None
+        return self.shards[0].path.rsplit("_part_", 1)[0].replace("/", "."), list(self.shards)
 
     def bucketize(self, ids):
         """Ids → `(rows, has_row)`: row indices in `[0, num_buckets)` and whether the id has a row at all

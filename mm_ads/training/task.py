@@ -7,7 +7,7 @@ stay forward-only so that the same model trains and exports unchanged.
 
 import abc
 
-from mm_ads.layers.sparse_embedding import SparseEmbedding
+from mm_ads.layers.sparse_embedding import SparseTables
 
 
 class Task(abc.ABC):
@@ -50,10 +50,11 @@ class Task(abc.ABC):
         """Exact evaluation on the host: a dict of metrics (JSON-serialisable)."""
 
     def sparse_variables(self, model):
-        """Variables updated by the sparse optimizer: the tables (every shard) of every `SparseEmbedding`."""
+        """Variables updated by the sparse optimizer: the tables (every shard) of every layer with `SparseTables`
+        (e.g. `SparseEmbedding`)."""
         out, seen = [], set()
         for layer in model._flatten_layers(include_self=False):
-            if isinstance(layer, SparseEmbedding) and id(layer) not in seen:
+            if isinstance(layer, SparseTables) and id(layer) not in seen:
                 seen.add(id(layer))
-                out.extend(layer.tables)
+                out.extend(layer.sparse_tables())
         return out

@@ -67,18 +67,20 @@ def model_checkpoint(model):
     copy, the MoCo key encoder) keep bare paths. Such variables are keyed by `<child>.<path>`, where
     `<child>` is the name of the model's direct sub-layer that owns them (stable for a given architecture).
 
-    A sharded `SparseEmbedding` table (`num_shards > 1`) is saved under the key of the unsharded table
-    (`emb_item.embeddings`) as slices of one `[num_buckets, E]` tensor, so the model's checkpoint does not
-    depend on the number of shards: it restores into any number of shards, or none (e.g. for export).
+    A sharded table (`SparseTables.checkpoint_slices`, e.g. a `SparseEmbedding` with `num_shards > 1`) is saved
+    under the key of the unsharded table (`emb_item.embeddings`) as slices of one `[num_buckets, E]` tensor, so
+    the model's checkpoint does not depend on the number of shards: it restores into any number of shards, or
+    none (e.g. for export).
     """
-    from mm_ads.layers.sparse_embedding import SparseEmbedding
+    from mm_ads.layers.sparse_embedding import SparseTables
 
-    shard_of = {}  # id(shard variable) -> (key of the whole table, the layer)
+    shard_of = {}  # id(shard variable) -> (key of the whole table, its shards)
     for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, SparseEmbedding) and layer.num_shards > 1:
-            key = layer.shards[0].path.rsplit("_part_", 1)[0].replace("/", ".")
-            for v in layer.shards:
-                shard_of[id(v)] = (key, layer)
+        slices = layer.checkpoint_slices() if isinstance(layer, SparseTables) else None
+        if slices:
+            key, shards = slices
+            for v in shards:
+                shard_of[id(v)] = (key, shards)
     owner = {}
     for child in model._flatten_layers(include_self=False, recursive=False):
         for v in child.variables:
@@ -87,10 +89,9 @@ def model_checkpoint(model):
     variables = {}
     for v in model.variables:
         if id(v) in shard_of:
-            key, layer = shard_of[id(v)]
+            key, shards = shard_of[id(v)]
             if key not in variables:
-                variables[key] = tf.__internal__.distribute.ShardedVariable([s.value for s in layer.shards],
-                                                                            name=key)
+                variables[key] = tf.__internal__.distribute.ShardedVariable([s.value for s in shards], name=key)
             continue
         key = v.path.replace("/", ".")
         if counts[v.path] > 1 and id(v) in owner:
