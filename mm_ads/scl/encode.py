@@ -9,7 +9,6 @@ touched unless `register_vector_table` is called (`--register`), which adds the 
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 
@@ -20,7 +19,7 @@ import tensorflow as tf
 
 from mm_ads.data.dataset import MANIFEST, Manifest
 from mm_ads.data.vectors import write_vector_table
-from mm_ads.scl.export import decode_images
+from mm_ads.scl.export import decode_images, encoder_version, export_encoder
 from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
 
@@ -32,19 +31,6 @@ def load_encoder(path):
     from mm_ads.scl import image_tower, text_tower  # noqa: F401  (registers the serializable classes)
 
     return keras.saving.load_model(path)
-
-
-def encoder_version(encoder, prefix="scl"):
-    """`<prefix>-<16 hex>`: SHA-256 of the encoder's class, config and weights (by path, in path order)."""
-    h = hashlib.sha256()
-    h.update(type(encoder).__name__.encode())
-    h.update(json.dumps(encoder.get_config(), sort_keys=True, default=str).encode())
-    for v in sorted(encoder.weights, key=lambda v: v.path):
-        value = keras.ops.convert_to_numpy(v)
-        h.update(v.path.encode())
-        h.update(str(value.dtype).encode())
-        h.update(np.ascontiguousarray(value).tobytes())
-    return f"{prefix}-{h.hexdigest()[:16]}"
 
 
 def encode_values(encoder, values, modality, image_size=32, batch_size=256):
@@ -108,7 +94,6 @@ def encode_model_dir(model_dir, data_dir, output=None, name=None, dtype="float32
            export_base=None):
     """Library form of the entry point; returns a dict describing what was written."""
     from mm_ads.config import ExperimentConfig
-    from mm_ads.scl.export import export_encoder
 
     config_path, encoder_path = (run_dir.path(model_dir, f) for f in (run_dir.CONFIG, run_dir.ENCODER))
     for path in (config_path, encoder_path):

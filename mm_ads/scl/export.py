@@ -2,19 +2,36 @@
 
 Signature `serving_default`: input `text` (tf.string `[B]`) or `image` (tf.string `[B]`, PNG/JPEG bytes,
 decoded and resized to `image_size`² inside the graph); output `vector` (float32 `[B, D]`, unit norm).
-Signature `encoder_info` (no inputs): `encoder_version` (the content hash `mm_ads.scl.encode.encoder_version`
+Signature `encoder_info` (no inputs): `encoder_version` (the content hash `encoder_version`
 gives the vector tables of `python -m mm_ads.encode`, so online and batch vectors of one encoder carry one
 version), `modality`, `dim`, `image_size` — what the encoder service needs to know about the model.
 Written in the versioned, atomic layout of `mm_ads.export.saved_model`.
 """
 
+import hashlib
+import json
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mm_ads.export.saved_model import write_archive
 from mm_ads.scl.augment import decode_image
 
 ENCODER_INFO_SIGNATURE = "encoder_info"
+
+
+def encoder_version(encoder, prefix="scl"):
+    """`<prefix>-<16 hex>`: SHA-256 of the encoder's class, config and weights (by path, in path order)."""
+    h = hashlib.sha256()
+    h.update(type(encoder).__name__.encode())
+    h.update(json.dumps(encoder.get_config(), sort_keys=True, default=str).encode())
+    for v in sorted(encoder.weights, key=lambda v: v.path):
+        value = keras.ops.convert_to_numpy(v)
+        h.update(v.path.encode())
+        h.update(str(value.dtype).encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    return f"{prefix}-{h.hexdigest()[:16]}"
 
 
 def decode_images(data, image_size):
@@ -51,8 +68,6 @@ def export_encoder(encoder, export_base, modality, image_size=32, version=None):
 
 def encoder_info_values(encoder, modality, image_size):
     """What the `encoder_info` signature returns: `{encoder_version, modality, dim, image_size}`."""
-    from mm_ads.scl.encode import encoder_version  # scl.encode imports this module
-
     return {"encoder_version": encoder_version(encoder, f"scl-{modality}"), "modality": modality,
             "dim": int(encoder.output_dim), "image_size": int(image_size)}
 
