@@ -9,6 +9,8 @@ import dataclasses
 import json
 import os
 
+from mm_ads.options import convert_value
+
 CTR_VARIANTS = ("id", "vector", "simscore", "simtier", "make", "simtier_make", "make_only")
 # Variants whose ID model reads a MAKE module (paper section 4.3); "make_only" is MAKE alone (its pre-training).
 MAKE_VARIANTS = ("make", "simtier_make")
@@ -421,32 +423,6 @@ def read_flagfile(path, _seen=None):
 FLOAT_SEQUENCES = ("tier_boundaries",)
 
 
-def _convert(name, default, value):
-    element = float if name in FLOAT_SEQUENCES else int
-    if isinstance(value, str):
-        text = value.strip()
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--{name} must be true or false, got {value!r}")
-            return text.lower() in ("true", "1")
-        try:
-            if isinstance(default, int):
-                return int(text)
-            if isinstance(default, float):
-                return float(text)
-            if isinstance(default, tuple):
-                return tuple(element(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise ValueError(f"--{name}: cannot read {value!r} as {type(default).__name__}") from None
-        return text
-    if isinstance(default, tuple):  # a parsed list flag or a typed sequence
-        try:
-            return tuple(element(v) for v in value)
-        except ValueError:
-            raise ValueError(f"--{name} must be comma-separated {element.__name__}s, got {list(value)!r}") from None
-    return value
-
-
 def config_from_values(values):
     """A validated `ExperimentConfig` from `{flag name: value}` (strings as in a flagfile, or typed values).
 
@@ -457,7 +433,8 @@ def config_from_values(values):
     sections = {}
     for section, kind in _SECTION_KINDS:
         defaults = kind()
-        sections[section] = {f.name: _convert(f.name, getattr(defaults, f.name), values.pop(f.name))
+        sections[section] = {f.name: convert_value(f.name, getattr(defaults, f.name), values.pop(f.name),
+                                                  FLOAT_SEQUENCES)
                              for f in dataclasses.fields(kind) if f.name in values}
     task, model_dir = values.pop("task", "ctr"), values.pop("model_dir", "")
     if values:

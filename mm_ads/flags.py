@@ -11,6 +11,7 @@ import dataclasses
 from absl import flags
 
 from mm_ads import config as config_lib
+from mm_ads.options import define_flag
 
 TASK = flags.DEFINE_enum("task", "ctr", list(config_lib.TASKS),
                          "Which task to train: ctr, scl or clip (item image <-> title alignment, CLIP-E).")
@@ -20,24 +21,12 @@ _SECTIONS = config_lib._SECTION_KINDS
 _HOLDERS = {}
 
 
-def _define(section, field, default):
-    help_text = f"{section}.{field.name} (see mm_ads.config)."
-    if isinstance(default, bool):
-        return flags.DEFINE_bool(field.name, default, help_text)
-    if isinstance(default, int):
-        return flags.DEFINE_integer(field.name, default, help_text)
-    if isinstance(default, float):
-        return flags.DEFINE_float(field.name, default, help_text)
-    if isinstance(default, tuple):
-        kind = "floats" if field.name in config_lib.FLOAT_SEQUENCES else "ints"
-        return flags.DEFINE_list(field.name, [str(v) for v in default], help_text + f" Comma-separated {kind}.")
-    return flags.DEFINE_string(field.name, default, help_text)
-
-
 for _section, _kind in _SECTIONS:
     _defaults = _kind()
     for _field in dataclasses.fields(_kind):
-        _HOLDERS[(_section, _field.name)] = _define(_section, _field, getattr(_defaults, _field.name))
+        _HOLDERS[(_section, _field.name)] = define_flag(
+            _field.name, getattr(_defaults, _field.name), f"{_section}.{_field.name} (see mm_ads.config).",
+            float_sequence=_field.name in config_lib.FLOAT_SEQUENCES)
 
 
 def config_from_flags():

@@ -505,7 +505,8 @@ def write_world(world, output_dir, overwrite=False, progress=True, provenance=No
 
 def world_config_from_flagfile(path, **overrides):
     """A validated `WorldConfig` from a `configs/data/*.flags` profile (plus overrides), without absl."""
-    from mm_ads.config import _convert, read_flagfile
+    from mm_ads.config import read_flagfile
+    from mm_ads.options import convert_value
 
     values = {**read_flagfile(path), **overrides}
     values.pop("output_dir", None)
@@ -515,7 +516,7 @@ def world_config_from_flagfile(path, **overrides):
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{path}: unknown world options {unknown}")
-    return WorldConfig(**{k: _convert(k, getattr(defaults, k), v) for k, v in values.items()}).validate()
+    return WorldConfig(**{k: convert_value(k, getattr(defaults, k), v) for k, v in values.items()}).validate()
 
 
 def generate(config, output_dir, overwrite=False, progress=True, provenance=None):

@@ -1,64 +1,9 @@
-"""Options dataclasses of the reports: from flagfile values, and as absl flags of their entry points."""
+"""What the reports share: reusing finished runs, and their optional dependencies (their options and flags:
+`mm_ads.options`)."""
 
-import dataclasses
 import importlib.util
 
-from mm_ads import config as config_lib
 from mm_ads.training import model_dir as run_dir
-
-
-def options_from_values(cls, values, what):
-    """A validated `cls` (a dataclass with `validate()`) from `{field: value}` (flagfile strings or typed values).
-
-    Tuple fields take comma-separated strings (ints when the default holds ints); unknown names are an error
-    naming `what`.
-    """
-    values = dict(values)
-    defaults = cls()
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        value, default = values.pop(f.name), getattr(defaults, f.name)
-        if isinstance(default, tuple) and isinstance(value, str):
-            value = tuple(v.strip() for v in value.split(",") if v.strip())
-        if isinstance(default, tuple) and default and isinstance(default[0], int):
-            try:
-                value = tuple(int(v) for v in value)
-            except ValueError:
-                raise ValueError(f"--{f.name} must be comma-separated integers, got {value!r}") from None
-        out[f.name] = tuple(value) if isinstance(default, tuple) else config_lib._convert(f.name, default, value)
-    if values:
-        raise ValueError(f"Unknown {what} options: {sorted(values)}")
-    return cls(**out).validate()
-
-
-def define_flags(cls, what, output_help):
-    """absl flags for every field of `cls`, plus the required `--output_dir` (entry points only)."""
-    from absl import flags
-
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        default = getattr(defaults, f.name)
-        help_text = f"{what} option {f.name} (see {cls.__module__}.{cls.__name__})."
-        if isinstance(default, tuple):
-            flags.DEFINE_list(f.name, [str(v) for v in default], help_text)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(f.name, default, help_text)
-        else:
-            flags.DEFINE_string(f.name, default, help_text)
-    flags.DEFINE_string("output_dir", None, output_help, required=True)
-
-
-def options_from_flags(cls):
-    """`options_from_values` of the flags given on the command line (or in a flagfile); UsageError if invalid."""
-    from absl import app, flags
-
-    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(cls) if flags.FLAGS[f.name].present}
-    try:
-        return cls.from_values(values)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
 
 
 def reusable_metrics(model_dir, config):

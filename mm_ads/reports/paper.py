@@ -53,6 +53,7 @@ import numpy as np
 from absl import logging
 
 from mm_ads import config as config_lib
+from mm_ads import options as mm_options
 from mm_ads.reports import options as options_lib
 from mm_ads.reports import popularity as popularity_lib
 from mm_ads.reports import table2 as table2_lib
@@ -139,7 +140,7 @@ class PaperConfig:
     @classmethod
     def from_values(cls, values):
         """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
-        return options_lib.options_from_values(cls, values, "paper report")
+        return mm_options.options_from_values(cls, values, "paper report")
 
 
 def _mean_std(values):
@@ -846,7 +847,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     hide_retracing_warnings()  # dozens of runs in one process: see the function's docstring
-    options = options_lib.options_from_flags(PaperConfig)
+    options = mm_options.options_from_flags(PaperConfig)
     try:
         check_dependencies(options)  # before any work
     except options_lib.MissingDependencyError as e:
@@ -860,7 +861,7 @@ def main(argv):
 
 
 def define_flags():
-    options_lib.define_flags(PaperConfig, "paper report", "Where runs, report.md, results.json and the plots go.")
+    mm_options.define_flags(PaperConfig, "paper report", "Where runs, report.md, results.json and the plots go.")
 
 
 if __name__ == "__main__":

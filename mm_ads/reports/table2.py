@@ -45,6 +45,7 @@ import time
 from absl import logging
 
 from mm_ads import config as config_lib
+from mm_ads import options as mm_options
 from mm_ads.reports import options as options_lib
 from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
@@ -125,7 +126,7 @@ class Table2Config:
     @classmethod
     def from_values(cls, values):
         """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
-        return options_lib.options_from_values(cls, values, "Table 2")
+        return mm_options.options_from_values(cls, values, "Table 2")
 
 
 def read_profile(path):
@@ -472,7 +473,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     hide_retracing_warnings()  # dozens of runs in one process: see the function's docstring
-    options = options_lib.options_from_flags(Table2Config)
+    options = mm_options.options_from_flags(Table2Config)
     try:
         check_dependencies(options)  # before any work
         results = run_table2(options, flags.FLAGS.output_dir)
@@ -483,7 +484,7 @@ def main(argv):
 
 
 def define_flags():
-    options_lib.define_flags(Table2Config, "Table 2", "Where runs, table2.md and table2.json go.")
+    mm_options.define_flags(Table2Config, "Table 2", "Where runs, table2.md and table2.json go.")
 
 
 if __name__ == "__main__":

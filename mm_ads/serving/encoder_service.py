@@ -44,7 +44,7 @@ import time
 import numpy as np
 from absl import logging
 
-from mm_ads.reports import options as options_lib
+from mm_ads import options as options_lib
 from mm_ads.serving.events import EventTail, open_stream
 from mm_ads.serving.index_table import open_index_table
 from mm_ads.serving.redis_local import redact_uri

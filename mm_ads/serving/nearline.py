@@ -62,6 +62,7 @@ import time
 from absl import app, logging
 
 from mm_ads import config as config_lib
+from mm_ads.options import convert_value, define_flag
 from mm_ads.serving.redis_local import redact_uri
 from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
@@ -145,7 +146,7 @@ def configs_from_values(values):
     """`{flag name: value}` (flagfile strings or typed values) → `(ExperimentConfig, NearlineConfig)`, validated."""
     values = dict(values)
     defaults = NearlineConfig()
-    mine = {name: config_lib._convert(name, getattr(defaults, name), values.pop(name))
+    mine = {name: convert_value(name, getattr(defaults, name), values.pop(name))
             for name in list(values) if name in _FIELDS}
     return config_lib.config_from_values(values), NearlineConfig(**mine).validate()
 
@@ -745,10 +746,11 @@ class NearlineTrainer:
 
 
 def _define_flags():
-    from mm_ads import flags as flags_lib
+    from mm_ads import flags as flags_lib  # noqa: F401  (defines the experiment flags first)
 
     defaults = NearlineConfig()
-    return {name: flags_lib._define("nearline", field, getattr(defaults, name)) for name, field in _FIELDS.items()}
+    return {name: define_flag(name, getattr(defaults, name), f"nearline.{name} (see mm_ads.config).")
+            for name in _FIELDS}
 
 
 def main(argv, holders):

@@ -1,0 +1,112 @@
+"""The one way between an options dataclass and command-line flags, flagfile values and back.
+
+* `convert_value`: a flag's value (flagfile string or parsed) as the type of its dataclass field.
+* `define_flag`: the absl flag of one field, typed by its default (used for `mm_ads.train`'s generated flags,
+  `mm_ads.flags`, and the near-line trainer's own options).
+* `options_from_values` / `define_flags` / `options_from_flags`: a whole options dataclass with `validate()`
+  (the reports' and the encoder service's options) from `{name: value}` or from the command line.
+
+`mm_ads.config.config_from_values` builds the training config with `convert_value`; `mm_ads.config.read_flagfile`
+reads flagfiles.
+"""
+
+import dataclasses
+
+
+def convert_value(name, default, value, float_sequences=()):
+    """A flag's value (a flagfile string, a parsed absl value or a typed value) as the type of the field's
+    `default`: bool, int, float, str, or a tuple of ints (of floats for the names in `float_sequences`).
+    ValueError naming `--name` when it cannot be read."""
+    element = float if name in float_sequences else int
+    if isinstance(value, str):
+        text = value.strip()
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--{name} must be true or false, got {value!r}")
+            return text.lower() in ("true", "1")
+        try:
+            if isinstance(default, int):
+                return int(text)
+            if isinstance(default, float):
+                return float(text)
+            if isinstance(default, tuple):
+                return tuple(element(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--{name}: cannot read {value!r} as {type(default).__name__}") from None
+        return text
+    if isinstance(default, tuple):  # a parsed list flag or a typed sequence
+        try:
+            return tuple(element(v) for v in value)
+        except ValueError:
+            raise ValueError(f"--{name} must be comma-separated {element.__name__}s, got {list(value)!r}") from None
+    return value
+
+
+def define_flag(name, default, help_text, float_sequence=False):
+    """The absl flag `--name` typed by `default` (bool, int, float, comma-separated list, or string)."""
+    from absl import flags
+
+    if isinstance(default, bool):
+        return flags.DEFINE_bool(name, default, help_text)
+    if isinstance(default, int):
+        return flags.DEFINE_integer(name, default, help_text)
+    if isinstance(default, float):
+        return flags.DEFINE_float(name, default, help_text)
+    if isinstance(default, tuple):
+        kind = "floats" if float_sequence else "ints"
+        return flags.DEFINE_list(name, [str(v) for v in default], help_text + f" Comma-separated {kind}.")
+    return flags.DEFINE_string(name, default, help_text)
+
+
+def options_from_values(cls, values, what):
+    """A validated `cls` (a dataclass with `validate()`) from `{field: value}` (flagfile strings or typed values).
+
+    Tuple fields take comma-separated strings (ints when the default holds ints); unknown names are an error
+    naming `what`.
+    """
+    values = dict(values)
+    defaults = cls()
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value, default = values.pop(f.name), getattr(defaults, f.name)
+        if isinstance(default, tuple) and isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(default, tuple) and default and isinstance(default[0], int):
+            try:
+                value = tuple(int(v) for v in value)
+            except ValueError:
+                raise ValueError(f"--{f.name} must be comma-separated integers, got {value!r}") from None
+        out[f.name] = tuple(value) if isinstance(default, tuple) else convert_value(f.name, default, value)
+    if values:
+        raise ValueError(f"Unknown {what} options: {sorted(values)}")
+    return cls(**out).validate()
+
+
+def define_flags(cls, what, output_help):
+    """absl flags for every field of `cls`, plus the required `--output_dir` (entry points only)."""
+    from absl import flags
+
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name)
+        help_text = f"{what} option {f.name} (see {cls.__module__}.{cls.__name__})."
+        if isinstance(default, tuple):
+            flags.DEFINE_list(f.name, [str(v) for v in default], help_text)
+        elif isinstance(default, int):  # bools too: 0 / 1
+            flags.DEFINE_integer(f.name, default, help_text)
+        else:
+            flags.DEFINE_string(f.name, default, help_text)
+    flags.DEFINE_string("output_dir", None, output_help, required=True)
+
+
+def options_from_flags(cls):
+    """`options_from_values` of the flags given on the command line (or in a flagfile); UsageError if invalid."""
+    from absl import app, flags
+
+    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(cls) if flags.FLAGS[f.name].present}
+    try:
+        return cls.from_values(values)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
