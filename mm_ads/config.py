@@ -14,6 +14,9 @@ from mm_ads.options import convert_value
 CTR_VARIANTS = ("id", "vector", "simscore", "simtier", "make", "simtier_make", "make_only")
 # Variants whose ID model reads a MAKE module (paper section 4.3); "make_only" is MAKE alone (its pre-training).
 MAKE_VARIANTS = ("make", "simtier_make")
+SIMTIER_VARIANTS = ("simtier", "simtier_make")
+# options that only the SimTier variants read
+SIMTIER_FIELDS = ("num_tiers", "tier_calibration", "tier_boundaries", "tier_transform")
 ACTIVATIONS = ("relu", "prelu", "dice", "sigmoid", "gelu")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
@@ -160,6 +163,15 @@ class CTRModelConfig:
     @property
     def uses_vectors(self):
         return self.variant != "id"
+
+    def unused_fields(self):
+        """The options this variant's model never reads (SimTier's outside the SimTier variants, the vector
+        projection's outside `vector`): their values cannot change its results, so a saved run of the same
+        variant with other values for them is the same run."""
+        unused = set() if self.variant in SIMTIER_VARIANTS else set(SIMTIER_FIELDS)
+        if self.variant != "vector":
+            unused.add("vector_projection_dim")
+        return unused
 
     @property
     def pretrains_make(self):

@@ -29,14 +29,12 @@ import os
 
 import tensorflow as tf
 
-from mm_ads.config import CTRModelConfig
+from mm_ads.config import SIMTIER_FIELDS, CTRModelConfig
 from mm_ads.ctr.model import MAKE_LAYER
 from mm_ads.data.dataset import Manifest
 from mm_ads.training import model_dir as run_dir
 from mm_ads.training.model_dir import MAKE_DIR
 from mm_ads.training.trainer import model_checkpoint, planned_steps
-
-SIMTIER_FIELDS = ("num_tiers", "tier_calibration", "tier_boundaries", "tier_transform")
 
 
 def validation_split(config):

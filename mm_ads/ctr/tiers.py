@@ -11,13 +11,12 @@ SavedModel (the SimTier layer's config) use exactly the same tiers.
 
 import numpy as np
 
+from mm_ads.config import SIMTIER_VARIANTS
 from mm_ads.data import pipeline
 from mm_ads.data.dataset import Manifest, read_ctr_columns
 from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR
 from mm_ads.data.vectors import VectorTable
 from mm_ads.layers.sim_tier import quantile_boundaries
-
-SIMTIER_VARIANTS = ("simtier", "simtier_make")
 
 
 def training_similarities(data_dir, vector_table, split="train", sample=20_000, seed=0):

@@ -71,11 +71,17 @@ def saved_config(model_dir, strict=False):
 
 def config_difference(saved, config, sections, ignore_train=False):
     """The first of `sections` where a saved config JSON differs from `config`: `(section, saved, planned)` dicts,
-    or None. `ignore_train` leaves out the training settings that do not change results (checkpointing,
-    logging, export)."""
+    or None. Model options the CTR variant never reads (`CTRModelConfig.unused_fields`) are left out;
+    `ignore_train` also leaves out the training settings that do not change results (checkpointing, logging,
+    export)."""
     planned = json.loads(json.dumps(config.to_json()))
     for section in sections:
         a, b = saved.get(section), planned[section]
+        if section == "model" and config.task == "ctr" and a is not None:  # options the variant never reads
+            a, b = dict(a), dict(b)
+            for key in config.model.unused_fields():
+                a.pop(key, None)
+                b.pop(key, None)
         if ignore_train and section == "train":
             a, b = dict(a or {}), dict(b)
             for key in _NOT_RESULT_SETTINGS:

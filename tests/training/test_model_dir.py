@@ -27,12 +27,12 @@ def test_resume_allows_more_epochs_and_refuses_another_model(tmp_path):
 
 
 def test_resume_of_an_older_config_fills_the_fields_added_since(tmp_path):
-    saved = _config(tmp_path).to_json()
+    saved = _config(tmp_path, variant="simtier").to_json()
     del saved["model"]["tier_transform"]  # written before the field existed: its default applies
     write_json(run_dir.path(str(tmp_path), run_dir.CONFIG), saved)
-    run_dir.check_resume(str(tmp_path), _config(tmp_path))
+    run_dir.check_resume(str(tmp_path), _config(tmp_path, variant="simtier"))
     with pytest.raises(InputError, match="different model config"):
-        run_dir.check_resume(str(tmp_path), _config(tmp_path, tier_transform="fraction"))
+        run_dir.check_resume(str(tmp_path), _config(tmp_path, variant="simtier", tier_transform="fraction"))
 
 
 def test_reuse_needs_a_finished_run_of_the_same_results_config(tmp_path):
@@ -64,3 +64,22 @@ def test_load_ctr_run_and_checkpoint_name_what_is_missing(tmp_path):
     assert run_dir.latest_checkpoint(d) is None
     with pytest.raises(FileNotFoundError, match=r"--init_model_dir=X: no checkpoint in .*ckpt"):
         run_dir.require_checkpoint(d, "--init_model_dir=X")
+
+
+def test_options_the_variant_never_reads_do_not_make_another_run(tmp_path):
+    d = str(tmp_path)
+    write_json(run_dir.path(d, run_dir.CONFIG), _config(tmp_path, variant="make", tier_transform="fraction",
+                                                        vector_projection_dim="8").to_json())
+    write_json(run_dir.path(d, run_dir.METRICS), {"auc": 0.7})
+    # MAKE alone reads neither SimTier's options nor the vector projection's
+    assert run_dir.reusable_metrics(d, _config(tmp_path, variant="make")) == {"auc": 0.7}
+    run_dir.check_resume(d, _config(tmp_path, variant="make", num_tiers="10"))
+    with pytest.raises(InputError, match="different model config"):
+        run_dir.check_resume(d, _config(tmp_path, variant="make", make_units="64,32"))
+    # SimTier reads them
+    simtier = _config(tmp_path, variant="simtier", tier_transform="fraction")
+    write_json(run_dir.path(d, run_dir.CONFIG), simtier.to_json())
+    with pytest.raises(ValueError, match="finished run of another model config"):
+        run_dir.reusable_metrics(d, _config(tmp_path, variant="simtier"))
+    assert run_dir.reusable_metrics(d, _config(tmp_path, variant="simtier", tier_transform="fraction",
+                                               vector_projection_dim="4")) == {"auc": 0.7}
