@@ -53,7 +53,7 @@ def define_flag(name, default, help_text, float_sequence=False):
     if isinstance(default, float):
         return flags.DEFINE_float(name, default, help_text)
     if isinstance(default, tuple):
-        kind = "floats" if float_sequence else "ints"
+        kind = "floats" if float_sequence else "strings" if default and isinstance(default[0], str) else "ints"
         return flags.DEFINE_list(name, [str(v) for v in default], help_text + f" Comma-separated {kind}.")
     return flags.DEFINE_string(name, default, help_text)
 
@@ -84,21 +84,16 @@ def options_from_values(cls, values, what):
     return cls(**out).validate()
 
 
-def define_flags(cls, what, output_help):
-    """absl flags for every field of `cls`, plus the required `--output_dir` (entry points only)."""
+def define_flags(cls, what, output_help=None):
+    """absl flags for every field of `cls` (`define_flag`), plus a required `--output_dir` when `output_help`
+    is given (entry points only)."""
     from absl import flags
 
     defaults = cls()
     for f in dataclasses.fields(cls):
-        default = getattr(defaults, f.name)
-        help_text = f"{what} option {f.name} (see {cls.__module__}.{cls.__name__})."
-        if isinstance(default, tuple):
-            flags.DEFINE_list(f.name, [str(v) for v in default], help_text)
-        elif isinstance(default, int):  # bools too: 0 / 1
-            flags.DEFINE_integer(f.name, default, help_text)
-        else:
-            flags.DEFINE_string(f.name, default, help_text)
-    flags.DEFINE_string("output_dir", None, output_help, required=True)
+        define_flag(f.name, getattr(defaults, f.name), f"{what} option {f.name} (see {cls.__module__}.{cls.__name__}).")
+    if output_help:
+        flags.DEFINE_string("output_dir", None, output_help, required=True)
 
 
 def options_from_flags(cls):

@@ -392,17 +392,7 @@ class EncoderService:
 
 def define_flags():
     """absl flags for every `EncoderServiceConfig` field (entry point only)."""
-    from absl import flags
-
-    for f in dataclasses.fields(EncoderServiceConfig):
-        default = f.default
-        help_text = f"Encoder service option {f.name} (see mm_ads.serving.encoder_service.EncoderServiceConfig)."
-        if isinstance(default, float):
-            flags.DEFINE_float(f.name, default, help_text)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(f.name, default, help_text)
-        else:
-            flags.DEFINE_string(f.name, default, help_text)
+    options_lib.define_flags(EncoderServiceConfig, "Encoder service")
 
 
 def main(argv):
