@@ -83,7 +83,7 @@ class CTRModelConfig:
         dropout: dropout of the final MLP.
         num_tiers: SimTier tiers.
         tier_calibration: "equal" (equal tiers over [-1, 1], the paper) or "quantile" (boundaries at the
-            quantiles of the training similarities, computed once by `train.run`: `mm_ads.ctr.tiers`).
+            quantiles of the training similarities, computed once by `runs.run`: `mm_ads.ctr.tiers`).
         tier_boundaries: the N-1 inner tier boundaries (filled in by "quantile"; stored in config.json so that
             a resumed run and its export use the same tiers). Empty = equal tiers.
         tier_transform: "none" (raw counts, the paper), "log1p" or "fraction" (counts / counted items).

@@ -147,7 +147,7 @@ def prepare(cfg):
     Returns `{"data_dir", "encoder", "vectors", "ctr_model_dir", "ctr_export", "seconds"}`.
     """
     from mm_ads import config as config_lib
-    from mm_ads import train as train_lib
+    from mm_ads import runs
     from mm_ads.export.saved_model import latest_version
     from mm_ads.serving.encoder_service import ExportedEncoder, resolve_saved_model
     from mm_ads.training import model_dir as run_dir
@@ -173,7 +173,7 @@ def prepare(cfg):
             scl = config_lib.config_from_flagfile(_repo_path(cfg.scl_flagfile), data_dir=data_dir,
                                                   model_dir=scl_dir, max_steps=cfg.scl_steps, seed=cfg.seed)
             _stage(f"SCL text encoder ({cfg.scl_flagfile}, {cfg.scl_steps} steps) → {scl_dir}",
-                   lambda: train_lib.run(scl))
+                   lambda: runs.run(scl))
         encoder_path = resolve_saved_model(os.path.join(scl_dir, "export"))
 
     encoder = ExportedEncoder(encoder_path)
@@ -193,7 +193,7 @@ def prepare(cfg):
         if ctr.task != "ctr" or not ctr.model.uses_vectors or ctr.model.pretrains_make:
             raise ValueError(f"--ctr_flagfile={cfg.ctr_flagfile}: the demo needs a CTR variant that reads the "
                              "multimodal vectors and needs no MAKE pre-training (e.g. simtier, simscore, vector)")
-        _stage(f"CTR model ({cfg.ctr_flagfile}) → {ctr_dir}", lambda: train_lib.run(ctr))
+        _stage(f"CTR model ({cfg.ctr_flagfile}) → {ctr_dir}", lambda: runs.run(ctr))
     ctr_export = os.path.join(ctr_dir, "export")
     if not latest_version(ctr_export):
         raise FileNotFoundError(f"{ctr_export}: the offline CTR run exported no version")

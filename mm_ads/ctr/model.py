@@ -175,7 +175,7 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
         elif variant in ("simtier", "simtier_make"):
             if config.tier_calibration == "quantile" and not config.tier_boundaries:
                 raise ValueError("tier_calibration='quantile' needs tier_boundaries: computed from the training "
-                                 "data by mm_ads.ctr.tiers.calibrate (train.run does it)")
+                                 "data by mm_ads.ctr.tiers.calibrate (runs.run does it)")
             boundaries = list(config.tier_boundaries) or None
             tiers = SimTier(num_tiers=len(boundaries) + 1 if boundaries else config.num_tiers, boundaries=boundaries,
                             count_transform=config.tier_transform,

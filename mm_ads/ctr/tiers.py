@@ -2,7 +2,7 @@
 
 The paper's SimTier splits [-1, 1] into equal tiers. An encoder whose target-to-history similarities fall in
 a narrow band (MiniLM on MovieLens: about 0.2-0.6) then uses a handful of the tiers. With
-`tier_calibration=quantile`, `train.run` computes the boundaries once, before anything is written: the
+`tier_calibration=quantile`, `runs.run` computes the boundaries once, before anything is written: the
 cosine similarity of every valid history vector to its target over `sample` impressions of the training
 split (drawn with the run's seed), split into `num_tiers` tiers of equal mass (`quantile_boundaries`). They
 are stored in the run's `config.json` (`tier_boundaries`), so a resumed run, `export_checkpoint` and the

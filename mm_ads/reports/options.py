@@ -9,7 +9,7 @@ from mm_ads.training import model_dir as run_dir
 def reusable_metrics(model_dir, config):
     """The metrics of a finished run in `model_dir` if it ran `config` (an `ExperimentConfig`), None if the
     run is not finished; a ValueError when it finished with another config (its results would be wrong here).
-    Quantile SimTier tiers are computed from the data first, as `train.run` does, so the configs compare."""
+    Quantile SimTier tiers are computed from the data first, as `runs.run` does, so the configs compare."""
     if run_dir.finished_metrics(model_dir) is not None and config.task == "ctr":
         from mm_ads.ctr import tiers
 

@@ -182,7 +182,7 @@ class PaperRunner:
 
     def ctr(self, variant, seed, model_dir, vector_row=None, **overrides):
         """A CTR run (reused when finished); returns its metrics."""
-        from mm_ads import train
+        from mm_ads import runs
 
         values = self.ctr_values(variant)
         values.update(data_dir=self.world, model_dir=model_dir, seed=str(seed), export="false")
@@ -193,7 +193,7 @@ class PaperRunner:
         done = options_lib.reusable_metrics(model_dir, config)
         if done is None:
             self.trained.add(model_dir)
-            return train.run(config)
+            return runs.run(config)
         if model_dir not in self.trained:
             self.reused[model_dir] = float(done.get("wall_seconds", 0.0))
         return done

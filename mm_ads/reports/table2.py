@@ -228,8 +228,8 @@ class Table2Runner:
         self._row_reused = None
 
     def _train(self, flagfile, data_dir, model_dir, **overrides):
-        """`mm_ads.train.run` of `flagfile` on `data_dir` (reused when already finished); returns its metrics."""
-        from mm_ads import train
+        """`mm_ads.runs.run` of `flagfile` on `data_dir` (reused when already finished); returns its metrics."""
+        from mm_ads import runs
 
         options = self.options
         values = dict(config_lib.read_flagfile(flagfile), data_dir=data_dir, model_dir=model_dir, export="false",
@@ -240,7 +240,7 @@ class Table2Runner:
         done = options_lib.reusable_metrics(model_dir, config)
         if done is None:
             self.trained.add(model_dir)
-            return train.run(config)
+            return runs.run(config)
         if model_dir not in self.trained:  # finished before this invocation
             logging.info("Table 2: reusing %s", model_dir)
             self.reused[model_dir] = float(done.get("wall_seconds", 0.0))

@@ -52,7 +52,7 @@ def _mean_std(values):
 
 def run_sweep(data_dir, vector_table, variant, settings, seeds, eval_split, output_dir):
     from mm_ads import config as config_lib
-    from mm_ads import train
+    from mm_ads import runs as runs_lib
     from mm_ads.reports.options import reusable_metrics
 
     def one(name, variant, overrides, seed):
@@ -63,7 +63,7 @@ def run_sweep(data_dir, vector_table, variant, settings, seeds, eval_split, outp
             values["vector_table"] = vector_table
         values.update(overrides)
         config = config_lib.config_from_values(values)
-        return reusable_metrics(config.model_dir, config) or train.run(config)
+        return reusable_metrics(config.model_dir, config) or runs_lib.run(config)
 
     results = {"variant": variant, "eval_split": eval_split, "vector_table": vector_table, "settings": {}}
     ids = {s: one("id", "id", {}, s) for s in seeds}
