@@ -79,7 +79,7 @@ def test_table2_where_every_row_was_skipped(tmp_path, monkeypatch):
 
 
 def test_table2_rerun_labels_reused_wall_time(tmp_path, monkeypatch, repo_root):
-    from mm_ads import train
+    from mm_ads import runs
     from mm_ads.utils.io import write_json
 
     monkeypatch.chdir(repo_root)
@@ -94,7 +94,7 @@ def test_table2_rerun_labels_reused_wall_time(tmp_path, monkeypatch, repo_root):
         write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
         return metrics
 
-    monkeypatch.setattr(train, "run", fake_run)
+    monkeypatch.setattr(runs, "run", fake_run)
     options = table2.Table2Config(benchmarks=("synthetic_text",), rows=("scl",), world_dir=str(tmp_path / "world"))
     out = str(tmp_path / "out")
     first = table2.run_table2(options, out)

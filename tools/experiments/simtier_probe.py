@@ -17,14 +17,16 @@ the report's control. Deterministic.
 import numpy as np
 from absl import app, flags
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "A prepared dataset.")
-_VECTOR_TABLE = flags.DEFINE_string("vector_table", "random", "Vector table path, or `random`.")
-_RANDOM_DIM = flags.DEFINE_integer("random_dim", 384, "Dim of the random vectors of --vector_table=random.")
-_TIERS = flags.DEFINE_integer("num_tiers", 20, "SimTier's tiers.")
-_TRANSFORM = flags.DEFINE_string("tier_transform", "fraction", "SimTier's count transform.")
-_TRAIN = flags.DEFINE_string("train_split", "train", "Where the regression is fitted.")
-_EVAL = flags.DEFINE_string("eval_split", "valid", "Where it is scored.")
-flags.mark_flags_as_required(["data_dir"])
+
+def define_flags():
+    """The command line's flags (defined by the program only: importing this module defines none)."""
+    flags.DEFINE_string("data_dir", None, "A prepared dataset.", required=True)
+    flags.DEFINE_string("vector_table", "random", "Vector table path, or `random`.")
+    flags.DEFINE_integer("random_dim", 384, "Dim of the random vectors of --vector_table=random.")
+    flags.DEFINE_integer("num_tiers", 20, "SimTier's tiers.")
+    flags.DEFINE_string("tier_transform", "fraction", "SimTier's count transform.")
+    flags.DEFINE_string("train_split", "train", "Where the regression is fitted.")
+    flags.DEFINE_string("eval_split", "valid", "Where it is scored.")
 
 
 def vector_lookup(data_dir, vector_table, random_dim):
@@ -83,11 +85,12 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from mm_ads.metrics import auc
 
-    lookup = vector_lookup(_DATA_DIR.value, _VECTOR_TABLE.value, _RANDOM_DIM.value)
-    train = simtier_features(_DATA_DIR.value, _TRAIN.value, lookup, _TIERS.value, _TRANSFORM.value)
-    valid = simtier_features(_DATA_DIR.value, _EVAL.value, lookup, _TIERS.value, _TRANSFORM.value)
-    print(f"vectors: {_VECTOR_TABLE.value}; SimTier {_TIERS.value} tiers, {_TRANSFORM.value}; fitted on "
-          f"{_TRAIN.value} ({len(train[2]):,} rows), scored on {_EVAL.value} ({len(valid[2]):,} rows)")
+    f = flags.FLAGS
+    lookup = vector_lookup(f.data_dir, f.vector_table, f.random_dim)
+    train = simtier_features(f.data_dir, f.train_split, lookup, f.num_tiers, f.tier_transform)
+    valid = simtier_features(f.data_dir, f.eval_split, lookup, f.num_tiers, f.tier_transform)
+    print(f"vectors: {f.vector_table}; SimTier {f.num_tiers} tiers, {f.tier_transform}; fitted on "
+          f"{f.train_split} ({len(train[2]):,} rows), scored on {f.eval_split} ({len(valid[2]):,} rows)")
     for name, column in (("SimTier histogram", 0), ("history length", 1)):
         x_train, x_valid = (np.atleast_2d(part[column].T).T for part in (train, valid))
         score = fit_logistic(x_train, train[2])
@@ -95,4 +98,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
