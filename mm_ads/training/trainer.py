@@ -424,26 +424,17 @@ class Trainer:
             iterator = iter(self._dataset(epoch, in_epoch))
             while in_epoch < self.steps_per_epoch and step < self.total_steps:
                 loss = float(self._train_step(iterator))
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"Loss became {loss} at step {step + 1}; the last checkpoint "
-                        f"({self.latest_checkpoint}) is intact"
-                    )
+                self._check_finite([loss], f"at step {step + 1}")
                 step += 1
                 in_epoch += 1
                 loss_sum, loss_n = loss_sum + loss, loss_n + 1
-                if step % cfg.log_every == 0 or step == self.total_steps:
-                    rate = (step - n0) * self.global_batch / max(time.time() - t0, 1e-9)
-                    progress.show(step, epoch + 1, loss_sum / loss_n, rate, final=step == self.total_steps)
-                    if self.chief:
-                        with self.writer.as_default(step=step):
-                            tf.summary.scalar("train/loss", loss_sum / loss_n)
-                            tf.summary.scalar("train/examples_per_second", rate)
+                if self._log_due(step):
+                    self._log_training(progress, step, loss_sum / loss_n, n0, t0)
                     t0, n0, loss_sum, loss_n = time.time(), step, 0.0, 0
                 if step % cfg.checkpoint_every == 0:
                     self.save()
                 end_of_epoch = in_epoch == self.steps_per_epoch
-                if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch):
+                if self._eval_due(step):
                     last_eval = self._evaluate(step / self.steps_per_epoch, step)
                     if cfg.early_stopping_patience and end_of_epoch:
                         stop = self._after_epoch_evaluation(step)
@@ -451,12 +442,40 @@ class Trainer:
                             logging.info("early stopping at epoch %d: no better %s on the evaluation split for %d "
                                          "epoch(s)", epoch + 1, cfg.early_stopping_metric, cfg.early_stopping_patience)
                             break
+        return self._finish(step, last_eval)
+
+    # -- what both loops share -------------------------------------------------------------
+    def _log_due(self, step):
+        return step % self.config.log_every == 0 or step == self.total_steps
+
+    def _eval_due(self, step):
+        """Every `eval_every` steps, or at the end of every epoch when `eval_every` is 0."""
+        every = self.config.eval_every
+        return bool(step % every == 0 if every else step % self.steps_per_epoch == 0)
+
+    def _check_finite(self, losses, where):
+        bad = [x for x in losses if not math.isfinite(x)]
+        if bad:
+            raise FloatingPointError(f"Loss became {bad[0]} {where}; the last checkpoint ({self.latest_checkpoint}) "
+                                     "is intact")
+
+    def _log_training(self, progress, step, loss, since_step, since_time):
+        """The progress line and the train/ summaries: mean loss and examples per second since `since_step`."""
+        rate = (step - since_step) * self.global_batch / max(time.time() - since_time, 1e-9)
+        progress.show(step, (step - 1) // self.steps_per_epoch + 1, loss, rate, final=step == self.total_steps)
+        if self.chief:
+            with self.writer.as_default(step=step):
+                tf.summary.scalar("train/loss", loss)
+                tf.summary.scalar("train/examples_per_second", rate)
+
+    def _finish(self, step, last_eval):
+        """The last checkpoint and evaluation (with early stopping: the best epoch's); returns its metrics."""
         if self._saved_step != step:  # the same decision on every worker
             self.save()
-        if last_eval is None and not cfg.early_stopping_patience:
-            last_eval = self._evaluate(step / self.steps_per_epoch, step)
-        if cfg.early_stopping_patience:
+        if self.config.early_stopping_patience:
             last_eval = self._finish_early_stopping(step, last_eval)
+        elif last_eval is None:
+            last_eval = self._evaluate(step / self.steps_per_epoch, step)
         self.writer.flush()
         return last_eval
 
@@ -515,36 +534,21 @@ class Trainer:
             if step <= cfg.ps_sync_steps:
                 coordinator.join()  # warm-up: the next step starts from this one's weights
             checkpoint = step % cfg.checkpoint_every == 0
-            end_of_epoch = step % self.steps_per_epoch == 0
-            evaluate = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)
-            if not (step % cfg.log_every == 0 or checkpoint or evaluate or step == self.total_steps):
+            evaluate = self._eval_due(step)
+            if not (self._log_due(step) or checkpoint or evaluate):
                 continue
             coordinator.join()  # every scheduled step has been applied on the ps
             losses = [float(r.fetch()) for r in pending]
             pending = []
-            bad = [x for x in losses if not math.isfinite(x)]
-            if bad:
-                raise FloatingPointError(f"Loss became {bad[0]} by step {step}; the last checkpoint "
-                                         f"({self.latest_checkpoint}) is intact")
-            if step % cfg.log_every == 0 or step == self.total_steps:
-                rate = (step - n0) * self.global_batch / max(time.time() - t0, 1e-9)
-                loss = sum(losses) / len(losses)
-                progress.show(step, (step - 1) // self.steps_per_epoch + 1, loss, rate,
-                              final=step == self.total_steps)
-                with self.writer.as_default(step=step):
-                    tf.summary.scalar("train/loss", loss)
-                    tf.summary.scalar("train/examples_per_second", rate)
+            self._check_finite(losses, f"by step {step}")
+            if self._log_due(step):
+                self._log_training(progress, step, sum(losses) / len(losses), n0, t0)
                 t0, n0 = time.time(), step
             if checkpoint:
                 self.save()
             if evaluate:
                 last_eval = self._evaluate(step / self.steps_per_epoch, step)
-        if self._saved_step != step:
-            self.save()
-        if last_eval is None:
-            last_eval = self._evaluate(step / self.steps_per_epoch, step)
-        self.writer.flush()
-        return last_eval
+        return self._finish(step, last_eval)
 
 
 def _as_tf(variable):

@@ -83,3 +83,4 @@ def test_options_the_variant_never_reads_do_not_make_another_run(tmp_path):
         run_dir.reusable_metrics(d, _config(tmp_path, variant="simtier"))
     assert run_dir.reusable_metrics(d, _config(tmp_path, variant="simtier", tier_transform="fraction",
                                                vector_projection_dim="4")) == {"auc": 0.7}
+
