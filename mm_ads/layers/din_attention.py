@@ -195,45 +195,63 @@ class DINAttention(keras.layers.Layer):
             full += [side] if side is not None else []
             logits = self.attention_mlp(ops.concatenate(full, axis=-1), training=training, mask=mask)  # [B, S, 1]
             return self._pool(logits, mask, value, return_attention_scores)
-        first = self.attention_mlp.dense_layers[0]
-        kernel = ops.cast(first.kernel, self.compute_dtype)  # [4E + F, H]
-        w_q, w_k, w_d = kernel[:width], kernel[width:2 * width], kernel[2 * width:3 * width]
-        batch, seq_len = ops.shape(query)[0], ops.shape(keys)[1]
-        units = ops.shape(kernel)[1]
-        if shared:
-            # One history for all B queries: the whole first layer is ONE [B, E] x [E, S*H] matmul plus a bias.
-            #   pre[b, s] = q_b @ (Wq + Wd) + (q_b * k_s) @ Wp + k_s @ (Wk - Wd) + bias
-            #             = q_b @ M_s + c_s,    M_s = diag(k_s) Wp + (Wq + Wd) [E, H],  c_s = k_s @ (Wk - Wd) + bias
-            # M ([E, S, H]) and c ([S, H]) are history-only (computed once); the [B, S, E] product q * k is never
-            # formed. The same multiply-adds per (candidate, position) as the per-position form, in one
-            # well-shaped matmul.
-            w_p = kernel[3 * width:4 * width]
-            pair_kernel = (ops.expand_dims(ops.transpose(keys[0]), -1) * ops.expand_dims(w_p, 1)
-                           + ops.expand_dims(w_q + w_d, 1))  # [E, S, H]
-            offsets = ops.matmul(keys[0], w_k - w_d)  # [S, H]
-            if first.use_bias:
-                offsets = offsets + ops.cast(first.bias, self.compute_dtype)
-            pre_activation = ops.matmul(query, ops.reshape(pair_kernel, (width, -1))) + ops.reshape(offsets, (-1,))
-            pre_activation = ops.reshape(pre_activation, (batch * seq_len, units))  # [B·S, H]
-            if side_features is not None:
-                pre_activation = pre_activation + ops.matmul(
-                    ops.reshape(side, (batch * seq_len, -1)), kernel[4 * width:])
-        else:
-            # [k, q * k, side] @ [Wk - Wd; Wp; Ws] per position, q @ (Wq + Wd) + bias once per example.
-            parts = [keys, ops.expand_dims(query, 1) * keys] + ([side] if side is not None else [])
-            position_inputs = ops.concatenate(parts, axis=-1)  # [B, S, 2E + F]
-            w_rest = ops.concatenate([w_k - w_d, kernel[3 * width:]], axis=0)  # [2E + F, H]
-            per_position = ops.matmul(ops.reshape(position_inputs, (-1, ops.shape(w_rest)[0])), w_rest)  # [B·S, H]
-            per_position = ops.reshape(per_position, (batch, seq_len, units))  # [B, S, H]
-            per_example = ops.matmul(query, w_q + w_d)  # [B, H]
-            if first.use_bias:
-                per_example = per_example + ops.cast(first.bias, self.compute_dtype)
-            pre_activation = ops.reshape(per_position + ops.expand_dims(per_example, 1), (batch * seq_len, units))
+        first_layer = self._shared_first_layer if shared else self._per_position_first_layer
+        pre_activation = first_layer(query, keys, side, width)  # [B·S, H]
         # The rest of the MLP on [B·S, H] rows (2-D: a matmul and its bias add fuse into one kernel).
+        batch, seq_len = ops.shape(query)[0], ops.shape(keys)[1]
         logits = self.attention_mlp(pre_activation, training=training, mask=ops.reshape(mask, (-1,)),
                                     first_dense_applied=True)
         logits = ops.reshape(logits, (batch, seq_len, 1))
         return self._pool(logits, mask, value, return_attention_scores)
+
+    def _first_kernel(self, width):
+        """The first attention layer's kernel split by rows: `(kernel, Wq, Wk, Wd)` (see `call`)."""
+        kernel = ops.cast(self.attention_mlp.dense_layers[0].kernel, self.compute_dtype)  # [4E + F, H]
+        return kernel, kernel[:width], kernel[width:2 * width], kernel[2 * width:3 * width]
+
+    def _first_bias(self):
+        first = self.attention_mlp.dense_layers[0]
+        return ops.cast(first.bias, self.compute_dtype) if first.use_bias else None
+
+    def _shared_first_layer(self, query, keys, side, width):
+        """The first layer's pre-activation `[B·S, H]` when all B queries share one history (keys `[1, S, E]`)."""
+        kernel, w_q, w_k, w_d = self._first_kernel(width)
+        batch, seq_len, units = ops.shape(query)[0], ops.shape(keys)[1], ops.shape(kernel)[1]
+        # One history for all B queries: the whole first layer is ONE [B, E] x [E, S*H] matmul plus a bias.
+        #   pre[b, s] = q_b @ (Wq + Wd) + (q_b * k_s) @ Wp + k_s @ (Wk - Wd) + bias
+        #             = q_b @ M_s + c_s,    M_s = diag(k_s) Wp + (Wq + Wd) [E, H],  c_s = k_s @ (Wk - Wd) + bias
+        # M ([E, S, H]) and c ([S, H]) are history-only (computed once); the [B, S, E] product q * k is never
+        # formed. The same multiply-adds per (candidate, position) as the per-position form, in one
+        # well-shaped matmul.
+        w_p = kernel[3 * width:4 * width]
+        pair_kernel = (ops.expand_dims(ops.transpose(keys[0]), -1) * ops.expand_dims(w_p, 1)
+                       + ops.expand_dims(w_q + w_d, 1))  # [E, S, H]
+        offsets = ops.matmul(keys[0], w_k - w_d)  # [S, H]
+        bias = self._first_bias()
+        if bias is not None:
+            offsets = offsets + bias
+        pre_activation = ops.matmul(query, ops.reshape(pair_kernel, (width, -1))) + ops.reshape(offsets, (-1,))
+        pre_activation = ops.reshape(pre_activation, (batch * seq_len, units))  # [B·S, H]
+        if side is not None:
+            pre_activation = pre_activation + ops.matmul(
+                ops.reshape(side, (batch * seq_len, -1)), kernel[4 * width:])
+        return pre_activation
+
+    def _per_position_first_layer(self, query, keys, side, width):
+        """The first layer's pre-activation `[B·S, H]`: [k, q * k, side] @ [Wk - Wd; Wp; Ws] per position,
+        q @ (Wq + Wd) + bias once per example."""
+        kernel, w_q, w_k, w_d = self._first_kernel(width)
+        batch, seq_len, units = ops.shape(query)[0], ops.shape(keys)[1], ops.shape(kernel)[1]
+        parts = [keys, ops.expand_dims(query, 1) * keys] + ([side] if side is not None else [])
+        position_inputs = ops.concatenate(parts, axis=-1)  # [B, S, 2E + F]
+        w_rest = ops.concatenate([w_k - w_d, kernel[3 * width:]], axis=0)  # [2E + F, H]
+        per_position = ops.matmul(ops.reshape(position_inputs, (-1, ops.shape(w_rest)[0])), w_rest)  # [B·S, H]
+        per_position = ops.reshape(per_position, (batch, seq_len, units))  # [B, S, H]
+        per_example = ops.matmul(query, w_q + w_d)  # [B, H]
+        bias = self._first_bias()
+        if bias is not None:
+            per_example = per_example + bias
+        return ops.reshape(per_position + ops.expand_dims(per_example, 1), (batch * seq_len, units))
 
     def _pool(self, logits, mask, value, return_attention_scores):
         logits = ops.squeeze(ops.cast(logits, "float32"), -1)  # [B, S]
