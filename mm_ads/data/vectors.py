@@ -30,6 +30,13 @@ def quantize_int8(vectors, scale=None):
     return q, float(scale)
 
 
+def random_unit_vectors(num, dim, seed=0):
+    """float32 `[num, dim]` random unit vectors (Gaussian, normalised; deterministic for `seed`): the vectors of the
+    random-vector control, which carry no information about the items."""
+    v = np.random.default_rng(seed).normal(size=(num, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def write_vector_table(path, item_ids, vectors, encoder_version, dtype="float32", scale=None, source=""):
     """Validates and writes a vector table atomically.
 

@@ -217,15 +217,13 @@ class PaperRunner:
 
     def random_vectors(self):
         """`vectors/random.parquet`: a random unit vector per catalogue item (seed 0), of the Table 3 vectors' dim."""
-        from mm_ads.data.vectors import VectorTable, read_table_info, write_vector_table
+        from mm_ads.data.vectors import VectorTable, random_unit_vectors, read_table_info, write_vector_table
 
         path = os.path.join(self.out, "vectors", f"{RANDOM_ROW}.parquet")
         if not os.path.exists(path):
             real = VectorTable.load(self.vector_table(self.encoder_row))
-            rng = np.random.default_rng(0)
-            v = rng.normal(size=(len(real.item_ids), real.dim)).astype(np.float32)
-            v /= np.linalg.norm(v, axis=1, keepdims=True)
-            write_vector_table(path, real.item_ids, v, "random-unit-vectors-seed0", source="mm_ads.reports.paper")
+            write_vector_table(path, real.item_ids, random_unit_vectors(len(real.item_ids), real.dim),
+                               "random-unit-vectors-seed0", source="mm_ads.reports.paper")
         read_table_info(path)
         return path
 

@@ -77,3 +77,13 @@ def test_load_rejects_nan_written_by_another_tool(tmp_path):
     pq.write_table(bad.replace_schema_metadata(table.schema.metadata), path)
     with pytest.raises(ValueError, match="item_id 1 has NaN/inf"):
         VectorTable.load(path)
+
+
+def test_random_unit_vectors_are_unit_norm_and_seeded():
+    from mm_ads.data.vectors import random_unit_vectors
+
+    v = random_unit_vectors(50, 16)
+    assert v.shape == (50, 16) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(v, random_unit_vectors(50, 16))
+    assert not np.array_equal(v, random_unit_vectors(50, 16, seed=1))

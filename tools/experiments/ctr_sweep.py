@@ -35,13 +35,12 @@ def _random_table(data_dir, dim, path):
     import pyarrow.parquet as pq
 
     from mm_ads.data.dataset import Manifest
-    from mm_ads.data.vectors import write_vector_table
+    from mm_ads.data.vectors import random_unit_vectors, write_vector_table
 
     if not os.path.exists(path):
         items = Manifest.load(data_dir).files("items", "all")[0]
         ids = pq.read_table(items, columns=["item_id"]).column("item_id").to_numpy().astype(np.int64)
-        v = np.random.default_rng(0).normal(size=(len(ids), dim)).astype(np.float32)
-        write_vector_table(path, ids, v / np.linalg.norm(v, axis=1, keepdims=True), "random-unit-vectors-seed0")
+        write_vector_table(path, ids, random_unit_vectors(len(ids), dim), "random-unit-vectors-seed0")
     return path
 
 

@@ -34,14 +34,13 @@ def vector_lookup(data_dir, vector_table, random_dim):
     import pyarrow.parquet as pq
 
     from mm_ads.data.dataset import Manifest
-    from mm_ads.data.vectors import VectorTable
+    from mm_ads.data.vectors import VectorTable, random_unit_vectors
 
     if vector_table != "random":
         return VectorTable.load(vector_table).lookup
     path = Manifest.load(data_dir).files("items", "all")[0]
     ids = pq.read_table(path, columns=["item_id"]).column("item_id").to_numpy().astype(np.int64)
-    v = np.random.default_rng(0).normal(size=(len(ids), random_dim)).astype(np.float32)
-    return VectorTable(ids, v / np.linalg.norm(v, axis=1, keepdims=True), "float32", None, "random").lookup
+    return VectorTable(ids, random_unit_vectors(len(ids), random_dim), "float32", None, "random").lookup
 
 
 def simtier_features(data_dir, split, lookup, num_tiers, transform, chunk=4096):
