@@ -34,6 +34,11 @@ class DINAttention(keras.layers.Layer):
     logits, the mask fill and the softmax in float32, and the pooling accumulates in float32; the output
     has the compute dtype.
 
+    The attention MLP is an `MLP` (`attention_mlp`). Its first Dense is evaluated here from row blocks of its
+    kernel, so that the query's part is computed once per example (once for all candidates with a shared
+    sequence) instead of once per position; the rest of the MLP runs through `MLP.call_from_pre_activation`.
+    The result is that of the MLP on the concatenated input.
+
     Args:
         hidden_units: sequence of ints, hidden widths of the attention MLP (DIN: 80, 40).
         activation: hidden activation of the attention MLP: "dice", "prelu", "sigmoid" or any Keras
@@ -199,8 +204,8 @@ class DINAttention(keras.layers.Layer):
         pre_activation = first_layer(query, keys, side, width)  # [B·S, H]
         # The rest of the MLP on [B·S, H] rows (2-D: a matmul and its bias add fuse into one kernel).
         batch, seq_len = ops.shape(query)[0], ops.shape(keys)[1]
-        logits = self.attention_mlp(pre_activation, training=training, mask=ops.reshape(mask, (-1,)),
-                                    first_dense_applied=True)
+        logits = self.attention_mlp.call_from_pre_activation(pre_activation, training=training,
+                                                             mask=ops.reshape(mask, (-1,)))
         logits = ops.reshape(logits, (batch, seq_len, 1))
         return self._pool(logits, mask, value, return_attention_scores)
 

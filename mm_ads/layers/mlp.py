@@ -72,6 +72,9 @@ class MLP(keras.layers.Layer):
         under a mixed-precision policy, else the compute dtype). With `return_hidden=True` a tuple
         `(outputs, [h_1 [B, ..., hidden_units[0]], ..., h_L])`.
 
+    `call_from_pre_activation` runs the MLP from the first hidden layer's pre-activation, for a caller that
+    computes the first Dense (`dense_layers[0]`) itself (`DINAttention` does).
+
     Example:
 
     ```python
@@ -190,14 +193,35 @@ class MLP(keras.layers.Layer):
             )
             self.output_layer.build(shape)
 
-    def call(self, inputs, training=None, mask=None, first_dense_applied=False):
-        # `first_dense_applied=True`: `inputs` already is the first hidden layer's pre-activation (a caller
-        # such as DINAttention computed `inputs @ kernel + bias` of `dense_layers[0]` in a cheaper way).
-        x = inputs
+    def call(self, inputs, training=None, mask=None):
+        if not self.dense_layers:  # no hidden layer: only the output layer
+            return self._output(inputs, [])
+        return self.call_from_pre_activation(self.dense_layers[0](inputs), training=training, mask=mask)
+
+    def call_from_pre_activation(self, pre_activation, training=None, mask=None):
+        """The MLP's output from the first hidden layer's pre-activation (its Dense's output).
+
+        `mlp.call_from_pre_activation(mlp.dense_layers[0](x))` equals `mlp(x)`. For a caller that computes
+        the first Dense's `x @ kernel + bias` from `mlp.dense_layers[0].kernel` and `.bias` in a cheaper way
+        than on the concatenated input, e.g. `DINAttention` (the query's part once per example, or once for
+        all candidates of one user). Call it from inside a layer's `call`, on a built MLP with hidden layers.
+
+        Args:
+            pre_activation: `[B, ..., hidden_units[0]]` in the compute dtype.
+            training: as in `call`.
+            mask: as in `call` (`[B, ...]`, rank of `pre_activation` - 1).
+
+        Returns:
+            As `call`.
+        """
+        if not self.dense_layers:
+            raise ValueError("call_from_pre_activation needs a built MLP with at least one hidden layer "
+                             f"(hidden_units={self.hidden_units})")
+        x = pre_activation
         hidden = []
-        for i, dense in enumerate(self.dense_layers):
-            if not (first_dense_applied and i == 0):
-                x = dense(x)  # [B, ..., hidden_units[i]]
+        for i in range(len(self.dense_layers)):
+            if i > 0:
+                x = self.dense_layers[i](x)  # [B, ..., hidden_units[i]]
             if self.norm_layers:
                 norm = self.norm_layers[i]
                 if isinstance(norm, keras.layers.BatchNormalization):
@@ -211,13 +235,16 @@ class MLP(keras.layers.Layer):
             hidden.append(x)
             if self.dropout_layers:
                 x = self.dropout_layers[i](x, training=training)
+        return self._output(x, hidden)
+
+    def _output(self, x, hidden):
         if self.output_layer is not None:
             x = self.output_layer(x)  # [B, ..., output_units]
         if self.return_hidden:
             return x, hidden
         return x
 
-    def compute_output_spec(self, inputs, training=None, mask=None, first_dense_applied=False):
+    def compute_output_spec(self, inputs, training=None, mask=None):
         lead = tuple(inputs.shape[:-1])
         hidden = [keras.KerasTensor((*lead, u), dtype=self.compute_dtype) for u in self.hidden_units]
         if self.output_units is None:

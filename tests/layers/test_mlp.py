@@ -138,3 +138,27 @@ def test_invalid_dice_arguments():
         Dice(momentum=1.0)
     with pytest.raises(ValueError, match="epsilon=0"):
         Dice(epsilon=0)
+
+
+@pytest.mark.parametrize("normalization", [None, "batch", "layer"])
+def test_call_from_pre_activation_equals_call(normalization):
+    """From the first Dense's output, the MLP gives what it gives on the input (hidden outputs too), with the
+    mask and training passed through to the batch statistics."""
+    keras.utils.set_random_seed(0)
+    mlp = MLP(hidden_units=(6, 3), activation="dice", normalization=normalization, output_units=1, return_hidden=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 5, 7)).astype(np.float32)
+    mask = rng.random((4, 5)) < 0.7
+    for training in (True, False):
+        want, want_hidden = mlp(x, mask=mask, training=training)
+        got, got_hidden = mlp.call_from_pre_activation(mlp.dense_layers[0](x), mask=mask, training=training)
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+        for g, w in zip(got_hidden, want_hidden, strict=True):
+            np.testing.assert_array_equal(g.numpy(), w.numpy())
+
+
+def test_call_from_pre_activation_needs_a_hidden_layer():
+    mlp = MLP(hidden_units=(), output_units=1)
+    mlp.build((2, 3))
+    with pytest.raises(ValueError, match="at least one hidden layer"):
+        mlp.call_from_pre_activation(keras.ops.ones((2, 3)))
