@@ -69,18 +69,6 @@ def model_input_names(spec, variant):
     return names
 
 
-USER_ROLES = ("user", "context", "history")
-
-
-def user_side_inputs(spec, input_names):
-    """The inputs among `input_names` that describe the user rather than a candidate: user and context
-    features, the behaviour sequence (its ids, vectors and flags). Ranking the candidates of one user feeds
-    them once (batch 1) through the `user_candidates` signature; every model of `build_ctr_model` broadcasts
-    them to the candidates."""
-    history_vectors = (HIST_ITEM_VECTOR, missing_flag_name(HIST_ITEM_VECTOR))
-    return [n for n in input_names if n in history_vectors or (n in spec and spec[n].role in USER_ROLES)]
-
-
 def make_inputs(spec, variant):
     """`keras.Input`s named after the features (batch dimension first)."""
     inputs = {}
@@ -187,8 +175,10 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
     interest = attention(query, keys, side_features=side, mask=mask)  # [B, E·k (+P)]
     if extra_block is not None:
         mlp_inputs += list(extra_block(inputs, parts))
-    # user/context features may come once for all candidates (batch 1, the `user_candidates` signature):
-    # broadcast them to the candidates' batch (a no-op when every input has the batch of the candidates)
+    # the user side (`FeatureSpec.user_side_inputs`) may come once for all candidates (batch 1, the
+    # `user_candidates` signature): the history's layers take a sequence of batch 1 as shared by the batch;
+    # user/context embeddings are broadcast to the candidates' batch here (a no-op when every input has the
+    # batch of the candidates)
     candidates = keras.ops.zeros_like(query[:, :1])  # [B, 1]
     user = [u + candidates for u in user]
     features = keras.ops.concatenate(user + [query, interest] + other_item + mlp_inputs, axis=-1)  # [B, F]

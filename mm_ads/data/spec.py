@@ -28,6 +28,8 @@ import json
 from typing import Any
 
 ROLES = ("user", "item", "history", "context", "meta", "label", "vector")
+# Roles of the features that describe the user (and the request), not a candidate: `FeatureSpec.user_side_inputs`.
+USER_SIDE_ROLES = ("user", "context", "history")
 DTYPES = ("int64", "float32", "int8")
 ID_MAPPINGS = ("dense", "hash")  # the values of `mm_ads.layers.SparseEmbedding(id_mapping=...)`
 
@@ -226,6 +228,24 @@ class FeatureSpec:
     def model_features(self):
         """Features a model consumes: ids and vectors (plus their missing flags are implied)."""
         return [f for f in self.features if f.is_id or f.role == "vector"]
+
+    def user_side_inputs(self, input_names):
+        """The names among `input_names` (model inputs) that describe the user rather than a candidate, in order:
+        user and context features, the behaviour sequence's features, the vectors joined from the sequence and
+        their missing flags (`missing_flag_name`). They are the same for every candidate of one request: the
+        `user_candidates` signature of `mm_ads.export` takes them once (batch 1). Other names (the target item's
+        features and vector, names that are not features) are candidate side."""
+
+        def user_side(name):
+            f = self._by_name.get(name)
+            if f is None:
+                return False
+            if f.role == "vector":
+                return self[f.source].role in USER_SIDE_ROLES
+            return f.role in USER_SIDE_ROLES
+
+        flags = {missing_flag_name(f.name): f.name for f in self.by_role("vector")}
+        return [n for n in input_names if user_side(flags.get(n, n))]
 
     def tables(self):
         """`{table: num_buckets}` of every embedding table."""

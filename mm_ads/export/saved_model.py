@@ -10,9 +10,10 @@ float32, plus their `_missing` flags) — and returns `{"ctr": [B]}`. Only stock
 the graph, so a stock TF Serving loads it.
 
 Given the FeatureSpec, a second signature, `user_candidates`, scores the B candidates of ONE user: the same
-inputs, but the user-side ones (user/context features, the behaviour sequence's ids, `hist_item_vector`
-[1, S, D] and its flags) have batch 1 and are not repeated per candidate. Same scores as `serving_default`
-on the repeated inputs, with the history-only work done once (BUILD.md: serving benchmark).
+inputs, but the user-side ones (`FeatureSpec.user_side_inputs`: user/context features, the behaviour
+sequence's ids, `hist_item_vector` [1, S, D] and its flags) have batch 1 and are not repeated per candidate.
+Same scores as `serving_default` on the repeated inputs, with the history-only work done once (BUILD.md:
+serving benchmark).
 
 Given the vector table the model was trained with (`vectors=`), the version records it in
 `<version>/assets.extra/mm_ads_vectors.json` (TF Serving's place for files next to a SavedModel, which loaders
@@ -118,8 +119,9 @@ def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=
         export_base: the TF Serving model base path.
         version: integer version; default the latest existing + 1.
         outputs: which of the model's outputs the signatures return.
-        spec: the model's `FeatureSpec`: adds the `user_candidates` signature (a model of
-            `mm_ads.ctr.model.build_ctr_model`, or one that broadcasts its user-side inputs likewise).
+        spec: the model's `FeatureSpec`: adds the `user_candidates` signature, whose user-side inputs
+            (`FeatureSpec.user_side_inputs`) have batch 1 (a model of `mm_ads.ctr.model.build_ctr_model`, or one
+            that broadcasts its user-side inputs likewise).
         vectors: `{"encoder_version", "dim", ...}` of the vector table the model was trained with: recorded in
             `VECTORS_ASSET` for the server's check (see the module docstring). None: no record.
     """
@@ -138,9 +140,7 @@ def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=
     archive.track(model)
     archive.add_endpoint("serving_default", serve, input_signature=[specs])
     if spec is not None:
-        from mm_ads.ctr.model import user_side_inputs
-
-        user_specs = user_candidates_specs(specs, user_side_inputs(spec, specs))
+        user_specs = user_candidates_specs(specs, spec.user_side_inputs(specs))
         archive.add_endpoint(USER_SIGNATURE, tf.function(serve), input_signature=[user_specs])
     return write_archive(archive, export_base, version, extra)
 

@@ -71,14 +71,13 @@ def test_multimodal_variant_needs_vectors():
 def test_user_candidates_signature_equals_serving_default(variant, tmp_path):
     """The exported `user_candidates` signature (user side once, batch 1) scores like `serving_default` on the
     user side repeated per candidate; the user-side inputs are exactly the user, context and history ones."""
-    from mm_ads.ctr.model import user_side_inputs
     from mm_ads.export.saved_model import USER_SIGNATURE, export_saved_model
 
     keras.utils.set_random_seed(0)
     model = build_ctr_model(SPEC, CTRModelConfig(variant=variant, activation="dice" if variant == "simscore" else
                                                  "relu", **{k: v for k, v in CFG.items() if k != "activation"}))
     names = [t.name for t in model.inputs]
-    user = user_side_inputs(SPEC, names)
+    user = SPEC.user_side_inputs(names)
     expected_user = {"user_id", "user_profile_0", "hist_item_id", "hist_category_id", "hist_brand_id",
                      "hist_item_vector", "hist_item_vector_missing"} & set(names)
     assert set(user) == expected_user and expected_user

@@ -94,3 +94,15 @@ def test_serialize_examples_round_trips_through_parse_example():
     # the same bytes as the reference protobuf encoder's parse (field order aside): equal when re-parsed
     example = tf.train.Example.FromString(records[2])
     assert list(example.features.feature["ids"].int64_list.value) == ids[2].tolist()
+
+
+def test_user_side_inputs():
+    """User, context and history features, the history's vector and its flag; in the given order."""
+    spec = FeatureSpec(list(_spec()) + [Feature("hour", "context", "int64", (), table="hour", num_buckets=24)],
+                       seq_len=4, vector_dim=8)
+    names = ["item_id", "hist_brand_id", "user_id", "hour", ITEM_VECTOR, missing_flag_name(ITEM_VECTOR),
+             missing_flag_name(HIST_ITEM_VECTOR), HIST_ITEM_VECTOR, "timestamp", "label", "not_a_feature",
+             "user_profile_0", "category_id"]
+    assert spec.user_side_inputs(names) == ["hist_brand_id", "user_id", "hour", missing_flag_name(HIST_ITEM_VECTOR),
+                                            HIST_ITEM_VECTOR, "user_profile_0"]
+    assert spec.user_side_inputs({"user_id": 0, "item_id": 0}) == ["user_id"]  # any iterable of names
