@@ -61,6 +61,7 @@ def _components(manifest):
 
 
 def _check_ctr_inputs(config, manifest):
+    """`ctr`: the FeatureSpec, the ctr splits, the vector table, `item_stats.parquet`; calibrates SimTier's tiers."""
     from mm_ads.ctr import tiers
     from mm_ads.data.dataset import read_item_stats
 
@@ -83,6 +84,7 @@ def _check_ctr_inputs(config, manifest):
 
 
 def _check_scl_inputs(config, manifest):
+    """`scl`: the `pretrain/<modality>_pairs` table and its splits."""
     data, have = config.data, _components(manifest)
     component = f"pretrain/{config.scl.modality}_pairs"
     if component not in manifest.components:
@@ -95,6 +97,7 @@ def _check_scl_inputs(config, manifest):
 
 
 def _check_clip_inputs(config, manifest):
+    """`clip`: the item catalogue (titles and images)."""
     if "items" not in manifest.components:
         raise InputError(f"--data_dir={config.data.data_dir}: dataset {manifest.name!r} has no item catalogue "
                          f"(items.parquet; it has {_components(manifest)}): CLIP-E needs item titles and images")
@@ -204,6 +207,7 @@ def _pretrain_make(config, strategy, chief, vectors=None):
 
 
 def _run_ctr_task(config, strategy, chief, start):
+    """`ctr`: records the run's vector table (a multimodal variant), then trains (MAKE variants: both phases)."""
     return _run_ctr(config, strategy, chief, start, _record_vector_table(config, chief))
 
 
