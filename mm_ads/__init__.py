@@ -1,12 +1,13 @@
 """mm_ads: multimodal item representations for CTR prediction in display advertising.
 
-Subpackages:
+Subpackages (docs/architecture.md: what each owns and may import):
   * `mm_ads.data`     — FeatureSpec, the canonical dataset layout, the synthetic world, real-format readers,
-                        tf.data pipelines with the item → vector join.
+                        tf.data pipelines with the item → vector join, vector tables.
   * `mm_ads.layers`   — public Keras layers: SparseEmbedding, DINAttention, SimTier, SimScore, MAKE, MLP, Dice.
-  * `mm_ads.training` — sparse-aware optimizers, the one custom training loop, tf.distribute strategies.
+  * `mm_ads.training` — the one custom training loop and its Task interface, sparse-aware optimizers,
+                        tf.distribute strategies, the run directory, vector-table records.
   * `mm_ads.ctr`      — the CTR model builder (id, vector, simscore, simtier, make, simtier_make, make_only),
-                        MAKE's two-phase training and the CTR task.
+                        MAKE's two-phase training, SimTier's calibrated tiers and the CTR task.
   * `mm_ads.scl`      — semantic-aware contrastive pre-training of text/image encoders (and CLIP-E), encoding.
   * `mm_ads.metrics`  — exact AUC, GAUC, LogLoss, slices, Acc@N.
   * `mm_ads.export`   — SavedModel export in TF Serving's versioned layout.
@@ -14,6 +15,15 @@ Subpackages:
                         popularity baselines.
   * `mm_ads.serving`  — the online system: index table, event log, encoder service, near-line trainer,
                         prediction server (TF Serving's gRPC and REST APIs).
+  * `mm_ads.utils`    — atomic file writes, progress lines, TensorFlow's quiet start-up.
+
+Modules:
+  * `mm_ads.config`   — the training config (`ExperimentConfig`), its validation and flagfiles.
+  * `mm_ads.options`  — the one way between option dataclasses and flags / flagfile values.
+  * `mm_ads.runs`     — one experiment config end to end (`run(config)`) and the task registry (`TASKS`).
+  * `mm_ads.errors`   — `InputError`, the entry points' error naming the flag to fix.
+  * `mm_ads.flags`, `mm_ads.train`, `mm_ads.encode` — command lines only (wiring).
+  * `mm_ads.version`  — `__version__`.
 
 Entry points: `python -m mm_ads.data.synthetic`, `mm_ads.data.prepare`, `mm_ads.train`, `mm_ads.export`,
 `mm_ads.encode`, `mm_ads.reports.table2`, `mm_ads.reports.paper`, `mm_ads.serving.{encoder_service, nearline,

@@ -1,8 +1,9 @@
-"""Experiment configuration: dataclasses + validation. The only place flags become values.
+"""Experiment configuration: the training config's dataclasses (`ExperimentConfig`), validation, flagfiles.
 
-`python -m mm_ads.train --flagfile=configs/ctr/<variant>.flags` defines flags in
-`mm_ads.flags`; `config_from_flags()` turns them into an `ExperimentConfig`, which is
-validated and written to `<model_dir>/config.json` before training starts.
+`python -m mm_ads.train --flagfile=configs/ctr/<variant>.flags` defines flags in `mm_ads.flags`;
+`mm_ads.flags.config_from_flags()` turns them into an `ExperimentConfig` (`config_from_values`, converting each
+value with `mm_ads.options`), which is validated and written to `<model_dir>/config.json` before training
+starts. `read_flagfile` / `config_from_flagfile` read flagfiles without absl (the reports and tests).
 """
 
 import dataclasses

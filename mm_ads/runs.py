@@ -3,7 +3,9 @@ task, trainer, `metrics.json` and the export. The library behind `python -m mm_a
 command line), used as well by the reports and the experiment tools.
 
 Tasks: `ctr` (CTR models), `scl` (SCL pre-training of one encoder), `clip` (item image ↔ title alignment, the
-paper's CLIP-E baseline). `validate_inputs` checks the data dir, its manifest and splits, the vector table of a
+paper's CLIP-E baseline). `TASKS`, the task registry, maps each name to its `Task`: its input checks, what runs
+it and the metrics the command line prints; `mm_ads.config.TASKS` lists the same names (checked at import).
+`validate_inputs` checks the data dir, its manifest and splits, the vector table of a
 multimodal variant and its dim, `item_stats.parquet`, and that `model_dir` holds no other run, before anything
 is written (its errors, `InputError`, name the flag to fix). The MAKE variants first pre-train MAKE in
 `<model_dir>/make/` (phase A; skipped when already done), then train the ID model with it (phase B; see
@@ -11,12 +13,15 @@ is written (its errors, `InputError`, name the flag to fix). The MAKE variants f
 its vector table in `<model_dir>/vector_tables.json` (see `mm_ads.training.vector_record`).
 """
 
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 
 from absl import logging
 
+from mm_ads import config as config_lib
 from mm_ads.errors import InputError
 from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
@@ -33,8 +38,9 @@ def validate_inputs(config):
     CLIP-E the tables they train on; and, when `model_dir` holds a run, that it ran the same config. Raises
     `InputError` naming the flag to fix.
     """
-    from mm_ads.data.dataset import Manifest, read_item_stats
+    from mm_ads.data.dataset import Manifest
 
+    checks = task(config.task).check_inputs
     data = config.data
     flag = f"--data_dir={data.data_dir}"
     if not os.path.isdir(data.data_dir):
@@ -44,38 +50,57 @@ def validate_inputs(config):
         manifest = Manifest.load(data.data_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise InputError(f"{flag}: {e}") from None
-    have = {c: sorted(s) for c, s in manifest.components.items()}
-    if config.task == "ctr":
-        if manifest.spec is None:
-            raise InputError(f"{flag}: dataset {manifest.name!r} has no FeatureSpec: it holds no CTR impressions "
-                             f"(it has {have})")
-        for option, split in (("--train_split", data.train_split), ("--eval_split", data.eval_split)):
-            if split not in manifest.components.get("ctr", {}):
-                raise InputError(f"{option}={split}: dataset {manifest.name!r} ({data.data_dir}) has no ctr/{split} "
-                                 f"split (it has {have.get('ctr', [])})")
-        if config.model.uses_vectors:
-            _validate_vector_table(config, manifest)
-        try:
-            read_item_stats(manifest)
-        except ValueError as e:
-            raise InputError(f"{flag}: {e}") from None
-        from mm_ads.ctr import tiers
-
-        tiers.calibrate(config)  # quantile SimTier tiers (fills model.tier_boundaries): compared on resume
-    elif config.task == "scl":
-        component = f"pretrain/{config.scl.modality}_pairs"
-        if component not in manifest.components:
-            raise InputError(f"{flag}: dataset {manifest.name!r} has no {component} table for --modality="
-                             f"{config.scl.modality} (it has {have})")
-        for option, split in (("--train_split", data.train_split), ("--eval_split", data.eval_split)):
-            if split not in manifest.components[component]:
-                raise InputError(f"{option}={split}: dataset {manifest.name!r} ({data.data_dir}) has no "
-                                 f"{component}/{split} split (it has {have[component]})")
-    elif config.task == "clip" and "items" not in manifest.components:
-        raise InputError(f"{flag}: dataset {manifest.name!r} has no item catalogue (items.parquet; it has {have}): "
-                         "CLIP-E needs item titles and images")
+    checks(config, manifest)
     run_dir.check_resume(config.model_dir, config)
     return manifest
+
+
+def _components(manifest):
+    """`{component: [split, ...]}` of a dataset, for the errors."""
+    return {c: sorted(s) for c, s in manifest.components.items()}
+
+
+def _check_ctr_inputs(config, manifest):
+    """`ctr`: the FeatureSpec, the ctr splits, the vector table, `item_stats.parquet`; calibrates SimTier's tiers."""
+    from mm_ads.ctr import tiers
+    from mm_ads.data.dataset import read_item_stats
+
+    data, have = config.data, _components(manifest)
+    flag = f"--data_dir={data.data_dir}"
+    if manifest.spec is None:
+        raise InputError(f"{flag}: dataset {manifest.name!r} has no FeatureSpec: it holds no CTR impressions "
+                         f"(it has {have})")
+    for option, split in (("--train_split", data.train_split), ("--eval_split", data.eval_split)):
+        if split not in manifest.components.get("ctr", {}):
+            raise InputError(f"{option}={split}: dataset {manifest.name!r} ({data.data_dir}) has no ctr/{split} "
+                             f"split (it has {have.get('ctr', [])})")
+    if config.model.uses_vectors:
+        _validate_vector_table(config, manifest)
+    try:
+        read_item_stats(manifest)
+    except ValueError as e:
+        raise InputError(f"{flag}: {e}") from None
+    tiers.calibrate(config)  # quantile SimTier tiers (fills model.tier_boundaries): compared on resume
+
+
+def _check_scl_inputs(config, manifest):
+    """`scl`: the `pretrain/<modality>_pairs` table and its splits."""
+    data, have = config.data, _components(manifest)
+    component = f"pretrain/{config.scl.modality}_pairs"
+    if component not in manifest.components:
+        raise InputError(f"--data_dir={data.data_dir}: dataset {manifest.name!r} has no {component} table for "
+                         f"--modality={config.scl.modality} (it has {have})")
+    for option, split in (("--train_split", data.train_split), ("--eval_split", data.eval_split)):
+        if split not in manifest.components[component]:
+            raise InputError(f"{option}={split}: dataset {manifest.name!r} ({data.data_dir}) has no "
+                             f"{component}/{split} split (it has {have[component]})")
+
+
+def _check_clip_inputs(config, manifest):
+    """`clip`: the item catalogue (titles and images)."""
+    if "items" not in manifest.components:
+        raise InputError(f"--data_dir={config.data.data_dir}: dataset {manifest.name!r} has no item catalogue "
+                         f"(items.parquet; it has {_components(manifest)}): CLIP-E needs item titles and images")
 
 
 def _vector_table(config, manifest):
@@ -132,6 +157,7 @@ def run(config):
     from mm_ads.training import trainer as trainer_lib
 
     start = time.time()
+    runner = task(config.task).run
     # strategy=parameter_server: the worker and ps tasks of the cluster serve here and never return
     distribute.maybe_serve(config.train.strategy)
     validate_inputs(config)  # before anything is written to model_dir (not even the directory)
@@ -142,11 +168,7 @@ def run(config):
     chief = distribute.is_chief(strategy)
     if chief:
         io_utils.write_json(run_dir.path(config.model_dir, run_dir.CONFIG), config.to_json())
-    if config.task == "scl":
-        return _run_scl(config, strategy, chief, start)
-    if config.task == "clip":
-        return _run_clip(config, strategy, chief, start)
-    return _run_ctr(config, strategy, chief, start, _record_vector_table(config, chief))
+    return runner(config, strategy, chief, start)
 
 
 def _record_vector_table(config, chief):
@@ -182,6 +204,11 @@ def _pretrain_make(config, strategy, chief, vectors=None):
         io_utils.write_json(run_dir.path(cfg.model_dir, run_dir.CONFIG), cfg.to_json())
     metrics = _run_ctr(cfg, strategy, chief, time.time(), vectors)
     return metrics, run_dir.latest_checkpoint(cfg.model_dir, best=bool(cfg.train.early_stopping_patience))
+
+
+def _run_ctr_task(config, strategy, chief, start):
+    """`ctr`: records the run's vector table (a multimodal variant), then trains (MAKE variants: both phases)."""
+    return _run_ctr(config, strategy, chief, start, _record_vector_table(config, chief))
 
 
 def _run_ctr(config, strategy, chief, start, vectors=None):
@@ -266,3 +293,49 @@ def _run_clip(config, strategy, chief, start):
         metrics["encoders"] = task.save_encoders(trainer.model, config.model_dir)
         io_utils.write_json(run_dir.path(config.model_dir, run_dir.METRICS), metrics)
     return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What `run` does for one task (`config.task`), besides what every task shares.
+
+    Attributes:
+        check_inputs: `(config, manifest)` → None; raises `InputError` naming the flag to fix (see
+            `validate_inputs`).
+        run: `(config, strategy, chief, start)` → the final metrics dict; builds the task and its trainer,
+            trains, writes `metrics.json` and the exports (chief).
+        summary: the metrics `python -m mm_ads.train` prints, headline first (the chief's metrics hold it).
+    """
+
+    check_inputs: Callable
+    run: Callable
+    summary: tuple
+
+
+_CTR_SUMMARY = ("auc", "gauc", "logloss", "calibration", "num_examples")
+_RETRIEVAL_SUMMARY = ("acc@1", "acc@5", "acc@10", "num_queries")
+
+# The task registry: `config.task` → what runs it. `mm_ads.config.TASKS` names the same tasks (config may not
+# import runs: docs/architecture.md), checked below when this module is imported.
+TASKS = {
+    "ctr": Task(_check_ctr_inputs, _run_ctr_task, _CTR_SUMMARY),  # CTR models (MAKE variants: two phases)
+    "scl": Task(_check_scl_inputs, _run_scl, _RETRIEVAL_SUMMARY),  # SCL pre-training of one encoder
+    "clip": Task(_check_clip_inputs, _run_clip, _RETRIEVAL_SUMMARY),  # CLIP-E: item image <-> title
+}
+
+
+def task(name):
+    """The registered `Task` of a task name; a `ValueError` naming the known tasks for any other name."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: the known tasks are {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def check_registry(tasks, names):
+    """Raises `RuntimeError` unless the registry `tasks` has exactly the task names `names` (in that order)."""
+    if tuple(tasks) != tuple(names):
+        raise RuntimeError(f"mm_ads.runs.TASKS registers {tuple(tasks)}, but mm_ads.config.TASKS names "
+                           f"{tuple(names)}: register a task in both")
+
+
+check_registry(TASKS, config_lib.TASKS)

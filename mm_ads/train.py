@@ -1,14 +1,14 @@
 r"""Trains a model: `python -m mm_ads.train --flagfile=configs/{ctr,scl}/<name>.flags --data_dir=DIR --model_dir=DIR`.
 
-Tasks: `ctr` (CTR models), `scl` (SCL pre-training of one encoder), `clip` (item image ↔ title
-alignment, the paper's CLIP-E baseline; writes `text_encoder.keras` and `image_encoder.keras`).
+Tasks (`mm_ads.runs.TASKS`): `ctr` (CTR models), `scl` (SCL pre-training of one encoder), `clip` (item image ↔
+title alignment, the paper's CLIP-E baseline; writes `text_encoder.keras` and `image_encoder.keras`).
 
 Only the command line: flags → validated config → `mm_ads.runs.run` (the library the reports use too): validated
 inputs (`validate_inputs`: the data dir, its manifest
 and splits, the vector table of a multimodal variant and its dim, `item_stats.parquet`; nothing is written
 to `--model_dir`, not even the directory, before these checks pass, and their errors name the flag to
 fix) → `<model_dir>/config.json` → strategy →
-task (`CTRTask` or `SCLTask`) → trainer → `metrics.json` and a SavedModel under
+task (`CTRTask`, `SCLTask` or `CrossModalTask`) → trainer → `metrics.json` and a SavedModel under
 `<model_dir>/export/<version>/` (for SCL: the encoder, raw text / encoded image bytes in → vectors;
 the trained encoder is also saved as `<model_dir>/encoder.keras` for `python -m mm_ads.encode`).
 The MAKE variants (`make`, `simtier_make`) first pre-train MAKE in `<model_dir>/make/` for
@@ -26,6 +26,7 @@ import sys
 
 from absl import app
 
+from mm_ads import runs
 from mm_ads.errors import InputError
 from mm_ads.runs import run, validate_inputs  # noqa: F401  (the library behind this command: mm_ads.runs)
 from mm_ads.training import model_dir as run_dir
@@ -44,11 +45,10 @@ def main(argv):
         metrics = run(config)
     except InputError as e:  # raised before anything was written
         raise app.UsageError(str(e)) from None
-    if not any(k in metrics for k in ("auc", "acc@1")):
+    keys = runs.task(config.task).summary
+    if keys[0] not in metrics:
         print("done: this worker is not the chief; the chief writes the metrics, checkpoints and export")
         return
-    keys = (("acc@1", "acc@5", "acc@10", "num_queries") if config.task in ("scl", "clip") else
-            ("auc", "gauc", "logloss", "calibration", "num_examples"))
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=None))
     if "make_pretrain" in metrics:
         print("make_pretrain: " + json.dumps({k: metrics["make_pretrain"].get(k) for k in keys}, indent=None))

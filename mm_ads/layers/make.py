@@ -135,8 +135,12 @@ class MAKE(keras.layers.Layer):
         )
         self.mlp.build((target_shape[0], 2 * dim + 1))
         if not self.trainable:
-            # Sublayers created here start trainable: pass on a `trainable=False` given to the constructor
-            # (`self.trainable = False` again would be a no-op for an unchanged attribute value).
+            # A frozen MAKE freezes its sublayers here, once they and theirs exist. Keras 3 passes `trainable` on
+            # only to the sublayers that exist when it is set: never a `trainable=False` given to a constructor
+            # (it is set before any sublayer exists), and MLP and DINAttention create their own sublayers
+            # (Dense, PReLU, Dice) in their build(). Hence the sublayers are created here, not in __init__: one
+            # created there could be frozen too early, and freezing it again now would do nothing (with
+            # TensorFlow, Keras skips assigning `trainable` its current value), leaving its sublayers trainable.
             for layer in (self.attention, self.mlp):
                 layer.trainable = False
 

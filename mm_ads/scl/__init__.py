@@ -3,6 +3,7 @@
 Modules (one concern each):
   text_tower   word tokenizer built from the training pairs (OOV → hash buckets) + small transformer
   image_tower  small pre-activation residual net with GroupNorm, trained from scratch
+  pretrained_tower  MiniLM text tower (a pretrained BERT through keras-hub)
   projection   projection head → L2-normalised D-dim vectors
   losses       InfoNCE (learnable clamped τ, false negatives masked by item id) and triplet
   queue        MoCo ring-buffer queue of keys + item ids (any K, any batch; identical on every replica)
@@ -10,6 +11,7 @@ Modules (one concern each):
   model        SCLModel: encoder + key encoder + queue + temperature
   augment      seeded image decoding / augmentation
   task         SCLTask for the one Trainer; Acc@N evaluation
+  clip         CLIP-E: item image ↔ title alignment (`CrossModalTask`, the `clip` task)
   export       encoder SavedModel (raw text / image bytes → vectors)
   encode       catalogue → item → vector table (`python -m mm_ads.encode`)
 """

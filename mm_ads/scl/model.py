@@ -44,6 +44,8 @@ class SCLModel(keras.Model):
         self.key_encoder = None
         self.queue = None
         if self.use_queue:
+            # the query encoder's architecture with its own variables; `build` makes it an exact copy and
+            # freezes it (its weights follow the encoder's only by `update_key_encoder`)
             if hasattr(encoder, "clone_architecture"):
                 self.key_encoder = encoder.clone_architecture("key_encoder")
             else:
@@ -55,9 +57,13 @@ class SCLModel(keras.Model):
         self.temperature.build()
         if self.use_queue:
             self.key_encoder.build(input_shape)
-            self.key_encoder.trainable = False  # after build: sublayers created in build() default to trainable
+            # Frozen here, after build, not when created: the towers create their sublayers in build() (a
+            # residual block's GroupNorm depends on its input channels, and the text tower's Keras
+            # MultiHeadAttention creates its projections in its own build()), and Keras 3 passes `trainable` on
+            # only to the sublayers that exist when it is set.
+            self.key_encoder.trainable = False
             self.queue.build()
-            copy_variables(self.key_encoder.weights, self.encoder.weights)
+            copy_variables(self.key_encoder.weights, self.encoder.weights)  # the key encoder starts as a copy
 
     def call(self, inputs, training=None):
         return self.encoder(inputs, training=training)

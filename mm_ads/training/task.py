@@ -1,4 +1,4 @@
-"""The Task interface: what the one training loop needs from a CTR or SCL task.
+"""The Task interface: what the one training loop needs from a task (CTR, SCL, CLIP-E).
 
 A task owns the model construction, the input pipelines, the loss and the evaluation;
 the `Trainer` owns the loop, the strategy, optimizers, checkpoints and summaries. Models

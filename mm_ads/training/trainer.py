@@ -393,13 +393,6 @@ class Trainer:
         self.checkpoint.restore(path).assert_existing_objects_matched()
         return self.task.evaluate(self.model, "eval") if self.chief else {}
 
-    @property
-    def best_checkpoint(self):
-        """The checkpoint of the best epoch (early stopping) or, without early stopping, the latest."""
-        if self.config.early_stopping_patience and self.early_stopping:
-            return tf.train.latest_checkpoint(run_dir.path(self.model_dir, run_dir.CKPT_BEST))
-        return self.latest_checkpoint
-
     def train(self):
         """Runs (or resumes) training to `total_steps` (or early stopping); returns the final evaluation
         metrics (with early stopping: of the best epoch, whose weights the model then holds)."""

@@ -119,6 +119,24 @@ def test_frozen_layer_has_no_trainable_weights_and_runs_in_inference_mode():
     assert len(layer.trainable_weights) > 0
 
 
+@pytest.mark.parametrize("freeze", ["constructor", "before_build", "after_build"])
+def test_frozen_layer_freezes_every_variable_however_it_is_frozen(freeze):
+    # Keras passes `trainable` on only to sublayers that exist when it is set, and MLP and DINAttention create
+    # theirs in build(): every variable must end up non-trainable, or the model around MAKE would train it.
+    target, history, mask = random_inputs()
+    layer = MAKE(**SMALL, trainable=freeze != "constructor")
+    if freeze == "before_build":
+        layer.trainable = False
+    layer(target, history, mask=mask)
+    if freeze == "after_build":
+        layer.trainable = False
+    assert layer.weights and [v.path for v in layer.weights if v.trainable] == []
+    inputs = {k: keras.Input(v.shape[1:], dtype=v.dtype, name=k) for k, v in
+              {"target": target, "history": history, "mask": mask}.items()}
+    model = keras.Model(inputs, keras.layers.Dense(1)(layer(**inputs)["v_make"]))
+    assert len(model.trainable_variables) == 2  # the Dense head's kernel and bias only
+
+
 def test_int8_vectors_are_scaled():
     target, history, mask = random_inputs()
     q_t = np.clip(np.round(target * 40), -127, 127).astype(np.int8)
