@@ -17,7 +17,7 @@ stream (EventLog file | redis://...?stream=) ─► read from the committed offs
     ─► export every --export_every_events events or --export_every_seconds seconds
 ```
 
-The event schema is documented in `mm_ads.serving.impressions`.
+The event schema is documented in `mm_ads.serving.nearline.impressions`.
 
 **Exactly once.** The stream position lives in the model's checkpoint: `StreamState` (next offset to read,
 events trained, events skipped, clicks, the offset of the last trained event and an order-sensitive
@@ -55,7 +55,6 @@ import math
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 
@@ -63,7 +62,7 @@ from absl import app, logging
 
 from mm_ads import config as config_lib
 from mm_ads.options import convert_value, define_flag
-from mm_ads.serving.redis_local import redact_uri
+from mm_ads.serving.index.redis_local import redact_uri
 from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
 
@@ -261,7 +260,7 @@ class NearlineTrainer:
     Args:
         config: a validated `ExperimentConfig` (task ctr, the default strategy).
         nearline: a validated `NearlineConfig`.
-        stream: an open stream (`mm_ads.serving.events` contract); default `open_stream(nearline.stream)`.
+        stream: an open stream (`mm_ads.serving.index.events` contract); default `open_stream(nearline.stream)`.
         index_table: an open `IndexTable`; default `open_index_table(nearline.index_table)` (multimodal variants).
 
     `step_once()` trains at most one batch; `run(stop_event)` loops until the event is set (or, with
@@ -279,8 +278,8 @@ class NearlineTrainer:
 
     def _init(self, config, nearline, stream, index_table):
         from mm_ads.ctr.task import CTRTask
-        from mm_ads.serving import events
-        from mm_ads.serving.impressions import ImpressionSchema, IndexTableJoin
+        from mm_ads.serving.index import events
+        from mm_ads.serving.nearline.impressions import ImpressionSchema, IndexTableJoin
         from mm_ads.training import trainer as trainer_lib
 
         self.config, self.nearline = config, nearline.validate()
@@ -304,7 +303,7 @@ class NearlineTrainer:
                 if not nearline.index_table:
                     raise ValueError(f"Variant {config.model.variant!r} reads multimodal vectors: --index_table is "
                                      "required")
-                from mm_ads.serving.index_table import open_index_table
+                from mm_ads.serving.index.index_table import open_index_table
 
                 index_table = self._own(open_index_table(nearline.index_table))
             self.table = index_table
@@ -537,7 +536,7 @@ class NearlineTrainer:
             time.sleep(seconds)
 
     def _consume(self, records):
-        from mm_ads.serving.impressions import EventError
+        from mm_ads.serving.nearline.impressions import EventError
 
         for offset, next_offset, record in records:
             if not self._pending:
@@ -745,7 +744,9 @@ class NearlineTrainer:
         self.close()
 
 
-def _define_flags():
+def define_flags():
+    """The flags of `python -m mm_ads.serving.nearline`: the experiment's and `NearlineConfig`'s; returns
+    `{NearlineConfig field: flag holder}` for `main`."""
     from mm_ads import flags as flags_lib  # noqa: F401  (defines the experiment flags first)
 
     defaults = NearlineConfig()
@@ -771,8 +772,3 @@ def main(argv, holders):
     keys = ("events", "skipped", "ignored", "step", "next_offset", "latest_version")
     print(json.dumps({**{k: stats.get(k) for k in keys}, "run": stats["run"]}))
     print(f"stats: {os.path.join(os.path.abspath(config.model_dir), STATS_FILE)}")
-
-
-if __name__ == "__main__":
-    _holders = _define_flags()
-    app.run(lambda argv: main(argv, _holders), argv=sys.argv)

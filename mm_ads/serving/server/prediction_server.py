@@ -4,17 +4,17 @@ r"""The prediction server: TF Serving's gRPC and REST APIs over the latest CTR m
 [--data_dir=DIR] [--index_table=URI]`
 
   * serves the latest complete version under `--model_base_path` (`<base>/<version>/`, as written by
-    `python -m mm_ads.export`), hot-swapping when a new version appears (`mm_ads.serving.model_manager`);
+    `python -m mm_ads.export`), hot-swapping when a new version appears (`mm_ads.serving.server.model_manager`);
   * gRPC on `--grpc_port` (`tensorflow.serving.PredictionService` Predict / GetModelMetadata and
-    `ModelService` GetModelStatus; `mm_ads.serving.grpc_service`), REST on `--rest_port`
-    (`/v1/models/<name>:predict`, `:rank`, status, metadata; `mm_ads.serving.rest`);
+    `ModelService` GetModelStatus; `mm_ads.serving.server.grpc_service`), REST on `--rest_port`
+    (`/v1/models/<name>:predict`, `:rank`, status, metadata; `mm_ads.serving.server.rest`);
   * ranking by ids (`:rank`, gRPC Predict with `signature_name="rank"`, `PredictionServer.rank`): the
     multimodal vectors come from the index table `--index_table` and the item-side id features from the
-    catalogue `<data_dir>/items.parquet` (`mm_ads.serving.ranking`); the FeatureSpec from
+    catalogue `<data_dir>/items.parquet` (`mm_ads.serving.server.ranking`); the FeatureSpec from
     `<data_dir>/manifest.json` or `--feature_spec`.
 Until a first version is served (the base path missing, or no complete `<version>/saved_model.pb` in it yet) it
 keeps polling, as TF Serving does, and logs what is missing at INFO every `--wait_log_interval_s`. An
-`--index_table` that does not exist is an error naming `python -m mm_ads.serving.load_index_table`, which
+`--index_table` that does not exist is an error naming `python -m mm_ads.serving.index.load_index_table`, which
 creates it from a vector table. Binds `--host=127.0.0.1` by default. Once serving, it prints one JSON line
 `{"grpc_port", "rest_port", "pid"}` (ports 0 pick free ones). SIGTERM/SIGINT: stop accepting, let requests in
 progress finish (up to `--shutdown_grace_s`), exit 0.
@@ -34,15 +34,15 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mm_ads.serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from mm_ads.serving.model_manager import DEFAULT_SIGNATURE, ModelManager
-from mm_ads.serving.ranking import RANK_SIGNATURE, Catalogue, Ranker, RankRequest, VectorCache
-from mm_ads.serving.stats import ServingStats
+from mm_ads.serving.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from mm_ads.serving.server.model_manager import DEFAULT_SIGNATURE, ModelManager
+from mm_ads.serving.server.ranking import RANK_SIGNATURE, Catalogue, Ranker, RankRequest, VectorCache
+from mm_ads.serving.server.stats import ServingStats
 
 
 @dataclasses.dataclass
 class ServerConfig:
-    """Settings of a `PredictionServer` (the flags of the same names; see `_define_flags`)."""
+    """Settings of a `PredictionServer` (the flags of the same names; see `define_flags`)."""
 
     model_base_path: str = ""
     model_name: str = "ctr"
@@ -106,7 +106,7 @@ class PredictionServer:
     Args:
         config: a `ServerConfig`.
         index_table: `get_many(ids) -> (vectors, found)` source of multimodal vectors for ranking, or None.
-        catalogue: a `mm_ads.serving.ranking.Catalogue` (item-side id features), or None.
+        catalogue: a `mm_ads.serving.server.ranking.Catalogue` (item-side id features), or None.
         spec: the dataset's `FeatureSpec` (needed for ranking), or None (ranking then FAILED_PRECONDITION).
         own_index_table: close `index_table` on `stop()`.
 
@@ -164,7 +164,7 @@ class PredictionServer:
         return model, signature_name, model.predict(inputs, signature_name, check=False)
 
     def rank_request(self, request, name=None, version=None):
-        """Scores a `RankRequest`; returns a `mm_ads.serving.ranking.RankResult` (its `version` tells which)."""
+        """Scores a `RankRequest`; returns a `mm_ads.serving.server.ranking.RankResult` (its `version` tells which)."""
         if self.ranker is None:
             raise FailedPrecondition("ranking needs the dataset's FeatureSpec (--data_dir or --feature_spec)")
         model = self.model(name or self.config.model_name, version)
@@ -231,8 +231,8 @@ class PredictionServer:
     # -- life cycle --------------------------------------------------------------------------------
     def start(self):
         """Loads the latest version (if any), starts the watcher, the gRPC and the REST servers."""
-        from mm_ads.serving.grpc_service import make_grpc_server
-        from mm_ads.serving.rest import RestServer
+        from mm_ads.serving.server.grpc_service import make_grpc_server
+        from mm_ads.serving.server.rest import RestServer
 
         c = self.config
         self.manager.start()
@@ -309,7 +309,8 @@ def load_ranking_inputs(data_dir=None, feature_spec=None, catalogue=None):
 
 
 # -- command line ------------------------------------------------------------------------------------
-def _define_flags():
+def define_flags():
+    """The flags of `python -m mm_ads.serving.server` (the entry point defines them; importing defines none)."""
     from absl import flags
 
     d = ServerConfig()
@@ -359,7 +360,7 @@ def _define_flags():
                                           "for ranking.")
     flags.DEFINE_string("feature_spec", None, "FeatureSpec JSON (default: the data_dir manifest's).")
     flags.DEFINE_string("catalogue", None, "Item catalogue Parquet (default <data_dir>/items.parquet).")
-    flags.DEFINE_string("index_table", None, "Index table URI (mm_ads.serving.index_table.open_index_table) for "
+    flags.DEFINE_string("index_table", None, "Index table URI (mm_ads.serving.index.index_table.open_index_table) for "
                                              "ranking.")
 
 
@@ -402,7 +403,7 @@ def main(argv):
     spec, catalogue = load_ranking_inputs(f.data_dir, f.feature_spec, f.catalogue)
     table = None
     if f.index_table:
-        from mm_ads.serving.index_table import IndexTableError, open_index_table
+        from mm_ads.serving.index.index_table import IndexTableError, open_index_table
 
         try:
             table = open_index_table(f.index_table)
@@ -419,10 +420,3 @@ def main(argv):
     logging.info("stopping: requests in progress finish (grace %.1f s)", config.shutdown_grace_s)
     server.stop()
     logging.info("stopped")
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
