@@ -8,5 +8,5 @@ from mm_ads.serving.nearline import trainer
 
 if __name__ == "__main__":
     __doc__ = trainer.__doc__  # what `--help` prints first
-    holders = trainer.define_flags()
-    app.run(lambda argv: trainer.main(argv, holders), argv=sys.argv)
+    trainer.define_flags()
+    app.run(trainer.main, argv=sys.argv)

@@ -61,7 +61,7 @@ import time
 from absl import app, logging
 
 from mm_ads import config as config_lib
-from mm_ads.options import convert_value, define_flag
+from mm_ads import options as options_lib
 from mm_ads.serving.index.redis_local import redact_uri
 from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
@@ -122,21 +122,30 @@ class NearlineConfig:
     expected_encoder_version: str = ""
 
     def validate(self):
-        _check = config_lib._check
-        _check(bool(self.stream), "nearline.stream is required (--stream=EVENT_LOG or redis://...?stream=NAME)")
-        _check(self.export_every_events >= 1, f"--export_every_events must be >= 1, got {self.export_every_events}")
+        if not self.stream:
+            raise ValueError("nearline.stream is required (--stream=EVENT_LOG or redis://...?stream=NAME)")
+        if self.export_every_events < 1:
+            raise ValueError(f"--export_every_events must be >= 1, got {self.export_every_events}")
         for name in ("export_every_seconds", "max_batch_delay_seconds", "max_events_per_second"):
-            _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("poll_interval_seconds", "stats_every_seconds"):
-            _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
-        _check(self.on_bad_record in BAD_RECORD_POLICIES,
-               f"--on_bad_record must be one of {BAD_RECORD_POLICIES}, got {self.on_bad_record!r}")
-        _check(bool(self.start_offset), "--start_offset must be 'beginning', 'end' or an offset")
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.on_bad_record not in BAD_RECORD_POLICIES:
+            raise ValueError(f"--on_bad_record must be one of {BAD_RECORD_POLICIES}, got {self.on_bad_record!r}")
+        if not self.start_offset:
+            raise ValueError("--start_offset must be 'beginning', 'end' or an offset")
         return self
+
+    @classmethod
+    def from_values(cls, values):
+        """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
+        return options_lib.options_from_values(cls, values, "near-line")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NearlineConfig)}
-_clash = set(_FIELDS) & ({f.name for _, kind in config_lib._SECTION_KINDS for f in dataclasses.fields(kind)}
+_clash = set(_FIELDS) & ({f.name for _, kind in config_lib.SECTION_KINDS for f in dataclasses.fields(kind)}
                          | {"task", "model_dir"})
 assert not _clash, f"near-line flags clash with the experiment flags: {_clash}"
 
@@ -144,10 +153,8 @@ assert not _clash, f"near-line flags clash with the experiment flags: {_clash}"
 def configs_from_values(values):
     """`{flag name: value}` (flagfile strings or typed values) → `(ExperimentConfig, NearlineConfig)`, validated."""
     values = dict(values)
-    defaults = NearlineConfig()
-    mine = {name: convert_value(name, getattr(defaults, name), values.pop(name))
-            for name in list(values) if name in _FIELDS}
-    return config_lib.config_from_values(values), NearlineConfig(**mine).validate()
+    mine = {name: values.pop(name) for name in list(values) if name in _FIELDS}
+    return config_lib.config_from_values(values), NearlineConfig.from_values(mine)
 
 
 def configs_from_flagfile(path, **overrides):
@@ -745,25 +752,23 @@ class NearlineTrainer:
 
 
 def define_flags():
-    """The flags of `python -m mm_ads.serving.nearline`: the experiment's and `NearlineConfig`'s; returns
-    `{NearlineConfig field: flag holder}` for `main`."""
+    """The flags of `python -m mm_ads.serving.nearline`: the experiment's (`mm_ads.flags`) and one per
+    `NearlineConfig` field."""
     from mm_ads import flags as flags_lib  # noqa: F401  (defines the experiment flags first)
 
-    defaults = NearlineConfig()
-    return {name: define_flag(name, getattr(defaults, name), f"nearline.{name} (see mm_ads.config).")
-            for name in _FIELDS}
+    options_lib.define_flags(NearlineConfig, "Near-line trainer")
 
 
-def main(argv, holders):
+def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from mm_ads import flags as flags_lib
 
     try:
         config = flags_lib.config_from_flags()
-        nearline = NearlineConfig(**{name: holder.value for name, holder in holders.items()}).validate()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    nearline = options_lib.options_from_flags(NearlineConfig)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
