@@ -26,8 +26,8 @@ Modules:
   * `mm_ads.version`  — `__version__`.
 
 Entry points: `python -m mm_ads.data.synthetic`, `mm_ads.data.prepare`, `mm_ads.train`, `mm_ads.export`,
-`mm_ads.encode`, `mm_ads.reports.table2`, `mm_ads.reports.paper`, `mm_ads.serving.{encoder_service, nearline,
-replay, server, load_index_table}`.
+`mm_ads.encode`, `mm_ads.reports.table2`, `mm_ads.reports.paper`, `mm_ads.serving.index.{encoder_service,
+load_index_table}`, `mm_ads.serving.nearline`, `mm_ads.serving.nearline.replay`, `mm_ads.serving.server`.
 """
 
 import os

@@ -398,7 +398,8 @@ class ExperimentConfig:
         )
 
 
-_SECTION_KINDS = (("data", DataConfig), ("model", CTRModelConfig), ("train", TrainConfig), ("scl", SCLConfig))
+# the experiment config's sections (flag names are their field names): `mm_ads.flags` defines a flag per field
+SECTION_KINDS = (("data", DataConfig), ("model", CTRModelConfig), ("train", TrainConfig), ("scl", SCLConfig))
 
 
 def read_flagfile(path, _seen=None):
@@ -444,7 +445,7 @@ def config_from_values(values):
     """
     values = dict(values)
     sections = {}
-    for section, kind in _SECTION_KINDS:
+    for section, kind in SECTION_KINDS:
         defaults = kind()
         sections[section] = {f.name: convert_value(f.name, getattr(defaults, f.name), values.pop(f.name),
                                                   FLOAT_SEQUENCES)

@@ -17,7 +17,7 @@ TASK = flags.DEFINE_enum("task", "ctr", list(config_lib.TASKS),
                          "Which task to train: ctr, scl or clip (item image <-> title alignment, CLIP-E).")
 MODEL_DIR = flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, config.json, metrics.json, export.")
 
-_SECTIONS = config_lib._SECTION_KINDS
+_SECTIONS = config_lib.SECTION_KINDS
 _HOLDERS = {}
 
 

@@ -1,10 +1,12 @@
 """The one way between an options dataclass and command-line flags, flagfile values and back.
 
 * `convert_value`: a flag's value (flagfile string or parsed) as the type of its dataclass field.
-* `define_flag`: the absl flag of one field, typed by its default (used for `mm_ads.train`'s generated flags,
-  `mm_ads.flags`, and the near-line trainer's own options).
+* `define_flag`: the absl flag of one field, typed by its default (`mm_ads.flags` generates `mm_ads.train`'s
+  flags with it).
 * `options_from_values` / `define_flags` / `options_from_flags`: a whole options dataclass with `validate()`
-  (the reports' and the encoder service's options) from `{name: value}` or from the command line.
+  and `from_values()` (the reports', the encoder service's, the near-line trainer's and the prediction
+  server's options) from `{name: value}` or from the command line. A field's `metadata={"help": ...}` is its
+  flag's help text (otherwise the help names the dataclass).
 
 `mm_ads.config.config_from_values` builds the training config with `convert_value`; `mm_ads.config.read_flagfile`
 reads flagfiles.
@@ -85,13 +87,14 @@ def options_from_values(cls, values, what):
 
 
 def define_flags(cls, what, output_help=None):
-    """absl flags for every field of `cls` (`define_flag`), plus a required `--output_dir` when `output_help`
-    is given (entry points only)."""
+    """absl flags for every field of `cls` (`define_flag`; the help is the field's `metadata["help"]` when it has
+    one), plus a required `--output_dir` when `output_help` is given (entry points only)."""
     from absl import flags
 
     defaults = cls()
     for f in dataclasses.fields(cls):
-        define_flag(f.name, getattr(defaults, f.name), f"{what} option {f.name} (see {cls.__module__}.{cls.__name__}).")
+        help_text = f.metadata.get("help") or f"{what} option {f.name} (see {cls.__module__}.{cls.__name__})."
+        define_flag(f.name, getattr(defaults, f.name), help_text)
     if output_help:
         flags.DEFINE_string("output_dir", None, output_help, required=True)
 

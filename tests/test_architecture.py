@@ -1,4 +1,5 @@
-"""The package's import rule (docs/architecture.md): a package imports only the packages below it.
+"""The package's import rule (docs/architecture.md): a package imports only the packages below it, and inside
+`mm_ads.serving` the sub-packages `server` and `nearline` may import `index`, which imports neither.
 
 Every `import` of the package's modules counts, also those inside functions (a lazy import is still a
 dependency).
@@ -30,10 +31,12 @@ ALLOWED = {
     "encode": BASE | {"scl", "data"},
     "train": BASE | {"data", "layers", "metrics", "training", "ctr", "export", "scl", "runs", "flags"},
 }
+# serving sub-package → the serving sub-packages it may import (besides itself)
+SERVING_ALLOWED = {"__init__": {"index"}, "index": set(), "nearline": {"index"}, "server": {"index"}}
 
 
 def _imports():
-    """`{(module, imported package)}` over every module of mm_ads."""
+    """`{(module, imported module)}` over every module of mm_ads."""
     found = set()
     for root, _, files in os.walk(ROOT):
         for name in files:
@@ -49,11 +52,11 @@ def _imports():
                     targets = [a.name for a in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     targets = [node.module]
-                    if node.module == "mm_ads":  # `from mm_ads import train`
-                        targets = [f"mm_ads.{a.name}" for a in node.names]
+                    if node.module in ("mm_ads", "mm_ads.serving"):  # `from mm_ads import train`
+                        targets = [f"{node.module}.{a.name}" for a in node.names]
                 for target in targets:
                     if target.startswith("mm_ads."):
-                        found.add((module, target.split(".")[1]))
+                        found.add((module, target))
     return found
 
 
@@ -72,10 +75,28 @@ def test_packages_import_only_the_packages_below_them():
     assert len(imports) > 50  # the walk found the package's imports
     bad = collections.defaultdict(set)
     for module, target in imports:
-        package = _package(module)
+        package, target = _package(module), _package(target)
         if target != package and target not in ALLOWED[package]:
             bad[module].add(target)
     assert not bad, f"imports against docs/architecture.md: {dict(bad)}"
+
+
+def test_every_serving_subpackage_has_a_rule():
+    serving = os.path.join(ROOT, "serving")
+    subpackages = {name for name in os.listdir(serving) if os.path.exists(os.path.join(serving, name, "__init__.py"))}
+    modules = {name[:-3] for name in os.listdir(serving) if name.endswith(".py")}
+    assert modules == {"__init__"}, "serving's modules live in its sub-packages"
+    assert subpackages == set(SERVING_ALLOWED) - {"__init__"}, "add the sub-package to SERVING_ALLOWED and docs"
+
+
+def test_serving_subpackages_import_only_index():
+    bad = collections.defaultdict(set)
+    for module, target in _imports():
+        if module.startswith("mm_ads.serving.") and target.startswith("mm_ads.serving"):
+            sub, imported = module.split(".")[2], (target.split(".") + [""])[2]
+            if imported != sub and imported not in SERVING_ALLOWED[sub]:
+                bad[module].add(target)
+    assert not bad, f"imports against docs/architecture.md (serving's sub-packages): {dict(bad)}"
 
 
 def test_the_rule_is_acyclic():

@@ -23,7 +23,7 @@ impressions ─► online/impressions.log ─► near-line trainer (joins vector
  (replayed from the dataset)                            exports online/models/ctr/<v>/ → hot swap
 ```
 
-This process plays the world around them: it replays the dataset's impressions (`mm_ads.serving.replay`,
+This process plays the world around them: it replays the dataset's impressions (`mm_ads.serving.nearline.replay`,
 `--impression_rate`), creates brand-new items (ids not in the catalogue, with titles made from the world's
 attribute words) at a steady `--new_item_rates` for `--duration_s` each, and measures **freshness**: the time
 from a new-item event's creation (its `ts`) to the first ids-only ranking response of the server
@@ -149,7 +149,7 @@ def prepare(cfg):
     from mm_ads import config as config_lib
     from mm_ads import runs
     from mm_ads.export.saved_model import latest_version
-    from mm_ads.serving.encoder_service import ExportedEncoder, resolve_saved_model
+    from mm_ads.serving.index.encoder_service import ExportedEncoder, resolve_saved_model
     from mm_ads.training import model_dir as run_dir
 
     start = time.monotonic()
@@ -249,7 +249,7 @@ class World:
 
     def _users(self, data_dir, limit=64):
         from mm_ads.data.spec import HIST_ITEM_ID
-        from mm_ads.serving.replay import impression_rows
+        from mm_ads.serving.nearline.replay import impression_rows
 
         users = []
         for rows in impression_rows(data_dir, "test", batch_size=limit, limit=limit):
@@ -428,7 +428,7 @@ def service_commands(cfg, prep, online):
     """(name, module, args) of the three services on the prepared artifacts and the run's `online` dir."""
     index = os.path.join(online, "index.db")
     return [
-        ("encoder_service", "mm_ads.serving.encoder_service", [
+        ("encoder_service", "mm_ads.serving.index.encoder_service", [
             "--flagfile=configs/serving/encoder_service.flags", f"--encoder={prep['encoder']}",
             f"--events={os.path.join(online, 'items.log')}", f"--index_table={index}", "--log_every_s=5",
             *([f"--max_wait_ms={cfg.encoder_max_wait_ms}"] if cfg.encoder_max_wait_ms >= 0 else [])]),
@@ -450,7 +450,7 @@ def service_commands(cfg, prep, online):
 
 def prepare_online_dir(prep, online):
     """A fresh run dir: the index table with the catalogue's vectors, version 1 under the served base path."""
-    from mm_ads.serving.index_table import load_vector_table_into, open_index_table
+    from mm_ads.serving.index.index_table import load_vector_table_into, open_index_table
 
     if os.path.exists(online):
         shutil.rmtree(online)
@@ -470,7 +470,7 @@ class Loop:
     """The running services plus the producer and measuring-client threads of one demo run."""
 
     def __init__(self, cfg, prep, online):
-        from mm_ads.serving.events import EventLog
+        from mm_ads.serving.index.events import EventLog
 
         self.cfg, self.prep, self.online = cfg, prep, online
         self.world = World(prep["data_dir"], cfg.seed)
@@ -543,7 +543,7 @@ class Loop:
             self._thread(f"rank-client-{k}", self._client, k)
 
     def _replay_impressions(self):
-        from mm_ads.serving.replay import replay
+        from mm_ads.serving.nearline.replay import replay
 
         while not self.stop_event.is_set():  # the split over and over, until the run ends
             out = replay(self.prep["data_dir"], self.impressions_log, split=self.cfg.impression_split,
@@ -823,7 +823,7 @@ def run(cfg):
 
 
 def _collect(loop, online):
-    from mm_ads.serving.index_table import open_index_table
+    from mm_ads.serving.index.index_table import open_index_table
 
     out = {"services": {s.name: {"pid": s.pid, "returncode": s.returncode, "failure": s.failure,
                                  "log": s.log_path} for s in loop.services}}

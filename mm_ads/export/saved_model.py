@@ -19,7 +19,7 @@ Given the vector table the model was trained with (`vectors=`), the version reco
 `<version>/assets.extra/mm_ads_vectors.json` (TF Serving's place for files next to a SavedModel, which loaders
 ignore): for each vector input its dim and the encoder version (plus the table's name and content fingerprint).
 The prediction server refuses a version whose record does not match its index table
-(`mm_ads.serving.model_manager.vector_mismatch`). The file is written inside the version's temporary directory,
+(`mm_ads.serving.server.model_manager.vector_mismatch`). The file is written inside the version's temporary directory,
 so it appears with the version, atomically.
 """
 

@@ -1,17 +1,19 @@
-"""The online system of paper §5: index table, event streams, encoder service, near-line trainer, prediction server.
+"""The online system of paper §5, in three sub-packages (the direction of their imports: docs/architecture.md).
 
-* `index_table` — item id → (vector, encoder version, timestamp); embedded SQLite default and Redis;
-  `python -m mm_ads.serving.load_index_table` creates one from a vector table (`load_index_table`).
-* `events` — durable append-only event log (and Redis Streams) with offsets, plus a polling follower.
-* `impressions`, `nearline`, `replay` — the impression event schema, the near-line trainer
-  (`python -m mm_ads.serving.nearline`) and the dataset → impression-event replay (`python -m mm_ads.serving.replay`).
+* `index` — the item index: the index table (item id → vector, encoder version, timestamp; SQLite or Redis),
+  the event streams (append-only event log or Redis Streams, with offsets and a polling follower), the Redis
+  helpers, `python -m mm_ads.serving.index.load_index_table` (an index table from a vector table) and the encoder
+  service that fills the table from new-item events (`python -m mm_ads.serving.index.encoder_service`).
+* `nearline` — the near-line trainer (`python -m mm_ads.serving.nearline`), the impression event schema and
+  the dataset → impression-event replay (`python -m mm_ads.serving.nearline.replay`).
 * `server` — the prediction server (`python -m mm_ads.serving.server`): TF Serving's gRPC and REST APIs over
-  the latest model version with an atomic hot swap (`model_manager`, `grpc_service`, `rest`, `codec`), and
-  ranking by ids with vectors from the index table (`ranking`).
+  the latest model version with an atomic hot swap, and ranking by ids with vectors from the index table.
+
+`server` and `nearline` may import `index`; `index` imports neither.
 """
 
-from mm_ads.serving.events import EventLog, EventLogError, EventTail, RedisStream, open_stream
-from mm_ads.serving.index_table import (
+from mm_ads.serving.index.events import EventLog, EventLogError, EventTail, RedisStream, open_stream
+from mm_ads.serving.index.index_table import (
     IndexTable,
     IndexTableError,
     RedisIndexTable,

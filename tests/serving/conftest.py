@@ -10,12 +10,12 @@ import uuid
 
 import pytest
 
-from mm_ads.serving.redis_local import RedisUnavailable, local_redis_server
+from mm_ads.serving.index.redis_local import RedisUnavailable, local_redis_server
 
 
 @contextlib.contextmanager
 def redis_server(extra_args=()):
-    """`mm_ads.serving.redis_local.local_redis_server`, skipping the test when Redis cannot run here."""
+    """`mm_ads.serving.index.redis_local.local_redis_server`, skipping the test when Redis cannot run here."""
     try:
         with local_redis_server(extra_args) as url:
             yield url

@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from mm_ads.serving.events import open_stream
-from mm_ads.serving.index_table import open_index_table
+from mm_ads.serving.index.events import open_stream
+from mm_ads.serving.index.index_table import open_index_table
 
 
 def batch_vectors(b, ids, dim):

@@ -44,7 +44,7 @@ def make_world(out, drop_items=()):
 
 def make_index_table(world, uri):
     """An index table at `uri` holding the world's vector table."""
-    from mm_ads.serving.index_table import load_vector_table_into, open_index_table
+    from mm_ads.serving.index.index_table import load_vector_table_into, open_index_table
 
     table = open_index_table(uri, dim=DIM, encoder_version=ENCODER, create=True)
     load_vector_table_into(table, os.path.join(world, "vectors", "attributes.parquet"))

@@ -112,8 +112,8 @@ def tiny_server_world(root):
     signature to compare scores with: the world of the server tests."""
     import tensorflow as tf
 
-    from mm_ads.serving.index_table import open_index_table
-    from mm_ads.serving.ranking import Catalogue
+    from mm_ads.serving.index.index_table import open_index_table
+    from mm_ads.serving.server.ranking import Catalogue
 
     spec = tiny_spec()
     base = str(os.path.join(root, "export"))

@@ -19,9 +19,9 @@ from mm_ads.scl.encode import encode_values, encoder_version
 from mm_ads.scl.export import export_encoder
 from mm_ads.scl.image_tower import ImageTower
 from mm_ads.scl.text_tower import TextTower, build_vocabulary
-from mm_ads.serving.encoder_service import EncoderService, EncoderServiceConfig, ExportedEncoder
-from mm_ads.serving.events import open_stream
-from mm_ads.serving.index_table import open_index_table
+from mm_ads.serving.index.encoder_service import EncoderService, EncoderServiceConfig, ExportedEncoder
+from mm_ads.serving.index.events import open_stream
+from mm_ads.serving.index.index_table import open_index_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -211,14 +211,14 @@ def test_encoder_version_and_config_checks(text_encoder, tmp_path):
         EncoderServiceConfig.from_values({"encoder": path, "batchsize": "3"})
     table = str(tmp_path / "other.db")
     open_index_table(table, dim=6, encoder_version="scl-text-0000", create=True).close()
-    from mm_ads.serving.index_table import IndexTableError
+    from mm_ads.serving.index.index_table import IndexTableError
     with pytest.raises(IndexTableError, match="vectors of encoder 'scl-text-0000', expected 'scl-text-"):
         EncoderService(EncoderServiceConfig(encoder=path, events=str(tmp_path / "e.log"), index_table=table))
 
 
 def _start_service(repo_root, path, log, table):
     return subprocess.Popen(
-        [sys.executable, "-m", "mm_ads.serving.encoder_service",
+        [sys.executable, "-m", "mm_ads.serving.index.encoder_service",
          f"--flagfile={os.path.join(repo_root, 'configs', 'serving', 'encoder_service.flags')}",
          f"--encoder={path}", f"--events={log}", f"--index_table={table}", "--poll_timeout_ms=20"],
         cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -243,7 +243,7 @@ def _stop(proc, sig=signal.SIGTERM):
 
 
 def test_entry_point_flagfile(text_encoder, tmp_path, repo_root):
-    """`python -m mm_ads.serving.encoder_service --flagfile=configs/serving/encoder_service.flags` runs until
+    """`python -m mm_ads.serving.index.encoder_service --flagfile=configs/serving/encoder_service.flags` runs until
     SIGTERM, then prints its stats."""
     tower, path = text_encoder
     log, table = str(tmp_path / "items.log"), str(tmp_path / "index.db")

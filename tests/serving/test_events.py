@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from mm_ads.serving.events import EventLog, EventLogError, EventTail, RedisStream, open_stream
+from mm_ads.serving.index.events import EventLog, EventLogError, EventTail, RedisStream, open_stream
 from tests.serving.crash_writer import run_and_kill
 
 

@@ -15,9 +15,9 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
-from mm_ads.serving import codec
-from mm_ads.serving.errors import InvalidArgument, ResourceExhausted
-from mm_ads.serving.server import PredictionServer, ServerConfig
+from mm_ads.serving.server import codec
+from mm_ads.serving.server.errors import InvalidArgument, ResourceExhausted
+from mm_ads.serving.server.prediction_server import PredictionServer, ServerConfig
 from tests.serving import server_helpers as h
 
 WAIT_S = 30  # generous bound of every wait on a condition

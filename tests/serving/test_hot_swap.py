@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from mm_ads.serving.model_manager import ModelManager, incomplete_reason, version_dirs
-from mm_ads.serving.server import PredictionServer, ServerConfig
+from mm_ads.serving.server.model_manager import ModelManager, incomplete_reason, version_dirs
+from mm_ads.serving.server.prediction_server import PredictionServer, ServerConfig
 from tests.serving import server_helpers as h
 
 
@@ -129,7 +129,7 @@ def test_no_version_yet_is_unavailable_then_the_first_version_loads(versions, tm
     base = tmp_path / "empty"
     manager = ModelManager("ctr", str(base), poll_interval_s=0.05).start()
     try:
-        from mm_ads.serving.errors import NotFound, Unavailable
+        from mm_ads.serving.server.errors import NotFound, Unavailable
 
         with pytest.raises(Unavailable):
             manager.get("ctr")

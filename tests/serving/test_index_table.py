@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mm_ads.data.vectors import write_vector_table
-from mm_ads.serving.index_table import (
+from mm_ads.serving.index.index_table import (
     IndexTableError,
     SQLiteIndexTable,
     load_vector_table_into,
@@ -89,7 +89,7 @@ def test_put_rejects_bad_input_atomically(table_uri, ids, vecs, version, kw, mat
 
 def test_open_checks(table_uri, tmp_path):
     with pytest.raises(IndexTableError, match="does not exist; create it from a vector table with "
-                                              "`python -m mm_ads.serving.load_index_table --index_table="):
+                                              "`python -m mm_ads.serving.index.load_index_table --index_table="):
         open_index_table(table_uri)
     with pytest.raises(IndexTableError, match="needs dim >= 1"):
         open_index_table(table_uri, encoder_version="v", create=True)
@@ -142,7 +142,7 @@ def test_get_many_is_one_query(table_uri):
 
 
 def test_load_index_table_creates_reloads_and_refuses_another_encoder(table_uri, tmp_path):
-    from mm_ads.serving.load_index_table import load_index_table
+    from mm_ads.serving.index.load_index_table import load_index_table
 
     vecs = _unit(50, 4, seed=5)
     ids = np.arange(1, 51) * 2
@@ -180,7 +180,7 @@ def test_load_index_table_command_int8_and_errors(tmp_path, repo_root):
     uri = str(tmp_path / "online" / "index.db")
 
     def run(*flags):
-        return subprocess.run([sys.executable, "-m", "mm_ads.serving.load_index_table", *flags], cwd=repo_root,
+        return subprocess.run([sys.executable, "-m", "mm_ads.serving.index.load_index_table", *flags], cwd=repo_root,
                               capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=repo_root))
 
     out = run(f"--index_table={uri}", f"--vectors={path}", "--dtype=int8")

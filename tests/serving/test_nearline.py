@@ -16,16 +16,16 @@ from mm_ads.data.dataset import Manifest
 from mm_ads.data.pipeline import VectorJoin, make_ctr_dataset
 from mm_ads.data.spec import FeatureSpec
 from mm_ads.data.vectors import VectorTable
-from mm_ads.serving.events import EventLog, open_stream
-from mm_ads.serving.impressions import EventError, ImpressionSchema, IndexTableJoin
-from mm_ads.serving.nearline import (
+from mm_ads.serving.index.events import EventLog, open_stream
+from mm_ads.serving.nearline.impressions import EventError, ImpressionSchema, IndexTableJoin
+from mm_ads.serving.nearline.replay import replay
+from mm_ads.serving.nearline.trainer import (
     NearlineTrainer,
     configs_from_flagfile,
     decode_offset,
     fingerprint_of,
     read_checkpoint_state,
 )
-from mm_ads.serving.replay import replay
 from tests.serving.nearline_world import DIM, make_index_table, make_world
 
 SMOKE = "configs/ctr/smoke.flags"
@@ -128,7 +128,7 @@ def test_schema_round_trip_and_errors(world):
 
 def test_index_table_join_equals_the_offline_vector_join(world, index_uri):
     """Same vectors, flags and counts as `VectorJoin` of the tf.data pipeline, on the same batch."""
-    from mm_ads.serving.index_table import open_index_table
+    from mm_ads.serving.index.index_table import open_index_table
 
     spec = _vector_spec(world)
     offline = VectorJoin(VectorTable.load(os.path.join(world, "vectors", "attributes.parquet")), spec)
@@ -218,7 +218,7 @@ def test_skips_exports_stats_and_the_served_model(world, index_uri, tmp_path):
     spec = trainer.spec
     events = [trainer.schema.parse(r, o) for o, _, r in log.read(0, 16)]
     features, _ = trainer.schema.batch(events)
-    from mm_ads.serving.index_table import open_index_table
+    from mm_ads.serving.index.index_table import open_index_table
 
     with open_index_table(index_uri) as table:
         features = IndexTableJoin(table, spec)(features)

@@ -82,9 +82,9 @@ def served(tmp_path_factory, repo_root):
     section = _section(repo_root)
     bash = "".join(re.findall(r"```bash\n(.*?)```", section, re.S))  # the server block, then the curl block
     commands = {argv[2]: argv for argv in _commands(bash)}
-    assert sorted(commands) == ["mm_ads.serving.load_index_table", "mm_ads.serving.server"], commands
+    assert sorted(commands) == ["mm_ads.serving.index.load_index_table", "mm_ads.serving.server"], commands
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=repo_root)
-    load = subprocess.run([sys.executable, *commands["mm_ads.serving.load_index_table"][1:]], cwd=root, env=env,
+    load = subprocess.run([sys.executable, *commands["mm_ads.serving.index.load_index_table"][1:]], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
     assert load.returncode == 0, load.stderr[-3000:]
     assert json.loads(load.stdout)["items"] == world["num_items"]
@@ -159,8 +159,8 @@ def test_readme_nearline_section_builds_the_index_table_with_the_same_command(re
     start = readme.index("## Online system: near-line trainer")
     nearline = readme[start:readme.index("\n## ", start + 1)]
     bash = re.search(r"```bash\n(.*?)```", nearline, re.S).group(1)
-    loads = [argv for argv in _commands(bash) if argv[2] == "mm_ads.serving.load_index_table"]
+    loads = [argv for argv in _commands(bash) if argv[2] == "mm_ads.serving.index.load_index_table"]
     served = [argv for argv in _commands(re.search(r"```bash\n(.*?)```", _section(repo_root), re.S).group(1))
-              if argv[2] == "mm_ads.serving.load_index_table"]
+              if argv[2] == "mm_ads.serving.index.load_index_table"]
     assert loads == served and len(loads) == 1  # the command the fixture above runs
     assert "python -c" not in bash

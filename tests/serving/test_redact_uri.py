@@ -2,9 +2,9 @@
 
 import pytest
 
-from mm_ads.serving.events import EventLogError, RedisStream, open_stream
-from mm_ads.serving.index_table import IndexTableError, RedisIndexTable, open_index_table
-from mm_ads.serving.redis_local import redact_uri
+from mm_ads.serving.index.events import EventLogError, RedisStream, open_stream
+from mm_ads.serving.index.index_table import IndexTableError, RedisIndexTable, open_index_table
+from mm_ads.serving.index.redis_local import redact_uri
 
 pytest.importorskip("redis")  # connect() needs redis-py even with a client given
 

@@ -17,8 +17,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from mm_ads.serving.index_table import open_index_table
-from mm_ads.serving.server import PredictionServer, ServerConfig
+from mm_ads.serving.index.index_table import open_index_table
+from mm_ads.serving.server.prediction_server import PredictionServer, ServerConfig
 from tests.serving import server_helpers as h
 
 
@@ -340,7 +340,7 @@ def test_tf_threads_are_set_before_the_first_op_and_refused_after_it(repo_root):
 
     code = """
 import tensorflow as tf
-from mm_ads.serving.server import set_tf_threads
+from mm_ads.serving.server.prediction_server import set_tf_threads
 set_tf_threads(1, 0)
 assert tf.config.threading.get_intra_op_parallelism_threads() == 1
 assert tf.config.threading.get_inter_op_parallelism_threads() == 0
@@ -385,7 +385,7 @@ def test_readme_grpc_client_snippet_runs_against_the_server(world, server, repo_
 
 
 def test_vector_cache_serves_found_vectors_and_sees_new_and_rewritten_ones(tmp_path):
-    from mm_ads.serving.ranking import VectorCache
+    from mm_ads.serving.server.ranking import VectorCache
 
     table = open_index_table(str(tmp_path / "t.db"), dim=4, encoder_version="e", create=True)
     now = [0.0]
@@ -511,6 +511,6 @@ def test_entry_point_names_the_command_that_creates_a_missing_index_table(world,
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err[-3000:]
     assert (f"server: --index_table: {tmp_path / 'no.db'}: index table does not exist; create it from a vector "
-            f"table with `python -m mm_ads.serving.load_index_table --index_table={tmp_path / 'no.db'} "
+            f"table with `python -m mm_ads.serving.index.load_index_table --index_table={tmp_path / 'no.db'} "
             "--vectors=<data_dir>/vectors/<name>.parquet`") in err, err[-3000:]
     assert "Traceback" not in err and out == ""

@@ -24,9 +24,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from mm_ads import config as config_lib
-from mm_ads.serving.encoder_service import EncoderService, EncoderServiceConfig, ExportedEncoder
-from mm_ads.serving.events import open_stream
-from mm_ads.serving.redis_local import RedisUnavailable, local_redis_server
+from mm_ads.serving.index.encoder_service import EncoderService, EncoderServiceConfig, ExportedEncoder
+from mm_ads.serving.index.events import open_stream
+from mm_ads.serving.index.redis_local import RedisUnavailable, local_redis_server
 
 _SCL_FLAGFILE = flags.DEFINE_string("scl_flagfile", "configs/scl/text.flags", "The encoder architecture.")
 _RATE = flags.DEFINE_float("rate", 200.0, "New-item events per second.")

@@ -47,8 +47,8 @@ _BASELINE_CALLS = flags.DEFINE_integer("baseline_calls", 200, "Single-item encod
 def bare_encode_and_put(prep, calls, seed=0):
     """Seconds of one `encode([title])` + `put_many` of one new item, `calls` times: the work the encoder
     service must do per item when nothing waits (no stream, no batching window, no polling)."""
-    from mm_ads.serving.encoder_service import ExportedEncoder
-    from mm_ads.serving.index_table import open_index_table
+    from mm_ads.serving.index.encoder_service import ExportedEncoder
+    from mm_ads.serving.index.index_table import open_index_table
 
     encoder = ExportedEncoder(prep["encoder"])
     world = online_demo.World(prep["data_dir"], seed)

@@ -33,8 +33,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from mm_ads.serving.index_table import RedisIndexTable, open_index_table
-from mm_ads.serving.redis_local import RedisUnavailable, local_redis_server
+from mm_ads.serving.index.index_table import RedisIndexTable, open_index_table
+from mm_ads.serving.index.redis_local import RedisUnavailable, local_redis_server
 from tools.bench import machine as bench_machine
 
 _NUM_ITEMS = flags.DEFINE_integer("num_items", 100_000, "Rows in every store.")

@@ -80,10 +80,10 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from mm_ads.ctr.task import CTRTask
-    from mm_ads.serving.events import EventLog
-    from mm_ads.serving.index_table import load_vector_table_into, open_index_table
-    from mm_ads.serving.nearline import NearlineConfig, NearlineTrainer
-    from mm_ads.serving.replay import replay
+    from mm_ads.serving.index.events import EventLog
+    from mm_ads.serving.index.index_table import load_vector_table_into, open_index_table
+    from mm_ads.serving.nearline.replay import replay
+    from mm_ads.serving.nearline.trainer import NearlineConfig, NearlineTrainer
     from mm_ads.training.trainer import Trainer
 
     batch, steps, warmup, repeats = _BATCH.value, _STEPS.value, _WARMUP.value, _REPEATS.value

@@ -193,12 +193,12 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    from mm_ads.serving.index_table import open_index_table
-    from mm_ads.serving.model_manager import LoadedModel
-    from mm_ads.serving.server import set_tf_threads
+    from mm_ads.serving.index.index_table import open_index_table
+    from mm_ads.serving.server.model_manager import LoadedModel
+    from mm_ads.serving.server.prediction_server import set_tf_threads
 
     set_tf_threads(_INTRA_OP.value, 0)  # the bare calls run with the server's threading
-    from mm_ads.serving.ranking import Catalogue, Ranker, RankRequest, VectorCache
+    from mm_ads.serving.server.ranking import Catalogue, Ranker, RankRequest, VectorCache
 
     modes = list(_MODES.value) + (["rest_predict"] if _REST_PREDICT.value else [])
     concurrency = [int(c) for c in _CONCURRENCY.value]

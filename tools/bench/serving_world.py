@@ -32,7 +32,7 @@ def build_world(root, num_items, seq_len, vector_dim, variant="simtier", seed=0,
     from mm_ads.data.dataset import Manifest
     from mm_ads.data.spec import FeatureSpec
     from mm_ads.export.saved_model import export_saved_model
-    from mm_ads.serving.index_table import open_index_table
+    from mm_ads.serving.index.index_table import open_index_table
     from mm_ads.utils import io as io_utils
 
     num_categories, num_brands, num_users = 100, 1000, 10_000

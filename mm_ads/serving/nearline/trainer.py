@@ -17,7 +17,7 @@ stream (EventLog file | redis://...?stream=) ─► read from the committed offs
     ─► export every --export_every_events events or --export_every_seconds seconds
 ```
 
-The event schema is documented in `mm_ads.serving.impressions`.
+The event schema is documented in `mm_ads.serving.nearline.impressions`.
 
 **Exactly once.** The stream position lives in the model's checkpoint: `StreamState` (next offset to read,
 events trained, events skipped, clicks, the offset of the last trained event and an order-sensitive
@@ -55,15 +55,14 @@ import math
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 
 from absl import app, logging
 
 from mm_ads import config as config_lib
-from mm_ads.options import convert_value, define_flag
-from mm_ads.serving.redis_local import redact_uri
+from mm_ads import options as options_lib
+from mm_ads.serving.index.redis_local import redact_uri
 from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
 
@@ -123,21 +122,30 @@ class NearlineConfig:
     expected_encoder_version: str = ""
 
     def validate(self):
-        _check = config_lib._check
-        _check(bool(self.stream), "nearline.stream is required (--stream=EVENT_LOG or redis://...?stream=NAME)")
-        _check(self.export_every_events >= 1, f"--export_every_events must be >= 1, got {self.export_every_events}")
+        if not self.stream:
+            raise ValueError("nearline.stream is required (--stream=EVENT_LOG or redis://...?stream=NAME)")
+        if self.export_every_events < 1:
+            raise ValueError(f"--export_every_events must be >= 1, got {self.export_every_events}")
         for name in ("export_every_seconds", "max_batch_delay_seconds", "max_events_per_second"):
-            _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("poll_interval_seconds", "stats_every_seconds"):
-            _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
-        _check(self.on_bad_record in BAD_RECORD_POLICIES,
-               f"--on_bad_record must be one of {BAD_RECORD_POLICIES}, got {self.on_bad_record!r}")
-        _check(bool(self.start_offset), "--start_offset must be 'beginning', 'end' or an offset")
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.on_bad_record not in BAD_RECORD_POLICIES:
+            raise ValueError(f"--on_bad_record must be one of {BAD_RECORD_POLICIES}, got {self.on_bad_record!r}")
+        if not self.start_offset:
+            raise ValueError("--start_offset must be 'beginning', 'end' or an offset")
         return self
+
+    @classmethod
+    def from_values(cls, values):
+        """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
+        return options_lib.options_from_values(cls, values, "near-line")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NearlineConfig)}
-_clash = set(_FIELDS) & ({f.name for _, kind in config_lib._SECTION_KINDS for f in dataclasses.fields(kind)}
+_clash = set(_FIELDS) & ({f.name for _, kind in config_lib.SECTION_KINDS for f in dataclasses.fields(kind)}
                          | {"task", "model_dir"})
 assert not _clash, f"near-line flags clash with the experiment flags: {_clash}"
 
@@ -145,10 +153,8 @@ assert not _clash, f"near-line flags clash with the experiment flags: {_clash}"
 def configs_from_values(values):
     """`{flag name: value}` (flagfile strings or typed values) → `(ExperimentConfig, NearlineConfig)`, validated."""
     values = dict(values)
-    defaults = NearlineConfig()
-    mine = {name: convert_value(name, getattr(defaults, name), values.pop(name))
-            for name in list(values) if name in _FIELDS}
-    return config_lib.config_from_values(values), NearlineConfig(**mine).validate()
+    mine = {name: values.pop(name) for name in list(values) if name in _FIELDS}
+    return config_lib.config_from_values(values), NearlineConfig.from_values(mine)
 
 
 def configs_from_flagfile(path, **overrides):
@@ -261,7 +267,7 @@ class NearlineTrainer:
     Args:
         config: a validated `ExperimentConfig` (task ctr, the default strategy).
         nearline: a validated `NearlineConfig`.
-        stream: an open stream (`mm_ads.serving.events` contract); default `open_stream(nearline.stream)`.
+        stream: an open stream (`mm_ads.serving.index.events` contract); default `open_stream(nearline.stream)`.
         index_table: an open `IndexTable`; default `open_index_table(nearline.index_table)` (multimodal variants).
 
     `step_once()` trains at most one batch; `run(stop_event)` loops until the event is set (or, with
@@ -279,8 +285,8 @@ class NearlineTrainer:
 
     def _init(self, config, nearline, stream, index_table):
         from mm_ads.ctr.task import CTRTask
-        from mm_ads.serving import events
-        from mm_ads.serving.impressions import ImpressionSchema, IndexTableJoin
+        from mm_ads.serving.index import events
+        from mm_ads.serving.nearline.impressions import ImpressionSchema, IndexTableJoin
         from mm_ads.training import trainer as trainer_lib
 
         self.config, self.nearline = config, nearline.validate()
@@ -304,7 +310,7 @@ class NearlineTrainer:
                 if not nearline.index_table:
                     raise ValueError(f"Variant {config.model.variant!r} reads multimodal vectors: --index_table is "
                                      "required")
-                from mm_ads.serving.index_table import open_index_table
+                from mm_ads.serving.index.index_table import open_index_table
 
                 index_table = self._own(open_index_table(nearline.index_table))
             self.table = index_table
@@ -537,7 +543,7 @@ class NearlineTrainer:
             time.sleep(seconds)
 
     def _consume(self, records):
-        from mm_ads.serving.impressions import EventError
+        from mm_ads.serving.nearline.impressions import EventError
 
         for offset, next_offset, record in records:
             if not self._pending:
@@ -745,24 +751,24 @@ class NearlineTrainer:
         self.close()
 
 
-def _define_flags():
+def define_flags():
+    """The flags of `python -m mm_ads.serving.nearline`: the experiment's (`mm_ads.flags`) and one per
+    `NearlineConfig` field."""
     from mm_ads import flags as flags_lib  # noqa: F401  (defines the experiment flags first)
 
-    defaults = NearlineConfig()
-    return {name: define_flag(name, getattr(defaults, name), f"nearline.{name} (see mm_ads.config).")
-            for name in _FIELDS}
+    options_lib.define_flags(NearlineConfig, "Near-line trainer")
 
 
-def main(argv, holders):
+def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from mm_ads import flags as flags_lib
 
     try:
         config = flags_lib.config_from_flags()
-        nearline = NearlineConfig(**{name: holder.value for name, holder in holders.items()}).validate()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    nearline = options_lib.options_from_flags(NearlineConfig)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -771,8 +777,3 @@ def main(argv, holders):
     keys = ("events", "skipped", "ignored", "step", "next_offset", "latest_version")
     print(json.dumps({**{k: stats.get(k) for k in keys}, "run": stats["run"]}))
     print(f"stats: {os.path.join(os.path.abspath(config.model_dir), STATS_FILE)}")
-
-
-if __name__ == "__main__":
-    _holders = _define_flags()
-    app.run(lambda argv: main(argv, _holders), argv=sys.argv)

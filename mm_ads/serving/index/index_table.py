@@ -42,7 +42,7 @@ import urllib.parse
 import numpy as np
 
 from mm_ads.data.vectors import VectorTable
-from mm_ads.serving.redis_local import redact_uri
+from mm_ads.serving.index.redis_local import redact_uri
 
 _DTYPES = ("float32", "int8")
 _TS = struct.Struct("<d")
@@ -53,7 +53,7 @@ _SQLITE_MMAP_BYTES = 1 << 30
 
 
 def _create_hint(uri):
-    return (f"create it from a vector table with `python -m mm_ads.serving.load_index_table --index_table={uri} "
+    return (f"create it from a vector table with `python -m mm_ads.serving.index.load_index_table --index_table={uri} "
             "--vectors=<data_dir>/vectors/<name>.parquet` (from Python: open_index_table(..., create=True))")
 
 
@@ -359,7 +359,7 @@ class RedisIndexTable(IndexTable):
     """Redis backend: `<prefix>:meta` hash + `<prefix>:rows` hash; MULTI/EXEC per put_many, HMGET per get."""
 
     def __init__(self, uri, dim=None, encoder_version=None, dtype="float32", create=False, scale=None, client=None):
-        from mm_ads.serving.redis_local import connect
+        from mm_ads.serving.index.redis_local import connect
 
         self._client, self.prefix = connect(uri, "prefix", "mm_ads:index", "the Redis index table", client)
         self.uri = uri = redact_uri(uri)  # shown in messages and logs: no password

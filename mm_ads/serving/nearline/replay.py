@@ -1,9 +1,9 @@
 r"""Replays a dataset's CTR impressions into an event stream as impression events.
 
-`python -m mm_ads.serving.replay --data_dir=DIR --stream=EVENT_LOG [--split=train] [--rate=0] [--limit=0]`
+`python -m mm_ads.serving.nearline.replay --data_dir=DIR --stream=EVENT_LOG [--split=train] [--rate=0] [--limit=0]`
 
 Reads `ctr/<split>` of a canonical dataset in its stored order (no shuffling), turns every impression into an
-impression event (`mm_ads.serving.impressions`: the FeatureSpec's stored features by name, `type`, and `ts` =
+impression event (`mm_ads.serving.nearline.impressions`: the FeatureSpec's stored features by name, `type`, and `ts` =
 the time it is appended) and appends them to the stream in chunks of `--chunk` (one fsync per chunk),
 `--rate` events/s at most (0 = as fast as possible). The near-line trainer and the online demo read the stream.
 """
@@ -14,7 +14,7 @@ import time
 
 from absl import app, flags, logging
 
-from mm_ads.serving.redis_local import redact_uri
+from mm_ads.serving.index.redis_local import redact_uri
 
 
 def impression_rows(data_dir, split="train", batch_size=1024, limit=0):
@@ -44,7 +44,7 @@ def replay(data_dir, stream, split="train", rate=0.0, limit=0, chunk=256, stop_e
 
     Args:
         data_dir: a canonical dataset directory.
-        stream: an open stream (`mm_ads.serving.events`: `append(records) -> offsets`) or its path / URI.
+        stream: an open stream (`mm_ads.serving.index.events`: `append(records) -> offsets`) or its path / URI.
         split: the `ctr` split to replay.
         rate: at most this many events per second (0 = no limit).
         limit: replay at most this many impressions (0 = all).
@@ -55,8 +55,8 @@ def replay(data_dir, stream, split="train", rate=0.0, limit=0, chunk=256, stop_e
         `{"events", "first_offset", "last_offset", "seconds"}`.
     """
     from mm_ads.data.dataset import Manifest
-    from mm_ads.serving.events import open_stream
-    from mm_ads.serving.impressions import ImpressionSchema
+    from mm_ads.serving.index.events import open_stream
+    from mm_ads.serving.nearline.impressions import ImpressionSchema
 
     if rate < 0 or chunk < 1 or limit < 0:
         raise ValueError(f"rate must be >= 0, chunk >= 1 and limit >= 0, got {rate}, {chunk}, {limit}")

@@ -37,8 +37,8 @@ import tensorflow as tf
 
 from mm_ads.data.spec import HIST_ITEM_ID, HIST_ITEM_VECTOR, ITEM_ID, ITEM_VECTOR, missing_flag_name
 from mm_ads.export.saved_model import USER_SIGNATURE
-from mm_ads.serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from mm_ads.serving.stats import ServingStats
+from mm_ads.serving.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from mm_ads.serving.server.stats import ServingStats
 
 RANK_SIGNATURE = "rank"
 
@@ -363,7 +363,7 @@ class Ranker:
     Args:
         spec: the dataset's `FeatureSpec`.
         index_table: an object with `get_many(ids) -> (float32 [N, D], bool [N])` and `dim`
-            (`mm_ads.serving.index_table.IndexTable`), or None (then every vector is missing).
+            (`mm_ads.serving.index.index_table.IndexTable`), or None (then every vector is missing).
         catalogue: a `Catalogue`, or None (item-side features must then come with the request).
         max_candidates: the request size limit.
         stats: the server's `ServingStats`.

@@ -37,7 +37,7 @@ import tensorflow as tf
 from absl import logging
 
 from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR
-from mm_ads.serving.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from mm_ads.serving.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 DEFAULT_SIGNATURE = "serving_default"
 _SHARD = re.compile(r"^variables\.data-(\d+)-of-(\d+)$")

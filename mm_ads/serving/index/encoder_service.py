@@ -1,8 +1,8 @@
 r"""The encoder service: new-item events in → multimodal vectors in the index table within a second.
 
-`python -m mm_ads.serving.encoder_service --flagfile=configs/serving/encoder_service.flags`
+`python -m mm_ads.serving.index.encoder_service --flagfile=configs/serving/encoder_service.flags`
 
-Follows an event stream (`mm_ads.serving.events`: a local `EventLog` or a Redis stream) from its checkpointed
+Follows an event stream (`mm_ads.serving.index.events`: a local `EventLog` or a Redis stream) from its checkpointed
 offset, collects new-item events (`{"type": "item", "item_id", "title" | "image_png_b64", "ts"}`) into micro-
 batches (at most `max_batch_size` events, waiting at most `max_wait_ms` after the first one), runs them through
 the encoder SavedModel exported by the SCL code (`mm_ads.scl.export`: raw titles or encoded image bytes in,
@@ -45,9 +45,9 @@ import numpy as np
 from absl import logging
 
 from mm_ads import options as options_lib
-from mm_ads.serving.events import EventTail, open_stream
-from mm_ads.serving.index_table import open_index_table
-from mm_ads.serving.redis_local import redact_uri
+from mm_ads.serving.index.events import EventTail, open_stream
+from mm_ads.serving.index.index_table import open_index_table
+from mm_ads.serving.index.redis_local import redact_uri
 from mm_ads.utils import io as io_utils
 
 CHECKPOINT_SUFFIX = ".encoder_service.json"

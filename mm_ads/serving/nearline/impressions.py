@@ -1,6 +1,6 @@
 """Impression events: the record schema of the near-line trainer's stream, and the index-table vector join.
 
-An impression event is one JSON object (a record of an `mm_ads.serving.events` stream) describing one ad
+An impression event is one JSON object (a record of an `mm_ads.serving.index.events` stream) describing one ad
 impression and whether it was clicked. Its fields are the FeatureSpec's stored features of one impression,
 by name, plus the event's type and creation time:
 
@@ -31,7 +31,7 @@ Example (the synthetic world's spec, S = 4):
 
 `ImpressionSchema.parse` validates one record and raises `EventError` naming the offset and the field;
 `ImpressionSchema.batch` stacks parsed events into model inputs; `ImpressionSchema.to_record` turns one row of
-a dataset back into an event (for `python -m mm_ads.serving.replay`).
+a dataset back into an event (for `python -m mm_ads.serving.nearline.replay`).
 """
 
 import math
@@ -176,7 +176,7 @@ class IndexTableJoin:
     the table in one `get_many` call (distinct ids only).
 
     Args:
-        table: an `mm_ads.serving.index_table.IndexTable` whose dim equals the spec's `vector_dim`.
+        table: an `mm_ads.serving.index.index_table.IndexTable` whose dim equals the spec's `vector_dim`.
         spec: the model's `FeatureSpec`.
     """
 

@@ -4,17 +4,17 @@ r"""The prediction server: TF Serving's gRPC and REST APIs over the latest CTR m
 [--data_dir=DIR] [--index_table=URI]`
 
   * serves the latest complete version under `--model_base_path` (`<base>/<version>/`, as written by
-    `python -m mm_ads.export`), hot-swapping when a new version appears (`mm_ads.serving.model_manager`);
+    `python -m mm_ads.export`), hot-swapping when a new version appears (`mm_ads.serving.server.model_manager`);
   * gRPC on `--grpc_port` (`tensorflow.serving.PredictionService` Predict / GetModelMetadata and
-    `ModelService` GetModelStatus; `mm_ads.serving.grpc_service`), REST on `--rest_port`
-    (`/v1/models/<name>:predict`, `:rank`, status, metadata; `mm_ads.serving.rest`);
+    `ModelService` GetModelStatus; `mm_ads.serving.server.grpc_service`), REST on `--rest_port`
+    (`/v1/models/<name>:predict`, `:rank`, status, metadata; `mm_ads.serving.server.rest`);
   * ranking by ids (`:rank`, gRPC Predict with `signature_name="rank"`, `PredictionServer.rank`): the
     multimodal vectors come from the index table `--index_table` and the item-side id features from the
-    catalogue `<data_dir>/items.parquet` (`mm_ads.serving.ranking`); the FeatureSpec from
+    catalogue `<data_dir>/items.parquet` (`mm_ads.serving.server.ranking`); the FeatureSpec from
     `<data_dir>/manifest.json` or `--feature_spec`.
 Until a first version is served (the base path missing, or no complete `<version>/saved_model.pb` in it yet) it
 keeps polling, as TF Serving does, and logs what is missing at INFO every `--wait_log_interval_s`. An
-`--index_table` that does not exist is an error naming `python -m mm_ads.serving.load_index_table`, which
+`--index_table` that does not exist is an error naming `python -m mm_ads.serving.index.load_index_table`, which
 creates it from a vector table. Binds `--host=127.0.0.1` by default. Once serving, it prints one JSON line
 `{"grpc_port", "rest_port", "pid"}` (ports 0 pick free ones). SIGTERM/SIGINT: stop accepting, let requests in
 progress finish (up to `--shutdown_grace_s`), exit 0.
@@ -34,35 +34,56 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mm_ads.serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from mm_ads.serving.model_manager import DEFAULT_SIGNATURE, ModelManager
-from mm_ads.serving.ranking import RANK_SIGNATURE, Catalogue, Ranker, RankRequest, VectorCache
-from mm_ads.serving.stats import ServingStats
+from mm_ads import options as options_lib
+from mm_ads.serving.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from mm_ads.serving.server.model_manager import DEFAULT_SIGNATURE, ModelManager
+from mm_ads.serving.server.ranking import RANK_SIGNATURE, Catalogue, Ranker, RankRequest, VectorCache
+from mm_ads.serving.server.stats import ServingStats
+
+
+def _option(default, help_text):
+    """A field of `ServerConfig` / `ServerCommandLine` with its flag's help (`mm_ads.options.define_flags`)."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 @dataclasses.dataclass
 class ServerConfig:
-    """Settings of a `PredictionServer` (the flags of the same names; see `_define_flags`)."""
+    """Settings of a `PredictionServer`: the flags of the same names (their help is each field's `help`)."""
 
-    model_base_path: str = ""
-    model_name: str = "ctr"
-    host: str = "127.0.0.1"
-    grpc_port: int = 8500  # 0: any free port; -1: no gRPC server
-    rest_port: int = 8501  # 0: any free port; -1: no REST server
-    poll_interval_s: float = 1.0
-    wait_log_interval_s: float = 10.0  # while no version is served: one INFO line this often about what is missing
-    warmup_batch_sizes: tuple = (1, 200)
-    max_candidates: int = 1000  # rows of a Predict request / candidates of a rank request
-    vector_cache_items: int = 100_000  # ranking's cache of found vectors (0: every request asks the table)
-    vector_cache_ttl_s: float = 1.0  # a vector rewritten in the index table is seen after at most this
-    max_body_bytes: int = 64 << 20  # REST request body (its Content-Length; 413 beyond, the body not read)
-    max_rest_inflight_bytes: int = 128 << 20  # REST bodies being read or handled at once, over all connections
-    rest_read_timeout_s: float = 5.0  # a REST request (line + headers, then body) must arrive within this; idle too
-    max_grpc_message_bytes: int = 64 << 20
-    max_decoded_bytes: int = 256 << 20  # a gRPC request's input tensors once decoded (from their declared shapes)
-    max_rest_connections: int = 256  # open REST connections (a thread each); more are closed at once
-    grpc_workers: int = 8
-    shutdown_grace_s: float = 10.0
+    model_base_path: str = _option("", "TF Serving base path: <base>/<version>/ SavedModels.")
+    model_name: str = _option("ctr", "The model name requests use.")
+    host: str = _option("127.0.0.1", "Address to bind (127.0.0.1: this machine only).")
+    grpc_port: int = _option(8500, "gRPC port (0: any free port, -1: off).")
+    rest_port: int = _option(8501, "REST port (0: any free port, -1: off).")
+    poll_interval_s: float = _option(1.0, "How often the base path is polled for new versions.")
+    wait_log_interval_s: float = _option(
+        10.0, "While no version is served (the base path missing or without a complete <version>/saved_model.pb), "
+              "log what is missing at INFO this often. The server keeps polling, like TF Serving.")
+    warmup_batch_sizes: tuple = _option((1, 200), "Batch sizes of the warm-up calls before a version is swapped in.")
+    max_candidates: int = _option(1000, "Max rows of a Predict / candidates of a rank request.")
+    vector_cache_items: int = _option(100_000, "Ranking's cache of found vectors in front of the index table "
+                                               "(0: off).")
+    vector_cache_ttl_s: float = _option(1.0, "A cached vector is used this long (a rewritten vector is seen after "
+                                             "at most this).")
+    max_body_bytes: int = _option(
+        64 << 20, "Max REST request body, from its Content-Length before anything is read: 413 beyond (a missing "
+                  "Content-Length: 411; a negative or non-numeric one: 400).")
+    max_rest_inflight_bytes: int = _option(
+        128 << 20, "Max bytes of REST request bodies being read or handled at once over all connections "
+                   "(>= --max_body_bytes). A request that does not fit waits up to --rest_read_timeout_s for others "
+                   "to finish, then gets 503 (a body over 64 KiB is then not read and its connection is closed).")
+    rest_read_timeout_s: float = _option(
+        5.0, "A REST connection must send its next request line and headers within this many seconds (new or kept "
+             "alive: idle connections are closed after it), and then its body within as long again.")
+    max_grpc_message_bytes: int = _option(64 << 20, "Max gRPC message (both ways).")
+    max_decoded_bytes: int = _option(
+        256 << 20, "Max bytes of a gRPC Predict request's input tensors once decoded (elements x dtype size, "
+                   "summed), checked from their declared shapes before anything is allocated: RESOURCE_EXHAUSTED "
+                   "beyond.")
+    max_rest_connections: int = _option(256, "Max open REST connections (one thread each); more are closed at "
+                                             "once.")
+    grpc_workers: int = _option(8, "gRPC handler threads.")
+    shutdown_grace_s: float = _option(10.0, "How long requests in progress may finish on stop.")
 
     def validate(self):
         if not self.model_base_path:
@@ -87,6 +108,35 @@ class ServerConfig:
             raise ValueError(f"wait_log_interval_s must be > 0, got {self.wait_log_interval_s}")
         return self
 
+    @classmethod
+    def from_values(cls, values):
+        """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
+        return options_lib.options_from_values(cls, values, "server")
+
+
+@dataclasses.dataclass
+class ServerCommandLine:
+    """What `python -m mm_ads.serving.server` sets up around its `PredictionServer`: TF's thread pools and the
+    inputs of ranking (the flags of the same names; their help is each field's `help`)."""
+
+    intra_op_threads: int = _option(0, "Threads one TF op may use (TF Serving's "
+                                       "--tensorflow_intra_op_parallelism); 0: TF's default, one per core.")
+    inter_op_threads: int = _option(0, "Threads running independent TF ops at once (TF Serving's "
+                                       "--tensorflow_inter_op_parallelism); 0: TF's default.")
+    data_dir: str = _option("", "Dataset dir: FeatureSpec (manifest.json) and catalogue (items.parquet) for ranking.")
+    feature_spec: str = _option("", "FeatureSpec JSON (default: the data_dir manifest's).")
+    catalogue: str = _option("", "Item catalogue Parquet (default <data_dir>/items.parquet).")
+    index_table: str = _option("", "Index table URI (mm_ads.serving.index.index_table.open_index_table) for "
+                                   "ranking.")
+
+    def validate(self):
+        return self  # the thread counts are checked by `set_tf_threads`
+
+    @classmethod
+    def from_values(cls, values):
+        """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
+        return options_lib.options_from_values(cls, values, "server command line")
+
 
 def check_finite(inputs):
     """`InvalidArgument` naming the first floating-point input with a NaN or an infinity."""
@@ -106,7 +156,7 @@ class PredictionServer:
     Args:
         config: a `ServerConfig`.
         index_table: `get_many(ids) -> (vectors, found)` source of multimodal vectors for ranking, or None.
-        catalogue: a `mm_ads.serving.ranking.Catalogue` (item-side id features), or None.
+        catalogue: a `mm_ads.serving.server.ranking.Catalogue` (item-side id features), or None.
         spec: the dataset's `FeatureSpec` (needed for ranking), or None (ranking then FAILED_PRECONDITION).
         own_index_table: close `index_table` on `stop()`.
 
@@ -164,7 +214,7 @@ class PredictionServer:
         return model, signature_name, model.predict(inputs, signature_name, check=False)
 
     def rank_request(self, request, name=None, version=None):
-        """Scores a `RankRequest`; returns a `mm_ads.serving.ranking.RankResult` (its `version` tells which)."""
+        """Scores a `RankRequest`; returns a `mm_ads.serving.server.ranking.RankResult` (its `version` tells which)."""
         if self.ranker is None:
             raise FailedPrecondition("ranking needs the dataset's FeatureSpec (--data_dir or --feature_spec)")
         model = self.model(name or self.config.model_name, version)
@@ -231,8 +281,8 @@ class PredictionServer:
     # -- life cycle --------------------------------------------------------------------------------
     def start(self):
         """Loads the latest version (if any), starts the watcher, the gRPC and the REST servers."""
-        from mm_ads.serving.grpc_service import make_grpc_server
-        from mm_ads.serving.rest import RestServer
+        from mm_ads.serving.server.grpc_service import make_grpc_server
+        from mm_ads.serving.server.rest import RestServer
 
         c = self.config
         self.manager.start()
@@ -309,58 +359,11 @@ def load_ranking_inputs(data_dir=None, feature_spec=None, catalogue=None):
 
 
 # -- command line ------------------------------------------------------------------------------------
-def _define_flags():
-    from absl import flags
-
-    d = ServerConfig()
-    flags.DEFINE_string("model_base_path", None, "TF Serving base path: <base>/<version>/ SavedModels.")
-    flags.DEFINE_string("model_name", d.model_name, "The model name requests use.")
-    flags.DEFINE_string("host", d.host, "Address to bind (127.0.0.1: this machine only).")
-    flags.DEFINE_integer("grpc_port", d.grpc_port, "gRPC port (0: any free port, -1: off).")
-    flags.DEFINE_integer("rest_port", d.rest_port, "REST port (0: any free port, -1: off).")
-    flags.DEFINE_float("poll_interval_s", d.poll_interval_s, "How often the base path is polled for new versions.")
-    flags.DEFINE_float("wait_log_interval_s", d.wait_log_interval_s,
-                       "While no version is served (the base path missing or without a complete "
-                       "<version>/saved_model.pb), log what is missing at INFO this often. The server keeps "
-                       "polling, like TF Serving.")
-    flags.DEFINE_list("warmup_batch_sizes", [str(b) for b in d.warmup_batch_sizes],
-                      "Batch sizes of the warm-up calls before a version is swapped in.")
-    flags.DEFINE_integer("max_candidates", d.max_candidates, "Max rows of a Predict / candidates of a rank request.")
-    flags.DEFINE_integer("vector_cache_items", d.vector_cache_items,
-                         "Ranking's cache of found vectors in front of the index table (0: off).")
-    flags.DEFINE_float("vector_cache_ttl_s", d.vector_cache_ttl_s,
-                       "A cached vector is used this long (a rewritten vector is seen after at most this).")
-    flags.DEFINE_integer("max_body_bytes", d.max_body_bytes,
-                         "Max REST request body, from its Content-Length before anything is read: 413 beyond "
-                         "(a missing Content-Length: 411; a negative or non-numeric one: 400).")
-    flags.DEFINE_integer("max_rest_inflight_bytes", d.max_rest_inflight_bytes,
-                         "Max bytes of REST request bodies being read or handled at once over all connections "
-                         "(>= --max_body_bytes). A request that does not fit waits up to --rest_read_timeout_s "
-                         "for others to finish, then gets 503 (a body over 64 KiB is then not read and its connection "
-                         "is closed).")
-    flags.DEFINE_float("rest_read_timeout_s", d.rest_read_timeout_s,
-                       "A REST connection must send its next request line and headers within this many seconds "
-                       "(new or kept alive: idle connections are closed after it), and then its body within as "
-                       "long again.")
-    flags.DEFINE_integer("max_grpc_message_bytes", d.max_grpc_message_bytes, "Max gRPC message (both ways).")
-    flags.DEFINE_integer("max_decoded_bytes", d.max_decoded_bytes,
-                         "Max bytes of a gRPC Predict request's input tensors once decoded (elements x dtype size, "
-                         "summed), checked from their declared shapes before anything is allocated: "
-                         "RESOURCE_EXHAUSTED beyond.")
-    flags.DEFINE_integer("max_rest_connections", d.max_rest_connections,
-                         "Max open REST connections (one thread each); more are closed at once.")
-    flags.DEFINE_integer("grpc_workers", d.grpc_workers, "gRPC handler threads.")
-    flags.DEFINE_float("shutdown_grace_s", d.shutdown_grace_s, "How long requests in progress may finish on stop.")
-    flags.DEFINE_integer("intra_op_threads", 0, "Threads one TF op may use (TF Serving's "
-                         "--tensorflow_intra_op_parallelism); 0: TF's default, one per core.")
-    flags.DEFINE_integer("inter_op_threads", 0, "Threads running independent TF ops at once (TF Serving's "
-                         "--tensorflow_inter_op_parallelism); 0: TF's default.")
-    flags.DEFINE_string("data_dir", None, "Dataset dir: FeatureSpec (manifest.json) and catalogue (items.parquet) "
-                                          "for ranking.")
-    flags.DEFINE_string("feature_spec", None, "FeatureSpec JSON (default: the data_dir manifest's).")
-    flags.DEFINE_string("catalogue", None, "Item catalogue Parquet (default <data_dir>/items.parquet).")
-    flags.DEFINE_string("index_table", None, "Index table URI (mm_ads.serving.index_table.open_index_table) for "
-                                             "ranking.")
+def define_flags():
+    """The flags of `python -m mm_ads.serving.server`, one per field of `ServerConfig` and `ServerCommandLine`
+    (the entry point defines them; importing this module defines none)."""
+    options_lib.define_flags(ServerConfig, "Server")
+    options_lib.define_flags(ServerCommandLine, "Server")
 
 
 def set_tf_threads(intra_op, inter_op):
@@ -382,30 +385,20 @@ def set_tf_threads(intra_op, inter_op):
 
 
 def main(argv):
-    from absl import app, flags
+    from absl import app
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    if not f.model_base_path:
-        raise app.UsageError("--model_base_path is required")
-    set_tf_threads(f.intra_op_threads, f.inter_op_threads)
-    config = ServerConfig(
-        model_base_path=f.model_base_path, model_name=f.model_name, host=f.host, grpc_port=f.grpc_port,
-        rest_port=f.rest_port, poll_interval_s=f.poll_interval_s, wait_log_interval_s=f.wait_log_interval_s,
-        warmup_batch_sizes=tuple(int(b) for b in f.warmup_batch_sizes), max_candidates=f.max_candidates,
-        vector_cache_items=f.vector_cache_items, vector_cache_ttl_s=f.vector_cache_ttl_s,
-        max_body_bytes=f.max_body_bytes, max_rest_inflight_bytes=f.max_rest_inflight_bytes,
-        rest_read_timeout_s=f.rest_read_timeout_s, max_grpc_message_bytes=f.max_grpc_message_bytes,
-        max_decoded_bytes=f.max_decoded_bytes, max_rest_connections=f.max_rest_connections,
-        grpc_workers=f.grpc_workers, shutdown_grace_s=f.shutdown_grace_s)
-    spec, catalogue = load_ranking_inputs(f.data_dir, f.feature_spec, f.catalogue)
+    config = options_lib.options_from_flags(ServerConfig)
+    cmd = options_lib.options_from_flags(ServerCommandLine)
+    set_tf_threads(cmd.intra_op_threads, cmd.inter_op_threads)
+    spec, catalogue = load_ranking_inputs(cmd.data_dir, cmd.feature_spec, cmd.catalogue)
     table = None
-    if f.index_table:
-        from mm_ads.serving.index_table import IndexTableError, open_index_table
+    if cmd.index_table:
+        from mm_ads.serving.index.index_table import IndexTableError, open_index_table
 
         try:
-            table = open_index_table(f.index_table)
+            table = open_index_table(cmd.index_table)
         except IndexTableError as e:
             sys.exit(f"server: --index_table: {e}")
     server = PredictionServer(config, table, catalogue, spec, own_index_table=True)
@@ -419,10 +412,3 @@ def main(argv):
     logging.info("stopping: requests in progress finish (grace %.1f s)", config.shutdown_grace_s)
     server.stop()
     logging.info("stopped")
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
-from mm_ads.serving.errors import InvalidArgument, ResourceExhausted
+from mm_ads.serving.server.errors import InvalidArgument, ResourceExhausted
 
 _PROTO_DTYPES = {
     types_pb2.DT_FLOAT: np.float32,
@@ -176,7 +176,7 @@ def parse_predict_json(body, signature):
 
     Args:
         body: the decoded JSON object.
-        signature: the `mm_ads.serving.model_manager.Signature` the request names.
+        signature: the `mm_ads.serving.server.model_manager.Signature` the request names.
     """
     specs = signature.inputs
     has_instances, has_inputs = "instances" in body, "inputs" in body

@@ -1,11 +1,11 @@
 r"""Creates an index table from a vector table, or loads a vector table into it again.
 
-`python -m mm_ads.serving.load_index_table --index_table=runs/online/index.db \
+`python -m mm_ads.serving.index.load_index_table --index_table=runs/online/index.db \
     --vectors=runs/demo/data/vectors/scl_text.parquet`
 
 Bulk-loads the item → vector table `--vectors` (an `mm_ads.data.vectors` Parquet table, e.g. what
 `python -m mm_ads.encode --register` writes under `<data_dir>/vectors/`) into the index table `--index_table`
-(a path, `sqlite:///abs/path.db` or `redis://HOST:PORT/DB?prefix=NAME`; see `mm_ads.serving.index_table`).
+(a path, `sqlite:///abs/path.db` or `redis://HOST:PORT/DB?prefix=NAME`; see `mm_ads.serving.index.index_table`).
 
   * No table at `--index_table`: it is created with the vector table's dim and encoder version
     (`--dtype=float32`, or `int8` with the vector table's scale), then loaded.
@@ -26,10 +26,10 @@ import sys
 from absl import app, flags, logging
 
 from mm_ads.data.vectors import VectorTable
-from mm_ads.serving.index_table import IndexTableError, load_vector_table_into, open_index_table
-from mm_ads.serving.redis_local import redact_uri
+from mm_ads.serving.index.index_table import IndexTableError, load_vector_table_into, open_index_table
+from mm_ads.serving.index.redis_local import redact_uri
 
-COMMAND = "python -m mm_ads.serving.load_index_table"
+COMMAND = "python -m mm_ads.serving.index.load_index_table"
 
 
 def load_index_table(index_table, vectors, dtype="float32"):

@@ -38,7 +38,7 @@ import zlib
 
 from absl import logging
 
-from mm_ads.serving.redis_local import redact_uri
+from mm_ads.serving.index.redis_local import redact_uri
 
 _HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 64 << 20  # a longer length field is corruption, not a record
@@ -275,7 +275,7 @@ class RedisStream:
     """
 
     def __init__(self, uri, client=None):
-        from mm_ads.serving.redis_local import connect
+        from mm_ads.serving.index.redis_local import connect
 
         self._client, self.stream = connect(uri, "stream", "mm_ads:events", "Redis streams", client)
         self.uri = redact_uri(uri)  # shown in messages, logs and stats files: no password

@@ -2,8 +2,8 @@
 
 Routes (`<name>` the model name; `/versions/<v>` may follow it to pin a version):
   * `POST /v1/models/<name>:predict` — TF Serving's JSON (`instances` row format or `inputs` columnar
-    format; see `mm_ads.serving.codec`); the response adds `"model_version"`.
-  * `POST /v1/models/<name>:rank` — the ids-only ranking call (`mm_ads.serving.ranking.RankRequest`).
+    format; see `mm_ads.serving.server.codec`); the response adds `"model_version"`.
+  * `POST /v1/models/<name>:rank` — the ids-only ranking call (`mm_ads.serving.server.ranking.RankRequest`).
   * `GET /v1/models/<name>` — `{"model_version_status": [...]}` as TF Serving;
     `GET /v1/models/<name>/metadata` — the signature defs.
   * `GET /v1/stats` — the server's counters (requests, errors, unknown items).
@@ -40,9 +40,9 @@ import tensorflow as tf
 from absl import logging
 from google.protobuf import json_format
 
-from mm_ads.serving.codec import parse_predict_json, predict_json_response
-from mm_ads.serving.errors import InvalidArgument, NotFound, ResourceExhausted, ServingError, Unavailable
-from mm_ads.serving.ranking import RankRequest
+from mm_ads.serving.server.codec import parse_predict_json, predict_json_response
+from mm_ads.serving.server.errors import InvalidArgument, NotFound, ResourceExhausted, ServingError, Unavailable
+from mm_ads.serving.server.ranking import RankRequest
 
 _ROUTE = re.compile(r"^/v1/models/([^/:]+)(?:/versions/([^/:]+))?(?::(predict|rank)|/(metadata))?$")
 
@@ -309,7 +309,7 @@ class RestServer(ThreadingHTTPServer):
     """The HTTP server: `ThreadingHTTPServer` that tracks its connections for a graceful stop.
 
     Args:
-        app: the `mm_ads.serving.server.PredictionServer`.
+        app: the `mm_ads.serving.server.prediction_server.PredictionServer`.
         host, port: where to bind (port 0: any free port; `server_port` tells which).
         max_connections: open connections (one thread each); more are closed at once.
         max_inflight_bytes: request bodies being read or handled at once, over all connections.

@@ -5,9 +5,9 @@ Serving's and the official client stubs work unchanged:
 
   * `Predict`: `model_spec` (name, optional version, `signature_name`, default `serving_default`),
     `inputs` `{name: TensorProto}` (their declared shapes checked against `--max_decoded_bytes` before
-    anything is decoded; see `mm_ads.serving.codec.tensor_proto_to_ndarray`), optional `output_filter`;
+    anything is decoded; see `mm_ads.serving.server.codec.tensor_proto_to_ndarray`), optional `output_filter`;
     the response carries the served version in `model_spec`. `signature_name="rank"` is the ids-only
-    ranking call (see `mm_ads.serving.ranking`).
+    ranking call (see `mm_ads.serving.server.ranking`).
   * `GetModelMetadata` with `metadata_field=["signature_def"]`: the SavedModel's SignatureDefs (plus
     `rank` when ranking is configured).
   * `ModelService.GetModelStatus`: the version states.
@@ -32,8 +32,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from mm_ads.serving.codec import ndarray_to_tensor_proto, tensor_protos_to_ndarrays
-from mm_ads.serving.errors import InvalidArgument, NotFound, ServingError
+from mm_ads.serving.server.codec import ndarray_to_tensor_proto, tensor_protos_to_ndarrays
+from mm_ads.serving.server.errors import InvalidArgument, NotFound, ServingError
 
 
 def _rpc(kind):
@@ -69,7 +69,7 @@ def _version(model_spec):
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """`tensorflow.serving.PredictionService` backed by a `mm_ads.serving.server.PredictionServer`."""
+    """`tensorflow.serving.PredictionService` backed by a `mm_ads.serving.server.prediction_server.PredictionServer`."""
 
     def __init__(self, server):
         self.server = server
