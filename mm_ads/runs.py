@@ -236,7 +236,7 @@ def _run_ctr(config, strategy, chief, start, vectors=None):
     if trainer.early_stopping:
         metrics["early_stopping"] = trainer.early_stopping
     metrics["eval_history"] = trainer.history
-    metrics["wall_seconds"] = round(time.time() - start, 1)  # of this invocation (a resumed run: its part)
+    metrics["wall_s"] = round(time.time() - start, 1)  # of this invocation (a resumed run: its part)
     if make_metrics is not None:
         metrics["make_pretrain"] = make_metrics
     if chief and config.train.export:
@@ -268,7 +268,7 @@ def _run_scl(config, strategy, chief, start):
     logging.info("Training SCL: %s", task.describe())
     metrics = dict(trainer.train())
     metrics.update(task="scl", modality=config.scl.modality, steps=trainer.total_steps, epochs=config.train.epochs,
-                   eval_history=trainer.history, wall_seconds=round(time.time() - start, 1))
+                   eval_history=trainer.history, wall_s=round(time.time() - start, 1))
     if chief:
         encoder = trainer.model.encoder
         io_utils.save_keras(encoder, run_dir.path(config.model_dir, run_dir.ENCODER))
@@ -288,7 +288,7 @@ def _run_clip(config, strategy, chief, start):
     logging.info("Training CLIP-E (item image <-> title): %s", task.describe())
     metrics = dict(trainer.train())
     metrics.update(task="clip", steps=trainer.total_steps, epochs=config.train.epochs, eval_history=trainer.history,
-                   skipped_items=task.skipped, wall_seconds=round(time.time() - start, 1))
+                   skipped_items=task.skipped, wall_s=round(time.time() - start, 1))
     if chief:
         metrics["encoders"] = task.save_encoders(trainer.model, config.model_dir)
         io_utils.write_json(run_dir.path(config.model_dir, run_dir.METRICS), metrics)

@@ -109,3 +109,26 @@ def test_the_rule_is_acyclic():
                 seen.add(p)
                 todo += list(ALLOWED[p])
         assert start not in seen, start
+
+
+def test_durations_are_named_with_s_or_ms():
+    """docs/architecture.md, Conventions: `_s` / `_ms`, never a spelled-out unit, in the package, its tests and tools."""
+    import re
+
+    spelled = re.compile(r"\b\w+_(seconds|secs|sec|millis|msec|milliseconds|minutes|mins)\b")
+    # `_format_seconds` formats a number of seconds; `wall_seconds` is the key older runs wrote to metrics.json,
+    # still read by `model_dir.wall_s`
+    allowed = {"_format_seconds", "wall_seconds"}
+    repo = os.path.dirname(ROOT)
+    found = []
+    for top in ("mm_ads", "tests", "tools", "configs"):
+        for dirpath, _, names in os.walk(os.path.join(repo, top)):
+            for name in names:
+                if name.endswith((".py", ".flags")):
+                    path = os.path.join(dirpath, name)
+                    with open(path, encoding="utf-8") as f:
+                        for lineno, line in enumerate(f, 1):
+                            for m in spelled.finditer(line):
+                                if m.group(0) not in allowed:
+                                    found.append(f"{os.path.relpath(path, repo)}:{lineno}: {m.group(0)}")
+    assert not found, "durations are named with _s / _ms (docs/architecture.md):\n" + "\n".join(found)

@@ -21,7 +21,7 @@ python -m tools.cluster --workers=2 --ps=2 --chief -- python -m mm_ads.train --f
   primaries still run) stops the whole cluster, and the launcher exits with that status. A task killed by a
   signal counts as failed (status 128 + signal).
 * Ctrl-C / SIGTERM / `--timeout`: every task is stopped (SIGTERM to its process group, SIGKILL after
-  `--grace_seconds`), all are reaped, exit status 130 / 143 / 124.
+  `--grace_s`), all are reaped, exit status 130 / 143 / 124.
 
 The same class, `LocalCluster`, runs the multi-process tests (`tests/distributed/`).
 """
@@ -106,7 +106,7 @@ class LocalCluster:
         log_dir: also write each task's output to `<log_dir>/<type>-<index>.log`.
         stream: where prefixed lines go: "stdout" (the current `sys.stdout`, the default), a file object, or
             None (kept in `Task.lines` only).
-        grace_seconds: between SIGTERM and SIGKILL when stopping tasks.
+        grace_s: between SIGTERM and SIGKILL when stopping tasks.
         env_per_task: optional `{"worker:1": {VAR: value}}` extra environment of single tasks.
 
     Use as a context manager (every task is stopped and reaped on exit, whatever happened):
@@ -118,12 +118,12 @@ class LocalCluster:
     """
 
     def __init__(self, command, num_workers, num_ps=0, chief=False, env=None, cwd=None, log_dir=None,
-                 stream="stdout", grace_seconds=5.0, env_per_task=None, host="127.0.0.1"):
+                 stream="stdout", grace_s=5.0, env_per_task=None, host="127.0.0.1"):
         self.command = list(command)
         self.spec = cluster_spec(num_workers, num_ps, chief, host)
         self.env = dict(os.environ if env is None else env)
         self.cwd, self.log_dir, self.stream = cwd, log_dir, stream
-        self.grace_seconds = grace_seconds
+        self.grace_s = grace_s
         self.env_per_task = env_per_task or {}
         self.tasks = []
         self._lock = threading.Lock()
@@ -226,7 +226,7 @@ class LocalCluster:
         live = [t for t in self.tasks if t.popen.poll() is None]
         for t in live:
             _signal_group(t.popen.pid, signal.SIGTERM)
-        deadline = time.time() + self.grace_seconds
+        deadline = time.time() + self.grace_s
         for t in live:
             try:
                 t.popen.wait(timeout=max(0.0, deadline - time.time()))
@@ -266,7 +266,7 @@ def main(argv=None):
     parser.add_argument("--chief", action="store_true", help="add a chief task (the PS coordinator)")
     parser.add_argument("--log_dir", default="", help="also write <log_dir>/<type>-<index>.log")
     parser.add_argument("--timeout", type=float, default=0, help="stop everything after this many seconds (0 = none)")
-    parser.add_argument("--grace_seconds", type=float, default=5.0, help="SIGTERM → SIGKILL delay when stopping")
+    parser.add_argument("--grace_s", type=float, default=5.0, help="SIGTERM → SIGKILL delay when stopping")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command every task runs (after --)")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -275,7 +275,7 @@ def main(argv=None):
     if args.ps and not args.chief:
         parser.error("--ps needs --chief: the ParameterServerStrategy coordinator runs in the chief task")
     cluster = LocalCluster(command, args.workers, args.ps, args.chief, log_dir=args.log_dir or None,
-                           grace_seconds=args.grace_seconds)
+                           grace_s=args.grace_s)
     print(f"cluster: {json.dumps(cluster.spec)}", flush=True)
 
     interrupted, received = threading.Event(), []

@@ -437,8 +437,8 @@ def service_commands(cfg, prep, online):
             f"--data_dir={prep['data_dir']}", f"--model_dir={os.path.join(online, 'nearline')}",
             f"--init_model_dir={prep['ctr_model_dir']}", f"--stream={os.path.join(online, 'impressions.log')}",
             f"--index_table={index}", f"--export_base={os.path.join(online, 'models', MODEL_NAME)}",
-            f"--batch_size={cfg.nearline_batch_size}", f"--export_every_seconds={cfg.nearline_export_every_s}",
-            "--max_batch_delay_seconds=1", "--stats_every_seconds=5", "--checkpoint_every=1000000"]),
+            f"--batch_size={cfg.nearline_batch_size}", f"--export_every_s={cfg.nearline_export_every_s}",
+            "--max_batch_delay_s=1", "--stats_every_s=5", "--checkpoint_every=1000000"]),
         ("server", "mm_ads.serving.server", [
             "--flagfile=configs/serving/server.flags",
             f"--model_base_path={os.path.join(online, 'models', MODEL_NAME)}",

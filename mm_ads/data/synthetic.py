@@ -401,7 +401,7 @@ class World:
         if self.config.content:
             self.make_content(progress)
             self.make_search_logs(progress)
-        self.generation_seconds = time.time() - t0
+        self.generation_s = time.time() - t0
         return self
 
     def stats(self):
@@ -426,7 +426,7 @@ class World:
             "mean_history_length": round(float(hist_len.mean()), 2),
             "empty_history_fraction": round(float((hist_len == 0).mean()), 4),
             "click_bias_b0": round(self.bias, 4),
-            "generation_seconds": round(self.generation_seconds, 1),
+            "generation_s": round(self.generation_s, 1),
         }
 
 

@@ -33,7 +33,7 @@ Every run is a normal model dir and a finished one (its `metrics.json` exists) i
 interrupted report continues where it stopped. Output: `report.md`, `results.json` and `fig3.png`,
 `fig6a.png`, `fig6b.png`, `fig6c.png`. The report states sizes, seeds and wall times, and whether each of the
 paper's orderings holds here — a finding either way, not something tuned away. Wall times are this
-invocation's (`results.json`: `wall_seconds` per step and `total`); the finished runs it reused are counted
+invocation's (`results.json`: `wall_s` per step and `total`); the finished runs it reused are counted
 apart (`reused`: how many, and the wall time they took when they ran).
 
 Before any work, the optional dependencies are checked (matplotlib for the plots; keras-hub,
@@ -152,7 +152,7 @@ class PaperRunner:
     def __init__(self, options, output_dir):
         self.o = options.validate()
         self.out = os.path.abspath(output_dir)
-        self.results = {"options": dataclasses.asdict(options), "wall_seconds": {}}
+        self.results = {"options": dataclasses.asdict(options), "wall_s": {}}
         self.world = None
         self.tables = {}
         self.trained = set()  # CTR model dirs trained by this invocation
@@ -163,7 +163,7 @@ class PaperRunner:
     def _timed(self, name, fn):
         start = time.time()
         value = fn()
-        self.results["wall_seconds"][name] = round(time.time() - start, 1)
+        self.results["wall_s"][name] = round(time.time() - start, 1)
         logging.info("paper report: %s done in %.0f s", name, time.time() - start)
         return value
 
@@ -195,7 +195,7 @@ class PaperRunner:
             self.trained.add(model_dir)
             return runs.run(config)
         if model_dir not in self.trained:
-            self.reused[model_dir] = float(done.get("wall_seconds", 0.0))
+            self.reused[model_dir] = run_dir.wall_s(done)
         return done
 
     def vector_table(self, row):
@@ -466,10 +466,10 @@ class PaperRunner:
         self.results["fig6c"] = self._timed("fig6c", lambda: self.run_fig6c(runs)) if self.o.fig6c_epochs else []
         self.results["data"] = self._describe_data()
         self.results["findings"] = findings(self.results)
-        self.results["wall_seconds"]["total"] = round(time.time() - start, 1)
+        self.results["wall_s"]["total"] = round(time.time() - start, 1)
         t2 = self.table2
         self.results["reused"] = {"runs": len(self.reused) + t2.get("reused_runs", 0),
-                                  "wall_seconds": round(sum(self.reused.values()) + t2.get("reused_wall_seconds", 0),
+                                  "wall_s": round(sum(self.reused.values()) + t2.get("reused_wall_s", 0),
                                                         1)}
         self.results["plots"] = {}
         self._write()  # the results are on disk before anything is plotted
@@ -724,7 +724,7 @@ def _popularity_lines(baselines):
 
 
 def to_markdown(results, out_dir):
-    o, d, w = results["options"], results["data"], results["wall_seconds"]
+    o, d, w = results["options"], results["data"], results["wall_s"]
     vectors = (f"the table `{o['vector_table']}`" if o["vector_table"] else
                f"the `{o['encoder_row']}` text encoder of Table 2")
     times = ", ".join(f"{k} {v / 60:.1f}" for k, v in w.items() if k != "total")
@@ -742,7 +742,7 @@ def to_markdown(results, out_dir):
              f"{d['test_impressions']:,} test impressions, {d['text_pairs_train']:,} text pre-training pairs. "
              f"Seeds {list(o['seeds'])} (Table 3; "
              f"the figures use seed {o['seeds'][0]}). Vectors of Table 3: {vectors}. " +
-             table2_lib.wall_time_line(w["total"], reused.get("runs", 0), reused.get("wall_seconds", 0.0)) +
+             table2_lib.wall_time_line(w["total"], reused.get("runs", 0), reused.get("wall_s", 0.0)) +
              f" Steps of this invocation: {times} min.", "",
              "## Findings (does the paper's ordering hold here?)", ""]
     lines += [f"- {f}" for f in results["findings"]] + [""]

@@ -26,9 +26,9 @@ exists) is reused, so re-running the command after an interruption continues whe
 `DIR/table2.md` and `DIR/table2.json` (per benchmark and row: acc@1/5/10 on the test split and, when the
 dataset has a `valid` split of its pairs, the same on it under `valid` — what choices are made on —, queries,
 candidates, model dir and
-`wall_seconds`, the time this invocation spent on the row; a row that reused a finished run also has
-`reused_wall_seconds`, the time that run took when it ran). The totals are labelled the same way:
-`wall_seconds` of this invocation, and `reused_wall_seconds` summed over the finished runs it reused.
+`wall_s`, the time this invocation spent on the row; a row that reused a finished run also has
+`reused_wall_s`, the time that run took when it ran). The totals are labelled the same way:
+`wall_s` of this invocation, and `reused_wall_s` summed over the finished runs it reused.
 
 The command checks the optional dependencies of the chosen rows before any work (MiniLM rows: keras-hub,
 tensorflow-text and the weights package) and exits non-zero with the install command when one is missing.
@@ -205,13 +205,13 @@ def _has_valid_pairs(flagfile, data_dir):
     return VALID_SPLIT in manifest.components.get(component, {})
 
 
-def _row(result, model_dir, seconds, reused_seconds=None, valid=None):
+def _row(result, model_dir, seconds, reused_s=None, valid=None):
     out = {k: result[k] for k in _ACC_KEYS if k in result}
     if valid is not None:
         out["valid"] = {k: valid[k] for k in _ACC_KEYS if k in valid}
-    out.update(wall_seconds=round(seconds, 1), model_dir=model_dir)  # of this invocation
-    if reused_seconds is not None:  # the finished run it reused took this long when it ran
-        out["reused_wall_seconds"] = round(reused_seconds, 1)
+    out.update(wall_s=round(seconds, 1), model_dir=model_dir)  # of this invocation
+    if reused_s is not None:  # the finished run it reused took this long when it ran
+        out["reused_wall_s"] = round(reused_s, 1)
     return out
 
 
@@ -243,7 +243,7 @@ class Table2Runner:
             return runs.run(config)
         if model_dir not in self.trained:  # finished before this invocation
             logging.info("Table 2: reusing %s", model_dir)
-            self.reused[model_dir] = float(done.get("wall_seconds", 0.0))
+            self.reused[model_dir] = run_dir.wall_s(done)
             self._row_reused = self.reused[model_dir]
         return done
 
@@ -394,9 +394,9 @@ class Table2Runner:
             data = self.prepared("image_folder", o.images_path, "clothing")
             self.untrained("clothing", o.clothing_flagfile, data)
             self.scl_rows("clothing", o.clothing_flagfile, data)
-        self.results["wall_seconds"] = round(time.time() - start, 1)
+        self.results["wall_s"] = round(time.time() - start, 1)
         self.results["reused_runs"] = len(self.reused)
-        self.results["reused_wall_seconds"] = round(sum(self.reused.values()), 1)
+        self.results["reused_wall_s"] = round(sum(self.reused.values()), 1)
         self._write()
         rows = [(b, r, v) for b, bench in self.results["benchmarks"].items() for r, v in bench["rows"].items()]
         if not any("skipped" not in v for _, _, v in rows):
@@ -435,9 +435,9 @@ def to_markdown(results):
             if "skipped" in r:
                 lines.append(f"| {ROWS[row]} | skipped: {r['skipped']} | |" + (" | |" if has_valid else "") + " | |")
             else:
-                wall = f"{r['wall_seconds']:.0f}"
-                if "reused_wall_seconds" in r:
-                    wall += f" (reused run: {r['reused_wall_seconds']:.0f})"
+                wall = f"{r['wall_s']:.0f}"
+                if "reused_wall_s" in r:
+                    wall += f" (reused run: {r['reused_wall_s']:.0f})"
                 valid = ""
                 if has_valid:
                     v = r.get("valid") or {}
@@ -445,18 +445,18 @@ def to_markdown(results):
                 lines.append(f"| {ROWS[row]} | {r['acc@1']:.4f} | {r['acc@5']:.4f} |{valid} {r['num_queries']} | "
                              f"{wall} |")
         lines.append("")
-    if "wall_seconds" in results:
-        lines.append(wall_time_line(results["wall_seconds"], results.get("reused_runs", 0),
-                                    results.get("reused_wall_seconds", 0.0)))
+    if "wall_s" in results:
+        lines.append(wall_time_line(results["wall_s"], results.get("reused_runs", 0),
+                                    results.get("reused_wall_s", 0.0)))
     return "\n".join(lines) + "\n"
 
 
-def wall_time_line(seconds, reused_runs, reused_seconds):
+def wall_time_line(seconds, reused_runs, reused_s):
     """'Wall time of this invocation ...', with the finished runs it reused and what they took when they ran."""
     line = f"Wall time of this invocation: {seconds / 60:.1f} min."
     if reused_runs:
         line += (f" It reused {reused_runs} finished run{'s' if reused_runs > 1 else ''}, which took "
-                 f"{reused_seconds / 60:.1f} min when {'they' if reused_runs > 1 else 'it'} ran.")
+                 f"{reused_s / 60:.1f} min when {'they' if reused_runs > 1 else 'it'} ran.")
     return line
 
 

@@ -106,6 +106,12 @@ def check_resume(model_dir, config):
                          f"{new}): use a new --model_dir, or the same flags to resume")
 
 
+def wall_s(metrics):
+    """Seconds the run's last invocation took, from its `metrics.json` (`wall_s`; `wall_seconds` in runs written
+    before durations were named with `_s`)."""
+    return float(metrics.get("wall_s", metrics.get("wall_seconds", 0.0)))
+
+
 def finished_metrics(model_dir):
     """The `metrics.json` of a finished run in `model_dir`, or None."""
     file = path(model_dir, METRICS)

@@ -6,7 +6,7 @@ from absl import logging
 
 
 class Progress:
-    """Counts work done and logs it at most every `every_seconds`, and once more when it ends.
+    """Counts work done and logs it at most every `every_s`, and once more when it ends.
 
     The end is logged by `done()`, or by `add()` when the count reaches `total`. Has the `add(n)` method
     that `DatasetWriter.write_ctr(progress=...)` expects.
@@ -14,14 +14,14 @@ class Progress:
     Args:
         what: name of the step, e.g. "impressions".
         total: expected count (optional).
-        every_seconds: minimum interval between log lines.
+        every_s: minimum interval between log lines.
         enabled: False makes it silent (small runs, tests).
     """
 
-    def __init__(self, what, total=None, every_seconds=5.0, enabled=True):
+    def __init__(self, what, total=None, every_s=5.0, enabled=True):
         self.what = what
         self.total = total
-        self.every_seconds = every_seconds
+        self.every_s = every_s
         self.enabled = enabled
         self.count = 0
         self._start = time.monotonic()
@@ -33,7 +33,7 @@ class Progress:
         now = time.monotonic()
         if self.total and self.count >= self.total:
             self.done()
-        elif now - self._last >= self.every_seconds:
+        elif now - self._last >= self.every_s:
             self._last = now
             self._log(now)
 

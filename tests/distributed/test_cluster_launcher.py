@@ -57,7 +57,7 @@ def test_every_task_gets_its_tf_config_on_distinct_free_ports():
 def test_a_failing_worker_stops_the_cluster_with_its_status():
     env = dict(os.environ, BEHAVIOUR_worker_0="sleep", BEHAVIOUR_worker_1="exit:3")
     start = time.time()
-    with LocalCluster(CMD, num_workers=2, env=env, stream=None, grace_seconds=2) as cluster:
+    with LocalCluster(CMD, num_workers=2, env=env, stream=None, grace_s=2) as cluster:
         status = cluster.wait(timeout=60)
     assert status == 3 and cluster.failed.name == "worker:1"
     assert time.time() - start < 30  # worker 0 was stopped, not waited for
@@ -67,20 +67,20 @@ def test_a_failing_worker_stops_the_cluster_with_its_status():
 def test_parameter_server_cluster_ends_with_the_chief_and_stops_the_servers():
     env = dict(os.environ, BEHAVIOUR_ps_0="sleep", BEHAVIOUR_ps_1="sleep", BEHAVIOUR_worker_0="sleep",
                BEHAVIOUR_worker_1="sleep", DELAY="0.5")
-    with LocalCluster(CMD, num_workers=2, num_ps=2, chief=True, env=env, stream=None, grace_seconds=2) as cluster:
+    with LocalCluster(CMD, num_workers=2, num_ps=2, chief=True, env=env, stream=None, grace_s=2) as cluster:
         assert cluster.wait(timeout=60) == 0
     assert sorted(t.name for t in cluster.tasks) == ["chief:0", "ps:0", "ps:1", "worker:0", "worker:1"]
     assert all(t.popen.returncode is not None for t in cluster.tasks)
     # a server task that ends while the chief runs is a failure
     env = dict(env, BEHAVIOUR_chief_0="sleep", BEHAVIOUR_ps_1="exit:0")
-    with LocalCluster(CMD, num_workers=1, num_ps=2, chief=True, env=env, stream=None, grace_seconds=2) as cluster:
+    with LocalCluster(CMD, num_workers=1, num_ps=2, chief=True, env=env, stream=None, grace_s=2) as cluster:
         assert cluster.wait(timeout=60) == 1
     assert cluster.failed.name == "ps:1"
 
 
 def test_timeout_stops_everything():
     env = dict(os.environ, BEHAVIOUR_worker_0="sleep")
-    with LocalCluster(CMD, num_workers=1, env=env, stream=None, grace_seconds=1) as cluster:
+    with LocalCluster(CMD, num_workers=1, env=env, stream=None, grace_s=1) as cluster:
         with pytest.raises(TimeoutError):
             cluster.wait(timeout=1)
         assert cluster.task("worker", 0).popen.returncode is not None
@@ -90,7 +90,7 @@ def test_cli_streams_prefixed_lines_and_propagates_failure(capsys):
     env_before = os.environ.copy()
     os.environ["BEHAVIOUR_worker_1"] = "exit:5"
     try:
-        status = main(["--workers=2", "--grace_seconds=1", "--", *CMD])
+        status = main(["--workers=2", "--grace_s=1", "--", *CMD])
     finally:
         os.environ.clear()
         os.environ.update(env_before)
@@ -103,7 +103,7 @@ def test_cli_streams_prefixed_lines_and_propagates_failure(capsys):
 def test_cli_ctrl_c_reaps_every_task(tmp_path, repo_root):
     env = dict(os.environ, PYTHONPATH=repo_root, PID_DIR=str(tmp_path), BEHAVIOUR_worker_0="sleep",
                BEHAVIOUR_worker_1="sleep")
-    launcher = subprocess.Popen([sys.executable, "-m", "tools.cluster", "--workers=2", "--grace_seconds=2", "--",
+    launcher = subprocess.Popen([sys.executable, "-m", "tools.cluster", "--workers=2", "--grace_s=2", "--",
                                  *CMD], cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
     try:

@@ -59,8 +59,8 @@ def _event_log(path, world, limit):
 
 def _configs(world, model_dir, stream, index_uri, **overrides):
     values = dict(variant="simtier", data_dir=world, model_dir=model_dir, stream=stream, index_table=index_uri,
-                  batch_size=32, checkpoint_every=1, export_every_events=10**6, export_every_seconds=0,
-                  shuffle_buffer=0, deterministic=True, stop_at_end=True, stats_every_seconds=3600,
+                  batch_size=32, checkpoint_every=1, export_every_events=10**6, export_every_s=0,
+                  shuffle_buffer=0, deterministic=True, stop_at_end=True, stats_every_s=3600,
                   export_at_start=False)
     values.update(overrides)
     return configs_from_flagfile(SMOKE, **values)
@@ -203,7 +203,7 @@ def test_skips_exports_stats_and_the_served_model(world, index_uri, tmp_path):
     assert stats["fingerprint"] == fingerprint_of(trained)
     assert stats["next_offset"] == str(log.end_offset()) and stats["backlog_bytes"] == 0
     assert stats["clicks"] == sum(r["label"] for o, _, r in log.read(0, 1000) if o in trained)
-    assert stats["vector_join"]["missing"] > 0 and stats["lag_seconds"] >= 0
+    assert stats["vector_join"]["missing"] > 0 and stats["lag_s"] >= 0
     # version 1 after 80 events (3 batches of 32: 96), then the rest at the end
     with open(tmp_path / "model" / "nearline_stats.json") as f:
         assert json.load(f)["events"] == 160
@@ -237,12 +237,12 @@ def test_skips_exports_stats_and_the_served_model(world, index_uri, tmp_path):
 
 def test_follows_a_live_stream_in_a_thread(world, index_uri, tmp_path):
     """The library use of the online demo: the trainer follows a stream that a rate-limited replay is writing,
-    trains partial batches after max_batch_delay_seconds, and stops on the event with everything exported."""
+    trains partial batches after max_batch_delay_s, and stops on the event with everything exported."""
     import threading
 
     log = EventLog(str(tmp_path / "events.log"))
     config, nearline = _configs(world, str(tmp_path / "model"), log.path, index_uri, stop_at_end=False,
-                                max_batch_delay_seconds=0.2, poll_interval_seconds=0.05, batch_size=64)
+                                max_batch_delay_s=0.2, poll_interval_s=0.05, batch_size=64)
     trainer = NearlineTrainer(config, nearline)
     stop, result = threading.Event(), {}
     thread = threading.Thread(target=lambda: result.update(trainer.run(stop)))
@@ -346,8 +346,8 @@ def test_kill_9_and_restart_loses_and_double_counts_nothing(world, index_uri, tm
     model_dir = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "mm_ads.serving.nearline", f"--flagfile={SMOKE}", "--variant=simtier",
            f"--data_dir={world}", f"--model_dir={model_dir}", f"--stream={log.path}", f"--index_table={index_uri}",
-           f"--batch_size={batch}", "--checkpoint_every=1", "--export_every_events=100000", "--export_every_seconds=0",
-           "--noexport_at_start", "--max_batch_delay_seconds=3600", "--deterministic"]
+           f"--batch_size={batch}", "--checkpoint_every=1", "--export_every_events=100000", "--export_every_s=0",
+           "--noexport_at_start", "--max_batch_delay_s=3600", "--deterministic"]
     env = dict(os.environ, PYTHONPATH=repo_root)
     proc = subprocess.Popen(cmd + ["--max_events_per_second=250"], cwd=repo_root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -6,7 +6,7 @@ from mm_ads.utils.progress import Progress
 def test_logs_the_end_once_and_respects_enabled(monkeypatch):
     lines = []
     monkeypatch.setattr(logging, "info", lambda fmt, *args: lines.append(fmt % args))
-    bar = Progress("rows", total=10, every_seconds=3600)
+    bar = Progress("rows", total=10, every_s=3600)
     bar.add(4)
     assert lines == []  # within the interval, before the end
     bar.add(6)

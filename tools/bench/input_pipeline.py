@@ -135,12 +135,12 @@ def run_benchmark(data_dir, split, vector_table, batch_size, warmup, timed, repe
     tables = pipeline.vector_table_paths(manifest)
     if vector_table is not None:
         tables = {vector_table: tables.get(vector_table, vector_table)}
-    joins, build_seconds = {}, {}
+    joins, build_s = {}, {}
     for name, path in tables.items():
         table = VectorTable.load(path)
         start = time.perf_counter()
         joins[(name, "float32")] = pipeline.VectorJoin(table, spec)
-        build_seconds[name] = time.perf_counter() - start
+        build_s[name] = time.perf_counter() - start
         if table.dtype == "int8":
             joins[(name, "int8")] = pipeline.VectorJoin(table, spec, vector_dtype="int8")
         del table
@@ -167,7 +167,7 @@ def run_benchmark(data_dir, split, vector_table, batch_size, warmup, timed, repe
         rows.append([
             label,
             "-" if join is None else f"{join.num_rows:,}",
-            "-" if join is None else f"{build_seconds[name]:.1f}",
+            "-" if join is None else f"{build_s[name]:.1f}",
             f"{med:,.0f}",
             f"{best:,.0f}",
             f"{med / base:.2f}",

@@ -114,8 +114,8 @@ def main(argv):
         cfg = config_lib.config_from_flagfile(_FLAGFILE.value, model_dir=os.path.join(work, f"near-{time.time_ns()}"),
                                               **common)
         return NearlineTrainer(cfg, NearlineConfig(stream=log.path, export_at_start=False, prefetch=prefetch,
-                                                   export_every_events=10**9, export_every_seconds=0,
-                                                   max_batch_delay_seconds=3600, stats_every_seconds=3600),
+                                                   export_every_events=10**9, export_every_s=0,
+                                                   max_batch_delay_s=3600, stats_every_s=3600),
                                index_table=index)
 
     nearline, serial = near(True), near(False)

@@ -106,7 +106,7 @@ def _task():
     with tempfile.TemporaryDirectory(prefix="mm_ads-scale-") as model_dir:
         combine = {"auto": None, "yes": True, "no": False}[_COMBINE.value]
         trainer = Trainer(task, config, global_batch, model_dir, strategy, combine_sparse_gradients=combine)
-        build_seconds = time.time() - t0
+        build_s = time.time() - t0
         step_fn = trainer._make_train_step()
         times = []
         if distribute.is_parameter_server(strategy):
@@ -132,7 +132,7 @@ def _task():
             times.append((time.perf_counter() - start) / _STEPS.value)
     result = {"strategy": _STRATEGY.value, "rows": _TASK_ROWS.value, "per_replica": _PER_REPLICA.value,
               "global_batch": global_batch, "replicas": strategy.num_replicas_in_sync, "workers": workers,
-              "shards": shards, "combined": trainer.combine_sparse_gradients, "build_seconds": round(build_seconds, 1),
+              "shards": shards, "combined": trainer.combine_sparse_gradients, "build_s": round(build_s, 1),
               "ms_per_step": [round(t * 1000, 2) for t in times],
               "examples_per_second": [round(global_batch / t) for t in times]}
     if distribute.is_chief(strategy):

@@ -474,7 +474,7 @@ def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_po
         counter = ItemCounter()
         dropped = 0
         k = int(negatives_per_positive)
-        pos_progress = Progress("movielens positives processed", num_pos, every_seconds=30.0)
+        pos_progress = Progress("movielens positives processed", num_pos, every_s=30.0)
         split_users = {}
         for code, split_name in enumerate(SPLIT_NAMES):
             if split_name not in splits:

@@ -11,10 +11,10 @@ world the events come from), and every batch goes through `Trainer.train_batch`,
 ```
 stream (EventLog file | redis://...?stream=) ─► read from the committed offset ─► ImpressionSchema.parse
     (bad record: counted skip naming offset and field, or --on_bad_record=fail) ─► batch of --batch_size
-    events (a partial batch after --max_batch_delay_seconds, or at the end with --stop_at_end)
+    events (a partial batch after --max_batch_delay_s, or at the end with --stop_at_end)
     ─► IndexTableJoin (target + history vectors, one get_many per batch; missing → zero vector, flag 1)
     ─► Trainer.train_batch ─► commit the batch's offsets ─► checkpoint every --checkpoint_every steps
-    ─► export every --export_every_events events or --export_every_seconds seconds
+    ─► export every --export_every_events events or --export_every_s seconds
 ```
 
 The event schema is documented in `mm_ads.serving.nearline.impressions`.
@@ -32,9 +32,9 @@ their step, event count and offset). Batches are `batch_size` consecutive events
 so with `--deterministic` and a stream written before the run, a killed-and-resumed run trains exactly the
 batches of an uninterrupted one (the test compares the weights).
 
-Reports: a log line every `--stats_every_seconds` and the JSON file `<model_dir>/nearline_stats.json`:
-events/s over the period, the stream lag (`lag_seconds`: training time − `ts` of the newest event of the last
-batch; `lag_max_seconds`: the largest over the period, oldest event of a batch), exported versions, skips by
+Reports: a log line every `--stats_every_s` and the JSON file `<model_dir>/nearline_stats.json`:
+events/s over the period, the stream lag (`lag_s`: training time − `ts` of the newest event of the last
+batch; `lag_max_s`: the largest over the period, oldest event of a batch), exported versions, skips by
 field, ignored records, vector misses, the committed offset and the backlog (bytes of an event log).
 
 Library use (e.g. from a thread of the online demo):
@@ -90,17 +90,17 @@ class NearlineConfig:
         export_at_start: export the starting model when `export_base` has no version yet (the server has a
             model to load from the start).
         export_every_events: export after this many trained events since the last export.
-        export_every_seconds: export when this much time passed since the last export and something was
+        export_every_s: export when this much time passed since the last export and something was
             trained since (0 = only by events).
-        max_batch_delay_seconds: a partial batch is trained once its first event waited this long.
-        poll_interval_seconds: longest wait for new events before checking timers and the stop event.
+        max_batch_delay_s: a partial batch is trained once its first event waited this long.
+        poll_interval_s: longest wait for new events before checking timers and the stop event.
         max_events_per_second: cap on the training rate (0 = none), to leave CPU to a co-located server.
         prefetch: read, validate and join the next batch in a background thread while the current one trains
             (the batches and their order are the same; batches prepared but not trained are never committed).
         on_bad_record: "skip" (count it and log offset + field) or "fail" (raise; the offset is not committed).
         stop_at_end: train the stream to its current end (including the last partial batch), then checkpoint,
             export and exit (replays, backfills, tests); off = follow the stream until stopped.
-        stats_every_seconds: period of the log line and of `<model_dir>/nearline_stats.json`.
+        stats_every_s: period of the log line and of `<model_dir>/nearline_stats.json`.
         expected_encoder_version: refuse an index table whose vectors come from another encoder ("" = any).
     """
 
@@ -111,14 +111,14 @@ class NearlineConfig:
     export_base: str = ""
     export_at_start: bool = True
     export_every_events: int = 20_000
-    export_every_seconds: float = 30.0
-    max_batch_delay_seconds: float = 2.0
-    poll_interval_seconds: float = 0.1
+    export_every_s: float = 30.0
+    max_batch_delay_s: float = 2.0
+    poll_interval_s: float = 0.1
     max_events_per_second: float = 0.0
     prefetch: bool = True
     on_bad_record: str = "skip"
     stop_at_end: bool = False
-    stats_every_seconds: float = 10.0
+    stats_every_s: float = 10.0
     expected_encoder_version: str = ""
 
     def validate(self):
@@ -126,10 +126,10 @@ class NearlineConfig:
             raise ValueError("nearline.stream is required (--stream=EVENT_LOG or redis://...?stream=NAME)")
         if self.export_every_events < 1:
             raise ValueError(f"--export_every_events must be >= 1, got {self.export_every_events}")
-        for name in ("export_every_seconds", "max_batch_delay_seconds", "max_events_per_second"):
+        for name in ("export_every_s", "max_batch_delay_s", "max_events_per_second"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("poll_interval_seconds", "stats_every_seconds"):
+        for name in ("poll_interval_s", "stats_every_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.on_bad_record not in BAD_RECORD_POLICIES:
@@ -428,7 +428,7 @@ class NearlineTrainer:
         """Trains at most one batch; returns the number of events trained (0: no batch ready yet).
 
         Waits up to `timeout` seconds for a batch to fill. A partial batch is trained when its first event has
-        waited `max_batch_delay_seconds`, or when the stream is drained with `stop_at_end`. With `prefetch`,
+        waited `max_batch_delay_s`, or when the stream is drained with `stop_at_end`. With `prefetch`,
         the batches are read, validated and joined one ahead in a background thread.
         """
         prepared = self._prefetched(timeout) if self.nearline.prefetch else self._prepare(timeout)
@@ -454,16 +454,16 @@ class NearlineTrainer:
                 continue
             now = time.monotonic()
             if self._pending and (self.nearline.stop_at_end
-                                  or now - self._pending_since >= self.nearline.max_batch_delay_seconds):
+                                  or now - self._pending_since >= self.nearline.max_batch_delay_s):
                 return self._take_pending()
             if not self._pending and self.nearline.stop_at_end:
                 return _CAUGHT_UP
             left = deadline - now
             if left <= 0:
                 return None
-            wait = min(left, self.nearline.poll_interval_seconds)
+            wait = min(left, self.nearline.poll_interval_s)
             if self._pending:
-                wait = min(wait, max(0.0, self._pending_since + self.nearline.max_batch_delay_seconds - now))
+                wait = min(wait, max(0.0, self._pending_since + self.nearline.max_batch_delay_s - now))
             self._wait(wait)
 
     def _take_pending(self):
@@ -512,7 +512,7 @@ class NearlineTrainer:
         def put(item):
             while not stop.is_set():
                 try:
-                    out.put(item, timeout=self.nearline.poll_interval_seconds)
+                    out.put(item, timeout=self.nearline.poll_interval_s)
                     return True
                 except queue.Full:
                     continue
@@ -520,7 +520,7 @@ class NearlineTrainer:
 
         try:
             while not stop.is_set():
-                prepared = self._prepare(self.nearline.poll_interval_seconds)
+                prepared = self._prepare(self.nearline.poll_interval_s)
                 if prepared is not None and (not put(prepared) or prepared is _CAUGHT_UP):
                     return  # stopped, or drained: a later step_once starts a new producer
         except BaseException as e:  # handed to the training thread, which raises it
@@ -651,7 +651,7 @@ class NearlineTrainer:
         if not self._unexported:
             return None
         due = self._unexported >= nl.export_every_events or (
-            nl.export_every_seconds > 0 and time.monotonic() - self._last_export >= nl.export_every_seconds)
+            nl.export_every_s > 0 and time.monotonic() - self._last_export >= nl.export_every_s)
         return self.export() if due else None
 
     def run(self, stop_event=None):
@@ -666,7 +666,7 @@ class NearlineTrainer:
             self.export()
         try:
             while not (stop_event is not None and stop_event.is_set()):
-                self.step_once(timeout=self.nearline.poll_interval_seconds)
+                self.step_once(timeout=self.nearline.poll_interval_s)
                 if self._caught_up and self.nearline.stop_at_end:
                     break
                 self._maybe_export()
@@ -690,7 +690,7 @@ class NearlineTrainer:
         """The current figures (also written to `<model_dir>/nearline_stats.json`)."""
         now = time.monotonic()
         window = max(now - self._window_start, 1e-9)
-        run_seconds = max(now - self._run_start, 1e-9)
+        run_s = max(now - self._run_start, 1e-9)
         try:
             end = self.stream.end_offset()
         except Exception:  # noqa: BLE001 - a report must not stop training
@@ -701,10 +701,10 @@ class NearlineTrainer:
             "step": int(self.trainer.step.numpy()),
             "events_per_second": round(self._window_events / window, 1),
             "loss": round(self._window_loss / self._window_steps, 5) if self._window_steps else None,
-            "lag_seconds": None if self._lag is None else round(self._lag, 4),
-            "lag_max_seconds": None if self._lag_max is None else round(self._lag_max, 4),
-            "run": {"events": self._run_events, "seconds": round(run_seconds, 2),
-                    "events_per_second": round(self._run_events / run_seconds, 1),
+            "lag_s": None if self._lag is None else round(self._lag, 4),
+            "lag_max_s": None if self._lag_max is None else round(self._lag_max, 4),
+            "run": {"events": self._run_events, "seconds": round(run_s, 2),
+                    "events_per_second": round(self._run_events / run_s, 1),
                     "skipped_by_field": dict(self._skipped_by_field), "started_from": str(self.started_from)},
             "exported_versions": list(self._exported_this_run),
             "latest_version": self.exports[-1]["version"] if self.exports else None,
@@ -720,12 +720,12 @@ class NearlineTrainer:
 
     def _maybe_report(self, force=False):
         now = time.monotonic()
-        if not force and now - self._last_report < self.nearline.stats_every_seconds:
+        if not force and now - self._last_report < self.nearline.stats_every_s:
             return None
         stats = self.stats()
         io_utils.write_json(os.path.join(self.model_dir, STATS_FILE), stats)
         miss = stats["vector_join"]["miss_rate"] if stats["vector_join"] else 0.0
-        lag = f"lag {stats['lag_seconds']} s (max {stats['lag_max_seconds']} s)" if self._window_events else "idle"
+        lag = f"lag {stats['lag_s']} s (max {stats['lag_max_s']} s)" if self._window_events else "idle"
         logging.info(
             "nearline: %d events (+%d, %.1f events/s), %s, step %d, loss %s, %d versions exported (latest %s), "
             "%d skipped, vector miss %.2f%%, offset %s",
