@@ -6,6 +6,7 @@ import numpy as np
 from keras import ops
 
 from mm_ads.layers.mlp import MLP, check_activation
+from mm_ads.layers.trainable import set_sublayers_trainable
 
 NORMALIZATIONS = ("softmax", "none")
 
@@ -38,6 +39,8 @@ class DINAttention(keras.layers.Layer):
     kernel, so that the query's part is computed once per example (once for all candidates with a shared
     sequence) instead of once per position; the rest of the MLP runs through `MLP.call_from_pre_activation`.
     The result is that of the MLP on the concatenated input.
+
+    `trainable=False`, given to the constructor or set before or after build, freezes every variable.
 
     Args:
         hidden_units: sequence of ints, hidden widths of the attention MLP (DIN: 80, 40).
@@ -113,6 +116,25 @@ class DINAttention(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        # Created here, so that a `trainable` set on this layer at any time reaches it (Keras passes `trainable` on
+        # only to sublayers that exist when it is set; the MLP then passes it on to the sublayers it creates in its
+        # build). Its constructor creates no variable and draws no seed (its initializers are the instances above),
+        # so creating it here leaves the variables' paths and initial values as they were when it was created in
+        # build.
+        self.attention_mlp = MLP(
+            hidden_units=self.hidden_units,
+            activation=self.activation,
+            dropout=self.dropout,
+            output_units=1,
+            # softmax over positions is shift-invariant: a bias on the score would never get a gradient
+            output_use_bias=self.normalization != "softmax",
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            kernel_regularizer=self.kernel_regularizer,
+            dtype=self.dtype_policy,
+            name="attention_mlp",
+        )
+        set_sublayers_trainable(self, [self.attention_mlp])
 
     def build(self, query_shape, keys_shape, value_shape=None, side_features_shape=None):
         if len(query_shape) != 2 or len(keys_shape) != 3:
@@ -137,19 +159,6 @@ class DINAttention(keras.layers.Layer):
                 raise ValueError(
                     f"`side_features` must be [B, S] or [B, S, F]. Received: side_features_shape={side_features_shape}"
                 )
-        self.attention_mlp = MLP(
-            hidden_units=self.hidden_units,
-            activation=self.activation,
-            dropout=self.dropout,
-            output_units=1,
-            # softmax over positions is shift-invariant: a bias on the score would never get a gradient
-            output_use_bias=self.normalization != "softmax",
-            kernel_initializer=self.kernel_initializer,
-            bias_initializer=self.bias_initializer,
-            kernel_regularizer=self.kernel_regularizer,
-            dtype=self.dtype_policy,
-            name="attention_mlp",
-        )
         self.attention_mlp.build((keys_shape[0], keys_shape[1], 4 * keys_shape[-1] + side_width))
 
     def call(

@@ -6,6 +6,7 @@ from keras import ops
 from mm_ads.layers.din_attention import NORMALIZATIONS, DINAttention
 from mm_ads.layers.mlp import MLP, check_activation
 from mm_ads.layers.sim_score import to_float32_vectors
+from mm_ads.layers.trainable import set_sublayers_trainable
 
 
 @keras.saving.register_keras_serializable(package="mm_ads")
@@ -116,6 +117,10 @@ class MAKE(keras.layers.Layer):
                 f"target_shape={target_shape}, history_shape={history_shape}"
             )
         dim = target_shape[-1]
+        # The sublayers are created here, not in __init__ (unlike DINAttention's attention MLP): the MLP's
+        # constructor draws an initializer seed from Keras's global RNG, and drawing it before the attention MLP's
+        # Dense layers draw theirs (in its build) would change the initial weights of existing models. They get
+        # this layer's `trainable` at the end; MLP and DINAttention pass it on to their own sublayers.
         self.attention = DINAttention(
             hidden_units=self.attention_units,
             activation=self.activation,
@@ -134,15 +139,7 @@ class MAKE(keras.layers.Layer):
             name="mlp",
         )
         self.mlp.build((target_shape[0], 2 * dim + 1))
-        if not self.trainable:
-            # A frozen MAKE freezes its sublayers here, once they and theirs exist. Keras 3 passes `trainable` on
-            # only to the sublayers that exist when it is set: never a `trainable=False` given to a constructor
-            # (it is set before any sublayer exists), and MLP and DINAttention create their own sublayers
-            # (Dense, PReLU, Dice) in their build(). Hence the sublayers are created here, not in __init__: one
-            # created there could be frozen too early, and freezing it again now would do nothing (with
-            # TensorFlow, Keras skips assigning `trainable` its current value), leaving its sublayers trainable.
-            for layer in (self.attention, self.mlp):
-                layer.trainable = False
+        set_sublayers_trainable(self, [self.attention, self.mlp])
 
     def call(self, target, history, mask=None, target_missing=None, training=None):
         if not self.trainable:

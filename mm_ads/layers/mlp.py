@@ -3,6 +3,7 @@
 import keras
 
 from mm_ads.layers.dice import Dice
+from mm_ads.layers.trainable import set_sublayers_trainable
 
 NORMALIZATIONS = (None, "batch", "layer")
 # Activations that are layers with weights, not functions.
@@ -38,6 +39,8 @@ class MLP(keras.layers.Layer):
     The output layer (the logit) computes in float32 under a mixed-precision policy. Layers with batch
     statistics (Dice, BatchNormalization) take `mask`, so padded positions of a `[B, S, H]` input never
     enter the statistics and padding does not change the output, in training as in inference.
+
+    `trainable=False`, given to the constructor or set before or after build, freezes every sublayer and variable.
 
     Args:
         hidden_units: sequence of positive ints, widths of the hidden layers (may be empty when
@@ -158,6 +161,11 @@ class MLP(keras.layers.Layer):
         return keras.layers.Activation(self.activation, dtype=self.dtype_policy, name=name)
 
     def build(self, input_shape):
+        # The sublayers are created here, not in __init__: a PReLU's slope shape depends on the input's rank, a
+        # Dropout's seed-generator state takes its path (a checkpoint key) from the scope it is created in, and
+        # every initializer and seed generator draws its seed from Keras's global RNG when it is created, so
+        # creating them in __init__ would change the variable paths or initial values of existing models. They
+        # get this layer's `trainable` at the end (Keras passes it on only to sublayers that exist when it is set).
         input_shape = tuple(input_shape)
         rank = len(input_shape)
         self.dense_layers, self.norm_layers, self.activation_layers, self.dropout_layers = [], [], [], []
@@ -192,6 +200,10 @@ class MLP(keras.layers.Layer):
                 self.output_units, "output", _float32_policy_if_mixed(self.dtype_policy), self.output_use_bias
             )
             self.output_layer.build(shape)
+        set_sublayers_trainable(
+            self, [*self.dense_layers, *self.norm_layers, *self.activation_layers, *self.dropout_layers,
+                   self.output_layer]
+        )
 
     def call(self, inputs, training=None, mask=None):
         if not self.dense_layers:  # no hidden layer: only the output layer

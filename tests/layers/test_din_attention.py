@@ -195,3 +195,23 @@ def test_config_lists_every_argument():
         assert getattr(restored, name) == getattr(layer, name)
     assert isinstance(restored.kernel_initializer, keras.initializers.Ones)
     assert isinstance(restored.kernel_regularizer, keras.regularizers.L2)
+
+
+@pytest.mark.parametrize("freeze", ["constructor", "before_build", "after_build"])
+@pytest.mark.parametrize("activation", ["dice", "prelu"])
+def test_frozen_layer_has_no_trainable_variable(freeze, activation):
+    # Keras passes `trainable` on only to sublayers that exist when it is set; the attention MLP exists from the
+    # constructor on, and creates its own sublayers in its build(): no variable may stay trainable.
+    data = inputs()
+    layer = DINAttention(hidden_units=(6, 3), activation=activation, trainable=freeze != "constructor")
+    if freeze == "before_build":
+        layer.trainable = False
+    layer(data["query"], data["keys"], mask=data["mask"])
+    if freeze == "after_build":
+        layer.trainable = False
+    assert layer.weights and [v.path for v in layer.variables if v.trainable] == []
+    query, keys = keras.Input((E,)), keras.Input((S, E))
+    model = keras.Model([query, keys], keras.layers.Dense(1)(layer(query, keys)))
+    assert len(model.trainable_variables) == 2  # the Dense head's kernel and bias only
+    layer.trainable = True
+    assert len(layer.trainable_weights) == 2 * 2 + 2 + 1  # dense_i, activation_i, the output's kernel

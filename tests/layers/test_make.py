@@ -121,8 +121,8 @@ def test_frozen_layer_has_no_trainable_weights_and_runs_in_inference_mode():
 
 @pytest.mark.parametrize("freeze", ["constructor", "before_build", "after_build"])
 def test_frozen_layer_freezes_every_variable_however_it_is_frozen(freeze):
-    # Keras passes `trainable` on only to sublayers that exist when it is set, and MLP and DINAttention create
-    # theirs in build(): every variable must end up non-trainable, or the model around MAKE would train it.
+    # Keras passes `trainable` on only to sublayers that exist when it is set, and MAKE and MLP create theirs
+    # in build(): every variable must end up non-trainable, or the model around MAKE would train it.
     target, history, mask = random_inputs()
     layer = MAKE(**SMALL, trainable=freeze != "constructor")
     if freeze == "before_build":

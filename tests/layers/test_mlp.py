@@ -162,3 +162,23 @@ def test_call_from_pre_activation_needs_a_hidden_layer():
     mlp.build((2, 3))
     with pytest.raises(ValueError, match="at least one hidden layer"):
         mlp.call_from_pre_activation(keras.ops.ones((2, 3)))
+
+
+@pytest.mark.parametrize("freeze", ["constructor", "before_build", "after_build"])
+@pytest.mark.parametrize("activation,normalization", [("prelu", "batch"), ("dice", "layer")])
+def test_frozen_mlp_has_no_trainable_variable(freeze, activation, normalization):
+    # MLP creates its sublayers in build(); Keras passes `trainable` on only to sublayers that exist when it is
+    # set, so a frozen MLP freezes them itself: no variable may stay trainable for a model around it to train.
+    x = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(np.float32)
+    mlp = MLP((6, 4), activation=activation, normalization=normalization, dropout=0.2, output_units=1,
+              trainable=freeze != "constructor")
+    if freeze == "before_build":
+        mlp.trainable = False
+    mlp(x)
+    if freeze == "after_build":
+        mlp.trainable = False
+    assert mlp.weights and [v.path for v in mlp.variables if v.trainable] == []
+    model = keras.Sequential([keras.Input((3, 5)), mlp, keras.layers.Dense(1)])
+    assert len(model.trainable_variables) == 2  # the Dense head's kernel and bias only
+    mlp.trainable = True
+    assert len(mlp.trainable_weights) == 2 * 2 + 2 + 2 * 2 + 2  # dense_i, activation_i, norm_i, output
