@@ -112,7 +112,7 @@ def test_the_rule_is_acyclic():
 
 
 def test_durations_are_named_with_s_or_ms():
-    """docs/architecture.md, Conventions: `_s` / `_ms`, never a spelled-out unit, in the package, its tests and tools."""
+    """docs/architecture.md, Conventions: `_s` / `_ms`, never a spelled-out unit (package, tests, tools)."""
     import re
 
     spelled = re.compile(r"\b\w+_(seconds|secs|sec|millis|msec|milliseconds|minutes|mins)\b")
