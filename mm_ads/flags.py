@@ -11,7 +11,7 @@ import dataclasses
 from absl import flags
 
 from mm_ads import config as config_lib
-from mm_ads.options import define_flag
+from mm_ads.options import define_flag, field_help
 
 TASK = flags.DEFINE_enum("task", "ctr", list(config_lib.TASKS),
                          "Which task to train: ctr, scl or clip (item image <-> title alignment, CLIP-E).")
@@ -22,10 +22,12 @@ _HOLDERS = {}
 
 
 for _section, _kind in _SECTIONS:
-    _defaults = _kind()
+    _defaults, _helps = _kind(), field_help(_kind)
     for _field in dataclasses.fields(_kind):
+        _help = _helps.get(_field.name)
         _HOLDERS[(_section, _field.name)] = define_flag(
-            _field.name, getattr(_defaults, _field.name), f"{_section}.{_field.name} (see mm_ads.config).",
+            _field.name, getattr(_defaults, _field.name),
+            f"{_help} ({_section}.{_field.name})" if _help else f"{_section}.{_field.name} (see mm_ads.config).",
             float_sequence=_field.name in config_lib.FLOAT_SEQUENCES)
 
 

@@ -5,14 +5,56 @@
   flags with it).
 * `options_from_values` / `define_flags` / `options_from_flags`: a whole options dataclass with `validate()`
   and `from_values()` (the reports', the encoder service's, the near-line trainer's and the prediction
-  server's options) from `{name: value}` or from the command line. A field's `metadata={"help": ...}` is its
-  flag's help text (otherwise the help names the dataclass).
+  server's options) from `{name: value}` or from the command line.
+* `field_help`: each field's help text: its `metadata={"help": ...}`, else its entry in the dataclass
+  docstring's `Args:` / `Attributes:` section — the flag's `--help` is what the docstring says.
 
 `mm_ads.config.config_from_values` builds the training config with `convert_value`; `mm_ads.config.read_flagfile`
 reads flagfiles.
 """
 
 import dataclasses
+import inspect
+import re
+
+_SECTIONS = ("Args:", "Attributes:")
+_ENTRY = re.compile(r"^(\w+(?: / \w+)*)(?: \([^)]*\))?: ?(.*)$")  # "name: text", "a / b: text"
+
+
+def field_help(cls):
+    """`{field: help text}` of a dataclass: a field's `metadata["help"]`, else its entry in the class docstring's
+    Google-style `Args:` or `Attributes:` section (`name: text`, or `a / b: text` for fields described
+    together; continuation lines indented deeper, joined with spaces). Fields described nowhere are absent."""
+    out = {}
+    lines = (inspect.getdoc(cls) or "").splitlines()
+    section, entry_indent, name = False, None, None
+    for line in lines:
+        stripped, indent = line.strip(), len(line) - len(line.lstrip())
+        if stripped in _SECTIONS and indent == 0:
+            section, entry_indent, name = True, None, None
+            continue
+        if not section:
+            continue
+        if not stripped:
+            name = None
+            continue
+        if indent == 0:  # the section ended
+            section, name = False, None
+            continue
+        if entry_indent is None:
+            entry_indent = indent
+        match = _ENTRY.match(stripped) if indent == entry_indent else None
+        if match:
+            name = tuple(match.group(1).split(" / "))
+            for n in name:
+                out[n] = match.group(2)
+        elif name is not None and indent > entry_indent:
+            for n in name:
+                out[n] = f"{out[n]} {stripped}".strip()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {k: v for k, v in out.items() if k in fields}
+    out.update({k: f.metadata["help"] for k, f in fields.items() if f.metadata.get("help")})
+    return out
 
 
 def convert_value(name, default, value, float_sequences=()):
@@ -87,13 +129,14 @@ def options_from_values(cls, values, what):
 
 
 def define_flags(cls, what, output_help=None):
-    """absl flags for every field of `cls` (`define_flag`; the help is the field's `metadata["help"]` when it has
-    one), plus a required `--output_dir` when `output_help` is given (entry points only)."""
+    """absl flags for every field of `cls` (`define_flag`; the help is `field_help`'s, else names the dataclass),
+    plus a required `--output_dir` when `output_help` is given (entry points only)."""
     from absl import flags
 
     defaults = cls()
+    helps = field_help(cls)
     for f in dataclasses.fields(cls):
-        help_text = f.metadata.get("help") or f"{what} option {f.name} (see {cls.__module__}.{cls.__name__})."
+        help_text = helps.get(f.name) or f"{what} option {f.name} (see {cls.__module__}.{cls.__name__})."
         define_flag(f.name, getattr(defaults, f.name), help_text)
     if output_help:
         flags.DEFINE_string("output_dir", None, output_help, required=True)

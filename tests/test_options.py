@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from mm_ads import options
 from mm_ads.options import convert_value, options_from_values
 
 
@@ -45,3 +46,46 @@ def test_options_from_values_reads_lists_and_names_unknown_options():
         options_from_values(_Options, {"seeds": "a"}, "test")
     with pytest.raises(ValueError, match="steps must be >= 0"):
         options_from_values(_Options, {"steps": "-1"}, "test")
+
+
+@dataclasses.dataclass
+class _Documented:
+    """Options for a test.
+
+    Some prose that is not a section.
+
+    Args:
+        alpha: the first
+            option, over two lines.
+        beta / gamma: described together.
+        delta (int): with a type.
+        not_a_field: ignored.
+
+    Returns:
+        omega: not an option.
+    """
+
+    alpha: int = 1
+    beta: float = 0.5
+    gamma: float = 0.5
+    delta: int = 0
+    epsilon: str = dataclasses.field(default="", metadata={"help": "from the metadata."})
+    zeta: str = ""
+
+
+def test_field_help_reads_the_docstring_and_the_metadata():
+    assert options.field_help(_Documented) == {
+        "alpha": "the first option, over two lines.",
+        "beta": "described together.",
+        "gamma": "described together.",
+        "delta": "with a type.",
+        "epsilon": "from the metadata.",
+    }
+
+
+def test_every_training_flag_has_its_docstring_help():
+    from mm_ads import config as config_lib
+
+    for _, kind in config_lib.SECTION_KINDS:
+        helps = options.field_help(kind)
+        assert [f.name for f in dataclasses.fields(kind) if not helps.get(f.name)] == [], kind.__name__
