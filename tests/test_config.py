@@ -64,5 +64,5 @@ def test_every_world_flagfile_parses(repo_root):
         if "--format=" in open(path).read():  # a real dataset's prepare flags (mm_ads.data.prepare), not a world
             continue
         assert synthetic.world_config_from_flagfile(path).num_items >= 1
-    with pytest.raises(ValueError, match="unknown world options"):
+    with pytest.raises(ValueError, match="Unknown world options"):
         synthetic.world_config_from_flagfile(os.path.join(repo_root, "configs", "data", "smoke.flags"), bogus="1")

@@ -101,6 +101,13 @@ class WorldConfig:
     content: bool = True
     num_shards: int = 2
 
+    @classmethod
+    def from_values(cls, values):
+        """A validated `WorldConfig` from `{field: value}` (flagfile strings or typed); unknown names: ValueError."""
+        from mm_ads.options import options_from_values
+
+        return options_from_values(cls, values, "world")
+
     def validate(self):
         positive = ("num_items", "num_users", "num_categories", "brands_per_category", "seq_len",
                     "num_impressions", "train_days", "test_days", "candidates_per_draw", "image_size",
@@ -506,17 +513,14 @@ def write_world(world, output_dir, overwrite=False, progress=True, provenance=No
 def world_config_from_flagfile(path, **overrides):
     """A validated `WorldConfig` from a `configs/data/*.flags` profile (plus overrides), without absl."""
     from mm_ads.config import read_flagfile
-    from mm_ads.options import convert_value
 
     values = {**read_flagfile(path), **overrides}
     values.pop("output_dir", None)
     values.pop("overwrite", None)
-    defaults = WorldConfig()
-    names = {f.name for f in dataclasses.fields(WorldConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{path}: unknown world options {unknown}")
-    return WorldConfig(**{k: convert_value(k, getattr(defaults, k), v) for k, v in values.items()}).validate()
+    try:
+        return WorldConfig.from_values(values)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def generate(config, output_dir, overwrite=False, progress=True, provenance=None):
@@ -535,27 +539,14 @@ def generate(config, output_dir, overwrite=False, progress=True, provenance=None
 
 
 def _define_flags():
+    """`--output_dir`, `--overwrite` and one flag per `WorldConfig` field (`mm_ads.options.define_flags`)."""
     from absl import flags
 
-    defaults = WorldConfig()
-    holders = {
-        "output_dir": flags.DEFINE_string("output_dir", None, "Directory to write the dataset to (atomically)."),
-        "overwrite": flags.DEFINE_bool("overwrite", False, "Replace an existing output directory."),
-        "content": flags.DEFINE_bool("content", True, "Render images/titles and search logs (off: ids only)."),
-    }
-    for field in dataclasses.fields(WorldConfig):
-        if field.type is int:
-            holders[field.name] = flags.DEFINE_integer(field.name, getattr(defaults, field.name),
-                                                       f"WorldConfig.{field.name}.")
-        elif field.type is float:
-            holders[field.name] = flags.DEFINE_float(field.name, getattr(defaults, field.name),
-                                                     f"WorldConfig.{field.name}.")
-    return holders
+    from mm_ads.options import define_flags
 
-
-def config_from_flags(holders):
-    values = {name: h.value for name, h in holders.items() if name not in ("output_dir", "overwrite")}
-    return WorldConfig(**values).validate()
+    define_flags(WorldConfig, "Synthetic world")
+    return {"output_dir": flags.DEFINE_string("output_dir", None, "Directory to write the dataset to (atomically)."),
+            "overwrite": flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")}
 
 
 def main(argv, holders):
@@ -564,7 +555,9 @@ def main(argv, holders):
     output_dir = holders["output_dir"].value
     if not output_dir:
         raise app.UsageError("--output_dir is required")
-    config = config_from_flags(holders)
+    from mm_ads.options import options_from_flags
+
+    config = options_from_flags(WorldConfig)
     manifest = generate(config, output_dir, overwrite=holders["overwrite"].value,
                         provenance={"command": " ".join(sys.argv), "generator": "mm_ads.data.synthetic"})
     print(manifest.summary())
