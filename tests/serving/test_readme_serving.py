@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from tests.serving import nearline_world as nw
+from tests.serving.nearline import nearline_world as nw
 from tests.test_readme_commands import commands as readme_commands
 
 SECTION = "## Online serving: the prediction server"

@@ -12,7 +12,7 @@ from mm_ads.serving.index.index_table import (
     load_vector_table_into,
     open_index_table,
 )
-from tests.serving.crash_writer import batch_vectors, run_and_kill
+from tests.serving.index.crash_writer import batch_vectors, run_and_kill
 
 
 def _unit(n, d, seed=0):

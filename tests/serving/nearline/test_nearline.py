@@ -26,7 +26,7 @@ from mm_ads.serving.nearline.trainer import (
     fingerprint_of,
     read_checkpoint_state,
 )
-from tests.serving.nearline_world import DIM, make_index_table, make_world
+from tests.serving.nearline.nearline_world import DIM, make_index_table, make_world
 
 SMOKE = "configs/ctr/smoke.flags"
 DROPPED = tuple(range(1, 15))  # items without a vector in the index table

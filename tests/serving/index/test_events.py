@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from mm_ads.serving.index.events import EventLog, EventLogError, EventTail, RedisStream, open_stream
-from tests.serving.crash_writer import run_and_kill
+from tests.serving.index.crash_writer import run_and_kill
 
 
 def _records(n, start=0):

@@ -13,7 +13,7 @@ from mm_ads.data.spec import FeatureSpec
 from mm_ads.export.saved_model import VECTORS_ASSET, read_vector_record
 from mm_ads.serving.server.model_manager import ModelManager, dir_fingerprint
 from mm_ads.serving.server.prediction_server import PredictionServer, ServerConfig
-from tests.serving import server_helpers as h
+from tests.serving.server import server_helpers as h
 
 ENCODER = "enc-test"  # the encoder version of `tiny_server_world`'s index table
 

@@ -19,7 +19,7 @@ from tensorflow_serving.apis import (
 
 from mm_ads.serving.index.index_table import open_index_table
 from mm_ads.serving.server.prediction_server import PredictionServer, ServerConfig
-from tests.serving import server_helpers as h
+from tests.serving.server import server_helpers as h
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from mm_ads.serving.server.model_manager import ModelManager, incomplete_reason, version_dirs
 from mm_ads.serving.server.prediction_server import PredictionServer, ServerConfig
-from tests.serving import server_helpers as h
+from tests.serving.server import server_helpers as h
 
 
 @pytest.fixture(scope="module")

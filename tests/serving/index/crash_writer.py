@@ -26,7 +26,7 @@ def run_and_kill(*args, min_acked, delay_s):
     """Starts this script with `args`, waits for batch `min_acked` to be acknowledged, sleeps `delay_s` (to
     land inside the next write), SIGKILLs it and returns the last acknowledged batch number."""
     here = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.dirname(os.path.dirname(here))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(here)))
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *map(str, args)], stdout=subprocess.PIPE,
                             cwd=repo, env={**os.environ, "PYTHONPATH": repo})
     try:

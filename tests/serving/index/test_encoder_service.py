@@ -24,7 +24,7 @@ from mm_ads.serving.index.events import open_stream
 from mm_ads.serving.index.index_table import open_index_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 TITLES = ["red striped pillow", "blue ceramic mug", "crimson cushion xl", "green wool scarf", "unseen words here"]
 
 

@@ -18,7 +18,7 @@ from tensorflow_serving.apis import predict_pb2
 from mm_ads.serving.server import codec
 from mm_ads.serving.server.errors import InvalidArgument, ResourceExhausted
 from mm_ads.serving.server.prediction_server import PredictionServer, ServerConfig
-from tests.serving import server_helpers as h
+from tests.serving.server import server_helpers as h
 
 WAIT_S = 30  # generous bound of every wait on a condition
 
