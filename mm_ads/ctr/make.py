@@ -27,14 +27,13 @@ the ID model in phase B (the paper's "0 epochs" point of Fig. 6(c)).
 import copy
 import os
 
-import tensorflow as tf
-
 from mm_ads.config import SIMTIER_FIELDS, CTRModelConfig
 from mm_ads.ctr.model import MAKE_LAYER
 from mm_ads.data.dataset import Manifest
 from mm_ads.training import model_dir as run_dir
+from mm_ads.training.checkpoint import restore_model
 from mm_ads.training.model_dir import MAKE_DIR
-from mm_ads.training.trainer import model_checkpoint, planned_steps
+from mm_ads.training.trainer import planned_steps
 
 
 def validation_split(config):
@@ -110,5 +109,4 @@ def restore_make(model, checkpoint):
     Raises if a MAKE variable is absent from the checkpoint (e.g. other MAKE sizes).
     """
     layer = model.get_layer(MAKE_LAYER)
-    status = tf.train.Checkpoint(model=model_checkpoint(layer)).restore(checkpoint)
-    status.expect_partial().assert_existing_objects_matched()
+    restore_model(layer, checkpoint)

@@ -201,15 +201,14 @@ def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None
     """
     from mm_ads.ctr.model import build_ctr_model
     from mm_ads.training import model_dir as run_dir
-    from mm_ads.training.trainer import model_checkpoint
+    from mm_ads.training.checkpoint import restore_model
 
     config, spec = run_dir.load_ctr_run(model_dir)
     checkpoint = checkpoint or run_dir.require_checkpoint(model_dir)
     vectors = _checked_vector_table(model_dir, config, allow_vector_table_change) \
         if config.model.uses_vectors else None
     model = build_ctr_model(spec, config.model)
-    restore = tf.train.Checkpoint(model=model_checkpoint(model)).restore(checkpoint)
-    restore.expect_partial().assert_existing_objects_matched()
+    restore_model(model, checkpoint)
     return export_saved_model(model, export_base or run_dir.path(model_dir, run_dir.EXPORT), version=version, spec=spec,
                               vectors=vectors)
 

@@ -118,7 +118,7 @@ class SparseEmbedding(keras.layers.Layer):
     same number of rows. This replaces `tf.distribute`'s own partitioner, whose `ShardedVariable` Keras 3
     cannot use as a layer weight (it has no `.handle`). Checkpoints do not depend on `num_shards`: the
     trainer saves the shards as slices of one logical `[num_buckets, output_dim]` tensor
-    (`mm_ads.training.trainer.model_checkpoint`), so a table trained with 4 shards restores into 1 or 3.
+    (`mm_ads.training.checkpoint.model_checkpoint`), so a table trained with 4 shards restores into 1 or 3.
     Range partitioning keeps that property (a shard is a slice); its cost is that dense ids whose
     popularity follows the id order put the hot rows on the first shard. Hashed ids spread evenly. The
     counts stay one variable.

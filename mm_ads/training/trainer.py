@@ -32,7 +32,6 @@ Clusters (see `mm_ads.training.distribute`):
     per-worker shard index), so an epoch is `num_examples // batch_size` steps drawn across workers.
 """
 
-import collections
 import contextlib
 import json
 import math
@@ -50,56 +49,12 @@ from absl import logging
 from mm_ads import config as config_lib
 from mm_ads.training import distribute
 from mm_ads.training import model_dir as run_dir
+from mm_ads.training.checkpoint import training_checkpoint
 from mm_ads.training.sparse_optimizers import SparseAdagrad, SparseAdam, SparseSGD, combine_rows
 from mm_ads.utils import io as io_utils
 
 _SPARSE = {"sgd": SparseSGD, "adagrad": SparseAdagrad, "adam": SparseAdam}
 _DENSE = {"sgd": keras.optimizers.SGD, "adagrad": keras.optimizers.Adagrad, "adam": keras.optimizers.Adam}
-
-
-def model_checkpoint(model):
-    """A `tf.train.Checkpoint` of every variable of a Keras-3 model, keyed by the variable's path.
-
-    A Keras-3 functional model is not itself a checkpoint dependency graph of its variables, so a
-    `tf.train.Checkpoint(model=model)` saves nothing of it; keying by path (`emb_item/embeddings`,
-    `din/attention_mlp/dense_0/kernel`, ...) makes a checkpoint restorable into a freshly built model.
-    Paths are not always unique: layers built outside a parent's scope (e.g. a keras-hub backbone and its
-    copy, the MoCo key encoder) keep bare paths. Such variables are keyed by `<child>.<path>`, where
-    `<child>` is the name of the model's direct sub-layer that owns them (stable for a given architecture).
-
-    A sharded table (`SparseTables.checkpoint_slices`, e.g. a `SparseEmbedding` with `num_shards > 1`) is saved
-    under the key of the unsharded table (`emb_item.embeddings`) as slices of one `[num_buckets, E]` tensor, so
-    the model's checkpoint does not depend on the number of shards: it restores into any number of shards, or
-    none (e.g. for export).
-    """
-    from mm_ads.layers.sparse_embedding import SparseTables
-
-    shard_of = {}  # id(shard variable) -> (key of the whole table, its shards)
-    for layer in model._flatten_layers(include_self=False):
-        slices = layer.checkpoint_slices() if isinstance(layer, SparseTables) else None
-        if slices:
-            key, shards = slices
-            for v in shards:
-                shard_of[id(v)] = (key, shards)
-    owner = {}
-    for child in model._flatten_layers(include_self=False, recursive=False):
-        for v in child.variables:
-            owner.setdefault(id(v), child.name)
-    counts = collections.Counter(v.path for v in model.variables)
-    variables = {}
-    for v in model.variables:
-        if id(v) in shard_of:
-            key, shards = shard_of[id(v)]
-            if key not in variables:
-                variables[key] = tf.__internal__.distribute.ShardedVariable([s.value for s in shards], name=key)
-            continue
-        key = v.path.replace("/", ".")
-        if counts[v.path] > 1 and id(v) in owner:
-            key = f"{owner[id(v)]}.{key}"
-        if key in variables:
-            raise ValueError(f"Two variables of model {model.name!r} share the path {v.path!r}")
-        variables[key] = v.value if isinstance(v, keras.Variable) else v
-    return tf.train.Checkpoint(**variables)
 
 
 def planned_steps(num_examples, global_batch, config):
@@ -181,8 +136,7 @@ class Trainer:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         if self.parameter_server:
             self._log_placement()
-        self.checkpoint = tf.train.Checkpoint(model=model_checkpoint(self.model), sparse_optimizer=self.sparse_opt,
-                                              dense_optimizer=self.dense_opt, step=self.step,
+        self.checkpoint = training_checkpoint(self.model, self.sparse_opt, self.dense_opt, self.step,
                                               **(extra_checkpoint or {}))
         # Every process restores from the chief's directory; only the chief's manager writes there.
         self.ckpt_dir = run_dir.path(model_dir, run_dir.CKPT)

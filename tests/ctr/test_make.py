@@ -18,7 +18,8 @@ from mm_ads.ctr.model import MAKE_LAYER, build_ctr_model, model_input_names
 from mm_ads.ctr.task import CTRTask
 from mm_ads.data.spec import FeatureSpec
 from mm_ads.train import run
-from mm_ads.training.trainer import Trainer, model_checkpoint
+from mm_ads.training.checkpoint import model_checkpoint
+from mm_ads.training.trainer import Trainer
 from tests.ctr.helpers import random_inputs, restored_predictions
 
 MAKE_UNITS = (12, 8, 6, 4)

@@ -110,8 +110,8 @@ def test_partition_sizes_and_routing_follow_tensorflow_div_rule():
 def test_sharded_table_equals_the_whole_table_in_lookups_updates_and_checkpoints(tmp_path):
     """3 shards of a 10-row table: same outputs, same SparseAdagrad updates, and a checkpoint that restores
     into 1 or 2 shards (the format does not depend on the number of shards)."""
+    from mm_ads.training.checkpoint import model_checkpoint
     from mm_ads.training.sparse_optimizers import SparseAdagrad
-    from mm_ads.training.trainer import model_checkpoint
 
     def model(num_shards):
         ids = keras.Input((4,), dtype="int64", name="ids")

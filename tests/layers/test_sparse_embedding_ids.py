@@ -147,7 +147,7 @@ def test_rows_not_admitted_get_no_gradient_and_the_optimizer_leaves_them_alone()
 
 
 def test_checkpoint_and_keras_file_round_trip_keep_counts_and_default_row(tmp_path):
-    from mm_ads.training.trainer import model_checkpoint
+    from mm_ads.training.checkpoint import model_checkpoint
 
     def model(num_shards):
         ids = keras.Input((4,), dtype="int64", name="ids")

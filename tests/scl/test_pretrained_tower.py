@@ -10,7 +10,7 @@ import tensorflow as tf
 from mm_ads import config as config_lib
 from mm_ads.scl import pretrained_tower
 from mm_ads.scl.task import SCLTask, build_scl_model
-from mm_ads.training.trainer import model_checkpoint
+from mm_ads.training.checkpoint import model_checkpoint
 
 pytest.importorskip("keras_hub")
 if not pretrained_tower.default_pretrained_path():

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 
 from mm_ads.layers.sparse_embedding import SparseEmbedding, SparseTables
+from mm_ads.training.checkpoint import model_checkpoint
 from mm_ads.training.task import Task
-from mm_ads.training.trainer import model_checkpoint
 
 
 class HashedBag(keras.layers.Layer):

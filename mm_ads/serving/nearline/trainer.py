@@ -377,9 +377,8 @@ class NearlineTrainer:
         io_utils.write_json(path, {"encoder_version": version, "nearline": settings})
 
     def _restore(self):
-        import tensorflow as tf
 
-        from mm_ads.training.trainer import model_checkpoint
+        from mm_ads.training.checkpoint import training_checkpoint
 
         latest = self.trainer.manager.latest_checkpoint
         if latest:
@@ -391,8 +390,7 @@ class NearlineTrainer:
             self._check_init_model_dir(init)
             ckpt = run_dir.require_checkpoint(init, f"--init_model_dir={init}")
             t = self.trainer
-            offline = tf.train.Checkpoint(model=model_checkpoint(t.model), sparse_optimizer=t.sparse_opt,
-                                          dense_optimizer=t.dense_opt, step=t.step)
+            offline = training_checkpoint(t.model, t.sparse_opt, t.dense_opt, t.step)
             offline.restore(ckpt).expect_partial().assert_existing_objects_matched()
             started = ckpt
         else:
