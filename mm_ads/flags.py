@@ -32,6 +32,12 @@ for _section, _kind in _SECTIONS:
 
 
 def config_from_flags():
-    """The validated `ExperimentConfig` described by the parsed flags (`config_lib.config_from_values`)."""
+    """The validated `ExperimentConfig` described by the parsed flags (`config_lib.config_from_values`); an
+    `app.UsageError` with the reason when they describe none."""
+    from absl import app
+
     values = {name: holder.value for (_, name), holder in _HOLDERS.items()}
-    return config_lib.config_from_values(dict(values, task=TASK.value, model_dir=MODEL_DIR.value or ""))
+    try:
+        return config_lib.config_from_values(dict(values, task=TASK.value, model_dir=MODEL_DIR.value or ""))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None

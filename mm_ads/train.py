@@ -37,10 +37,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from mm_ads import flags as flags_lib  # defines the flags; only the program does (see mm_ads.flags)
 
-    try:
-        config = flags_lib.config_from_flags()
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    config = flags_lib.config_from_flags()
     try:
         metrics = run(config)
     except InputError as e:  # raised before anything was written

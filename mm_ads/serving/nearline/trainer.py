@@ -762,10 +762,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from mm_ads import flags as flags_lib
 
-    try:
-        config = flags_lib.config_from_flags()
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    config = flags_lib.config_from_flags()
     nearline = options_lib.options_from_flags(NearlineConfig)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
