@@ -39,10 +39,10 @@ from mm_ads.training.trainer import planned_steps
 def validation_split(config):
     """The split MAKE's pre-training stops early on: `data.valid_split` when the dataset has it and
     `make_patience > 0`, else None (phase A then trains exactly `make_epochs` epochs)."""
-    split = config.data.valid_split
-    if not config.model.make_patience or not split:
+    if not config.model.make_patience:
         return None
-    return split if split in Manifest.load(config.data.data_dir).components.get("ctr", {}) else None
+    split = config.data.valid_split
+    return split if Manifest.load(config.data.data_dir).has_split("ctr", split) else None
 
 
 def pretrain_config(config):

@@ -61,16 +61,31 @@ class CTRTask(Task):
             restore_make(model, self.make_checkpoint)
         return model
 
+    def _split_name(self, split):
+        """The dataset's name of the task's split `"train"`, `"valid"` or `"eval"`."""
+        data = self.config.data
+        if split == "valid":
+            if not self.manifest.has_split("ctr", data.valid_split):
+                raise ValueError(f"Dataset {data.data_dir} has no ctr validation split (--valid_split="
+                                 f"{data.valid_split!r})")
+            return data.valid_split
+        return data.train_split if split == "train" else data.eval_split
+
+    def selection_split(self):
+        """`"valid"` when the dataset has the `--valid_split` (other than `--eval_split`): early stopping then
+        chooses the epoch there, never on the split it reports; else `"eval"`."""
+        data = self.config.data
+        return "valid" if self.manifest.validation_split(data.valid_split, data.eval_split) else "eval"
+
     def num_examples(self, split):
-        name = self.config.data.train_split if split == "train" else self.config.data.eval_split
-        return self.manifest.num_rows("ctr", name)
+        return self.manifest.num_rows("ctr", self._split_name(split))
 
     def build_inputs(self, split, batch_size, input_context=None, epoch=0, training=True):
         if self.config.model.uses_vectors and self.join is None:
             raise ValueError("This CTRTask was built with vector_dim= (vectors joined by the caller): it has no "
                              "vector table for a tf.data pipeline")
         data = self.config.data
-        name = data.train_split if split == "train" else data.eval_split
+        name = self._split_name(split)
         shuffle = training and data.shuffle_buffer > 0
         # Training repeats the split: an epoch is `num_examples // global batch` steps, and under
         # multi-worker training a worker whose shard holds fewer examples than that must not run dry

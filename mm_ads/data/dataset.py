@@ -97,6 +97,15 @@ class Manifest:
         base = getattr(self, "data_dir", "")
         return [os.path.join(base, p) for p in entry["files"]]
 
+    def has_split(self, component, split):
+        """Whether `component` has a split named `split` ("" never)."""
+        return bool(split) and split in self.components.get(component, {})
+
+    def validation_split(self, valid_split, eval_split):
+        """`valid_split` when the `ctr` component has it and it is not `eval_split`, else None: where choices
+        (the training epoch, a smoothing) are made apart from the split whose metrics are reported."""
+        return valid_split if valid_split != eval_split and self.has_split("ctr", valid_split) else None
+
     def num_rows(self, component, split):
         return self.components[component][split]["num_rows"]
 

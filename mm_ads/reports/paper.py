@@ -438,6 +438,21 @@ class PaperRunner:
                                    for s, m in table3_runs["make"].items()
                                    if "early_stopping" in m.get("make_pretrain", {})}}
 
+    @staticmethod
+    def training_epochs(table3_runs):
+        """`{variant: {"by_seed": {seed: epoch}, "max_epochs", "patience", "split"}}`: the training epoch early
+        stopping chose for every Table 3 run that trained with it (`--ctr_overrides=epochs=N,
+        early_stopping_patience=P`); {} when none did."""
+        out = {}
+        for variant, by_seed in table3_runs.items():
+            stops = {str(s): m["early_stopping"] for s, m in by_seed.items() if "early_stopping" in m}
+            if stops:
+                first = next(iter(stops.values()))
+                out[variant] = {"by_seed": {s: es["best_epoch"] for s, es in stops.items()},
+                                "max_epochs": first["max_epochs"], "patience": first["patience"],
+                                "split": first.get("split", "eval")}
+        return out
+
     def run(self):
         check_dependencies(self.o)  # before any work
         start = time.time()
@@ -459,6 +474,7 @@ class PaperRunner:
         self.results["control"] = (self._timed("control", lambda: self.run_control(runs))
                                    if self.o.control_variants else None)
         self.results["make_validation"] = self.make_validation_curve(runs)
+        self.results["training_epochs"] = self.training_epochs(runs)
         self.results["fig3"] = self._timed("fig3", lambda: self.run_fig3(runs)) if self.o.fig3_epochs else {}
         self.results["fig6a"] = [] if self.o.vector_table or not self.o.fig6a_rows else self._timed(
             "fig6a", lambda: self.run_fig6a(runs, self.table2))
@@ -723,6 +739,22 @@ def _popularity_lines(baselines):
     return lines
 
 
+def training_epochs_markdown(epochs):
+    """The report's section on the training epochs early stopping chose (`PaperRunner.training_epochs`);
+    [] when no run trained with it."""
+    if not epochs:
+        return []
+    first = next(iter(epochs.values()))
+    on = ("GAUC on the validation split" if first["split"] == "valid" else
+          "GAUC on the TEST split (the dataset has no validation split: these epochs are chosen on test)")
+    lines = ["", "## Training epochs, chosen on validation", "",
+             f"Every Table 3 run trained at most {first['max_epochs']} epochs and kept its best epoch by {on} "
+             f"(early stopping, patience {first['patience']}); Table 3 reports that epoch on the test split.", "",
+             "| variant | chosen epoch per seed |", "|---|---|"]
+    return lines + [f"| {v} | " + ", ".join(f"{s}: {e}" for s, e in r["by_seed"].items()) + " |"
+                    for v, r in epochs.items()]
+
+
 def to_markdown(results, out_dir):
     o, d, w = results["options"], results["data"], results["wall_s"]
     vectors = (f"the table `{o['vector_table']}`" if o["vector_table"] else
@@ -799,6 +831,7 @@ def to_markdown(results, out_dir):
         lines += ["Test GAUC of the make model, MAKE pre-trained a fixed number of epochs (no early stopping):", "",
                   "| MAKE epochs | GAUC |", "|---:|---:|"]
         lines += [f"| {p['make_epochs']} | {p['gauc']:.4f} |" for p in results["fig6c"]]
+    lines += training_epochs_markdown(results.get("training_epochs"))
     mv = results.get("make_validation")
     if mv:
         lines += ["", "## MAKE's pre-training epochs, chosen on validation", "",

@@ -103,7 +103,7 @@ def popularity_baselines(data_dir, eval_split="test", train_split="train", valid
     train = read_ctr_columns(data_dir, train_split, names)
     stats = ItemStats(train[ITEM_ID], train[spec.label])
     smoothing, source = DEFAULT_SMOOTHING, "default"
-    if valid_split and valid_split != eval_split and valid_split in manifest.components.get("ctr", {}):
+    if manifest.validation_split(valid_split, eval_split):
         valid = read_ctr_columns(data_dir, valid_split, names)
         if len(valid[spec.label]):
             smoothing, source = choose_smoothing(stats, valid[spec.label], valid[ITEM_ID]), valid_split

@@ -5,7 +5,7 @@ resumed or reused.
 <model_dir>/
   config.json          the run's ExperimentConfig (CONFIG), written before training starts
   feature_spec.json    the FeatureSpec the model was built for (SPEC; CTR runs)
-  eval_history.json    one entry per evaluation (EVAL_HISTORY; early stopping reads it on resume)
+  eval_history.json    one entry per evaluation, with its split (EVAL_HISTORY; early stopping reads it on resume)
   ckpt/                rolling training checkpoints (CKPT)
   ckpt_best/           the best evaluation's checkpoint under early stopping (CKPT_BEST)
   encoder.keras        the trained encoder of an SCL run (ENCODER)

@@ -49,6 +49,12 @@ class Task(abc.ABC):
     def evaluate(self, model, split):
         """Exact evaluation on the host: a dict of metrics (JSON-serialisable)."""
 
+    def selection_split(self):
+        """The split early stopping evaluates on after every epoch: `"eval"` here. A task with a validation
+        split returns `"valid"` (`build_inputs`, `num_examples` and `evaluate` then accept it), so that the
+        epoch is chosen there and only the chosen epoch is evaluated on the eval split."""
+        return "eval"
+
     def sparse_variables(self, model):
         """Variables updated by the sparse optimizer: the tables (every shard) of every layer with `SparseTables`
         (e.g. `SparseEmbedding`)."""

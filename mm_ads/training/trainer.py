@@ -12,10 +12,13 @@ of (seed, e), so a restarted run restores the last checkpoint and skips the batc
 current epoch it had already trained on: a kill loses at most the steps since the last
 checkpoint and never trains a batch twice in the resulting model.
 
-Early stopping (`early_stopping_patience > 0`): after every end-of-epoch evaluation the trainer keeps the best
-epoch's checkpoint in `<model_dir>/ckpt_best/` and stops once `early_stopping_patience` evaluations in a row
-did not beat it; the model then holds the best epoch's weights and the returned metrics are theirs. The
-decision is re-derived from `eval_history.json` on resume, so a restarted run stops where it would have.
+Early stopping (`early_stopping_patience > 0`): after every epoch the trainer evaluates on the task's
+selection split (`Task.selection_split`: a CTR dataset's validation split when it has one, so that the epoch
+is never chosen on the split whose metrics are reported), keeps the best epoch's checkpoint in
+`<model_dir>/ckpt_best/` and stops once `early_stopping_patience` evaluations in a row did not beat it; the
+model then holds the best epoch's weights, evaluated once on the eval split, and the returned metrics are
+theirs. The decision is re-derived from `eval_history.json` (every entry names its `split`) on resume, so a
+restarted run stops where it would have.
 
 Clusters (see `mm_ads.training.distribute`):
   * MultiWorkerMirroredStrategy: every worker runs this loop in lock-step on its own input shard.
@@ -55,6 +58,11 @@ from mm_ads.utils import io as io_utils
 
 _SPARSE = {"sgd": SparseSGD, "adagrad": SparseAdagrad, "adam": SparseAdam}
 _DENSE = {"sgd": keras.optimizers.SGD, "adagrad": keras.optimizers.Adagrad, "adam": keras.optimizers.Adam}
+
+
+def _split(entry):
+    """The split of an evaluation history entry (entries written before splits were recorded: "eval")."""
+    return entry.get("split", "eval")
 
 
 def planned_steps(num_examples, global_batch, config):
@@ -150,6 +158,8 @@ class Trainer:
                                                         max_to_keep=1)
                              if self.chief and config.early_stopping_patience else None)
         self.early_stopping = None  # the summary of early stopping, after `train`
+        # where early stopping's end-of-epoch evaluations run ("eval", or "valid" for a task that has it)
+        self.selection = task.selection_split() if config.early_stopping_patience else "eval"
 
     def _log_placement(self):
         """Logs where every table shard and sparse-optimizer slot lives (`<path> [rows, E] on <device>`)."""
@@ -282,12 +292,15 @@ class Trainer:
             with open(path) as f:
                 self.history = json.load(f)
 
-    def _evaluate(self, epoch, step):
+    def _evaluate(self, epoch, step, split="eval"):
+        """Evaluates the model on the task's `split` ("eval", or "valid"), recorded in the history (and
+        `eval_history.json`) with its `split`; returns the metrics."""
         if not self.chief:  # metrics are the chief's: the other workers go on (they wait at the next step)
             return {}
-        metrics = self.task.evaluate(self.model, "eval")
-        entry = {"epoch": epoch, "step": step, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}}
-        self.history = [h for h in self.history if h["step"] != step] + [entry]
+        metrics = self.task.evaluate(self.model, split)
+        entry = {"epoch": epoch, "step": step, "split": split,
+                 **{k: v for k, v in metrics.items() if not isinstance(v, dict)}}
+        self.history = [h for h in self.history if (h["step"], _split(h)) != (step, split)] + [entry]
         if self.chief:
             io_utils.write_json(run_dir.path(self.model_dir, run_dir.EVAL_HISTORY), self.history)
             with self.writer.as_default(step=step):
@@ -298,13 +311,15 @@ class Trainer:
         return metrics
 
     def _early_stopping_state(self):
-        """`(best entry, evaluations since it)` over the end-of-epoch entries of the evaluation history."""
+        """`(best entry, evaluations since it)` over the end-of-epoch entries of the evaluation history on the
+        selection split."""
         metric = self.config.early_stopping_metric
         higher = config_lib.EARLY_STOPPING_METRICS[metric]
         best, since = None, 0
         for entry in sorted(self.history, key=lambda h: h["step"]):
             value = entry.get(metric)
-            if value is None or not math.isfinite(value) or entry["step"] % self.steps_per_epoch:
+            if (value is None or not math.isfinite(value) or entry["step"] % self.steps_per_epoch
+                    or _split(entry) != self.selection):
                 continue
             if best is None or (value > best[metric] if higher else value < best[metric]):
                 best, since = entry, 0
@@ -331,21 +346,25 @@ class Trainer:
         if best is None:
             raise ValueError(f"Early stopping on {cfg.early_stopping_metric!r}: no end-of-epoch evaluation has it")
         self.early_stopping = {
-            "metric": cfg.early_stopping_metric, "patience": cfg.early_stopping_patience,
+            "metric": cfg.early_stopping_metric, "patience": cfg.early_stopping_patience, "split": self.selection,
             "best_epoch": round(best["step"] / self.steps_per_epoch), "best_step": best["step"],
             "best_value": best[cfg.early_stopping_metric], "epochs_trained": round(step / self.steps_per_epoch),
             "max_epochs": round(self.total_steps / self.steps_per_epoch), "stopped_early": step < self.total_steps,
         }
         logging.info("early stopping: %s", self.early_stopping)
-        if best["step"] == step and last_eval:
+        if best["step"] == step and last_eval and self.selection == "eval":
             return last_eval
-        best_dir = run_dir.path(self.model_dir, run_dir.CKPT_BEST)
-        path = tf.train.latest_checkpoint(best_dir)
-        if path is None or not path.endswith(f"-{best['step']}"):
-            raise ValueError(f"The best epoch's checkpoint (step {best['step']}) is missing from {best_dir} "
-                             f"(found {path})")
-        self.checkpoint.restore(path).assert_existing_objects_matched()
-        return self.task.evaluate(self.model, "eval") if self.chief else {}
+        if best["step"] != step:
+            best_dir = run_dir.path(self.model_dir, run_dir.CKPT_BEST)
+            path = tf.train.latest_checkpoint(best_dir)
+            if path is None or not path.endswith(f"-{best['step']}"):
+                raise ValueError(f"The best epoch's checkpoint (step {best['step']}) is missing from {best_dir} "
+                                 f"(found {path})")
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        if self.selection == "eval":
+            return self.task.evaluate(self.model, "eval") if self.chief else {}
+        # the chosen epoch, once on the eval split (recorded in the history under that split)
+        return self._evaluate(best["epoch"], best["step"], "eval")
 
     def train(self):
         """Runs (or resumes) training to `total_steps` (or early stopping); returns the final evaluation
@@ -382,12 +401,13 @@ class Trainer:
                     self.save()
                 end_of_epoch = in_epoch == self.steps_per_epoch
                 if self._eval_due(step):
-                    last_eval = self._evaluate(step / self.steps_per_epoch, step)
+                    last_eval = self._evaluate(step / self.steps_per_epoch, step, self.selection)
                     if cfg.early_stopping_patience and end_of_epoch:
                         stop = self._after_epoch_evaluation(step)
                         if stop:
-                            logging.info("early stopping at epoch %d: no better %s on the evaluation split for %d "
-                                         "epoch(s)", epoch + 1, cfg.early_stopping_metric, cfg.early_stopping_patience)
+                            logging.info("early stopping at epoch %d: no better %s on the %s split for %d epoch(s)",
+                                         epoch + 1, cfg.early_stopping_metric, self.selection,
+                                         cfg.early_stopping_patience)
                             break
         return self._finish(step, last_eval)
 

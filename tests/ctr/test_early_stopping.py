@@ -18,8 +18,9 @@ from tests.ctr.test_make import _checkpoint_values, _config
 class _History(Trainer):
     """The early-stopping rule of `Trainer` over a given evaluation history (no model)."""
 
-    def __init__(self, values, patience, metric="gauc", steps_per_epoch=10):
+    def __init__(self, values, patience, metric="gauc", steps_per_epoch=10, selection="eval"):
         self.config = TrainConfig(early_stopping_patience=patience, early_stopping_metric=metric)
+        self.selection = selection
         self._planned = (steps_per_epoch, steps_per_epoch * 10)
         self.history = [{"step": steps_per_epoch * (i + 1), "epoch": i + 1.0, metric: v} for i, v in enumerate(values)]
 
@@ -42,6 +43,16 @@ def test_rule_logloss_is_lower_better_and_ignores_mid_epoch_evaluations():
     assert h._early_stopping_state()[0]["epoch"] == 2 and h._should_stop()
     h.history.append({"step": 35, "epoch": 3.5, "logloss": 0.1})  # not an epoch's end: not a candidate
     assert h._early_stopping_state()[0]["epoch"] == 2
+
+
+def test_rule_reads_only_the_selection_splits_entries():
+    h = _History([0.70, 0.72, 0.71], 1, selection="valid")
+    assert h._early_stopping_state()[0] is None  # entries without a split are the eval split's
+    for entry in h.history:
+        entry["split"] = "valid"
+    # the eval split's evaluation of epoch 3 is better, but it is not where the epoch is chosen
+    h.history.append({"step": 30, "epoch": 3.0, "split": "eval", "gauc": 0.99})
+    assert h._early_stopping_state()[0]["epoch"] == 2 and h._should_stop()
 
 
 def test_config_checks():
@@ -101,3 +112,47 @@ def test_without_a_validation_split_make_trains_its_fixed_epochs(tiny_world, tmp
     assert a_cfg.train.early_stopping_patience == 0 and a_cfg.data.eval_split == "test"
     cfg.model.make_patience = 0
     assert make_lib.validation_split(cfg) is None
+
+
+@pytest.fixture(scope="module")
+def world_train_as_valid(tiny_world, tmp_path_factory):
+    """The tiny world with a `valid` ctr split that is its train split (so valid and test metrics differ)."""
+    out = str(tmp_path_factory.mktemp("train_valid") / "world")
+    shutil.copytree(tiny_world, out)
+    path = os.path.join(out, "manifest.json")
+    manifest = json.load(open(path))
+    manifest["components"]["ctr"]["valid"] = dict(manifest["components"]["ctr"]["train"])
+    json.dump(manifest, open(path, "w"))
+    return out
+
+
+def test_early_stopping_chooses_the_epoch_on_the_validation_split_and_reports_the_eval_split(world_train_as_valid,
+                                                                                             tmp_path):
+    cfg = _config(world_train_as_valid, tmp_path / "id", "id", make_epochs=0, epochs=3, early_stopping_patience=1,
+                  export=False)
+    metrics = run(cfg)
+    es, history = metrics["early_stopping"], metrics["eval_history"]
+    valid = [h for h in history if h["split"] == "valid"]
+    evals = [h for h in history if h["split"] == "eval"]
+    assert es["split"] == "valid" and len(valid) == es["epochs_trained"]
+    gaucs = [h["gauc"] for h in valid]
+    assert es["best_value"] == max(gaucs) and es["best_epoch"] == int(np.argmax(gaucs)) + 1
+    # only the chosen epoch is evaluated on the eval (test) split, and that is what the run returns
+    assert len(evals) == 1 and evals[0]["step"] == es["best_step"]
+    assert metrics["gauc"] == evals[0]["gauc"] != es["best_value"]
+    manifest = json.load(open(os.path.join(world_train_as_valid, "manifest.json")))
+    assert metrics["num_examples"] == manifest["components"]["ctr"]["test"]["num_rows"]
+    assert valid[0]["num_examples"] == manifest["components"]["ctr"]["train"]["num_rows"]
+    assert json.load(open(os.path.join(cfg.model_dir, "eval_history.json"))) == history
+    # a second invocation resumes the finished run: the same choice and the same test metrics
+    again = run(cfg)
+    assert again["early_stopping"] == es and again["gauc"] == pytest.approx(metrics["gauc"], abs=1e-9)
+
+
+def test_without_a_validation_split_early_stopping_uses_the_eval_split(tiny_world, tmp_path):
+    cfg = _config(tiny_world, tmp_path / "id", "id", make_epochs=0, epochs=2, early_stopping_patience=1,
+                  export=False)
+    metrics = run(cfg)
+    assert metrics["early_stopping"]["split"] == "eval"
+    assert {h["split"] for h in metrics["eval_history"]} == {"eval"}
+    assert metrics["gauc"] == metrics["early_stopping"]["best_value"]

@@ -85,6 +85,24 @@ def test_control_within_seed_spread(tmp_path, monkeypatch):
     assert any("more than one std for make" in f for f in found)  # simtier: +0.08% ± 0.14%, not semantic
 
 
+def test_training_epochs_chosen_by_early_stopping_are_reported_per_variant_and_seed():
+    def es(epoch, split="valid"):
+        return dict(_metrics(0.8), early_stopping={"best_epoch": epoch, "max_epochs": 4, "patience": 1,
+                                                   "split": split})
+
+    runs = {"id": {0: es(2), 1: es(3)}, "simtier": {0: es(1), 1: es(2)}, "vector": {0: _metrics(0.8)}}
+    epochs = paper.PaperRunner.training_epochs(runs)
+    assert epochs == {"id": {"by_seed": {"0": 2, "1": 3}, "max_epochs": 4, "patience": 1, "split": "valid"},
+                      "simtier": {"by_seed": {"0": 1, "1": 2}, "max_epochs": 4, "patience": 1, "split": "valid"}}
+    text = "\n".join(paper.training_epochs_markdown(epochs))
+    assert "| id | 0: 2, 1: 3 |" in text and "at most 4 epochs" in text and "validation split" in text
+    # chosen on the test split (no validation split): said so
+    on_test = paper.PaperRunner.training_epochs({"id": {0: es(2, "eval")}})
+    assert "TEST split" in "\n".join(paper.training_epochs_markdown(on_test))
+    assert paper.PaperRunner.training_epochs({"id": {0: _metrics(0.8)}}) == {}
+    assert paper.training_epochs_markdown({}) == []
+
+
 def test_prepare_dataset_reports_the_prepare_error(tmp_path):
     flags = tmp_path / "bad.flags"
     flags.write_text("--format=movielens\n--input=/no/such/dir\n")
