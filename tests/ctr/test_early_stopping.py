@@ -62,16 +62,20 @@ def test_config_checks():
         TrainConfig(early_stopping_patience=1, eval_every=5).validate()
 
 
-@pytest.fixture(scope="module")
-def world_with_valid(tiny_world, tmp_path_factory):
-    """The tiny world with a `valid` ctr split (a copy of its test files under another name)."""
-    out = str(tmp_path_factory.mktemp("valid") / "world")
+def _with_valid(tiny_world, out, source):
+    """A copy of the tiny world in `out` whose `valid` ctr split is its `source` split's files."""
     shutil.copytree(tiny_world, out)
     path = os.path.join(out, "manifest.json")
     manifest = json.load(open(path))
-    manifest["components"]["ctr"]["valid"] = dict(manifest["components"]["ctr"]["test"])
+    manifest["components"]["ctr"]["valid"] = dict(manifest["components"]["ctr"][source])
     json.dump(manifest, open(path, "w"))
     return out
+
+
+@pytest.fixture(scope="module")
+def world_with_valid(tiny_world, tmp_path_factory):
+    """The tiny world with a `valid` ctr split (a copy of its test files under another name)."""
+    return _with_valid(tiny_world, str(tmp_path_factory.mktemp("valid") / "world"), "test")
 
 
 def test_make_pretraining_stops_on_validation_gauc_and_phase_b_uses_the_best_epoch(world_with_valid, tmp_path):
@@ -117,13 +121,7 @@ def test_without_a_validation_split_make_trains_its_fixed_epochs(tiny_world, tmp
 @pytest.fixture(scope="module")
 def world_train_as_valid(tiny_world, tmp_path_factory):
     """The tiny world with a `valid` ctr split that is its train split (so valid and test metrics differ)."""
-    out = str(tmp_path_factory.mktemp("train_valid") / "world")
-    shutil.copytree(tiny_world, out)
-    path = os.path.join(out, "manifest.json")
-    manifest = json.load(open(path))
-    manifest["components"]["ctr"]["valid"] = dict(manifest["components"]["ctr"]["train"])
-    json.dump(manifest, open(path, "w"))
-    return out
+    return _with_valid(tiny_world, str(tmp_path_factory.mktemp("train_valid") / "world"), "train")
 
 
 def test_early_stopping_chooses_the_epoch_on_the_validation_split_and_reports_the_eval_split(world_train_as_valid,
