@@ -11,7 +11,9 @@ Every setting (`;`-separated; each a `,`-separated list of `flag=value` applied 
 `valid`: choices are made there, never on test). Runs are normal model dirs under `--output_dir` and a finished
 one is reused. Prints a markdown table (GAUC, AUC, LogLoss mean ± std; GAUC vs id per seed, mean ± std) and
 writes `sweep.json`. `--vector_table=random` replaces every item's vector by a random unit vector (dim
-`--random_dim`, seed 0): the control where vectors carry nothing.
+`--random_dim`, seed 0): the control where vectors carry nothing. `--id_settings` trains the id reference with its own
+settings (e.g. `epochs=12,early_stopping_patience=1`: every run, id included, at its best epoch on the eval split;
+the column "chosen epoch per seed" lists those epochs).
 """
 
 import os
@@ -25,6 +27,8 @@ _VECTOR_TABLE = flags.DEFINE_string("vector_table", "", "Vector table (path or m
 _RANDOM_DIM = flags.DEFINE_integer("random_dim", 384, "Dim of the random vectors of --vector_table=random.")
 _VARIANT = flags.DEFINE_string("variant", "simtier", "The CTR variant (configs/ctr/<variant>.flags).")
 _SETTINGS = flags.DEFINE_string("settings", "", "';'-separated settings, each ','-separated flag=value.")
+_ID_SETTINGS = flags.DEFINE_string("id_settings", "", "','-separated flag=value of the id reference runs (e.g. "
+                                   "epochs=12,early_stopping_patience=1: id trained to its best epoch).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _EVAL_SPLIT = flags.DEFINE_string("eval_split", "valid", "Where the settings are compared.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Runs, sweep.json.")
@@ -49,7 +53,18 @@ def _mean_std(values):
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def run_sweep(data_dir, vector_table, variant, settings, seeds, eval_split, output_dir):
+def _overrides(setting):
+    return dict(item.split("=", 1) for item in setting.split(",") if item)
+
+
+def _summary(metrics):
+    out = {k: metrics[k] for k in ("auc", "gauc", "logloss")}
+    if "early_stopping" in metrics:
+        out["best_epoch"] = metrics["early_stopping"]["best_epoch"]
+    return out
+
+
+def run_sweep(data_dir, vector_table, variant, settings, seeds, eval_split, output_dir, id_setting=""):
     from mm_ads import config as config_lib
     from mm_ads import runs as runs_lib
     from mm_ads.reports.options import reusable_metrics
@@ -64,15 +79,18 @@ def run_sweep(data_dir, vector_table, variant, settings, seeds, eval_split, outp
         config = config_lib.config_from_values(values)
         return reusable_metrics(config.model_dir, config) or runs_lib.run(config)
 
-    results = {"variant": variant, "eval_split": eval_split, "vector_table": vector_table, "settings": {}}
-    ids = {s: one("id", "id", {}, s) for s in seeds}
-    results["settings"]["id"] = {"runs": {str(s): {k: ids[s][k] for k in ("auc", "gauc", "logloss")} for s in seeds}}
+    results = {"variant": variant, "eval_split": eval_split, "vector_table": vector_table, "id_settings": id_setting,
+               "settings": {}}
+    id_overrides = _overrides(id_setting)
+    id_name = "_".join(["id"] + [f"{k}-{v}" for k, v in id_overrides.items()])
+    ids = {s: one(id_name, "id", id_overrides, s) for s in seeds}
+    results["settings"][id_name] = {"runs": {str(s): _summary(ids[s]) for s in seeds}}
     for setting in settings:
-        overrides = dict(item.split("=", 1) for item in setting.split(",") if item)
+        overrides = _overrides(setting)
         name = "_".join(f"{k}-{v}" for k, v in overrides.items()) or "default"
         runs = {s: one(f"{variant}_{name}", variant, overrides, s) for s in seeds}
         results["settings"][setting or "default"] = {
-            "runs": {str(s): {k: runs[s][k] for k in ("auc", "gauc", "logloss")} for s in seeds},
+            "runs": {str(s): _summary(runs[s]) for s in seeds},
             "gauc_vs_id": _mean_std([(runs[s]["gauc"] - ids[s]["gauc"]) / ids[s]["gauc"] for s in seeds]),
         }
     for entry in results["settings"].values():
@@ -83,11 +101,12 @@ def run_sweep(data_dir, vector_table, variant, settings, seeds, eval_split, outp
 
 def to_markdown(results):
     lines = [f"{results['variant']} on `{results['eval_split']}` (vectors: {results['vector_table']})", "",
-             "| setting | GAUC | AUC | LogLoss | GAUC vs id |", "|---|---:|---:|---:|---:|"]
+             "| setting | GAUC | AUC | LogLoss | GAUC vs id | chosen epoch per seed |", "|---|---:|---:|---:|---:|---|"]
     for name, e in results["settings"].items():
         rel = f"{e['gauc_vs_id'][0]:+.2%} ± {e['gauc_vs_id'][1]:.2%}" if "gauc_vs_id" in e else "—"
+        epochs = ", ".join(str(r["best_epoch"]) for r in e["runs"].values() if "best_epoch" in r) or "—"
         lines.append(f"| {name} | {e['gauc'][0]:.4f} ± {e['gauc'][1]:.4f} | {e['auc'][0]:.4f} ± {e['auc'][1]:.4f} | "
-                     f"{e['logloss'][0]:.4f} ± {e['logloss'][1]:.4f} | {rel} |")
+                     f"{e['logloss'][0]:.4f} ± {e['logloss'][1]:.4f} | {rel} | {epochs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +123,7 @@ def main(argv):
         table = _random_table(_DATA_DIR.value, _RANDOM_DIM.value, os.path.join(_OUTPUT_DIR.value, "random.parquet"))
     settings = [s.strip() for s in _SETTINGS.value.split(";")] if _SETTINGS.value else [""]
     results = run_sweep(_DATA_DIR.value, table, _VARIANT.value, settings, [int(s) for s in _SEEDS.value],
-                        _EVAL_SPLIT.value, _OUTPUT_DIR.value)
+                        _EVAL_SPLIT.value, _OUTPUT_DIR.value, _ID_SETTINGS.value)
     results["argv"] = sys.argv
     io_utils.write_json(os.path.join(_OUTPUT_DIR.value, "sweep.json"), results)
     print(to_markdown(results))
