@@ -187,7 +187,8 @@ class PretrainedImageTower(keras.Model):
 
     ```python
     tower = PretrainedImageTower()  # EfficientNet-Lite0, zero-shot
-    v = tower(keras.random.uniform((2, 64, 64, 3)))  # [2, 1280]
+    images = keras.random.uniform((2, 64, 64, 3))  # in [0, 1]
+    v = tower(images)  # [2, 1280]
     logits = tower.imagenet_logits(images)  # [2, 1000], ImageNet-1k classes
     ```
     """

@@ -44,13 +44,20 @@ STORAGE_DTYPES = {
 }
 
 
+class ForbiddenGlobalError(pickle.UnpicklingError):
+    """The pickle names a global outside the state-dict allow-list."""
+
+
 class _StorageType:
     """Stands for a `torch.<Type>Storage` class in the pickle: only its dtype matters."""
 
     def __init__(self, name):
         self.name = name
-        dtype = STORAGE_DTYPES[name]
-        self.dtype = np.dtype(dtype() if callable(dtype) else dtype)
+
+    @property
+    def dtype(self):
+        dtype = STORAGE_DTYPES[self.name]
+        return np.dtype(dtype() if callable(dtype) else dtype)
 
     def __repr__(self):
         return f"torch.{self.name}"
@@ -134,7 +141,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return self.allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise ForbiddenGlobalError(
                 f"{self.source}: refusing to unpickle the global {module}.{name}: a state dict of tensors needs "
                 f"only {sorted(f'{m}.{n}' for m, n in self.allowed)}") from None
 
@@ -224,10 +231,11 @@ def _load_legacy(path):
 
         try:
             magic = load()
-        except pickle.UnpicklingError as e:
-            if "refusing" in str(e):
-                raise
-            raise ValueError(f"{path}: neither a torch zip checkpoint nor a legacy torch checkpoint ({e})") from None
+        except ForbiddenGlobalError:
+            raise
+        except Exception as e:  # whatever the first bytes of a file that is no pickle make the unpickler raise
+            raise ValueError(f"{path}: neither a torch zip checkpoint nor a legacy torch checkpoint "
+                             f"({type(e).__name__}: {e})") from None
         if magic != LEGACY_MAGIC:
             raise ValueError(f"{path}: not a torch checkpoint (magic number {magic!r}, expected {LEGACY_MAGIC:#x})")
         protocol = load()
@@ -260,7 +268,8 @@ def load_state_dict(path):
     """`{name: numpy array}` (an `OrderedDict`, in the file's order) of a torch state dict file.
 
     Raises:
-        pickle.UnpicklingError: the pickle references a global outside the state-dict allow-list, or is malformed.
+        ForbiddenGlobalError (a `pickle.UnpicklingError`): the pickle names a global outside the allow-list.
+        pickle.UnpicklingError: a malformed storage id or tensor.
         ValueError: the file is not a torch checkpoint, or a storage is missing/truncated.
     """
     path = str(path)

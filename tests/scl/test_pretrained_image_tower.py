@@ -184,7 +184,8 @@ def test_reader_refuses_a_forbidden_global(tmp_path, layout):
         with open(path, "wb") as f:
             _legacy_headers(f)
             pickle.dump(obj, f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError, match=r"evil\.pth: refusing to unpickle the global (posix|os)\.system"):
+    refused = r"evil\.pth: refusing to unpickle the global (posix|os)\.system"
+    with pytest.raises(torch_weights.ForbiddenGlobalError, match=refused):
         torch_weights.load_state_dict(path)
     assert not marker.exists()
 
@@ -194,7 +195,7 @@ def test_reader_refuses_other_globals_and_bad_files(fake_torch, tmp_path):
         path = tmp_path / "bad.pth"
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("archive/data.pkl", pickle.dumps({"x": forbidden}, protocol=2))
-        with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle the global"):
+        with pytest.raises(torch_weights.ForbiddenGlobalError, match="refusing to unpickle the global"):
             torch_weights.load_state_dict(str(path))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint at all")
