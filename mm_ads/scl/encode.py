@@ -28,7 +28,7 @@ COLUMNS = {"text": "title", "image": "image"}
 
 def load_encoder(path):
     """Loads an `encoder.keras` written by `python -m mm_ads.train --task=scl`."""
-    from mm_ads.scl import image_tower, text_tower  # noqa: F401  (registers the serializable classes)
+    from mm_ads.scl import image_tower, pretrained_image_tower, text_tower  # noqa: F401  (registers the classes)
 
     return keras.saving.load_model(path)
 
