@@ -26,6 +26,11 @@ Queries that are themselves catalogue items (e.g. "the movie a user liked next" 
 previous movie's text): pass `exclude_ids` with the query's own item id and that candidate is left out of
 the query's ranking. Otherwise an encoder finds the query's own item first (its text is the query), and Acc@1
 measures nothing.
+
+A fixed candidate set (e.g. every image of a catalogue, most of which are no test query's positive): pass
+`candidate_vectors` and `candidate_ids` with `positive_ids`. The candidates are then the distinct ids of the
+given candidates and the positives together (a positive missing from the given set is still ranked; an id in
+both is represented by the given candidate's vector).
 """
 
 import numpy as np
@@ -68,7 +73,7 @@ def dedupe_by_id(positive_ids, positive_vectors):
 
 
 def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positive_ids=None, ties="pessimistic",
-             exclude_ids=None):
+             exclude_ids=None, candidate_vectors=None, candidate_ids=None):
     """Exact Acc@N (paper eq. 6) by dot product against all test positives.
 
     Args:
@@ -82,6 +87,9 @@ def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positiv
         exclude_ids: optional [D] item id per query (needs `positive_ids`): that candidate is left out of
             query i's ranking (the query's own item, when queries are items); ids not among the candidates,
             negative ids and an id equal to the query's positive exclude nothing.
+        candidate_vectors: optional [M, dim] further candidates (needs `positive_ids` and `candidate_ids`):
+            every query is ranked against them and the positives, deduplicated by id.
+        candidate_ids: optional [M] item ids of `candidate_vectors`.
 
     Returns:
         dict `{"acc@N": float}` for each N in `ns`.
@@ -106,19 +114,34 @@ def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positiv
         )
     if len(queries) == 0:
         raise ValueError("acc_at_n: empty input (no queries)")
+    if (candidate_vectors is None) != (candidate_ids is None):
+        raise ValueError("acc_at_n: candidate_vectors and candidate_ids go together")
     if positive_ids is None:
         if exclude_ids is not None:
             raise ValueError("acc_at_n: exclude_ids needs positive_ids (the candidates' item ids)")
+        if candidate_ids is not None:
+            raise ValueError("acc_at_n: candidate_ids needs positive_ids (the positives' item ids)")
         candidates, target = positives, np.arange(len(queries))
-    else:
+        distinct = None
+    elif candidate_ids is None:
         candidates, target = dedupe_by_id(positive_ids, positives)
+        distinct = np.unique(positive_ids)  # the candidates' ids, in candidate order
+    else:
+        extra = _vectors("candidate_vectors", candidate_vectors)
+        candidate_ids = np.asarray(candidate_ids)
+        if candidate_ids.shape != (len(extra),) or extra.shape[1:] != positives.shape[1:]:
+            raise ValueError(f"acc_at_n: candidate_ids (shape {candidate_ids.shape}) must hold one id per row of "
+                             f"candidate_vectors {extra.shape}, of the positives' width {positives.shape[1:]}")
+        all_ids = np.concatenate([candidate_ids.astype(np.int64), np.asarray(positive_ids).astype(np.int64)])
+        dedup, inverse = dedupe_by_id(all_ids, np.concatenate([extra, positives]))
+        candidates, target = dedup, inverse[len(extra):]
+        distinct = np.unique(all_ids)
     excluded = None
     if exclude_ids is not None:
         exclude_ids = np.asarray(exclude_ids)
         if exclude_ids.shape != (len(queries),):
             raise ValueError(f"acc_at_n: exclude_ids (shape {exclude_ids.shape}) must hold one id per query "
                              f"(n={len(queries)})")
-        distinct = np.unique(positive_ids)  # the candidates' ids, in candidate order
         where = np.minimum(np.searchsorted(distinct, exclude_ids), len(distinct) - 1)
         excluded = np.where((distinct[where] == exclude_ids) & (where != target), where, -1)  # [D], -1: none
     candidates_t = np.ascontiguousarray(candidates.T)  # [dim, M]

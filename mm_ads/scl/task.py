@@ -202,14 +202,58 @@ class SCLTask(Task):
             ids.append(features["positive_id"].numpy())
         return np.concatenate(queries), np.concatenate(positives), np.concatenate(ids)
 
+    def candidates(self):
+        """`(item ids [M], values [M])` of the dataset's fixed Acc@N candidate set, or None.
+
+        A dataset names one in `manifest.extra["candidates"]` = `{"component", "column", "modality"}` (the
+        image_folder catalogue: every catalogue image, `items.parquet`'s `image`); used when its modality is
+        this task's. Without it the candidates are the split's distinct positives."""
+        spec = self.manifest.extra.get("candidates")
+        if not spec or spec.get("modality", self.scl.modality) != self.scl.modality:
+            return None
+        if "candidates" not in self._columns_cache:
+            paths = self.manifest.files(spec["component"], "all")
+            try:
+                table = pa.concat_tables([pq.read_table(p, columns=["item_id", spec["column"]]) for p in paths])
+            except (pa.ArrowInvalid, KeyError, OSError) as e:
+                raise ValueError(f"{paths}: the candidate table named by manifest.extra['candidates'] = {spec} is "
+                                 f"not readable with columns item_id and {spec['column']!r} ({e})") from e
+            self._columns_cache["candidates"] = (table.column("item_id").to_numpy().astype(np.int64),
+                                                 np.asarray(table.column(spec["column"]).to_pylist(), dtype=object))
+        return self._columns_cache["candidates"]
+
+    def encode_values(self, encoder, values):
+        """float32 `[M, D]` vectors of raw values (texts, or encoded images decoded at `image_size`)."""
+        predict = self._predict_fns.get(encoder)
+        if predict is None:
+            predict = tf.function(lambda x: encoder(x, training=False), reduce_retracing=True)
+            self._predict_fns[encoder] = predict
+        ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(values), tf.string))
+        if self.scl.modality == "image":
+            size = self.scl.image_size
+            ds = ds.map(lambda x: augment_lib.decode_image(x, size), num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True)
+        out = [predict(batch).numpy() for batch in ds.batch(self.config.data.eval_batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.scl.output_dim), np.float32)
+
     def evaluate_encoder(self, encoder, split="eval"):
         """Exact Acc@1/5/10 (eq. 6) of any tower of this modality on a split: each query against all distinct
-        positives of the split (deduped by item id). Also used for untrained, zero-shot and CLIP-E towers."""
+        positives of the split (deduped by item id), or, when the dataset names a candidate set (`candidates`,
+        e.g. a whole catalogue), against all of it (and the positives). Also used for untrained, zero-shot and
+        CLIP-E towers."""
         queries, positives, ids = self.encode_split(encoder, split)
         own_items = self._columns(split).get(QUERY_ITEM_ID)  # the query's own item is not a candidate for it
-        result = acc_at_n(queries, positives, ns=(1, 5, 10), positive_ids=ids, exclude_ids=own_items)
+        fixed = self.candidates()
+        if fixed is None:
+            result = acc_at_n(queries, positives, ns=(1, 5, 10), positive_ids=ids, exclude_ids=own_items)
+            result["num_candidates"] = int(len(np.unique(ids)))
+        else:
+            cand_ids, values = fixed
+            result = acc_at_n(queries, positives, ns=(1, 5, 10), positive_ids=ids, exclude_ids=own_items,
+                              candidate_vectors=self.encode_values(encoder, values), candidate_ids=cand_ids)
+            result["num_candidates"] = int(len(np.union1d(cand_ids, ids)))
+            result["candidate_set"] = self.manifest.extra["candidates"]["component"]
         result["num_queries"] = int(len(ids))
-        result["num_candidates"] = int(len(np.unique(ids)))
         if self.scl.modality == "text" and hasattr(encoder, "oov_fraction"):
             cols = self._columns(split)
             result["oov_fraction"] = encoder.oov_fraction(list(cols["query"]) + list(cols["positive"]))

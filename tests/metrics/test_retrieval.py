@@ -119,6 +119,41 @@ def test_exclude_ids_leaves_the_query_item_out_of_its_own_ranking():
         acc_at_n(queries, positives, positive_ids=positive_ids, exclude_ids=[10])
 
 
+def test_fixed_candidates_rank_each_query_against_the_whole_set():
+    # 2 queries whose positives are items 1 and 2; the catalogue also holds items 3 and 4 that no query wants
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    positives = np.array([[0.9, 0.1], [0.1, 0.9]], np.float32)
+    ids = np.array([1, 2])
+    assert acc_at_n(queries, positives, ns=(1, 2), positive_ids=ids) == {"acc@1": 1.0, "acc@2": 1.0}
+    catalogue_ids = np.array([4, 1, 3, 2])
+    catalogue = np.array([[1.0, 0.0], [0.9, 0.1], [0.5, 0.5], [0.1, 0.9]], np.float32)  # item 4 beats query 0's
+    result = acc_at_n(queries, positives, ns=(1, 2, 3), positive_ids=ids, candidate_vectors=catalogue,
+                      candidate_ids=catalogue_ids)
+    assert result == {"acc@1": 0.5, "acc@2": 1.0, "acc@3": 1.0}
+    # naive reference: rank of each positive among the 4 distinct catalogue items, pessimistic ties
+    for q, pid in zip(queries, ids):
+        scores = dict(zip(catalogue_ids.tolist(), (catalogue @ q).tolist()))
+        rank = sum(s >= scores[pid] for k, s in scores.items() if k != pid)
+        assert rank == (1 if pid == 1 else 0)
+    # an id in both sets is represented by the candidate's vector: a positive copy that differs does not count
+    moved = acc_at_n(queries, np.array([[1.0, 0.0], [0.1, 0.9]], np.float32), ns=(1,), positive_ids=ids,
+                     candidate_vectors=catalogue, candidate_ids=catalogue_ids)
+    assert moved == {"acc@1": 0.5}
+    # a positive missing from the given candidates is still ranked
+    only_others = acc_at_n(queries, positives, ns=(1, 3), positive_ids=ids, candidate_vectors=catalogue[[0, 2]],
+                           candidate_ids=[4, 3])
+    assert only_others == {"acc@1": 0.5, "acc@3": 1.0}
+    # exclude_ids reaches the fixed candidates too: leaving item 4 out of query 0's ranking
+    assert acc_at_n(queries, positives, ns=(1,), positive_ids=ids, candidate_vectors=catalogue,
+                    candidate_ids=catalogue_ids, exclude_ids=[4, -1]) == {"acc@1": 1.0}
+    with pytest.raises(ValueError, match="go together"):
+        acc_at_n(queries, positives, positive_ids=ids, candidate_vectors=catalogue)
+    with pytest.raises(ValueError, match="candidate_ids needs positive_ids"):
+        acc_at_n(queries, positives, candidate_vectors=catalogue, candidate_ids=catalogue_ids)
+    with pytest.raises(ValueError, match="one id per row"):
+        acc_at_n(queries, positives, positive_ids=ids, candidate_vectors=catalogue, candidate_ids=[1, 2])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
