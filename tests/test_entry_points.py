@@ -8,7 +8,7 @@ import pytest
 
 ENTRY_POINTS = {
     "mm_ads.data.synthetic": "--num_items",
-    "mm_ads.data.prepare": "--format",
+    "mm_ads.data.prepare": ("--format", "--catalogue", "--class_depth", "--on_unmatched"),
     "mm_ads.train": ("--variant", "--make_epochs", "--[no]make_trainable", "--make_learning_rate", "--make_units"),
     "mm_ads.export": "--export_base",
     "mm_ads.encode": "--register",

@@ -11,6 +11,8 @@ python -m mm_ads.data.prepare --format=product_pairs --input=../shared/data/prod
     --output_dir=/tmp/abt_buy
 python -m mm_ads.data.prepare --format=image_folder \
     --input=../shared/data/images/clothing-small-96px.tar.gz --output_dir=/tmp/clothing
+python -m mm_ads.data.prepare --format=image_folder --input=photos --catalogue=catalogue --class_depth=2 \
+    --output_dir=/tmp/shop
 ```
 
 The input layouts, outputs and decisions of each format are documented in its reader module,
@@ -85,12 +87,26 @@ _ALLOW_MISSING_TRAIN = flags.DEFINE_boolean(
 _ON_CORRUPT = flags.DEFINE_enum("on_corrupt", "skip", ("skip", "error"),
                                 "image_folder: photos that do not decode: skip with a warning, or fail.")
 
+_CATALOGUE = flags.DEFINE_string(
+    "catalogue", None, "image_folder: the catalogue tree (directory or .tar/.tar.gz/.tgz) of reference images per "
+    "product, [<split>/]<class path>/<file>; --input is then the tree of users' photos and the pairs are <photo, "
+    "catalogue image of its product, catalogue image of a sibling product> (see "
+    "mm_ads/data/readers/image_catalogue.py).")
+_CLASS_DEPTH = flags.DEFINE_integer(
+    "class_depth", 0, "image_folder with --catalogue: how many leading folders under the split (query tree) or "
+    "the root (catalogue tree) name a product, e.g. 2 for <department>/<product>/<variant>/*.jpg "
+    "(0 = the whole parent path).", lower_bound=0)
+_ON_UNMATCHED = flags.DEFINE_enum(
+    "on_unmatched", "skip", ("skip", "error"),
+    "image_folder with --catalogue: photos whose product has no catalogue image: skip with a counted warning, "
+    "or fail.")
+
 _FORMAT_FLAGS = {
     "taobao_mm": (_SEQ_LEN, _NUM_BUCKETS, _ON_MISSING_USER, _ROWS_PER_SHARD),
     "movielens": (_SEQ_LEN, _MIN_RATING, _NEGATIVES, _NEGATIVE_SAMPLING, _SPLIT, _VALID_FRACTION, _TEST_FRACTION,
                   _MAX_TAGS, _PAIR_LIKE, _PAIR_DISLIKE, _MAX_USERS, _ROWS_PER_SHARD),
     "product_pairs": (_MAX_DESCRIPTION_WORDS, _INCLUDE_PRICE, _SPLIT_FILES, _ALLOW_MISSING_TRAIN),
-    "image_folder": (_TEST_FRACTION, _ON_CORRUPT),
+    "image_folder": (_TEST_FRACTION, _ON_CORRUPT, _CATALOGUE, _CLASS_DEPTH, _ON_UNMATCHED),
 }
 
 flags.mark_flags_as_required(["format", "input", "output_dir"])

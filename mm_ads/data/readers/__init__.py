@@ -8,7 +8,8 @@ layout in its module docstring:
   * `movielens`     — GroupLens `ratings.csv` / `movies.csv` / `tags.csv`, or ml-100k's `u.data` / `u.item` /
                       `u.user` (implicit-feedback CTR + tag or co-liked text pairs).
   * `product_pairs` — the ER-Magellan product-matching benchmark (text pre-training pairs).
-  * `image_folder`  — class-per-subfolder photos, a directory or a `.tar(.gz)` (image pre-training pairs).
+  * `image_folder`  — class-per-subfolder photos, a directory or a `.tar(.gz)` (image pre-training pairs); with
+                      a catalogue tree, users' photos → their product's catalogue image (`image_catalogue`).
 
 Malformed input raises `DataFormatError` naming the file, the line/row/member, the field and what was
 expected; the output directory is then left untouched (the `DatasetWriter` is atomic).

@@ -28,6 +28,11 @@ Every image is fully decoded with Pillow; a file that does not decode is skipped
 read as a number in [0, 1), is below `test_fraction`: each class gets about that share, and a photo's split
 never depends on the other files (adding photos later moves none of the existing ones across splits).
 All photos are held in memory while writing.
+
+With a catalogue (`prepare(..., catalogue=PATH)`, `--catalogue`), the input is instead a tree of users' photos
+in possibly nested class folders, matched to a second tree of reference images per product: pairs are <photo,
+catalogue image of its product, catalogue image of a sibling product>, and Acc@N ranks against the whole
+catalogue. See `mm_ads.data.readers.image_catalogue`.
 """
 
 import hashlib
@@ -140,8 +145,12 @@ def _hard_negatives(class_ids, item_ids, rng, rounds=20):
 
 
 def prepare(input_path, output_dir, test_fraction=0.1, on_corrupt="skip", name=None, seed=0, overwrite=False,
-            provenance=None):
+            provenance=None, catalogue=None, class_depth=0, on_unmatched="skip"):
     """Converts a class-per-subfolder photo collection into image tables and image pre-training pairs.
+
+    With `catalogue` (a second tree of reference images per product), `input_path` is the tree of users'
+    photos and the pairs are <photo, its product's catalogue image, a sibling product's catalogue image>:
+    see `mm_ads.data.readers.image_catalogue` (nested class folders, `class_depth`, `on_unmatched`).
 
     Args:
         input_path: a directory or a .tar/.tar.gz/.tgz archive with the layout in the module docstring.
@@ -152,6 +161,10 @@ def prepare(input_path, output_dir, test_fraction=0.1, on_corrupt="skip", name=N
         seed: seed of the split (without split folders) and of the hard negatives.
         overwrite: replace an existing non-empty `output_dir`.
         provenance: extra provenance (e.g. the command line) merged into the manifest's.
+        catalogue: optional catalogue tree (directory or archive); switches to photo → catalogue pairs.
+        class_depth: with `catalogue`: leading class folders that name a product (0 = the whole parent path).
+        on_unmatched: with `catalogue`: "skip" (warn and count) or "error" for photos of products that have
+            no catalogue image.
 
     Returns:
         The written `Manifest`.
@@ -160,6 +173,15 @@ def prepare(input_path, output_dir, test_fraction=0.1, on_corrupt="skip", name=N
         raise ValueError(f"on_corrupt must be one of {CORRUPT_POLICIES}, got {on_corrupt!r}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if catalogue:
+        from mm_ads.data.readers.image_catalogue import prepare_catalogue
+
+        return prepare_catalogue(input_path, catalogue, output_dir, class_depth=class_depth,
+                                 on_unmatched=on_unmatched, test_fraction=test_fraction, on_corrupt=on_corrupt,
+                                 name=name, seed=seed, overwrite=overwrite, base_provenance=provenance)
+    if class_depth:
+        raise ValueError(f"class_depth={class_depth} needs a catalogue: without one, classes are the folders "
+                         "right under the split (or the root)")
     files = sorted(iter_files(input_path))
     if not files:
         raise FileNotFoundError(f"{input_path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
