@@ -30,7 +30,10 @@ measures nothing.
 A fixed candidate set (e.g. every image of a catalogue, most of which are no test query's positive): pass
 `candidate_vectors` and `candidate_ids` with `positive_ids`. The candidates are then the distinct ids of the
 given candidates and the positives together (a positive missing from the given set is still ranked; an id in
-both is represented by the given candidate's vector).
+both is represented by the given candidate's vector). With `candidate_groups` (e.g. the product of each
+catalogue image, when a product has several), a query is correct at N when the best-scoring candidate of its
+positive's group is within the top N of the candidates **outside** that group: another image of the right
+product is a hit, not a competitor (a positive missing from the given candidates is a group of its own).
 """
 
 import numpy as np
@@ -73,7 +76,7 @@ def dedupe_by_id(positive_ids, positive_vectors):
 
 
 def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positive_ids=None, ties="pessimistic",
-             exclude_ids=None, candidate_vectors=None, candidate_ids=None):
+             exclude_ids=None, candidate_vectors=None, candidate_ids=None, candidate_groups=None):
     """Exact Acc@N (paper eq. 6) by dot product against all test positives.
 
     Args:
@@ -90,6 +93,8 @@ def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positiv
         candidate_vectors: optional [M, dim] further candidates (needs `positive_ids` and `candidate_ids`):
             every query is ranked against them and the positives, deduplicated by id.
         candidate_ids: optional [M] item ids of `candidate_vectors`.
+        candidate_groups: optional [M] int group of each given candidate (needs `candidate_ids`): the query's
+            positive group counts as one (see the module docstring).
 
     Returns:
         dict `{"acc@N": float}` for each N in `ns`.
@@ -136,6 +141,19 @@ def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positiv
         dedup, inverse = dedupe_by_id(all_ids, np.concatenate([extra, positives]))
         candidates, target = dedup, inverse[len(extra):]
         distinct = np.unique(all_ids)
+    group = None
+    if candidate_groups is not None:
+        if candidate_ids is None:
+            raise ValueError("acc_at_n: candidate_groups needs candidate_vectors and candidate_ids")
+        candidate_groups = np.asarray(candidate_groups).astype(np.int64)
+        if candidate_groups.shape != candidate_ids.shape:
+            raise ValueError(f"acc_at_n: candidate_groups (shape {candidate_groups.shape}) must hold one group per "
+                             f"candidate (n={len(candidate_ids)})")
+        # the group of each distinct candidate (positives outside the given set: a new group each)
+        fresh = candidate_groups.max(initial=0) + 1 + np.arange(len(positive_ids), dtype=np.int64)
+        all_groups = np.concatenate([candidate_groups, fresh])
+        _, first = np.unique(all_ids, return_index=True)
+        group = all_groups[first]  # [M'] in candidate order
     excluded = None
     if exclude_ids is not None:
         exclude_ids = np.asarray(exclude_ids)
@@ -153,7 +171,13 @@ def acc_at_n(query_vectors, positive_vectors, ns=(1, 5), chunk_size=256, positiv
         if excluded is not None:
             rows = np.flatnonzero(excluded[start:stop] >= 0)
             scores[rows, excluded[start:stop][rows]] = -np.inf
-        if ties == "pessimistic":
+        if group is not None:  # the best of the positive's group against the candidates outside it
+            same = group[None, :] == group[target[start:stop]][:, None]  # [c, M]
+            own = np.where(same, scores, -np.inf).max(axis=1, keepdims=True)
+            scores = np.where(same, -np.inf, scores)
+            ranks[start:stop] = (np.count_nonzero(scores >= own, axis=1) if ties == "pessimistic"
+                                 else np.count_nonzero(scores > own, axis=1))
+        elif ties == "pessimistic":
             ranks[start:stop] = np.count_nonzero(scores >= own, axis=1) - 1  # minus the positive itself
         else:
             ranks[start:stop] = np.count_nonzero(scores > own, axis=1)

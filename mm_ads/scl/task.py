@@ -203,23 +203,28 @@ class SCLTask(Task):
         return np.concatenate(queries), np.concatenate(positives), np.concatenate(ids)
 
     def candidates(self):
-        """`(item ids [M], values [M])` of the dataset's fixed Acc@N candidate set, or None.
+        """`(item ids [M], values [M], groups [M] or None)` of the dataset's fixed Acc@N candidate set, or None.
 
-        A dataset names one in `manifest.extra["candidates"]` = `{"component", "column", "modality"}` (the
-        image_folder catalogue: every catalogue image, `items.parquet`'s `image`); used when its modality is
-        this task's. Without it the candidates are the split's distinct positives."""
+        A dataset names one in `manifest.extra["candidates"]` = `{"component", "column", "modality"}` and
+        optionally `"group_column"` (the image_folder catalogue: every catalogue image, `items.parquet`'s `image`,
+        grouped by product `class_id`); used when its modality is this task's. Without it the candidates are the
+        split's distinct positives."""
         spec = self.manifest.extra.get("candidates")
         if not spec or spec.get("modality", self.scl.modality) != self.scl.modality:
             return None
         if "candidates" not in self._columns_cache:
             paths = self.manifest.files(spec["component"], "all")
+            columns = ["item_id", spec["column"]] + ([spec["group_column"]] if spec.get("group_column") else [])
             try:
-                table = pa.concat_tables([pq.read_table(p, columns=["item_id", spec["column"]]) for p in paths])
+                table = pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
             except (pa.ArrowInvalid, KeyError, OSError) as e:
                 raise ValueError(f"{paths}: the candidate table named by manifest.extra['candidates'] = {spec} is "
-                                 f"not readable with columns item_id and {spec['column']!r} ({e})") from e
+                                 f"not readable with columns {columns} ({e})") from e
+            groups = (table.column(spec["group_column"]).to_numpy().astype(np.int64)
+                      if spec.get("group_column") else None)
             self._columns_cache["candidates"] = (table.column("item_id").to_numpy().astype(np.int64),
-                                                 np.asarray(table.column(spec["column"]).to_pylist(), dtype=object))
+                                                 np.asarray(table.column(spec["column"]).to_pylist(), dtype=object),
+                                                 groups)
         return self._columns_cache["candidates"]
 
     def encode_values(self, encoder, values):
@@ -239,8 +244,9 @@ class SCLTask(Task):
     def evaluate_encoder(self, encoder, split="eval"):
         """Exact Acc@1/5/10 (eq. 6) of any tower of this modality on a split: each query against all distinct
         positives of the split (deduped by item id), or, when the dataset names a candidate set (`candidates`,
-        e.g. a whole catalogue), against all of it (and the positives). Also used for untrained, zero-shot and
-        CLIP-E towers."""
+        e.g. a whole catalogue), against all of it (and the positives); with groups (products of several
+        catalogue images), acc@N asks for any candidate of the positive's group and item_acc@N for the positive
+        itself. Also used for untrained, zero-shot and CLIP-E towers."""
         queries, positives, ids = self.encode_split(encoder, split)
         own_items = self._columns(split).get(QUERY_ITEM_ID)  # the query's own item is not a candidate for it
         fixed = self.candidates()
@@ -248,9 +254,14 @@ class SCLTask(Task):
             result = acc_at_n(queries, positives, ns=(1, 5, 10), positive_ids=ids, exclude_ids=own_items)
             result["num_candidates"] = int(len(np.unique(ids)))
         else:
-            cand_ids, values = fixed
-            result = acc_at_n(queries, positives, ns=(1, 5, 10), positive_ids=ids, exclude_ids=own_items,
-                              candidate_vectors=self.encode_values(encoder, values), candidate_ids=cand_ids)
+            cand_ids, values, groups = fixed
+            vectors = self.encode_values(encoder, values)
+            kwargs = dict(ns=(1, 5, 10), positive_ids=ids, exclude_ids=own_items, candidate_vectors=vectors,
+                          candidate_ids=cand_ids)
+            result = acc_at_n(queries, positives, candidate_groups=groups, **kwargs)
+            if groups is not None:  # acc@N: the right group (product); item_acc@N: the pair's own positive
+                result.update({f"item_{k}": v for k, v in acc_at_n(queries, positives, **kwargs).items()})
+                result["num_candidate_groups"] = int(len(np.unique(groups)))
             result["num_candidates"] = int(len(np.union1d(cand_ids, ids)))
             result["candidate_set"] = self.manifest.extra["candidates"]["component"]
         result["num_queries"] = int(len(ids))

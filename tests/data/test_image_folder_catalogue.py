@@ -93,7 +93,8 @@ def test_nested_photos_against_a_flat_catalogue(tmp_path, caplog):
     m = image_folder.prepare(str(photos_dir), out, catalogue=str(cat_dir), class_depth=2, seed=3)
     assert m.extra["pairs_need_augmentation"] is False
     assert m.extra["classes"] == sorted(CATALOGUE)
-    assert m.extra["candidates"] == {"component": "items", "column": "image", "modality": "image"}
+    assert m.extra["candidates"] == {"component": "items", "column": "image", "group_column": "class_id",
+                                     "modality": "image"}
     assert m.provenance["catalogue"] == str(cat_dir) and m.extra["unmatched"] == {"hats/beanie": 2}
     assert m.extra["layout"] == {"query": "<split>/<class path>/<file>", "catalogue": "<class path>/<file>",
                                  "query_splits": "folders"}
@@ -312,18 +313,37 @@ def test_scl_ranks_test_photos_against_the_whole_catalogue(tmp_path, repo_root):
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
     assert metrics["num_candidates"] == 24 and metrics["num_queries"] == 24 and metrics["candidate_set"] == "items"
-    assert 0.0 <= metrics["acc@1"] <= metrics["acc@5"] <= metrics["acc@10"] <= 1.0
+    assert metrics["num_candidate_groups"] == 16
+    for n in (1, 5, 10):  # any image of the right product (acc) is a weaker ask than the pair's own (item_acc)
+        assert 0.0 <= metrics[f"item_acc@{n}"] <= metrics[f"acc@{n}"] <= 1.0
+    assert metrics["acc@1"] <= metrics["acc@5"] <= metrics["acc@10"]
 
-    # without the catalogue named as candidates, the same encoder ranks against the test positives only
+    # the same numbers by a naive loop over the whole catalogue, for an untrained encoder
     config = ExperimentConfig.from_json(json.load(open(os.path.join(model_dir, "config.json"))))
     task = SCLTask(config)
     encoder = task.build_model().encoder
     with_catalogue = task.evaluate_encoder(encoder)
+    queries, _, positive_ids = task.encode_split(encoder, "eval")
+    items = _read(data_dir, "items.parquet")
+    vectors = task.encode_values(encoder, items["image"])
+    product = dict(zip(items["item_id"], items["class_id"]))
+    ranks, item_ranks = [], []
+    for q, pid in zip(queries, positive_ids):
+        scores = vectors @ q
+        own = scores[items["item_id"].index(pid)]
+        mine = np.array([product[i] == product[pid] for i in items["item_id"]])
+        ranks.append(int((scores[~mine] >= scores[mine].max()).sum()))
+        item_ranks.append(int((scores >= own).sum()) - 1)
+    for n in (1, 5, 10):
+        assert with_catalogue[f"acc@{n}"] == pytest.approx(np.mean(np.array(ranks) < n))
+        assert with_catalogue[f"item_acc@{n}"] == pytest.approx(np.mean(np.array(item_ranks) < n))
+    # without the catalogue named as candidates, the same encoder ranks against the test positives only
     task.manifest.extra.pop("candidates")
     without = task.evaluate_encoder(encoder)
     assert with_catalogue["num_candidates"] == 24 and without["num_candidates"] == len(test_positives)
+    assert "item_acc@1" not in without
     for n in (1, 5, 10):  # more candidates can only push a positive down
-        assert with_catalogue[f"acc@{n}"] <= without[f"acc@{n}"]
+        assert with_catalogue[f"item_acc@{n}"] <= without[f"acc@{n}"]
 
 
 def test_real_clothing_photos_as_photos_and_catalogue(shared_data, tmp_path):

@@ -154,6 +154,31 @@ def test_fixed_candidates_rank_each_query_against_the_whole_set():
         acc_at_n(queries, positives, positive_ids=ids, candidate_vectors=catalogue, candidate_ids=[1, 2])
 
 
+def test_candidate_groups_count_any_image_of_the_right_product():
+    # catalogue: product 0 has images 10 and 11, product 1 has image 20, product 2 has image 30
+    catalogue_ids = np.array([10, 11, 20, 30])
+    groups = np.array([0, 0, 1, 2])
+    catalogue = np.array([[1.0, 0.0], [0.7, 0.7], [0.8, 0.6], [0.0, 1.0]], np.float32)
+    queries = np.array([[1.0, 0.0], [0.6, 0.8]], np.float32)
+    positive_ids = np.array([11, 20])  # query 0's positive is product 0's second image
+    kwargs = dict(positive_ids=positive_ids, candidate_vectors=catalogue, candidate_ids=catalogue_ids)
+    positives = catalogue[[1, 2]]
+    # per image: query 0 sees 10 (1.0) and 20 (0.8) above 11 (0.7): rank 2; query 1 sees 11 (0.98) above 20 (0.96)
+    assert acc_at_n(queries, positives, ns=(1, 2, 3), **kwargs) == {"acc@1": 0.0, "acc@2": 0.5, "acc@3": 1.0}
+    # per product: query 0's best product-0 image (10, 1.0) beats all others: rank 0; query 1: 11 (0.98, another
+    # product) beats 20 (0.96): rank 1
+    assert acc_at_n(queries, positives, ns=(1, 2), candidate_groups=groups, **kwargs) == {"acc@1": 0.5, "acc@2": 1.0}
+    # naive reference
+    for q, pid, want in zip(queries, positive_ids, (0, 1)):
+        scores = catalogue @ q
+        mine = groups == groups[list(catalogue_ids).index(pid)]
+        assert int((scores[~mine] >= scores[mine].max()).sum()) == want
+    with pytest.raises(ValueError, match="one group per candidate"):
+        acc_at_n(queries, positives, candidate_groups=[0, 1], **kwargs)
+    with pytest.raises(ValueError, match="candidate_groups needs"):
+        acc_at_n(queries, positives, positive_ids=positive_ids, candidate_groups=groups)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -34,8 +34,11 @@ query photo are still candidates.
 
 Output (written atomically by `DatasetWriter`):
   * `items.parquet`: the catalogue, one row per distinct image (item_id, path, class_name = product key,
-    class_id, image, width, height); `manifest.extra["candidates"]` names it, and SCL's Acc@N then ranks each
-    query against every catalogue image instead of the split's distinct positives; `mm_ads.encode` encodes it;
+    class_id, image, width, height); `manifest.extra["candidates"]` names it (grouped by class_id), and SCL's
+    Acc@N then ranks each query against every catalogue image instead of the split's distinct positives:
+    `acc@N` = an image of the photo's product is within the top N of the other products' images (another
+    image of the same product is a hit, not a competitor), `item_acc@N` = the pair's own positive image is
+    within the top N of all catalogue images; `mm_ads.encode` encodes it;
   * `images-{split}.parquet`: the matched query photos (item_id = fingerprint of the photo, path, class_name,
     class_id, image, width, height);
   * `pretrain/image_pairs-{split}.parquet`: the pairs above;
@@ -58,7 +61,7 @@ from mm_ads.data.readers.common import DataFormatError, fingerprint_bytes
 from mm_ads.data.readers.image_folder import IMAGE_EXTENSIONS, SPLIT_NAMES, decode, hash_split, iter_files
 
 UNMATCHED_POLICIES = ("skip", "error")
-CANDIDATES = {"component": "items", "column": "image", "modality": "image"}
+CANDIDATES = {"component": "items", "column": "image", "group_column": "class_id", "modality": "image"}
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError)
 
 
