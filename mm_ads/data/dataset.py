@@ -39,6 +39,10 @@ PAIR_COLUMNS = ("query", "positive", "negative", "positive_id", "negative_id")
 # query = the text of the movie liked before). SCL masks that item out of the query's negatives and Acc@N out
 # of its candidates; -1 = the query is not an item.
 QUERY_ITEM_ID = "query_item_id"
+# Optional: an id of what makes two positives "the same" for the contrastive loss when that is coarser than the
+# item (e.g. the product of a catalogue image, when a product has several images). SCL masks keys with the
+# query's positive group as false negatives (in the batch and the queue) instead of keys of the same item only.
+POSITIVE_GROUP_ID = "positive_group_id"
 
 
 class Manifest:

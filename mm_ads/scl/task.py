@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from mm_ads.data.dataset import QUERY_ITEM_ID, Manifest
+from mm_ads.data.dataset import POSITIVE_GROUP_ID, QUERY_ITEM_ID, Manifest
 from mm_ads.metrics.retrieval import acc_at_n
 from mm_ads.scl import augment as augment_lib
 from mm_ads.scl.image_tower import ImageTower
@@ -103,6 +103,8 @@ class SCLTask(Task):
                 cols[c] = table.column(c).to_numpy().astype(np.int64)
             if QUERY_ITEM_ID in table.column_names:  # queries that are catalogue items themselves
                 cols[QUERY_ITEM_ID] = table.column(QUERY_ITEM_ID).to_numpy().astype(np.int64)
+            if POSITIVE_GROUP_ID in table.column_names:  # positives that are the same product share a group
+                cols[POSITIVE_GROUP_ID] = table.column(POSITIVE_GROUP_ID).to_numpy().astype(np.int64)
             self._columns_cache[name] = cols
         return self._columns_cache[name]
 
@@ -151,8 +153,9 @@ class SCLTask(Task):
         queries = model(features["query"], training=training)  # [b, D]
         keys = model.keys(features["positive"])  # [b, D]
         # tf.identity places the ids on this replica's device: a collective (all_gather under
-        # MultiWorkerMirroredStrategy) rejects an input-pipeline tensor that has no device
-        ids = tf.identity(tf.cast(features["positive_id"], tf.int64))  # [b]
+        # MultiWorkerMirroredStrategy) rejects an input-pipeline tensor that has no device. The ids that mask
+        # false negatives (and go into the queue) are the positives' groups when the pairs have them.
+        ids = tf.identity(tf.cast(features.get(POSITIVE_GROUP_ID, features["positive_id"]), tf.int64))  # [b]
         ctx = tf.distribute.get_replica_context()
         b = tf.shape(ids)[0]
         if ctx is not None and ctx.num_replicas_in_sync > 1:
@@ -172,7 +175,8 @@ class SCLTask(Task):
         if scl.use_triplet and scl.triplet_weight > 0:
             neg_ids = tf.cast(features["negative_id"], tf.int64)
             negatives = model.keys(features["negative"])  # [b, D]
-            has_negative = tf.logical_and(neg_ids >= 0, tf.not_equal(neg_ids, ids))
+            pos_ids = tf.cast(features["positive_id"], tf.int64)
+            has_negative = tf.logical_and(neg_ids >= 0, tf.not_equal(neg_ids, pos_ids))
             loss += scl.triplet_weight * triplet(queries, keys, negatives, scl.triplet_margin, has_negative)
         return loss, ((all_keys, all_ids) if model.use_queue else None)
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mm_ads.data.readers import DataFormatError, image_folder
+from mm_ads.data.readers import DataFormatError, image_catalogue, image_folder
 from mm_ads.data.readers.common import fingerprint_bytes
 
 
@@ -121,6 +121,7 @@ def test_nested_photos_against_a_flat_catalogue(tmp_path, caplog):
                 "hats/cap": {"hats/fedora"}}.get(product)
         assert want is None or product_of[neg] in want
     assert pairs["class_id"] == photos_tab["class_id"]
+    assert pairs["positive_group_id"] == [image_catalogue.product_id(c) for c in photos_tab["class_name"]]
     assert [m.extra["classes"][c] for c in pairs["negative_class_id"]] == [product_of[n] for n in pairs["negative_id"]]
     # both catalogue images of the boots serve as positives (seeded per photo)
     boots = {p for p, c in zip(pairs["positive_id"], photos_tab["class_name"]) if c == "shoes/boots"}
@@ -337,6 +338,19 @@ def test_scl_ranks_test_photos_against_the_whole_catalogue(tmp_path, repo_root):
     for n in (1, 5, 10):
         assert with_catalogue[f"acc@{n}"] == pytest.approx(np.mean(np.array(ranks) < n))
         assert with_catalogue[f"item_acc@{n}"] == pytest.approx(np.mean(np.array(item_ranks) < n))
+    # the loss masks keys of the same product (positive_group_id) as false negatives: with one group for the
+    # whole batch only the own positive is left in each row's InfoNCE, so every row's loss drops
+    import tensorflow as tf
+
+    model = task.build_model()
+    features, labels = next(iter(task.build_inputs("train", 16, training=False)))
+    assert len(set(features["positive_group_id"].numpy())) < 16  # products repeat within the batch
+    loss_products, _ = task.per_example_loss(model, features, labels, training=False)
+    by_item = {k: v for k, v in features.items() if k != "positive_group_id"}
+    loss_items, _ = task.per_example_loss(model, by_item, labels, training=False)
+    one_group = dict(features, positive_group_id=tf.fill([16], tf.constant(7, tf.int64)))
+    loss_one, _ = task.per_example_loss(model, one_group, labels, training=False)
+    assert (loss_one.numpy() < loss_products.numpy()).all() and (loss_products.numpy() <= loss_items.numpy()).all()
     # without the catalogue named as candidates, the same encoder ranks against the test positives only
     task.manifest.extra.pop("candidates")
     without = task.evaluate_encoder(encoder)

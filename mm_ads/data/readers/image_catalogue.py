@@ -26,7 +26,8 @@ Pairs (one per matched query photo, in every split):
     `<split>_negative_fallback`); b"" / -1 when the catalogue has a single product;
   * positive_id / negative_id = `fingerprint_bytes` of the catalogue image (its item id); class_id /
     negative_class_id = the products' indices in the sorted catalogue product keys (`manifest.extra
-    ["classes"]`).
+    ["classes"]`); positive_group_id = `product_id(key)`: SCL masks another image of the same product (in the
+    batch or the queue) as a false negative instead of pushing it away.
 
 A query photo whose product has no catalogue image is skipped with a warning (`on_unmatched="skip"`, counted
 in the stats with its products listed) or raises `DataFormatError` (`"error"`). Catalogue products without any
@@ -56,7 +57,7 @@ import pyarrow as pa
 from absl import logging
 from PIL import Image
 
-from mm_ads.data.dataset import DatasetWriter
+from mm_ads.data.dataset import POSITIVE_GROUP_ID, DatasetWriter
 from mm_ads.data.readers.common import DataFormatError, fingerprint_bytes
 from mm_ads.data.readers.image_folder import IMAGE_EXTENSIONS, SPLIT_NAMES, decode, hash_split, iter_files
 
@@ -67,6 +68,11 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombWarni
 
 def _hash(seed, tag, rel):
     return int.from_bytes(hashlib.blake2b(f"{seed}:{tag}:{rel}".encode(), digest_size=8).digest(), "big")
+
+
+def product_id(key):
+    """The id of a product (its key's `fingerprint_bytes` with a prefix, never an image's id by accident)."""
+    return fingerprint_bytes(f"product:{key}".encode())
 
 
 def parse_tree(source, files, role, class_depth):
@@ -260,6 +266,7 @@ def prepare_catalogue(input_path, catalogue_path, output_dir, class_depth=0, on_
                 "positive_id": pa.array([items[i][0] for i in pos], pa.int64()),
                 "negative_id": pa.array([items[i][0] if i >= 0 else -1 for i in neg], pa.int64()),
                 "class_id": pa.array([product_index[r[1]] for r in rows], pa.int64()),
+                POSITIVE_GROUP_ID: pa.array([product_id(r[1]) for r in rows], pa.int64()),
                 "negative_class_id": pa.array([-1 if k is None else product_index[k] for k in neg_keys],
                                               pa.int64()),
             }), row_group_size=1024)
