@@ -191,14 +191,19 @@ class SCLTask(Task):
         return tf.group(ops)
 
     # -- evaluation ----------------------------------------------------------------------
-    def encode_split(self, encoder, split):
-        """(query vectors, positive vectors, positive ids) of a split, encoded by `encoder` (the query tower).
-        The rows are in the split's stored order (evaluation never shuffles)."""
-        ds = self.build_inputs(split, self.config.data.eval_batch_size, training=False)
+    def _predict_fn(self, encoder):
+        """`encoder`'s inference call as one `tf.function`, made once per encoder."""
         predict = self._predict_fns.get(encoder)
         if predict is None:
             predict = tf.function(lambda x: encoder(x, training=False), reduce_retracing=True)
             self._predict_fns[encoder] = predict
+        return predict
+
+    def encode_split(self, encoder, split):
+        """(query vectors, positive vectors, positive ids) of a split, encoded by `encoder` (the query tower).
+        The rows are in the split's stored order (evaluation never shuffles)."""
+        ds = self.build_inputs(split, self.config.data.eval_batch_size, training=False)
+        predict = self._predict_fn(encoder)
         queries, positives, ids = [], [], []
         for features, _ in ds:
             queries.append(predict(features["query"]).numpy())
@@ -233,10 +238,7 @@ class SCLTask(Task):
 
     def encode_values(self, encoder, values):
         """float32 `[M, D]` vectors of raw values (texts, or encoded images decoded at `image_size`)."""
-        predict = self._predict_fns.get(encoder)
-        if predict is None:
-            predict = tf.function(lambda x: encoder(x, training=False), reduce_retracing=True)
-            self._predict_fns[encoder] = predict
+        predict = self._predict_fn(encoder)
         ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(values), tf.string))
         if self.scl.modality == "image":
             size = self.scl.image_size
