@@ -18,6 +18,8 @@ MAKE_VARIANTS = ("make", "simtier_make")
 SIMTIER_VARIANTS = ("simtier", "simtier_make")
 # options that only the SimTier variants read
 SIMTIER_FIELDS = ("num_tiers", "tier_calibration", "tier_boundaries", "tier_transform")
+# options of the id embedding tables: MAKE alone (`make_only`) has none
+ID_TABLE_FIELDS = ("id_mapping", "admit_after", "unseen_row")
 ACTIVATIONS = ("relu", "prelu", "dice", "sigmoid", "gelu")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")

@@ -27,7 +27,7 @@ the ID model in phase B (the paper's "0 epochs" point of Fig. 6(c)).
 import copy
 import os
 
-from mm_ads.config import SIMTIER_FIELDS, CTRModelConfig
+from mm_ads.config import ID_TABLE_FIELDS, SIMTIER_FIELDS, CTRModelConfig
 from mm_ads.ctr.model import MAKE_LAYER
 from mm_ads.data.dataset import Manifest
 from mm_ads.training import model_dir as run_dir
@@ -59,10 +59,10 @@ def pretrain_config(config):
     cfg = copy.deepcopy(config)
     cfg.model_dir = os.path.join(config.model_dir, MAKE_DIR)
     cfg.model.variant = "make_only"
-    # SimTier's options do not enter MAKE alone: their defaults, so that make and simtier_make plan the same
-    # phase A (and a report shares it) whatever their SimTier settings
+    # SimTier's options and the id tables' do not enter MAKE alone (it has no id embedding): their defaults, so
+    # that make and simtier_make plan the same phase A (and a report shares it) whatever those settings
     defaults = CTRModelConfig()
-    for name in SIMTIER_FIELDS:
+    for name in SIMTIER_FIELDS + ID_TABLE_FIELDS:
         setattr(cfg.model, name, getattr(defaults, name))
     cfg.train.epochs = config.model.make_epochs
     if config.train.make_learning_rate:

@@ -564,8 +564,8 @@ def item_age_buckets(ages, edges=DEFAULT_AGE_EDGES):
     return np.searchsorted(edges, ages, side="right").astype(np.int8)
 
 
-def sliced_metrics(labels, probs, slice_ids, names=None, eps=1e-7):
-    """AUC, LogLoss, CTR and calibration per slice, from one sort.
+def sliced_metrics(labels, probs, slice_ids, names=None, eps=1e-7, groups=None, gauc_weighting="impressions"):
+    """AUC, LogLoss, CTR and calibration per slice, from one sort; GAUC per slice when `groups` are given.
 
     Args:
         labels: [n] 0/1 click labels.
@@ -575,15 +575,23 @@ def sliced_metrics(labels, probs, slice_ids, names=None, eps=1e-7):
             `num_examples` 0 and `nan` metrics) so reports have stable keys; unnamed ids present in
             the data are reported under `str(id)`.
         eps: LogLoss clipping, as in `logloss`.
+        groups: optional [n] user keys: each slice then also has "gauc" and "gauc_num_users", the group AUC
+            of the slice's examples (`gauc_details`: a user counts in a slice where the user has both a click
+            and a non-click among that slice's examples).
+        gauc_weighting: "impressions" or "uniform" (see `gauc_details`).
 
     Returns:
-        dict name → {"auc", "logloss", "num_examples", "ctr", "mean_prediction", "calibration"}.
+        dict name → {"auc", "logloss", "num_examples", "ctr", "mean_prediction", "calibration"} (+ "gauc",
+        "gauc_num_users" with `groups`).
     """
     caller = "sliced_metrics"
     labels = _labels(labels, caller)
     probs = _probs(probs, caller)
     slice_ids = _as_1d("slice_ids", slice_ids, caller)
     _check_lengths(caller, labels=labels, probs=probs, slice_ids=slice_ids)
+    if groups is not None:
+        groups = _groups(groups, caller)
+        _check_lengths(caller, labels=labels, groups=groups)
     if not np.issubdtype(slice_ids.dtype, np.integer):
         raise ValueError(f"{caller}: slice_ids must be integers, got dtype {slice_ids.dtype}")
     values, index = np.unique(slice_ids, return_inverse=True)
@@ -595,9 +603,16 @@ def sliced_metrics(labels, probs, slice_ids, names=None, eps=1e-7):
     per_slice_auc = stats.auc()
     names = dict(names or {})
     result = {name: _slice_entry(math.nan, math.nan, 0, 0.0, 0.0) for name in names.values()}
+    if groups is not None:
+        for entry in result.values():
+            entry.update(gauc=math.nan, gauc_num_users=0)
     for k, value in enumerate(values.tolist()):
         name = names.get(value, str(value))
         result[name] = _slice_entry(per_slice_auc[k], loss[k] / count[k], count[k], clicks[k], pred[k])
+        if groups is not None:
+            inside = index == k
+            details = gauc_details(labels[inside], probs[inside], groups[inside], gauc_weighting)
+            result[name].update(gauc=details.value, gauc_num_users=details.num_users)
     return result
 
 
@@ -744,8 +759,9 @@ class CTRMetrics:
             dict with "auc", "gauc" (`nan` without groups), "gauc_num_users", "logloss",
             "calibration", "num_examples", "ctr", "mean_prediction"; plus "slices" when item ids
             or ages were given: {"freq_1": {...}, ..., "freq_G": {...}, "new": {...}, "age_<1d": {...}}
-            with per-slice "auc", "logloss", "num_examples", "ctr", "mean_prediction", "calibration"
-            (frequency slices also "train_count_min"/"train_count_max" of their training items).
+            with per-slice "auc", "logloss", "num_examples", "ctr", "mean_prediction", "calibration" (and
+            "gauc", "gauc_num_users" when groups were given; frequency slices also "train_count_min" /
+            "train_count_max" of their training items).
 
         Raises:
             ValueError: nothing accumulated.
@@ -769,8 +785,9 @@ class CTRMetrics:
             "ctr": clicks / n,
             "mean_prediction": pred_sum / n,
         }
-        if chunks["groups"]:
-            details = gauc_details(labels, probs, np.concatenate(chunks["groups"]), self.gauc_weighting)
+        groups = np.concatenate(chunks["groups"]) if chunks["groups"] else None
+        if groups is not None:
+            details = gauc_details(labels, probs, groups, self.gauc_weighting)
             out["gauc"], out["gauc_num_users"] = details.value, details.num_users
         slices = {}
         if chunks["freq"] or chunks["item_ids"]:
@@ -784,14 +801,16 @@ class CTRMetrics:
                 )
                 freq = _apply_frequency_table(self._train[0], item_group, item_ids)
             names = frequency_slice_names(self.num_frequency_groups)
-            freq_slices = sliced_metrics(labels, probs, freq, names=names, eps=self.eps)
+            freq_slices = sliced_metrics(labels, probs, freq, names=names, eps=self.eps, groups=groups,
+                                         gauc_weighting=self.gauc_weighting)
             for g in range(1, self.num_frequency_groups + 1):
                 freq_slices[names[g]]["train_count_min"] = int(ranges[g - 1, 0])
                 freq_slices[names[g]]["train_count_max"] = int(ranges[g - 1, 1])
             slices.update((names[k], freq_slices[names[k]]) for k in [*range(1, self.num_frequency_groups + 1), 0])
         if chunks["age"]:
             names = age_bucket_names(self.age_edges)
-            slices.update(sliced_metrics(labels, probs, np.concatenate(chunks["age"]), names=names, eps=self.eps))
+            slices.update(sliced_metrics(labels, probs, np.concatenate(chunks["age"]), names=names, eps=self.eps,
+                                         groups=groups, gauc_weighting=self.gauc_weighting))
         if slices:
             out["slices"] = slices
         return out

@@ -25,7 +25,12 @@ cores) and `full` (the demo world and every Table 2 benchmark). Steps, all under
 6. `fig6a/` — the simtier model (seed 0) on the vectors of each row of `fig6a_rows`: Acc@1 vs GAUC.
 7. Fig 6b — from Table 3: relative AUC and LogLoss improvement of `simtier_make` over `id` per item-frequency
    group (freq_1 = rarest … freq_8) and new items, mean ± std over seeds.
-8. `fig6c/` — the `make` model (seed 0) with MAKE pre-trained for each of `fig6c_epochs` epochs (0 = joint),
+8. New items (paper section 6.4) — from Table 3: AUC and GAUC of every variant on the `new_item_slices` (`new` =
+   items without a training impression, `age_<1d` = impressions of items created less than a day before), against
+   id. `default_row_off/<variant>/seed<k>/` — each of `default_row_off_variants` re-run with admission off
+   (`admit_after=0`: an id never seen in training reads its randomly initialised row instead of the table's
+   default row), the same seeds: what the default row is worth on new items.
+9. `fig6c/` — the `make` model (seed 0) with MAKE pre-trained for each of `fig6c_epochs` epochs (0 = joint),
    early stopping off; with a validation split, also MAKE's validation GAUC per pre-training epoch of the
    Table 3 `make` run (seed 0) and the epoch early stopping chose.
 
@@ -44,6 +49,7 @@ failure loses no result.
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -84,6 +90,8 @@ class PaperConfig:
         ctr_config_dir: where `<variant>.flags` are; ctr_overrides: `name=value` applied to every CTR run.
         make_epochs: MAKE pre-training epochs of the MAKE variants (0 = their flagfiles').
         variants / seeds: Table 3.
+        new_item_slices: the evaluation slices of the new-item table (`mm_ads.metrics.CTRMetrics`' slice names).
+        default_row_off_variants: variants re-run with `admit_after=0` for the new-item table; empty = none.
         fig3_epochs: epochs of Fig 3. fig6a_rows: Table 2 rows of Fig 6a. fig6c_epochs: MAKE pre-training epochs.
             `fig3_epochs=0` or an empty `fig6a_rows` / `fig6c_epochs` skips that figure (the quick profile).
     """
@@ -102,6 +110,8 @@ class PaperConfig:
     make_epochs: int = 0
     variants: tuple = TABLE3_VARIANTS
     seeds: tuple = (0, 1, 2)
+    new_item_slices: tuple = ("new", "age_<1d")
+    default_row_off_variants: tuple = ()
     fig3_epochs: int = 4
     fig6a_rows: tuple = ("untrained", "scl_no_triplet_no_queue", "scl_no_triplet", "scl")
     fig6c_epochs: tuple = (0, 1, 2, 4)
@@ -133,6 +143,9 @@ class PaperConfig:
         bad = [v for v in self.control_variants if v == "id" or v not in self.variants]
         if bad:
             raise ValueError(f"control_variants must be multimodal variants of `variants`, got {bad}")
+        bad = [v for v in self.default_row_off_variants if v not in self.variants]
+        if bad:
+            raise ValueError(f"default_row_off_variants must be variants of `variants`, got {bad}")
         if self.prepare_flagfile and self.world_dir:
             raise ValueError("give prepare_flagfile or world_dir, not both")
         return self
@@ -340,8 +353,9 @@ class PaperRunner:
                                                    train_split=values.get("train_split", "train"))
         return popularity_rows(base, table3_runs.get("id", {}))
 
-    def _share_make_pretraining(self, make_dir, target_dir, vector_row):
-        """Copies `make`'s MAKE pre-training into a `simtier_make` run when it is the same computation."""
+    def _share_make_pretraining(self, make_dir, target_dir, vector_row, variant="simtier_make", **overrides):
+        """Copies `make`'s MAKE pre-training into a run of `variant` (with `overrides`) when it is the same
+        computation."""
         from mm_ads.ctr import make as make_lib
 
         src = os.path.join(make_dir, make_lib.MAKE_DIR)
@@ -350,9 +364,10 @@ class PaperRunner:
             return
         with open(run_dir.path(src, run_dir.CONFIG)) as f:
             done = json.load(f)
-        values = self.ctr_values("simtier_make")
+        values = self.ctr_values(variant)
         values.update(data_dir=self.world, model_dir=target_dir, seed=done["train"]["seed"], export="false",
                       vector_table=self.vector_table(vector_row))
+        values.update({k: str(v) for k, v in overrides.items()})
         planned = make_lib.pretrain_config(config_lib.config_from_values(values)).to_json()
         planned = json.loads(json.dumps(planned))
         same = all(planned[k] == done[k] for k in ("data", "model", "train"))
@@ -360,7 +375,7 @@ class PaperRunner:
             shutil.copytree(src, dst)
             # the copy's own model dir
             io_utils.write_json(run_dir.path(dst, run_dir.CONFIG), dict(done, model_dir=planned["model_dir"]))
-            logging.info("simtier_make seed %s: MAKE pre-training shared with %s", done["train"]["seed"], src)
+            logging.info("%s seed %s: MAKE pre-training shared with %s", variant, done["train"]["seed"], src)
 
     def run_fig3(self, table3_runs):
         seed = self.o.seeds[0]
@@ -409,6 +424,21 @@ class PaperRunner:
                 out[name] = {"auc_rel": _mean_std(auc), "logloss_rel": _mean_std(loss),
                              "num_examples": table3_runs["id"][self.o.seeds[0]]["slices"][name]["num_examples"]}
         return out
+
+    def run_default_row_off(self, table3_runs):
+        """`default_row_off_variants` with admission off (`admit_after=0`), Table 3's seeds and vectors."""
+        runs = {}
+        for seed in self.o.seeds:
+            for variant in self.o.default_row_off_variants:
+                model_dir = os.path.join(self.out, "default_row_off", variant, f"seed{seed}")
+                if variant in config_lib.MAKE_VARIANTS and "make" in table3_runs:
+                    self._share_make_pretraining(os.path.join(self.out, "ctr", "make", f"seed{seed}"), model_dir,
+                                                 self.encoder_row, variant=variant, admit_after=0)
+                runs.setdefault(variant, {})[seed] = self.ctr(variant, seed, model_dir, admit_after=0)
+        return runs
+
+    def run_new_items(self, table3_runs, default_row_off):
+        return new_item_table(table3_runs, default_row_off, self.o.new_item_slices)
 
     def run_fig6c(self, table3_runs):
         seed = self.o.seeds[0]
@@ -479,6 +509,9 @@ class PaperRunner:
         self.results["fig6a"] = [] if self.o.vector_table or not self.o.fig6a_rows else self._timed(
             "fig6a", lambda: self.run_fig6a(runs, self.table2))
         self.results["fig6b"] = self.run_fig6b(runs)
+        rows_off = (self._timed("default_row_off", lambda: self.run_default_row_off(runs))
+                    if self.o.default_row_off_variants else {})
+        self.results["new_items"] = self.run_new_items(runs, rows_off)
         self.results["fig6c"] = self._timed("fig6c", lambda: self.run_fig6c(runs)) if self.o.fig6c_epochs else []
         self.results["data"] = self._describe_data()
         self.results["findings"] = findings(self.results)
@@ -517,6 +550,61 @@ class PaperRunner:
 
 
 RANDOM_ROW = "random"
+
+
+def new_item_table(table3_runs, default_row_off, slice_names):
+    """The new-item table (paper section 6.4): for each slice of `slice_names`, one row per Table 3 variant and
+    per default-row-off run, with AUC and GAUC (mean ± std over seeds) and their per-seed change against Table 3's
+    id (default row on) of the same seed. A slice that a run did not report, or that is empty, is left out; a
+    metric that is undefined on a seed (e.g. no user with both classes on the slice) is None."""
+    out = {}
+    for name in slice_names:
+        rows = []
+        for default_row, runs in (("on", table3_runs), ("off", default_row_off)):
+            for variant, by_seed in runs.items():
+                entries = {s: (m.get("slices") or {}).get(name) for s, m in by_seed.items()}
+                if not entries or any(not e or not e.get("num_examples") for e in entries.values()):
+                    continue
+                row = {"variant": variant, "default_row": default_row,
+                       "num_examples": next(iter(entries.values()))["num_examples"]}
+                for key in ("auc", "gauc"):
+                    values = {s: e.get(key) for s, e in entries.items()}
+                    if any(v is None or math.isnan(v) for v in values.values()):
+                        row[key] = row[f"{key}_rel"] = None
+                        continue
+                    row[key] = _mean_std(list(values.values()))
+                    ref = {s: ((table3_runs["id"].get(s) or {}).get("slices") or {}).get(name, {}).get(key)
+                           for s in values}
+                    comparable = all(r is not None and not math.isnan(r) for r in ref.values())
+                    row[f"{key}_rel"] = (None if (variant == "id" and default_row == "on") or not comparable else
+                                         _mean_std([(values[s] - ref[s]) / ref[s] for s in values]))
+                rows.append(row)
+        if rows:
+            out[name] = rows
+    return out
+
+
+def new_items_markdown(new_items):
+    """The report's new-item section; [] when no slice was reported."""
+    if not new_items:
+        return []
+
+    def cell(value, percent=False):
+        return "—" if value is None else _pm(value, percent)
+
+    lines = ["", "## New items (paper section 6.4)", "",
+             "`new`: test impressions of items with no training impression; `age_<1d`: items created less than a "
+             "day before the impression. Default row on: an id never seen in training reads its table's default "
+             "row (`admit_after` ≥ 1, the default); off: `admit_after=0`, it reads its randomly initialised row. "
+             "Changes are against id with the default row on, seed by seed. GAUC counts only users with a click "
+             "and a non-click on the slice.", ""]
+    for name, rows in new_items.items():
+        lines += [f"### `{name}` ({rows[0]['num_examples']:,} test examples)", "",
+                  "| variant | default row | AUC | GAUC | AUC vs id | GAUC vs id |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['variant']} | {r['default_row']} | {cell(r['auc'])} | {cell(r['gauc'])} | "
+                  f"{cell(r['auc_rel'], True)} | {cell(r['gauc_rel'], True)} |" for r in rows]
+        lines.append("")
+    return lines
 
 
 def table3_std(runs, variant, key="gauc"):
@@ -602,7 +690,28 @@ def findings(results):
             out.append("Random-vector control: the vectors' content (Table 3 vectors vs random, GAUC) adds " +
                        ", ".join(f"{v} {m:+.2%} ± {sd:.2%}" for v, (m, sd) in content.items()) +
                        f" — more than one std for {', '.join(semantic) if semantic else 'no variant'}")
-    return out + popularity_findings(results)
+    return out + new_item_findings(results.get("new_items")) + popularity_findings(results)
+
+
+def new_item_findings(new_items):
+    """The paper's section 6.4 claims on the first new-item slice: the multimodal variants gain more on new items
+    than overall, and (ours) what the default row is worth there."""
+    if not new_items:
+        return []
+    name, rows = next(iter(new_items.items()))
+    by = {(r["variant"], r["default_row"]): r for r in rows}
+    out = []
+    gains = [f"{v} {r['auc_rel'][0]:+.2%} ± {r['auc_rel'][1]:.2%}" for (v, on), r in by.items()
+             if on == "on" and r["auc_rel"] is not None]
+    if gains:
+        out.append(f"New items (`{name}`, {rows[0]['num_examples']:,} test examples): AUC vs id " + ", ".join(gains))
+    off = by.get(("id", "off"))
+    if off and off["auc_rel"] is not None:
+        m, sd = off["auc_rel"]
+        out.append(f"New items (`{name}`): id with the default row off (random rows) vs on: AUC {m:+.2%} ± {sd:.2%} "
+                   "— " + ("the default row helps" if m + sd < 0 else "within one std" if abs(m) <= sd else
+                           "the default row hurts"))
+    return out
 
 
 def popularity_rows(base, id_runs):
@@ -825,6 +934,7 @@ def to_markdown(results, out_dir):
                   "| group | test examples | AUC improvement | LogLoss improvement |", "|---|---:|---:|---:|"]
         lines += [f"| {n} | {b['num_examples']:,} | {_pm(b['auc_rel'], True)} | {_pm(b['logloss_rel'], True)} |"
                   for n, b in results["fig6b"].items()]
+    lines += new_items_markdown(results.get("new_items"))
     if results["fig6c"] or (results.get("make_validation") and "fig6c" in plots):
         lines += ["", "## Fig 6c: MAKE pre-training epochs", "", *image("fig6c")]
     if results["fig6c"]:

@@ -163,6 +163,10 @@ def test_pretrain_config(tiny_world):
     assert (a.train.epochs, a.train.dense_learning_rate, a.train.max_steps, a.train.export) == (3, 0.05, 7, False)
     assert a.model.make_units == MAKE_UNITS and cfg.model.variant == "make"  # the original is untouched
     assert make_lib.pretrain_config(_config(tiny_world, "/m", make_epochs=3)).train.dense_learning_rate == 0.01
+    # MAKE alone has no id table: the tables' options do not change its pre-training (a report shares it)
+    rows_off = _config(tiny_world, "/runs/m", make_epochs=3, make_learning_rate=0.05, max_steps=7)
+    rows_off.model.admit_after, rows_off.model.unseen_row = 0, "learned"
+    assert make_lib.pretrain_config(rows_off).to_json() == a.to_json()
     with pytest.raises(ValueError, match="no MAKE pre-training"):
         make_lib.pretrain_config(_config(tiny_world, "/m", make_epochs=0))
 

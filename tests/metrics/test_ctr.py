@@ -266,6 +266,29 @@ def test_sliced_metrics_match_masked_metrics():
     assert result["empty"]["num_examples"] == 0 and math.isnan(result["empty"]["auc"])
     unnamed = sliced_metrics(labels, probs, slice_ids)
     assert set(unnamed) == {"0", "1", "2", "3"}
+    assert "gauc" not in unnamed["0"]
+
+
+@pytest.mark.parametrize("weighting", ["impressions", "uniform"])
+def test_sliced_gauc_is_the_group_auc_of_the_slice(weighting):
+    labels, scores = _random_ctr(3000, 7, ties=True)
+    probs = 1 / (1 + np.exp(-scores))
+    rng = np.random.default_rng(7)
+    slice_ids, users = rng.integers(0, 3, 3000), rng.integers(0, 40, 3000)
+    slice_ids[labels == 1] = np.where(slice_ids[labels == 1] == 2, 1, slice_ids[labels == 1])  # slice 2: no clicks
+    result = sliced_metrics(labels, probs, slice_ids, names={0: "a", 1: "b", 2: "c", 5: "empty"}, groups=users,
+                            gauc_weighting=weighting)
+    for k, name in enumerate("ab"):
+        mask = slice_ids == k
+        want = gauc_details(labels[mask], probs[mask], users[mask], weighting)
+        assert result[name]["gauc"] == pytest.approx(want.value, abs=1e-15)
+        assert result[name]["gauc_num_users"] == want.num_users > 0
+    # a user's AUC in a slice uses only that slice's examples: not the user's AUC over every slice
+    assert result["a"]["gauc"] != pytest.approx(gauc_details(labels, probs, users, weighting).value, abs=1e-6)
+    for name in ("c", "empty"):
+        assert math.isnan(result[name]["gauc"]) and result[name]["gauc_num_users"] == 0
+    with pytest.raises(ValueError, match="same length"):
+        sliced_metrics(labels, probs, slice_ids, groups=users[:-1])
 
 
 def _eval_set(seed=0, n=6000):
@@ -300,12 +323,13 @@ def test_streaming_equals_one_shot(frequency_method):
     assert result["mean_prediction"] == pytest.approx(probs.astype(np.float64).mean())
 
     freq, ranges = frequency_groups(eval_items, train_counts, method=frequency_method, return_ranges=True)
-    expected = sliced_metrics(labels, probs, freq, names=frequency_slice_names(8))
-    expected.update(sliced_metrics(labels, probs, item_age_buckets(ages), names=age_bucket_names()))
+    expected = sliced_metrics(labels, probs, freq, names=frequency_slice_names(8), groups=users)
+    expected.update(sliced_metrics(labels, probs, item_age_buckets(ages), names=age_bucket_names(), groups=users))
     names = [f"freq_{g}" for g in range(1, 9)] + ["new", "age_<1d", "age_1d-7d", "age_>=7d"]
     assert list(result["slices"]) == names
     for name in names:
         got, want = result["slices"][name], expected[name]
+        assert "gauc" in want
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-12, nan_ok=True), (name, key)
     for g in range(1, 9):

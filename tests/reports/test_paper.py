@@ -79,6 +79,55 @@ def test_figures(smoke):
     assert results["findings"] and all(isinstance(f, str) for f in results["findings"])
 
 
+def test_new_items(smoke):
+    options, out, results = smoke
+    new_items = results["new_items"]
+    assert list(new_items) == list(options.new_item_slices) == ["new", "age_<1d"]
+    rows = {(r["variant"], r["default_row"]): r for r in new_items["new"]}
+    assert set(rows) == {(v, "on") for v in paper.TABLE3_VARIANTS} | {("id", "off")}
+    assert rows[("id", "on")]["auc_rel"] is None  # the reference itself
+    # the default-row-off id run: admission off, and its change against Table 3's id on the new items, per seed
+    off = {s: json.load(open(os.path.join(out, "default_row_off", "id", f"seed{s}", "metrics.json")))
+           for s in options.seeds}
+    on = {s: json.load(open(os.path.join(out, "ctr", "id", f"seed{s}", "metrics.json"))) for s in options.seeds}
+    config = json.load(open(os.path.join(out, "default_row_off", "id", f"seed{options.seeds[0]}", "config.json")))
+    assert config["model"]["admit_after"] == 0
+    new_off = [off[s]["slices"]["new"]["auc"] for s in options.seeds]
+    new_on = [on[s]["slices"]["new"]["auc"] for s in options.seeds]
+    assert rows[("id", "off")]["auc"][0] == pytest.approx(sum(new_off) / len(new_off))
+    rel = [(a - b) / b for a, b in zip(new_off, new_on)]
+    assert rows[("id", "off")]["auc_rel"][0] == pytest.approx(sum(rel) / len(rel))
+    assert rows[("id", "on")]["num_examples"] == on[options.seeds[0]]["slices"]["new"]["num_examples"] > 0
+    markdown = open(os.path.join(out, "report.md")).read()
+    assert "## New items (paper section 6.4)" in markdown and "| id | off |" in markdown
+
+
+def test_new_item_table_values():
+    def run(new_auc, new_gauc, age_gauc=0.5, n=10):
+        return {"slices": {"new": {"auc": new_auc, "gauc": new_gauc, "num_examples": n},
+                           "age_<1d": {"auc": 0.6, "gauc": age_gauc, "num_examples": 4}}}
+
+    table3 = {"id": {0: run(0.50, 0.60), 1: run(0.60, 0.50)},
+              "simtier": {0: run(0.55, 0.66), 1: run(0.66, float("nan"))}}
+    off = {"id": {0: run(0.40, 0.30), 1: run(0.30, 0.25)}}
+    out = paper.new_item_table(table3, off, ("new", "age_<1d", "absent"))
+    assert list(out) == ["new", "age_<1d"]  # a slice no run reported is left out
+    rows = {(r["variant"], r["default_row"]): r for r in out["new"]}
+    assert rows[("simtier", "on")]["auc_rel"][0] == pytest.approx(0.10)  # +10% on both seeds
+    assert rows[("simtier", "on")]["auc_rel"][1] == pytest.approx(0.0, abs=1e-12)
+    assert rows[("simtier", "on")]["gauc"] is None  # undefined on one seed
+    assert rows[("id", "off")]["auc"] == pytest.approx((0.35, 0.0707106781))
+    assert rows[("id", "off")]["gauc_rel"][0] == pytest.approx(((0.3 - 0.6) / 0.6 + (0.25 - 0.5) / 0.5) / 2)
+    assert rows[("id", "on")]["gauc_rel"] is None and rows[("id", "on")]["num_examples"] == 10
+    markdown = "\n".join(paper.new_items_markdown(out))
+    assert "### `new` (10 test examples)" in markdown and "| simtier | on | 0.6050 ± 0.0778 | — |" in markdown
+    assert paper.new_items_markdown({}) == []
+    findings = paper.new_item_findings(out)
+    assert findings[0].startswith("New items (`new`, 10 test examples): AUC vs id simtier +10.00% ± 0.00%")
+    assert findings[1].endswith("AUC -35.00% ± 21.21% — the default row helps")
+    assert paper.new_item_findings({}) == []
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="variants must include 'id'"):
         paper.PaperConfig.from_values({"variants": "simtier"})
@@ -86,6 +135,8 @@ def test_bad_options():
         paper.PaperConfig.from_values({"fig6a_rows": "scl,bogus"})
     with pytest.raises(ValueError, match="ctr_overrides entries are name=value"):
         paper.PaperConfig.from_values({"ctr_overrides": "batch_size"})
+    with pytest.raises(ValueError, match="default_row_off_variants must be variants"):
+        paper.PaperConfig.from_values({"variants": "id,simtier", "default_row_off_variants": "make"})
     with pytest.raises(ValueError, match=r"Unknown paper report options: \['epochs'\]"):
         paper.PaperConfig.from_values({"epochs": "3"})
 
