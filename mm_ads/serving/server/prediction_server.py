@@ -59,7 +59,10 @@ class ServerConfig:
     wait_log_interval_s: float = _option(
         10.0, "While no version is served (the base path missing or without a complete <version>/saved_model.pb), "
               "log what is missing at INFO this often. The server keeps polling, like TF Serving.")
-    warmup_batch_sizes: tuple = _option((1, 200), "Batch sizes of the warm-up calls before a version is swapped in.")
+    warmup_batch_sizes: tuple = _option(
+        (1, 200), "Batch sizes of the zero-input warm-up calls before a version is swapped in, for a version without "
+                  "TF Serving's warm-up file <version>/assets.extra/tf_serving_warmup_requests (every export writes "
+                  "one; a version with it replays its records instead).")
     max_candidates: int = _option(1000, "Max rows of a Predict / candidates of a rank request.")
     vector_cache_items: int = _option(100_000, "Ranking's cache of found vectors in front of the index table "
                                                "(0: off).")
@@ -183,7 +186,8 @@ class PredictionServer:
                                                         self.stats)
         self.manager = ModelManager(config.model_name, config.model_base_path, config.poll_interval_s,
                                     config.warmup_batch_sizes, on_load=self._warm_rank,
-                                    wait_log_interval_s=config.wait_log_interval_s, index_table=index_table)
+                                    wait_log_interval_s=config.wait_log_interval_s, index_table=index_table,
+                                    max_decoded_bytes=config.max_decoded_bytes)
         self._grpc = self._grpc_executor = self._rest = None
         self.grpc_port = self.rest_port = None
         self._stopped = threading.Event()
