@@ -148,6 +148,18 @@ class Signature:
         return batch or 0
 
 
+def check_finite(inputs):
+    """`InvalidArgument` naming the first floating-point input with a NaN or an infinity."""
+    for name in sorted(inputs):
+        if not tf.as_dtype(inputs[name].dtype).is_floating:
+            continue
+        value = np.asarray(inputs[name])  # no copy for numpy arrays (what both front-ends pass)
+        finite = np.isfinite(value)
+        if not finite.all():
+            raise InvalidArgument(f"input {name!r}: has non-finite values ({value[~finite].flat[0]}); NaN and "
+                                  "infinities are refused")
+
+
 def _shape_str(shape):
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
@@ -216,9 +228,10 @@ class LoadedModel:
 
         Each record's `predict_log.request` goes the way of a gRPC Predict request: its inputs decoded with the
         request decoder (at most `max_decoded_bytes` once decoded; None: no limit), checked against the signature
-        `model_spec.signature_name` names (default `serving_default`) and run through it; every output must be
-        finite. `ValueError` naming the file, the record's index (from 0) and what is wrong otherwise; a record
-        of another kind than `predict_log` is one too (a CTR SavedModel has no classify or regress signature).
+        `model_spec.signature_name` names (default `serving_default`) and for NaN / infinities (`check_finite`),
+        and run through it; every output must be finite. `ValueError` naming the file, the record's index (from 0)
+        and what is wrong otherwise; a record of another kind than `predict_log` is one too (a CTR SavedModel has no
+        classify or regress signature).
         """
         from mm_ads.export.warmup import read_warmup_logs
         from mm_ads.serving.server.codec import tensor_protos_to_ndarrays
@@ -235,7 +248,9 @@ class LoadedModel:
             try:
                 limit = float("inf") if max_decoded_bytes is None else max_decoded_bytes
                 inputs = tensor_protos_to_ndarrays(request.inputs, limit)
-                out = self.predict(inputs, name)
+                self.signature(name).check(inputs)
+                check_finite(inputs)
+                out = self.predict(inputs, name, check=False)
             except (ServingError, tf.errors.InvalidArgumentError) as e:
                 message = e.message if isinstance(e, tf.errors.OpError) else str(e)
                 raise ValueError(f"warm-up file {path}: record {index} (signature {name!r}): {message}") from None

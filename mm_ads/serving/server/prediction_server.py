@@ -36,7 +36,7 @@ from absl import logging
 
 from mm_ads import options as options_lib
 from mm_ads.serving.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from mm_ads.serving.server.model_manager import DEFAULT_SIGNATURE, ModelManager
+from mm_ads.serving.server.model_manager import DEFAULT_SIGNATURE, ModelManager, check_finite
 from mm_ads.serving.server.ranking import RANK_SIGNATURE, Catalogue, Ranker, RankRequest, VectorCache
 from mm_ads.serving.server.stats import ServingStats
 
@@ -139,18 +139,6 @@ class ServerCommandLine:
     def from_values(cls, values):
         """From `{field: value}` (flagfile strings or typed values); unknown names are an error."""
         return options_lib.options_from_values(cls, values, "server command line")
-
-
-def check_finite(inputs):
-    """`InvalidArgument` naming the first floating-point input with a NaN or an infinity."""
-    for name in sorted(inputs):
-        if not tf.as_dtype(inputs[name].dtype).is_floating:
-            continue
-        value = np.asarray(inputs[name])  # no copy for numpy arrays (what both front-ends pass)
-        finite = np.isfinite(value)
-        if not finite.all():
-            raise InvalidArgument(f"input {name!r}: has non-finite values ({value[~finite].flat[0]}); NaN and "
-                                  "infinities are refused")
 
 
 class PredictionServer:
