@@ -42,13 +42,14 @@ def check_batch_sizes(batch_sizes):
     return tuple(int(b) for b in sizes)
 
 
-def warmup_value(name, spec, batch_size, feature_spec=None):
+def warmup_value(name, spec, batch_size, feature_spec=None, value=None):
     """A valid input of `spec` (a `tf.TensorSpec`) with `batch_size` rows: `(shape, numpy dtype, value)`, every
     element being `value`.
 
     Integer inputs (ids) are 1, or the padding id of a FeatureSpec table with one row; float inputs named like a
     missing flag (`<vector>_missing`, `mm_ads.data.spec.missing_flag_name`) or with no feature dimension are 0;
-    other float inputs (vectors) are unit vectors along the last axis; bool inputs are False.
+    other float inputs (vectors) are unit vectors along the last axis; bool inputs are False. A given `value` is used
+    instead (the only way for a string input: a text, encoded image bytes).
     """
     dims = tuple(spec.shape)
     if not dims:
@@ -58,6 +59,8 @@ def warmup_value(name, spec, batch_size, feature_spec=None):
                          "one; a warm-up request needs a fixed shape")
     shape = (batch_size if dims[0] is None else int(dims[0]),) + tuple(int(d) for d in dims[1:])
     dtype = tf.as_dtype(spec.dtype)
+    if value is not None:
+        return shape, (object if dtype == tf.string else dtype.as_numpy_dtype), value
     if dtype.is_integer:
         feature = _feature(feature_spec, name)
         value = 1
@@ -72,12 +75,12 @@ def warmup_value(name, spec, batch_size, feature_spec=None):
     return shape, dtype.as_numpy_dtype, value
 
 
-def warmup_tensor_proto(name, spec, batch_size, feature_spec=None):
+def warmup_tensor_proto(name, spec, batch_size, feature_spec=None, value=None):
     """The `TensorProto` of `warmup_value`: its shape and one typed value (`float_val`, `int64_val`, ...) that fills
     it, TF's convention for a constant tensor (what `tf.make_tensor_proto(value, shape=...)` writes; TF Serving,
     `tf.make_ndarray` and the prediction server expand it), so the file stays small at any batch size."""
-    shape, dtype, value = warmup_value(name, spec, batch_size, feature_spec)
-    return tf.make_tensor_proto(np.asarray(value, dtype), dtype=tf.as_dtype(dtype), shape=shape)
+    shape, dtype, value = warmup_value(name, spec, batch_size, feature_spec, value)
+    return tf.make_tensor_proto(np.asarray(value, dtype), dtype=tf.as_dtype(spec.dtype), shape=shape)
 
 
 def _feature(feature_spec, name):
@@ -90,28 +93,34 @@ def _shape_str(shape):
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def warmup_logs(signatures, batch_sizes=DEFAULT_BATCH_SIZES, feature_spec=None):
-    """The warm-up records of an export: one `PredictionLog` per (signature, batch size), in that order.
+def warmup_logs(signatures, batch_sizes=DEFAULT_BATCH_SIZES, feature_spec=None, values=None):
+    """The warm-up records of an export: one `PredictionLog` per (signature, batch size), in that order; a signature
+    without a variable batch dimension (no inputs, or every batch dimension fixed) gets one record.
 
     Args:
         signatures: `{signature name: {input name: tf.TensorSpec}}` of the exported signatures.
         batch_sizes: the batch sizes of each signature's requests (distinct positive ints).
         feature_spec: the model's `FeatureSpec` (tells id and vector inputs apart, see `warmup_value`), or None.
+        values: `{input name: value}` that fills those inputs instead of `warmup_value`'s defaults (needed for
+            string inputs).
     """
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
     sizes = check_batch_sizes(batch_sizes)
-    count = len(signatures) * len(sizes)
+    per_signature = {name: sizes if any(s.shape.rank and s.shape[0] is None for s in specs.values()) else sizes[:1]
+                     for name, specs in signatures.items()}
+    count = sum(len(b) for b in per_signature.values())
     if count > MAX_RECORDS:
         raise ValueError(f"{len(signatures)} signature(s) x {len(sizes)} warm-up batch size(s) = {count} records; "
                          f"TF Serving reads at most {MAX_RECORDS}")
+    values = values or {}
     logs = []
     for signature, specs in signatures.items():
-        for b in sizes:
+        for b in per_signature[signature]:
             request = predict_pb2.PredictRequest()
             request.model_spec.signature_name = signature
             for name, spec in specs.items():
-                request.inputs[name].CopyFrom(warmup_tensor_proto(name, spec, b, feature_spec))
+                request.inputs[name].CopyFrom(warmup_tensor_proto(name, spec, b, feature_spec, values.get(name)))
             logs.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
     return logs
 

@@ -255,7 +255,7 @@ class LoadedModel:
                 message = e.message if isinstance(e, tf.errors.OpError) else str(e)
                 raise ValueError(f"warm-up file {path}: record {index} (signature {name!r}): {message}") from None
             for k, v in out.items():
-                if not np.all(np.isfinite(v)):
+                if np.issubdtype(v.dtype, np.inexact) and not np.all(np.isfinite(v)):
                     raise ValueError(f"warm-up file {path}: record {index} (signature {name!r}): output {k!r} is "
                                      "not finite")
         return len(logs)
@@ -272,7 +272,7 @@ class LoadedModel:
                 out = self.predict(zeros, sig.name)
                 calls += 1
                 for k, v in out.items():
-                    if not np.all(np.isfinite(v)):
+                    if np.issubdtype(v.dtype, np.inexact) and not np.all(np.isfinite(v)):
                         raise ValueError(f"warm-up of signature {sig.name!r}: output {k!r} is not finite")
         return calls
 
