@@ -5,7 +5,8 @@ version (https://www.tensorflow.org/tfx/serving/saved_model_warmup): it replays 
 version serves, so the first real requests do not pay for tracing and kernel set-up. At most `MAX_RECORDS`
 (1000) records: TF Serving refuses a version whose file has more.
 
-An export writes one `predict_log` record per (signature, batch size) (`warmup_logs`): `model_spec.signature_name`
+An export writes one `predict_log` record per (signature, batch size) (`warmup_logs`; one for a signature without a
+variable batch dimension, such as an encoder's input-less `encoder_info`): `model_spec.signature_name`
 names the signature (the model name is left empty: TF Serving ignores it in warm-up, and the file does not depend
 on the name a server gives the model) and `inputs` holds one `TensorProto` per signature input, of the input's
 dtype, with the batch size on the batch dimension (a fixed batch dimension, the user side of `user_candidates`,
