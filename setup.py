@@ -24,6 +24,9 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1,<3",
     "pyarrow>=17,<27",
     "pillow>=10.4,<14",
+    # TF Serving's protos (PredictionLog, PredictRequest): every export writes TF Serving's warm-up file
+    # (mm_ads.export.warmup). It requires only tensorflow, grpcio and protobuf, which TensorFlow already installs.
+    "tensorflow-serving-api==2.21.0",
 ]
 
 EXTRAS = {
@@ -36,9 +39,9 @@ EXTRAS = {
     # torch), also installed with `pip install --no-deps` by `make setup` (it declares no dependencies today; the
     # flag keeps it that way; see BUILD.md).
     "encoders": ["keras-hub~=0.32.0", "tensorflow-text~=2.21.0", "safetensors>=0.4,<1"],
-    # TF Serving's official client protos + gRPC for the prediction server; redis-py (with the hiredis reply
+    # gRPC for the prediction server (TF Serving's protos are a core requirement); redis-py (with the hiredis reply
     # parser: 5x faster batched gets, BUILD.md) for the Redis index table and event streams (mm_ads.serving)
-    "serving": ["tensorflow-serving-api==2.21.0", "grpcio>=1.60,<2", "redis>=5,<8", "hiredis>=3,<4"],
+    "serving": ["grpcio>=1.60,<2", "redis>=5,<8", "hiredis>=3,<4"],
     "redis": ["redis>=5,<8"],
     "reports": ["matplotlib>=3.8,<4"],
     "dev": ["pytest>=8,<10", "ruff==0.17.6"],

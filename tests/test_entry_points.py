@@ -10,7 +10,7 @@ ENTRY_POINTS = {
     "mm_ads.data.synthetic": "--num_items",
     "mm_ads.data.prepare": ("--format", "--catalogue", "--class_depth", "--on_unmatched"),
     "mm_ads.train": ("--variant", "--make_epochs", "--[no]make_trainable", "--make_learning_rate", "--make_units"),
-    "mm_ads.export": "--export_base",
+    "mm_ads.export": ("--export_base", "--warmup_batch_sizes"),
     "mm_ads.encode": "--register",
     "mm_ads.serving.server": ("--model_base_path", "--index_table", "--max_candidates"),
     "mm_ads.reports.table2": "--pair_benchmarks",

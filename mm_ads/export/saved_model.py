@@ -21,6 +21,11 @@ ignore): for each vector input its dim and the encoder version (plus the table's
 The prediction server refuses a version whose record does not match its index table
 (`mm_ads.serving.server.model_manager.vector_mismatch`). The file is written inside the version's temporary directory,
 so it appears with the version, atomically.
+
+Every version also carries TF Serving's warm-up file, `<version>/assets.extra/tf_serving_warmup_requests`
+(`mm_ads.export.warmup`): one `PredictionLog` record per (signature, batch size of `warmup_batch_sizes`), with
+valid inputs (ids 1, unit vectors, missing flags 0). TF Serving replays it before the version serves; so does the
+prediction server (`mm_ads.serving.server.model_manager`). It is written inside the temporary directory too.
 """
 
 import json
@@ -32,6 +37,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from mm_ads.export import warmup as warmup_lib
 from mm_ads.utils import io as io_utils
 
 
@@ -111,7 +117,8 @@ def read_vector_record(version_dir):
     return record
 
 
-def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=None, vectors=None):
+def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=None, vectors=None,
+                       warmup_batch_sizes=warmup_lib.DEFAULT_BATCH_SIZES):
     """Writes `model` to `<export_base>/<version>/` atomically and returns that path.
 
     Args:
@@ -124,7 +131,11 @@ def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=
             that broadcasts its user-side inputs likewise).
         vectors: `{"encoder_version", "dim", ...}` of the vector table the model was trained with: recorded in
             `VECTORS_ASSET` for the server's check (see the module docstring). None: no record.
+        warmup_batch_sizes: batch sizes of the warm-up requests written for each signature
+            (`mm_ads.export.warmup.WARMUP_ASSET`); default the prediction server's (1 and 200). Empty: no
+            warm-up file (TF Serving and the prediction server then warm up without it).
     """
+    warmup_batch_sizes = warmup_lib.check_batch_sizes(warmup_batch_sizes)
     specs = serving_signature_specs(model)
     extra = None
     if vectors is not None:
@@ -139,10 +150,13 @@ def export_saved_model(model, export_base, version=None, outputs=("ctr",), spec=
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serving_default", serve, input_signature=[specs])
+    signatures = {"serving_default": specs}
     if spec is not None:
         user_specs = user_candidates_specs(specs, spec.user_side_inputs(specs))
         archive.add_endpoint(USER_SIGNATURE, tf.function(serve), input_signature=[user_specs])
-    return write_archive(archive, export_base, version, extra)
+        signatures[USER_SIGNATURE] = user_specs
+    warmup = warmup_lib.warmup_logs(signatures, warmup_batch_sizes, spec) if warmup_batch_sizes else None
+    return write_archive(archive, export_base, version, extra, warmup)
 
 
 _TEMPORARY = re.compile(r"^\.\d+\..*\.tmp$")
@@ -161,11 +175,13 @@ def remove_stale_temporaries(export_base):
     return stale
 
 
-def write_archive(archive, export_base, version=None, extra_files=None):
+def write_archive(archive, export_base, version=None, extra_files=None, warmup=None):
     """Writes a `keras.export.ExportArchive` to `<export_base>/<version>/` atomically; returns that path.
 
     `version` defaults to the latest existing + 1; an existing version is never overwritten. `extra_files`
-    (`{path relative to the version: bytes}`) are written into the version before it is renamed into place.
+    (`{path relative to the version: bytes}`) and the warm-up records `warmup` (`PredictionLog`s, written as
+    `mm_ads.export.warmup.WARMUP_ASSET`; None: no file) are written into the version before it is renamed into
+    place.
     """
     version = latest_version(export_base) + 1 if version is None else int(version)
     if version < 1:
@@ -183,6 +199,8 @@ def write_archive(archive, export_base, version=None, extra_files=None):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        if warmup is not None:
+            warmup_lib.write_warmup_file(os.path.join(tmp, warmup_lib.WARMUP_ASSET), warmup)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,14 +208,16 @@ def write_archive(archive, export_base, version=None, extra_files=None):
     return final
 
 
-def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None, allow_vector_table_change=False):
+def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None, allow_vector_table_change=False,
+                      warmup_batch_sizes=warmup_lib.DEFAULT_BATCH_SIZES):
     """Rebuilds the model of `model_dir`, restores a checkpoint and exports it; returns the version path.
 
     The model is built unsharded and on the local device whatever the strategy it was trained with
     (checkpoints do not depend on the number of embedding shards). The vector table the run recorded
     (`mm_ads.training.vector_record`) goes into the version for the server's check; when the config's table
     is readable here and differs from the record, the export is refused (`VectorTableChanged`) unless
-    `allow_vector_table_change` (then a warning).
+    `allow_vector_table_change` (then a warning). `warmup_batch_sizes`: those of the version's warm-up file
+    (`export_saved_model`).
     """
     from mm_ads.ctr.model import build_ctr_model
     from mm_ads.training import model_dir as run_dir
@@ -210,7 +230,7 @@ def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None
     model = build_ctr_model(spec, config.model)
     restore_model(model, checkpoint)
     return export_saved_model(model, export_base or run_dir.path(model_dir, run_dir.EXPORT), version=version, spec=spec,
-                              vectors=vectors)
+                              vectors=vectors, warmup_batch_sizes=warmup_batch_sizes)
 
 
 def _checked_vector_table(model_dir, config, allow_change):

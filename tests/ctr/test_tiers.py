@@ -10,10 +10,11 @@ import tensorflow as tf
 from mm_ads.config import ExperimentConfig
 from mm_ads.ctr import tiers
 from mm_ads.ctr.task import CTRTask
-from mm_ads.export.saved_model import export_checkpoint
+from mm_ads.export.saved_model import USER_SIGNATURE, export_checkpoint
 from mm_ads.train import run
 from tests.ctr.helpers import restored_predictions
 from tests.ctr.test_train import _config
+from tests.export.test_warmup import check_records_run
 
 
 def test_training_similarities_are_the_cosines_of_valid_history_items(tiny_world):
@@ -49,11 +50,16 @@ def test_quantile_tiers_are_stored_in_the_config_and_exported(tiny_world, tmp_pa
     # the model's layer has them; the export equals the Keras model
     task = CTRTask(saved)
     x, expected = restored_predictions(task, saved)
-    fn = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"]
-    np.testing.assert_allclose(fn(**x)["ctr"].numpy(), expected, rtol=1e-5, atol=1e-6)
-    again = export_checkpoint(str(tmp_path / "m"), export_base=str(tmp_path / "again"))
-    fn = tf.saved_model.load(again).signatures["serving_default"]
-    np.testing.assert_allclose(fn(**x)["ctr"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    loaded = tf.saved_model.load(metrics["export_path"])
+    np.testing.assert_allclose(loaded.signatures["serving_default"](**x)["ctr"].numpy(), expected, rtol=1e-5,
+                               atol=1e-6)
+    again = export_checkpoint(str(tmp_path / "m"), export_base=str(tmp_path / "again"), warmup_batch_sizes=(1, 5))
+    loaded_again = tf.saved_model.load(again)
+    np.testing.assert_allclose(loaded_again.signatures["serving_default"](**x)["ctr"].numpy(), expected, rtol=1e-5,
+                               atol=1e-6)
+    # both export paths write TF Serving's warm-up file: a record per signature and batch size, each runs
+    check_records_run(metrics["export_path"], ["serving_default", USER_SIGNATURE], [1, 200], loaded)
+    check_records_run(again, ["serving_default", USER_SIGNATURE], [1, 5], loaded_again)
     # a re-run computes the same boundaries: the run resumes (same config) instead of being refused
     cfg2 = _config(tiny_world, tmp_path / "m", "simtier", max_steps=6)
     cfg2.model.tier_calibration = "quantile"

@@ -12,7 +12,9 @@ import tensorflow as tf
 from mm_ads.config import CTRModelConfig, DataConfig, ExperimentConfig, TrainConfig
 from mm_ads.ctr.model import model_input_names
 from mm_ads.ctr.task import CTRTask
+from mm_ads.export.saved_model import USER_SIGNATURE
 from mm_ads.train import run
+from tests.export.test_warmup import check_records_run
 
 SMALL_MODEL = dict(embedding_dim=4, attention_units=(8,), mlp_units=(16, 8), activation="relu", num_tiers=10)
 
@@ -159,8 +161,9 @@ def test_entry_point_helpfull_and_bad_flags(repo_root):
 def test_export_entry_point_from_checkpoint(tiny_world, tmp_path, repo_root):
     cfg = _config(tiny_world, tmp_path / "m", "simscore", max_steps=4)
     metrics = run(cfg)
-    proc = subprocess.run([sys.executable, "-m", "mm_ads.export", f"--model_dir={tmp_path / 'm'}"], cwd=repo_root,
-                          env=_env(repo_root), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "mm_ads.export", f"--model_dir={tmp_path / 'm'}",
+                           "--warmup_batch_sizes=2,3"], cwd=repo_root, env=_env(repo_root), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     second = os.path.join(str(tmp_path / "m"), "export", "2")
     assert proc.stdout.strip().endswith(second)
@@ -168,8 +171,10 @@ def test_export_entry_point_from_checkpoint(tiny_world, tmp_path, repo_root):
     features, _ = next(iter(task.build_inputs("eval", 32, training=False)))
     x = task.model_inputs(features)
     first = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"](**x)["ctr"].numpy()
-    again = tf.saved_model.load(second).signatures["serving_default"](**x)["ctr"].numpy()
+    loaded = tf.saved_model.load(second)
+    again = loaded.signatures["serving_default"](**x)["ctr"].numpy()
     np.testing.assert_allclose(again, first, rtol=1e-6)
+    check_records_run(second, ["serving_default", USER_SIGNATURE], [2, 3], loaded)  # --warmup_batch_sizes
     # no temporary directories are left next to the versions
     assert sorted(os.listdir(tmp_path / "m" / "export")) == ["1", "2"]
     proc = subprocess.run([sys.executable, "-m", "mm_ads.export", f"--model_dir={tmp_path}"], cwd=repo_root,

@@ -7,15 +7,20 @@ at) and it holds a complete SavedModel: `saved_model.pb` and, when it has a `var
 `variables.index` plus every data shard that the shard names announce (`variables.data-0000i-of-0000N`).
 
 Version policy: serve the largest complete version that loads (TF Serving's default "latest" policy).
-`ModelManager.poll()` loads a new target version off the request path — `tf.saved_model.load`, then
-warm-up calls of every signature — and only then swaps one reference. A request takes that reference
-once (`ModelManager.get()`), so in-flight requests finish on the version they started with, and the old
-version is freed when its last request drops it. A version that fails to load or to warm up is logged,
-recorded in the status (state END with the error) and skipped until its directory's content changes
+`ModelManager.poll()` loads a new target version off the request path — `tf.saved_model.load`, then warm-up calls —
+and only then swaps one reference. The warm-up replays the version's TF Serving warm-up file
+`assets.extra/tf_serving_warmup_requests` (`mm_ads.export.warmup`, written by every export) as TF Serving does: each
+record's request is decoded and checked like a gRPC Predict request and run through its signature, and its outputs
+must be finite; a file that cannot be read, more than 1000 records, a record naming a signature the version lacks or
+with inputs that do not fit it fail the load, with the file and the record's index in the error. A version without
+the file (exported before it existed) is warmed up with zero inputs of each signature and each `warmup_batch_sizes`.
+A request takes that reference once (`ModelManager.get()`), so in-flight requests finish on the version they started
+with, and the old version is freed when its last request drops it. A version that fails to load or to warm up is
+logged, recorded in the status (state END with the error) and skipped until its directory's content changes
 (`dir_fingerprint`: file names, sizes, mtimes) and then stays the same for one poll; the version already loaded
 keeps serving. Given the index table ranking reads (`index_table=`), a version is loaded only if its vector inputs
-take the table's dim and were trained on the table's encoder version (`vector_mismatch`, from the signatures and
-the export's `assets.extra/mm_ads_vectors.json`); otherwise it is refused before loading: status END with code
+take the table's dim and were trained on the table's encoder version (`vector_mismatch`, from the signatures and the
+export's `assets.extra/mm_ads_vectors.json`); otherwise it is refused before loading: status END with code
 FAILED_PRECONDITION and the reason, an ERROR log line, and the served version stays. When the served version's
 directory disappears, the largest remaining version is loaded (rollback by deleting a version); with no version
 left, the loaded one keeps serving.
@@ -143,6 +148,18 @@ class Signature:
         return batch or 0
 
 
+def check_finite(inputs):
+    """`InvalidArgument` naming the first floating-point input with a NaN or an infinity."""
+    for name in sorted(inputs):
+        if not tf.as_dtype(inputs[name].dtype).is_floating:
+            continue
+        value = np.asarray(inputs[name])  # no copy for numpy arrays (what both front-ends pass)
+        finite = np.isfinite(value)
+        if not finite.all():
+            raise InvalidArgument(f"input {name!r}: has non-finite values ({value[~finite].flat[0]}); NaN and "
+                                  "infinities are refused")
+
+
 def _shape_str(shape):
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
@@ -187,17 +204,77 @@ class LoadedModel:
         out = sig.fn(**tensors)
         return {k: v.numpy() for k, v in out.items()}
 
-    def warmup(self, batch_sizes=(1,)):
-        """Calls every signature on zero inputs of each batch size (traces kernels off the request path)."""
+    @property
+    def warmup_file(self):
+        """The path of the version's TF Serving warm-up file (it may not exist)."""
+        from mm_ads.export.warmup import WARMUP_ASSET
+
+        return os.path.join(self.path, WARMUP_ASSET)
+
+    def warmup(self, batch_sizes=(1,), max_decoded_bytes=None):
+        """Warms the version up off the request path: replays its warm-up file when it has one
+        (`warmup_from_file`), otherwise calls every signature on zero inputs of each of `batch_sizes`.
+
+        Returns the number of warm-up calls. `ValueError` naming the signature (and the file and record) when a call
+        fails or gives a non-finite output.
+        """
+        if os.path.exists(self.warmup_file):
+            return self.warmup_from_file(self.warmup_file, max_decoded_bytes)
+        return self.warmup_zeros(batch_sizes)
+
+    def warmup_from_file(self, path, max_decoded_bytes=None):
+        """Replays the `PredictionLog` records of the warm-up file `path` (TF Serving's format and limits,
+        `mm_ads.export.warmup.read_warmup_logs`); returns the number of records.
+
+        Each record's `predict_log.request` goes the way of a gRPC Predict request: its inputs decoded with the
+        request decoder (at most `max_decoded_bytes` once decoded; None: no limit), checked against the signature
+        `model_spec.signature_name` names (default `serving_default`) and for NaN / infinities (`check_finite`),
+        and run through it; every output must be finite. `ValueError` naming the file, the record's index (from 0)
+        and what is wrong otherwise; a record of another kind than `predict_log` is one too (a CTR SavedModel has no
+        classify or regress signature).
+        """
+        from mm_ads.export.warmup import read_warmup_logs
+        from mm_ads.serving.server.codec import tensor_protos_to_ndarrays
+        from mm_ads.serving.server.errors import ServingError
+
+        logs = read_warmup_logs(path)
+        for index, log in enumerate(logs):
+            kind = log.WhichOneof("log_type")
+            if kind != "predict_log":
+                raise ValueError(f"warm-up file {path}: record {index} is a {kind or 'empty'} PredictionLog; this "
+                                 "server warms up with predict_log records only")
+            request = log.predict_log.request
+            name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+            try:
+                limit = float("inf") if max_decoded_bytes is None else max_decoded_bytes
+                inputs = tensor_protos_to_ndarrays(request.inputs, limit)
+                self.signature(name).check(inputs)
+                check_finite(inputs)
+                out = self.predict(inputs, name, check=False)
+            except (ServingError, tf.errors.InvalidArgumentError) as e:
+                message = e.message if isinstance(e, tf.errors.OpError) else str(e)
+                raise ValueError(f"warm-up file {path}: record {index} (signature {name!r}): {message}") from None
+            for k, v in out.items():
+                if np.issubdtype(v.dtype, np.inexact) and not np.all(np.isfinite(v)):
+                    raise ValueError(f"warm-up file {path}: record {index} (signature {name!r}): output {k!r} is "
+                                     "not finite")
+        return len(logs)
+
+    def warmup_zeros(self, batch_sizes=(1,)):
+        """Calls every signature on zero inputs of each batch size (traces kernels off the request path); returns
+        the number of calls."""
+        calls = 0
         for sig in self.signatures.values():
             for b in batch_sizes:
                 # a fixed batch dimension (the user side of `user_candidates`: 1) keeps its size
                 zeros = {k: np.zeros((b if s.shape[0] is None else s.shape[0],) + tuple(s.shape[1:]),
                                      s.dtype.as_numpy_dtype) for k, s in sig.inputs.items()}
                 out = self.predict(zeros, sig.name)
+                calls += 1
                 for k, v in out.items():
-                    if not np.all(np.isfinite(v)):
+                    if np.issubdtype(v.dtype, np.inexact) and not np.all(np.isfinite(v)):
                         raise ValueError(f"warm-up of signature {sig.name!r}: output {k!r} is not finite")
+        return calls
 
 
 def _read_signature_defs(path):
@@ -278,17 +355,20 @@ class ModelManager:
         name: the model name requests must use.
         base_path: the TF Serving base path.
         poll_interval_s: how often the watcher thread polls (`start()`).
-        warmup_batch_sizes: batch sizes of the warm-up calls before a version is swapped in.
+        warmup_batch_sizes: batch sizes of the zero-input warm-up calls before a version without a warm-up file
+            is swapped in (a version with one replays its records instead, see the module docstring).
         on_load: optional callable `(LoadedModel) -> None` run before the swap (more warm-up); an
             exception there rejects the version like a load failure.
         wait_log_interval_s: while no version is served, the watcher logs `waiting_message()` at INFO this
             often (and once at `start()`).
         index_table: the index table ranking reads vectors from (`dim`, `encoder_version`), or None: a version
             whose vector inputs do not match it is refused (`vector_mismatch`), before it is loaded.
+        max_decoded_bytes: the bytes a warm-up record's inputs may take once decoded (the server's limit on a
+            Predict request), checked from their declared shapes before anything is allocated; None: no limit.
     """
 
     def __init__(self, name, base_path, poll_interval_s=1.0, warmup_batch_sizes=(1,), on_load=None,
-                 wait_log_interval_s=10.0, index_table=None):
+                 wait_log_interval_s=10.0, index_table=None, max_decoded_bytes=None):
         if wait_log_interval_s <= 0:
             raise ValueError(f"wait_log_interval_s must be > 0, got {wait_log_interval_s}")
         self.name = name
@@ -299,6 +379,7 @@ class ModelManager:
         self.warmup_batch_sizes = tuple(warmup_batch_sizes)
         self.on_load = on_load
         self.index_table = index_table
+        self.max_decoded_bytes = max_decoded_bytes
         self._current = None
         self._failed = {}  # version -> {"fingerprint", "error", "code"} of its last failed load or refusal
         self._changed = {}  # failed version -> its new fingerprint, seen once (retried when seen twice in a row)
@@ -383,7 +464,8 @@ class ModelManager:
                 if refused:
                     raise FailedPrecondition(refused)
             model = LoadedModel(self.name, version, path)
-            model.warmup(self.warmup_batch_sizes)
+            has_file = os.path.exists(model.warmup_file)
+            calls = model.warmup(self.warmup_batch_sizes, self.max_decoded_bytes)
             if self.on_load is not None:
                 self.on_load(model)
         except Exception as e:  # any load/warm-up failure rejects this version only
@@ -399,7 +481,9 @@ class ModelManager:
         finally:
             self._loading = None
         self._failed.pop(version, None)
-        logging.info("model %s: version %d loaded and warmed up in %.2f s", self.name, version,
+        how = (f"{calls} record(s) of {model.warmup_file}" if has_file else
+               f"{calls} zero-input call(s): the version has no {model.warmup_file}")
+        logging.info("model %s: version %d loaded and warmed up with %s in %.2f s", self.name, version, how,
                      time.perf_counter() - t0)
         return model
 

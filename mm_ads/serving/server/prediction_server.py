@@ -36,7 +36,7 @@ from absl import logging
 
 from mm_ads import options as options_lib
 from mm_ads.serving.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from mm_ads.serving.server.model_manager import DEFAULT_SIGNATURE, ModelManager
+from mm_ads.serving.server.model_manager import DEFAULT_SIGNATURE, ModelManager, check_finite
 from mm_ads.serving.server.ranking import RANK_SIGNATURE, Catalogue, Ranker, RankRequest, VectorCache
 from mm_ads.serving.server.stats import ServingStats
 
@@ -59,7 +59,10 @@ class ServerConfig:
     wait_log_interval_s: float = _option(
         10.0, "While no version is served (the base path missing or without a complete <version>/saved_model.pb), "
               "log what is missing at INFO this often. The server keeps polling, like TF Serving.")
-    warmup_batch_sizes: tuple = _option((1, 200), "Batch sizes of the warm-up calls before a version is swapped in.")
+    warmup_batch_sizes: tuple = _option(
+        (1, 200), "Batch sizes of the zero-input warm-up calls before a version is swapped in, for a version without "
+                  "TF Serving's warm-up file <version>/assets.extra/tf_serving_warmup_requests (every export writes "
+                  "one; a version with it replays its records instead).")
     max_candidates: int = _option(1000, "Max rows of a Predict / candidates of a rank request.")
     vector_cache_items: int = _option(100_000, "Ranking's cache of found vectors in front of the index table "
                                                "(0: off).")
@@ -138,18 +141,6 @@ class ServerCommandLine:
         return options_lib.options_from_values(cls, values, "server command line")
 
 
-def check_finite(inputs):
-    """`InvalidArgument` naming the first floating-point input with a NaN or an infinity."""
-    for name in sorted(inputs):
-        if not tf.as_dtype(inputs[name].dtype).is_floating:
-            continue
-        value = np.asarray(inputs[name])  # no copy for numpy arrays (what both front-ends pass)
-        finite = np.isfinite(value)
-        if not finite.all():
-            raise InvalidArgument(f"input {name!r}: has non-finite values ({value[~finite].flat[0]}); NaN and "
-                                  "infinities are refused")
-
-
 class PredictionServer:
     """The served model, its front-ends and the ranking call (see the module docstring).
 
@@ -183,7 +174,8 @@ class PredictionServer:
                                                         self.stats)
         self.manager = ModelManager(config.model_name, config.model_base_path, config.poll_interval_s,
                                     config.warmup_batch_sizes, on_load=self._warm_rank,
-                                    wait_log_interval_s=config.wait_log_interval_s, index_table=index_table)
+                                    wait_log_interval_s=config.wait_log_interval_s, index_table=index_table,
+                                    max_decoded_bytes=config.max_decoded_bytes)
         self._grpc = self._grpc_executor = self._rest = None
         self.grpc_port = self.rest_port = None
         self._stopped = threading.Event()

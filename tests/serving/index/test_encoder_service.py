@@ -70,6 +70,26 @@ def _items(ids, titles, ts=None):
     return [{"type": "item", "item_id": i, "title": t, "ts": ts or time.time()} for i, t in zip(ids, titles)]
 
 
+def test_encoder_exports_carry_tf_serving_warm_up_requests_that_run(text_encoder, image_encoder):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from mm_ads.export.warmup import WARMUP_ASSET
+
+    for (_, path), modality, dim in ((text_encoder, "text", 6), (image_encoder, "image", 5)):
+        loaded = tf.saved_model.load(path)
+        records = [prediction_log_pb2.PredictionLog.FromString(r).predict_log.request
+                   for r in tf.data.TFRecordDataset(os.path.join(path, WARMUP_ASSET)).as_numpy_iterator()]
+        inputs = [{k: tf.make_ndarray(v) for k, v in r.inputs.items()} for r in records]
+        assert [(r.model_spec.signature_name, {k: v.shape for k, v in x.items()}) for r, x in zip(records, inputs)] == \
+            [("serving_default", {modality: (1,)}), ("serving_default", {modality: (200,)}), ("encoder_info", {})]
+        assert inputs[0][modality][0]  # a title or an encoded image, not the empty input
+        for r, x in zip(records[:2], inputs):
+            vectors = loaded.signatures[r.model_spec.signature_name](**x)["vector"].numpy()
+            assert vectors.shape == (len(x[modality]), dim)
+            np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1, rtol=1e-5)
+        assert loaded.signatures["encoder_info"]()["modality"].numpy().decode() == modality
+
+
 def test_text_events_to_vectors_skips_and_restart(text_encoder, uris, caplog):
     tower, path = text_encoder
     version = encoder_version(tower, "scl-text")
