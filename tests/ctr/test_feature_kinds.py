@@ -107,7 +107,8 @@ def test_train_export_serve_string_and_numeric_features(kinds_world, tmp_path):
         "income": tf.constant([10.0, 60.0]), "occupation": tf.constant(["doctor", "doctor"]),
         "item_id": tf.constant([5, 6], tf.int64), "category_id": tf.constant([2, 3], tf.int64),
         "brand_id": tf.constant([3, 1], tf.int64), "genres": tf.constant([["Comedy", "", ""], ["Drama", "Horror", ""]]),
-        "hist_item_id": tf.constant([[0, 0, 4, 9]] * 2, tf.int64), "hist_query": tf.constant([["", "", "q4", "q2"]] * 2),
+        "hist_item_id": tf.constant([[0, 0, 4, 9]] * 2, tf.int64),
+        "hist_query": tf.constant([["", "", "q4", "q2"]] * 2),
     }
     model = task.build_model()
     model.set_weights(_restored_model(task, cfg).get_weights())
@@ -135,7 +136,8 @@ def test_model_reads_every_kind_and_padding_is_ignored():
             "bucketize_income", "emb_income"} <= layers
     assert model.get_layer("emb_income").num_buckets == 3
     x = {"user_id": [1, 2], "age": [20.0, 60.0], "income": [10.0, 70.0], "occupation": ["doctor", "artist"],
-         "item_id": [1, 2], "category_id": [1, 2], "brand_id": [1, 2], "genres": [["Comedy", "", ""], ["Drama", "", ""]],
+         "item_id": [1, 2], "category_id": [1, 2], "brand_id": [1, 2],
+         "genres": [["Comedy", "", ""], ["Drama", "", ""]],
          "hist_item_id": [[0, 0, 1, 2], [0, 3, 1, 2]], "hist_query": [["", "", "q1", "q2"], ["", "q3", "q1", "q2"]]}
     x = {k: tf.constant(v) for k, v in x.items()}
     base = model(x)["logit"].numpy()
