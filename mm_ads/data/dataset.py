@@ -218,6 +218,11 @@ def empty_columns(spec):
     return {f.name: np.zeros((0,) + f.shape, numpy_dtype(f)) for f in spec.stored_features}
 
 
+def _plain(value):
+    """A numpy scalar as its Python value (for messages: `'teacher'`, not `np.str_('teacher')`)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _row(arr, bad):
     """Index of the first row of `arr` [n, ...] where the bool array `bad` (same shape) holds."""
     return int(np.argmax(bad.reshape(len(arr), -1).any(axis=1)))
@@ -247,8 +252,8 @@ def _tags(values, f, where, first_row, counts):
         if len(row) > width:
             if not f.truncate:
                 raise ValueError(f"{where}: row {first_row + i}: {_describe(f)} has {len(row)} values, more than its "
-                                 f"maximum {width}: {row[:width + 3]!r}; raise the shape or declare truncate=True "
-                                 "(keeps the first values, counted)")
+                                 f"maximum {width}: {[_plain(v) for v in row[:width + 3]]!r}; raise the shape or "
+                                 "declare truncate=True (keeps the first values, counted)")
             row = row[:width]
             truncated += 1
         rows.append(row + [pad] * (width - len(row)))
@@ -273,8 +278,9 @@ def _as_int64(arr, f, where, first_row):
     for i, row in enumerate(flat):
         for v in row:
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-                raise ValueError(f"{where}: row {first_row + i}: {_describe(f)} is declared int64 but holds {v!r} "
-                                 f"({type(v).__name__}); declare dtype 'string' for string ids (hashed by the model)")
+                raise ValueError(f"{where}: row {first_row + i}: {_describe(f)} is declared int64 but holds "
+                                 f"{_plain(v)!r} ({type(_plain(v)).__name__}); declare dtype 'string' for string ids "
+                                 "(hashed by the model)")
     return arr.astype(np.int64)
 
 
@@ -285,7 +291,7 @@ def _as_float32(arr, f, where, first_row, counts):
             for v in row:
                 if isinstance(v, (str, bytes)) or not isinstance(v, (int, float, np.integer, np.floating)):
                     raise ValueError(f"{where}: row {first_row + i}: {_describe(f)} is declared float32 but holds "
-                                     f"{v!r} ({type(v).__name__})")
+                                     f"{_plain(v)!r} ({type(_plain(v)).__name__})")
     arr = arr.astype(np.float32)
     nan = np.isnan(arr)
     if nan.any():
