@@ -104,7 +104,7 @@ def test_train_export_serve_string_and_numeric_features(kinds_world, tmp_path):
     # a hand-written request: what a serving client sends
     request = {
         "user_id": tf.constant([3, 3], tf.int64), "age": tf.constant([50.0, 50.0]),
-        "income": tf.constant([10.0, 60.0]), "occupation": tf.constant(["doctor", "doctor"]),
+        "income": tf.constant([60.0, 60.0]), "occupation": tf.constant(["doctor", "doctor"]),
         "item_id": tf.constant([5, 6], tf.int64), "category_id": tf.constant([2, 3], tf.int64),
         "brand_id": tf.constant([3, 1], tf.int64), "genres": tf.constant([["Comedy", "", ""], ["Drama", "Horror", ""]]),
         "hist_item_id": tf.constant([[0, 0, 4, 9]] * 2, tf.int64),
@@ -112,8 +112,14 @@ def test_train_export_serve_string_and_numeric_features(kinds_world, tmp_path):
     }
     model = task.build_model()
     model.set_weights(_restored_model(task, cfg).get_weights())
-    np.testing.assert_allclose(fn(**request)["ctr"].numpy(), model(request, training=False)["ctr"].numpy(),
-                               rtol=1e-5, atol=1e-6)
+    scores = fn(**request)["ctr"].numpy()
+    np.testing.assert_allclose(scores, model(request, training=False)["ctr"].numpy(), rtol=1e-5, atol=1e-6)
+    # user_candidates: the user side (user/context features, the sequences) once, batch 1
+    loaded = tf.saved_model.load(metrics["export_path"]).signatures["user_candidates"]
+    user_side = set(task.spec.user_side_inputs(list(request)))
+    assert {"age", "income", "occupation", "hist_query"} <= user_side and "genres" not in user_side
+    once = {k: v[:1] if k in user_side else v for k, v in request.items()}
+    np.testing.assert_allclose(loaded(**once)["ctr"].numpy(), scores, rtol=1e-5, atol=1e-6)
 
 
 def _restored_model(task, cfg):
