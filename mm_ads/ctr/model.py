@@ -160,10 +160,15 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
               for t, n in spec.tables().items()}
     hashers = {t: StringHashing(spec.tables()[t], name=f"hash_{t}") for t in sorted(hashed)}
 
+    hashed_ids = {}
+
     def ids(feature):
-        """The feature's int64 ids (strings hashed into their table's rows; "" → 0)."""
-        f = spec[feature]
-        return hashers[f.table](inputs[feature]) if f.dtype == "string" else inputs[feature]
+        """The feature's int64 ids (strings hashed into their table's rows, once per feature; "" → 0)."""
+        if spec[feature].dtype != "string":
+            return inputs[feature]
+        if feature not in hashed_ids:
+            hashed_ids[feature] = hashers[spec[feature].table](inputs[feature])
+        return hashed_ids[feature]
 
     def embed(feature):
         return tables[spec[feature].embedding_table](ids(feature))

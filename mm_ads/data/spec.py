@@ -216,6 +216,22 @@ class Feature:
         if self.nan_value is not None and not math.isfinite(self.nan_value):
             raise ValueError(f"Numeric feature {self.name!r}: nan_value must be finite, got {self.nan_value!r}")
 
+    def with_normalization(self, values):
+        """A copy of this numeric feature with `mean`/`std` of `values` ([n] or [n, K], NaN ignored): the
+        standardisation computed from training data when it is prepared (a std of 0 becomes 1)."""
+        import numpy as np
+
+        if self.kind != "numeric" or self.boundaries is not None:
+            raise ValueError(f"Feature {self.name!r}: only a numeric feature without boundaries is standardised")
+        values = np.asarray(values, np.float64).reshape(len(values), -1)  # [n, K]
+        if values.shape[1] != (self.shape[0] if self.shape else 1) or not np.isfinite(values).any(axis=0).all():
+            raise ValueError(f"Feature {self.name!r}: need [n] or [n, K] values with a finite value per column, "
+                             f"got shape {values.shape}")
+        mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+        std = np.where(std > 0, std, 1.0)
+        mean, std = ([round(float(v), 6) for v in x] for x in (mean, std))
+        return dataclasses.replace(self, mean=mean if self.shape else mean[0], std=std if self.shape else std[0])
+
     @property
     def is_id(self):
         """An id feature of kind "id": one id, or the ids of a behaviour sequence."""

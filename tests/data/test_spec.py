@@ -171,6 +171,15 @@ def test_kind_validation(kwargs, match):
         Feature(**kwargs)
 
 
+def test_with_normalization_computes_mean_and_std_from_data():
+    age = Feature("age", "user", "float32", kind="numeric").with_normalization([20.0, 30.0, np.nan, 40.0])
+    assert age.mean == 30.0 and age.std == pytest.approx(np.std([20.0, 30.0, 40.0]), abs=1e-6)
+    pair = Feature("xy", "item", "float32", (2,), kind="numeric").with_normalization([[1.0, 5.0], [3.0, 5.0]])
+    assert pair.mean == (2.0, 5.0) and pair.std == (1.0, 1.0)  # a constant column keeps std 1
+    with pytest.raises(ValueError, match="only a numeric feature"):
+        Feature("b", "user", "float32", kind="numeric", boundaries=[1.0]).with_normalization([1.0])
+
+
 def test_a_table_is_either_int_or_string_ids():
     base = list(FeatureSpec.default(seq_len=2, vector_dim=0, num_items=5, num_categories=2, num_brands=2,
                                     num_users=3))

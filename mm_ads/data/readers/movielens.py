@@ -66,8 +66,9 @@ Output (see `mm_ads.data.dataset`):
       (`mm_ads.data.spec`): `genres` — every genre of the impression's movie as an int64 `tags` item feature
       `[G]` (G = the most genres of one movie; ids 1..V over the sorted genre names of the catalogue, 0 = padding,
       table `genre`, mean-pooled), `age` — the user's age in years as a `numeric` user feature `user_age`
-      standardised by the mean and std of the users' ages (ml-100k), `occupation` — the user's occupation name as
-      a string id `user_occupation` hashed into 64 rows (ml-100k; `vocab` in the manifest lists the names).
+      standardised by the mean and std of the users' ages (`Feature.with_normalization`; ml-100k),
+      `occupation` — the user's occupation name as a string id `user_occupation` hashed into 64 rows
+      (ml-100k; `vocab` in the manifest lists the names).
   * `item_stats` from the train impressions (count and first time per item).
   * `items.parquet`: item_id, movie_id, title, genres, year, category_id, brand_id, created_at (null if never
     rated), num_ratings (ratings in the train split), text = "<title>. Genres: a, b. Tags: x, y." with the
@@ -606,8 +607,7 @@ def _extra_features(spec, names, cat, profiles, user_ids, layout):
     rows = np.searchsorted(profiles.user_ids, user_ids) if user_side else None  # dense user id - 1 → profile row
     if "age" in names:
         ages = profiles.ages[rows].astype(np.float32)
-        mean, std = float(np.mean(ages)), float(np.std(ages)) or 1.0
-        feats.append(Feature("user_age", "user", "float32", kind="numeric", mean=round(mean, 4), std=round(std, 4)))
+        feats.append(Feature("user_age", "user", "float32", kind="numeric").with_normalization(ages))
         columns["user_age"] = ("user", np.r_[np.float32(0.0), ages])
     if "occupation" in names:
         occupations = profiles.names["user_profile_2"]
