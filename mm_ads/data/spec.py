@@ -79,7 +79,7 @@ class Feature:
         shape: per-example shape: `()` scalar, `(S,)` history, `(D,)` / `(S, D)` vectors.
         table: embedding table of an id feature (`user`/`item`/`history`/`context`).
         num_buckets: number of rows of that table (ids are bucketed into it).
-        padding_id: for `history` features, the id that marks an empty slot.
+        padding_id: for `history` and int64 `tags` features, the id that marks an empty slot (string ones: "").
         source: for `vector` features, the id feature whose vectors are joined.
         id_mapping: for id features, how ids become rows of the table (`ID_MAPPINGS`): "dense" (ids are
             rows; the default, left out of the JSON) or "hash" (raw ids, hashed by the model). String ids are

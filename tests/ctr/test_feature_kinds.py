@@ -2,6 +2,7 @@
 
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -154,3 +155,21 @@ def test_model_reads_every_kind_and_padding_is_ignored():
     out = model(changed)["logit"].numpy()
     assert out[0] != base[0] and out[1] == base[1]
     assert json.loads(json.dumps(spec.to_json())) == spec.to_json()
+
+
+def test_int64_tags_share_a_table_with_an_id_and_sum_pool():
+    base = FeatureSpec.default(seq_len=2, vector_dim=0, num_items=5, num_categories=4, num_brands=2, num_users=3,
+                               with_history_side=False)
+    spec = FeatureSpec(list(base) + [Feature("all_categories", "item", shape=(3,), table="category", num_buckets=5,
+                                             kind="tags", combiner="sum")], 2, 0)
+    model = build_ctr_model(spec, CTRModelConfig(variant="id", embedding_dim=4, attention_units=(8,), mlp_units=(8,),
+                                                 admit_after=0))
+    table = model.get_layer("emb_category")
+    x = {"user_id": [1], "item_id": [2], "category_id": [1], "brand_id": [1], "hist_item_id": [[0, 3]],
+         "all_categories": [[2, 3, 0]]}
+    x = {k: tf.constant(v, tf.int64) for k, v in x.items()}
+    pool = keras.Model(model.inputs, model.get_layer("pool_all_categories").output)
+    rows = keras.ops.convert_to_numpy(table(tf.constant([2, 3], tf.int64)))
+    np.testing.assert_allclose(pool(x).numpy()[0], rows.sum(0), rtol=1e-6)  # padding 0 adds nothing
+    same = dict(x, all_categories=tf.constant([[0, 3, 2]], tf.int64))
+    np.testing.assert_allclose(model(same)["logit"].numpy(), model(x)["logit"].numpy(), rtol=1e-6)
