@@ -26,6 +26,13 @@ to `{"ctr": [B], "logit": [B]}`; losses and metrics live in the task. `extra_blo
 for more MLP inputs: a callable `(inputs, parts) -> list of [B, F] tensors` appended to the MLP
 input (the MAKE variants use it for MAKE's outputs).
 
+Features of the other kinds (`mm_ads.data.spec`) are MLP inputs too: string ids are hashed into their table
+(`StringHashing`, `hash_<table>`) and embedded like int64 ids; `tags` are embedded and pooled (`MaskedPooling`,
+mean or sum over the non-padding values); `numeric` values are standardised (`NumericEncoding`), or bucketised and
+embedded; a `history` feature whose table no target-item feature shares (an id sequence other than the behaviour
+sequence of items) is mean-pooled over its non-padding values instead of entering DIN. User-side ones broadcast over the
+candidates like the user ids.
+
 Every FeatureSpec table is one `SparseEmbedding` (`emb_<table>`) whose id mapping is the spec's declaration for
 that table (or `config.id_mapping`), and whose ids read the table's default row (`config.unseen_row`) until they
 have occurred `config.admit_after` times in training.
@@ -37,10 +44,13 @@ from mm_ads.config import MAKE_VARIANTS
 from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR, missing_flag_name
 from mm_ads.layers.din_attention import DINAttention
 from mm_ads.layers.make import MAKE
+from mm_ads.layers.masked_pooling import MaskedPooling
 from mm_ads.layers.mlp import MLP
+from mm_ads.layers.numeric_encoding import NumericEncoding
 from mm_ads.layers.sim_score import SimScore
 from mm_ads.layers.sim_tier import SimTier
 from mm_ads.layers.sparse_embedding import SparseEmbedding
+from mm_ads.layers.string_hashing import StringHashing
 
 # Name of the MAKE layer in every model that has one: phase B restores phase A's MAKE variables by this path.
 MAKE_LAYER = "make"
@@ -55,7 +65,7 @@ def _check_vectors(spec, variant):
 
 
 def model_input_names(spec, variant):
-    """Names of the model's inputs for a variant: every id feature, plus vectors and flags when used.
+    """Names of the model's inputs for a variant: every id, tags and numeric feature, plus vectors and flags when used.
 
     `make_only` reads no id feature but the history ids its vectors are joined from (for the padding mask).
     """
@@ -63,7 +73,7 @@ def model_input_names(spec, variant):
     if variant == "make_only":
         _check_vectors(spec, variant)
         return [spec[HIST_ITEM_VECTOR].source] + vectors
-    names = [f.name for f in spec if f.is_id]
+    names = [f.name for f in spec if f.is_model_input and f.role != "vector"]
     if variant != "id":
         names += vectors
     return names
@@ -74,8 +84,8 @@ def make_inputs(spec, variant):
     inputs = {}
     names = model_input_names(spec, variant)
     for f in spec:
-        if f.is_id and f.name in names:
-            inputs[f.name] = keras.Input(f.shape, dtype="int64", name=f.name)
+        if f.is_model_input and f.role != "vector" and f.name in names:
+            inputs[f.name] = keras.Input(f.shape, dtype=f.dtype, name=f.name)
     if variant != "id":
         _check_vectors(spec, variant)
         s, d = spec.seq_len, spec.vector_dim
@@ -88,20 +98,25 @@ def make_inputs(spec, variant):
 
 
 def _pair_history_with_target(spec):
-    """[(history feature, target item feature)] sharing a table, in history order."""
-    items = spec.by_role("item")
-    pairs = []
+    """([(history feature, target item feature)] sharing a table, in history order; the other history features).
+
+    A history feature no target id feature shares a table with is not attended by DIN: the model pools it.
+    """
+    items = [f for f in spec.by_role("item") if f.is_id]
+    pairs, unpaired = [], []
     for h in spec.by_role("history"):
         match = [f for f in items if f.table == h.table]
-        if not match:
-            raise ValueError(
-                f"History feature {h.name!r} (table {h.table!r}) has no target-item feature with the same table; "
-                f"item features: {[(f.name, f.table) for f in items]}"
-            )
-        pairs.append((h, match[0]))
+        if match:
+            pairs.append((h, match[0]))
+        else:
+            unpaired.append(h)
     if not pairs:
-        raise ValueError("The FeatureSpec has no history feature: DIN needs a behaviour sequence")
-    return pairs
+        raise ValueError(
+            "The FeatureSpec has no history feature that shares its table with a target-item id feature: DIN "
+            f"needs a behaviour sequence of items; history: {[(f.name, f.table) for f in spec.by_role('history')]}, "
+            f"item features: {[(f.name, f.table) for f in items]}"
+        )
+    return pairs, unpaired
 
 
 def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=1):
@@ -131,21 +146,57 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
             return _make_features(config, inputs, parts) + (list(user_block(inputs, parts)) if user_block else [])
     e = config.embedding_dim
     mappings = spec.id_mappings()
-    tables = {t: SparseEmbedding(n, e, padding_id=0, num_shards=min(embedding_shards, n), name=f"emb_{t}",
-                                 id_mapping=mappings[t] if config.id_mapping == "auto" else config.id_mapping,
-                                 admit_after=config.admit_after, unseen_row=config.unseen_row)
+    padding = spec.table_padding()
+    hashed = {f.embedding_table for f in spec if f.dtype == "string"}
+
+    def table_mapping(t):
+        if t in hashed or padding[t] is None:  # rows already: hashed strings, numeric buckets
+            return "dense"
+        return mappings[t] if config.id_mapping == "auto" else config.id_mapping
+
+    tables = {t: SparseEmbedding(n, e, padding_id=padding[t], num_shards=min(embedding_shards, n), name=f"emb_{t}",
+                                 id_mapping=table_mapping(t), admit_after=config.admit_after,
+                                 unseen_row=config.unseen_row)
               for t, n in spec.tables().items()}
+    hashers = {t: StringHashing(spec.tables()[t], name=f"hash_{t}") for t in sorted(hashed)}
+
+    hashed_ids = {}
+
+    def ids(feature):
+        """The feature's int64 ids (strings hashed into their table's rows, once per feature; "" → 0)."""
+        if spec[feature].dtype != "string":
+            return inputs[feature]
+        if feature not in hashed_ids:
+            hashed_ids[feature] = hashers[spec[feature].table](inputs[feature])
+        return hashed_ids[feature]
 
     def embed(feature):
-        return tables[spec[feature].table](inputs[feature])
+        return tables[spec[feature].embedding_table](ids(feature))
 
-    pairs = _pair_history_with_target(spec)
+    def padding_mask(feature):
+        return keras.ops.not_equal(ids(feature), padding[spec[feature].embedding_table])
+
+    def encode(f):
+        """`[B, F]` MLP input of a feature that is not part of DIN."""
+        if f.kind == "numeric":
+            if f.boundaries is not None:
+                buckets = NumericEncoding(boundaries=list(f.boundaries), name=f"bucketize_{f.name}")(inputs[f.name])
+                embedded = tables[f.embedding_table](buckets)  # [B, K, E]
+                return keras.ops.reshape(embedded, (-1, embedded.shape[1] * e))  # [B, K·E]
+            return NumericEncoding(mean=f.mean, std=f.std, name=f"numeric_{f.name}")(inputs[f.name])  # [B, K]
+        if f.kind == "tags" or f.role == "history":
+            combiner = f.combiner if f.kind == "tags" else "mean"
+            return MaskedPooling(combiner, name=f"pool_{f.name}")(embed(f.name), mask=padding_mask(f.name))  # [B, E]
+        return embed(f.name)  # [B, E]
+
+    pairs, unpaired = _pair_history_with_target(spec)
     hist_item = pairs[0][0].name
-    mask = keras.ops.not_equal(inputs[hist_item], spec[hist_item].padding_id)  # [B, S]
+    mask = padding_mask(hist_item)  # [B, S]
     query = keras.ops.concatenate([embed(t.name) for _, t in pairs], axis=-1)  # [B, E·k]
     keys = keras.ops.concatenate([embed(h.name) for h, _ in pairs], axis=-1)  # [B, S, E·k]
-    other_item = [embed(f.name) for f in spec.by_role("item") if f.name not in {t.name for _, t in pairs}]
-    user = [embed(f.name) for f in spec.by_role("user") + spec.by_role("context")]
+    paired = {t.name for _, t in pairs}
+    other_item = [encode(f) for f in spec.by_role("item") if f.name not in paired and f.name in inputs]
+    user = [encode(f) for f in spec.by_role("user") + spec.by_role("context") + unpaired if f.name in inputs]
 
     parts = {"query": query, "keys": keys, "mask": mask}
     side = None

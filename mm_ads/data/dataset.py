@@ -168,7 +168,8 @@ def serialize_examples(columns):
     """Serialises rows as `tf.train.Example` protos, vectorised (C++ `encode_proto`, ~3× Python protobuf).
 
     Args:
-        columns: ordered `{feature name: (values [n, k] int64 or float32, is_float)}`.
+        columns: ordered `{feature name: (values [n, k], kind)}`, kind "int64", "float32" or "string" (bytes or
+            str values); True / False stand for "float32" / "int64".
 
     Returns:
         A numpy object array of n serialized `tf.train.Example` byte strings.
@@ -178,9 +179,12 @@ def serialize_examples(columns):
     n = len(next(iter(columns.values()))[0])
     one = tf.ones([n, 1], tf.int32)
     entries = []
-    for name, (values, is_float) in columns.items():
-        values = tf.constant(values, tf.float32 if is_float else tf.int64)  # [n, k]
-        kind = ("FloatList", "float_list") if is_float else ("Int64List", "int64_list")
+    lists = {"float32": (tf.float32, "FloatList", "float_list"), "int64": (tf.int64, "Int64List", "int64_list"),
+             "string": (tf.string, "BytesList", "bytes_list")}
+    for name, (values, kind) in columns.items():
+        kind = {True: "float32", False: "int64"}.get(kind, kind)
+        dtype, *kind = lists[kind]
+        values = tf.constant(values, dtype)  # [n, k]
         value_list = tf.io.encode_proto(sizes=tf.fill([n, 1], values.shape[1]), values=[values],
                                         field_names=["value"], message_type=f"tensorflow.{kind[0]}")
         feature = tf.io.encode_proto(sizes=one, values=[value_list[:, None]], field_names=[kind[1]],
@@ -197,22 +201,176 @@ def serialize_examples(columns):
 
 
 def check_columns(columns, spec, where):
-    """Checks that `columns` hold every stored feature with the spec's shape; returns the row count."""
-    n = None
+    """Checks that `columns` hold every stored feature with the spec's shape and kind; returns the row count.
+
+    See `conform_columns` (this is it without the converted columns; a fallback a feature declares is allowed).
+    """
+    return conform_columns(columns, spec, where)[1]
+
+
+def numpy_dtype(feature):
+    """The numpy dtype of a stored feature's column as `conform_columns` returns it (strings: bytes objects)."""
+    return {"float32": np.float32, "string": object}.get(feature.dtype, np.int64)
+
+
+def empty_columns(spec):
+    """Columns of zero rows for every stored feature (an empty split)."""
+    return {f.name: np.zeros((0,) + f.shape, numpy_dtype(f)) for f in spec.stored_features}
+
+
+def _plain(value):
+    """A numpy scalar as its Python value (for messages: `'teacher'`, not `np.str_('teacher')`)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _row(arr, bad):
+    """Index of the first row of `arr` [n, ...] where the bool array `bad` (same shape) holds."""
+    return int(np.argmax(bad.reshape(len(arr), -1).any(axis=1)))
+
+
+def _describe(f):
+    kind = "" if f.kind == "id" else f" {f.kind}"
+    return f"feature {f.name!r} ({f.dtype}{kind}{' ' + str(list(f.shape)) if f.shape else ''})"
+
+
+def _tags(values, f, where, first_row, counts):
+    """Variable-length lists (or a padded [n, m] array) → padded [n, M] of the feature's values."""
+    width = f.shape[0]
+    pad = b"" if f.dtype == "string" else f.padding_id
+    if isinstance(values, np.ndarray) and values.ndim == 2 and values.dtype != object:
+        if values.shape[1] <= width:
+            out = np.full((len(values), width), pad, values.dtype if f.dtype != "string" else object)
+            out[:, :values.shape[1]] = values
+            return out
+        values = list(values)  # wider than M: the lengths below decide (trailing padding is not a value)
+    rows = []
+    truncated = 0
+    for i, row in enumerate(values):
+        row = [] if row is None else list(row)
+        while row and (row[-1] == pad or (f.dtype == "string" and row[-1] == "")):
+            row.pop()  # trailing padding of a padded row
+        if len(row) > width:
+            if not f.truncate:
+                raise ValueError(f"{where}: row {first_row + i}: {_describe(f)} has {len(row)} values, more than its "
+                                 f"maximum {width}: {[_plain(v) for v in row[:width + 3]]!r}; raise the shape or "
+                                 "declare truncate=True (keeps the first values, counted)")
+            row = row[:width]
+            truncated += 1
+        rows.append(row + [pad] * (width - len(row)))
+    if truncated:
+        counts[f.name]["truncated"] = counts[f.name].get("truncated", 0) + truncated
+    if not rows:
+        return np.zeros((0, width), numpy_dtype(f))
+    return np.array(rows, dtype=object)
+
+
+def _as_int64(arr, f, where, first_row):
+    if arr.dtype.kind in "iub":
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            i = _row(arr, bad)
+            raise ValueError(f"{where}: row {first_row + i}: {_describe(f)} is declared int64 but holds "
+                             f"{arr[i].tolist()!r}")
+        return arr.astype(np.int64)
+    flat = arr.reshape(len(arr), -1)
+    for i, row in enumerate(flat):
+        for v in row:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{where}: row {first_row + i}: {_describe(f)} is declared int64 but holds "
+                                 f"{_plain(v)!r} ({type(_plain(v)).__name__}); declare dtype 'string' for string ids "
+                                 "(hashed by the model)")
+    return arr.astype(np.int64)
+
+
+def _as_float32(arr, f, where, first_row, counts):
+    if arr.dtype.kind not in "iubf":
+        flat = arr.reshape(len(arr), -1)
+        for i, row in enumerate(flat):
+            for v in row:
+                if isinstance(v, (str, bytes)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                    raise ValueError(f"{where}: row {first_row + i}: {_describe(f)} is declared float32 but holds "
+                                     f"{_plain(v)!r} ({type(_plain(v)).__name__})")
+    arr = arr.astype(np.float32)
+    nan = np.isnan(arr)
+    if nan.any():
+        if f.nan_value is None:
+            raise ValueError(f"{where}: row {first_row + _row(arr, nan)}: {_describe(f)} is NaN"
+                             + ("; declare nan_value=<float> to replace NaNs (counted)" if f.kind == "numeric" else ""))
+        arr = np.where(nan, np.float32(f.nan_value), arr)
+        counts[f.name]["nan_filled"] = counts[f.name].get("nan_filled", 0) + int(nan.sum())
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{where}: row {first_row + _row(arr, ~np.isfinite(arr))}: {_describe(f)} is inf")
+    return arr
+
+
+def _as_bytes(arr, f, where, first_row):
+    if arr.dtype.kind == "S":
+        return arr.astype(object)
+    if arr.dtype.kind == "U":
+        return np.char.encode(arr, "utf-8").astype(object)
+    out = np.empty(arr.shape, object)
+    flat, dst = arr.reshape(len(arr), -1), out.reshape(len(arr), -1)
+    for i, row in enumerate(flat):
+        for j, v in enumerate(row):
+            if isinstance(v, bytes):
+                dst[i, j] = v
+            elif isinstance(v, str):
+                dst[i, j] = v.encode("utf-8")
+            else:
+                raise ValueError(f"{where}: row {first_row + i}: {_describe(f)} is declared string but holds {v!r} "
+                                 f"({type(v).__name__}); give its ids as strings")
+    return out
+
+
+def conform_columns(columns, spec, where, first_row=0, fallbacks=None):
+    """Checks columns against the spec's stored features and converts them to what the records hold.
+
+    Every stored feature must have a column of the spec's per-row shape (`tags`: a padded `[n, M]` array, or one
+    list per row of at most M values, padded here) and values of its dtype: int64 columns take integers only (a
+    string is an error: declare the feature `dtype="string"`), float32 columns numbers without NaN or inf, string
+    columns `str`/`bytes`. A feature's declared fallback replaces the error and is counted in `fallbacks`:
+    `nan_value` (a NaN becomes that value, `"nan_filled"`), `truncate` (a tags list keeps its first M values,
+    `"truncated"`).
+
+    Args:
+        columns: `{feature name: array-like [n, ...]}`.
+        spec: the `FeatureSpec`.
+        where: what the columns are, for the messages (e.g. "ctr/train").
+        first_row: the row number of the first row, for the messages (a split written in chunks).
+        fallbacks: optional `{feature: {"nan_filled": k, "truncated": k}}` the counts are added to.
+
+    Returns:
+        `({name: np.ndarray [n, *shape]} (int64, float32, or bytes objects for strings), n)`.
+
+    Raises:
+        ValueError: naming `where`, the row and the feature.
+    """
+    counts = fallbacks if fallbacks is not None else {}
+    out, n = {}, None
     for f in spec.stored_features:
         if f.name not in columns:
             raise ValueError(f"{where}: missing column {f.name!r} required by the FeatureSpec")
-        arr = np.asarray(columns[f.name])
+        counts.setdefault(f.name, {})
+        col = columns[f.name]
+        arr = _tags(col, f, where, first_row, counts) if f.kind == "tags" else np.asarray(col)
         if arr.shape[1:] != f.shape:
             raise ValueError(f"{where}: column {f.name!r} has per-row shape {arr.shape[1:]}, expected {f.shape}")
-        if f.dtype == "float32" and not np.all(np.isfinite(arr)):
-            bad = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))[0][0])
-            raise ValueError(f"{where}: column {f.name!r} has NaN/inf at row {bad}")
+        if f.dtype == "string":
+            arr = _as_bytes(arr, f, where, first_row)
+        elif f.dtype == "float32":
+            arr = _as_float32(arr, f, where, first_row, counts)
+        else:
+            arr = _as_int64(arr, f, where, first_row)
+        if not counts[f.name]:
+            del counts[f.name]
+        out[f.name] = arr
         if n is None:
             n = len(arr)
         elif len(arr) != n:
             raise ValueError(f"{where}: column {f.name!r} has {len(arr)} rows, others have {n}")
-    return n or 0
+    return out, n or 0
 
 
 class DatasetWriter:
@@ -236,6 +394,8 @@ class DatasetWriter:
         self._overwrite = overwrite
         self._ctx = None
         self.tmp_dir = None
+        # {feature: {"nan_filled": k, "truncated": k}}: the fallbacks features declared, as used (`conform_columns`)
+        self.fallbacks = {}
 
     def __enter__(self):
         self._ctx = io_utils.atomic_directory(self.output_dir, overwrite=self._overwrite)
@@ -244,6 +404,8 @@ class DatasetWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
+            if self.fallbacks:
+                self.manifest.extra["feature_fallbacks"] = self.fallbacks
             io_utils.write_json(os.path.join(self.tmp_dir, MANIFEST), self.manifest.to_json())
         return self._ctx.__exit__(exc_type, exc, tb)
 
@@ -258,13 +420,13 @@ class DatasetWriter:
         import tensorflow as tf
 
         spec = self.manifest.spec
-        n = check_columns(columns, spec, f"ctr/{split}")
+        columns, n = conform_columns(columns, spec, f"ctr/{split}", fallbacks=self.fallbacks)
         num_shards = max(1, min(int(num_shards), max(n, 1)))
         os.makedirs(os.path.join(self.tmp_dir, "ctr"), exist_ok=True)
         feats = spec.stored_features
         # reshape to an explicit width: `reshape(n, -1)` is ambiguous (and fails) for an empty split
-        cols = {f.name: (np.asarray(columns[f.name]).reshape(n, int(np.prod(f.shape))), f.dtype == "float32")
-                for f in feats}
+        cols = {f.name: (columns[f.name].reshape(n, int(np.prod(f.shape))),
+                         f.dtype if f.dtype in ("float32", "string") else "int64") for f in feats}
         rel = []
         bounds = np.linspace(0, n, num_shards + 1).astype(np.int64)
         chunk = 65536
@@ -320,5 +482,6 @@ def read_ctr_columns(data_dir, split, names):
         lambda b: tf.io.parse_example(b, wanted))
     parts = list(ds.as_numpy_iterator())
     if not parts:
-        return {n: np.zeros((0,), np.float32 if parse[n].dtype == tf.float32 else np.int64) for n in names}
+        return {n: np.zeros((0,) + tuple(parse[n].shape), {tf.float32: np.float32, tf.string: object}.get(
+            parse[n].dtype, np.int64)) for n in names}
     return {n: np.concatenate([p[n] for p in parts]) for n in names}

@@ -67,6 +67,10 @@ _PAIR_LIKE = flags.DEFINE_float("pair_like_rating", 4.0, "movielens without tags
                                 "likes that form co-liked text pairs.")
 _PAIR_DISLIKE = flags.DEFINE_float("pair_dislike_rating", 2.0, "movielens without tags: ratings <= this give a "
                                    "pair's disliked hard negative.")
+_EXTRA_FEATURES = flags.DEFINE_list(
+    "extra_features", [], "movielens: features beyond ids to add (default none: the standard layout): genres (every "
+    "genre of the movie, a tags feature), age (the user's age, numeric, standardised; ml-100k), occupation (the "
+    "user's occupation name, a hashed string id; ml-100k). See mm_ads/data/readers/movielens.py.")
 _MAX_USERS = flags.DEFINE_integer("max_users", 0, "movielens: keep a seeded random subset of this many users "
                                   "(0 = all).", lower_bound=0)
 
@@ -104,7 +108,7 @@ _ON_UNMATCHED = flags.DEFINE_enum(
 _FORMAT_FLAGS = {
     "taobao_mm": (_SEQ_LEN, _NUM_BUCKETS, _ON_MISSING_USER, _ROWS_PER_SHARD),
     "movielens": (_SEQ_LEN, _MIN_RATING, _NEGATIVES, _NEGATIVE_SAMPLING, _SPLIT, _VALID_FRACTION, _TEST_FRACTION,
-                  _MAX_TAGS, _PAIR_LIKE, _PAIR_DISLIKE, _MAX_USERS, _ROWS_PER_SHARD),
+                  _MAX_TAGS, _PAIR_LIKE, _PAIR_DISLIKE, _MAX_USERS, _ROWS_PER_SHARD, _EXTRA_FEATURES),
     "product_pairs": (_MAX_DESCRIPTION_WORDS, _INCLUDE_PRICE, _SPLIT_FILES, _ALLOW_MISSING_TRAIN),
     "image_folder": (_TEST_FRACTION, _ON_CORRUPT, _CATALOGUE, _CLASS_DEPTH, _ON_UNMATCHED),
 }

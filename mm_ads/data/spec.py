@@ -16,6 +16,20 @@ Roles:
                 time (not stored in the records): `[D]` for the target item,
                 `[S, D]` for the history; `source` names the id feature joined.
 
+Every feature also has a `kind` (how a model reads it; `Feature` lists each kind's fields):
+  * `id`      — the default: one id (scalar) or an id sequence (`history`), looked up in `table`.
+                int64 ids, or `dtype="string"` ids hashed into the table's `num_buckets` rows by the model
+                (`mm_ads.layers.StringHashing`; "" is padding).
+  * `tags`    — a multi-valued id feature (`user`/`item`/`context`): int64 or string `[M]`, padded with
+                `padding_id` / "", embedded in `table` and pooled (`combiner` "mean" or "sum", padding masked;
+                `mm_ads.layers.MaskedPooling`). Also the kind for id sequences other than the behaviour
+                sequence (e.g. a user's last searched categories).
+  * `numeric` — float32 scalar or `[K]` (`user`/`item`/`context`): standardised with `mean`/`std` when given,
+                or bucketised by `boundaries` into an embedding table (`mm_ads.layers.NumericEncoding`).
+Prepared data is checked against the kinds before records are written (`mm_ads.data.dataset.conform_columns`):
+a string in an int64 column, a NaN in a numeric one or more than M tags is an error naming the feature and the
+row, unless the feature declares a fallback (`nan_value`, `truncate`), whose uses are counted.
+
 Id features name an embedding `table`; features that share a table share their
 embedding rows (target item and history items share the item table). A table's
 `id_mapping` says how its ids become rows: "dense" (the ids are row numbers `[0, num_buckets)`,
@@ -25,12 +39,18 @@ value, hashed into the rows by the model: Taobao-MM).
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 ROLES = ("user", "item", "history", "context", "meta", "label", "vector")
 # Roles of the features that describe the user (and the request), not a candidate: `FeatureSpec.user_side_inputs`.
 USER_SIDE_ROLES = ("user", "context", "history")
-DTYPES = ("int64", "float32", "int8")
+DTYPES = ("int64", "float32", "int8", "string")
+KINDS = ("id", "tags", "numeric")
+COMBINERS = ("mean", "sum")
+ID_ROLES = ("user", "item", "history", "context")
+# Roles of the features of the kinds `tags` and `numeric`: one value (list) per example, not a sequence.
+VALUE_ROLES = ("user", "item", "context")
 ID_MAPPINGS = ("dense", "hash")  # the values of `mm_ads.layers.SparseEmbedding(id_mapping=...)`
 
 # Conventional names used by the built-in readers and the synthetic world.
@@ -59,10 +79,28 @@ class Feature:
         shape: per-example shape: `()` scalar, `(S,)` history, `(D,)` / `(S, D)` vectors.
         table: embedding table of an id feature (`user`/`item`/`history`/`context`).
         num_buckets: number of rows of that table (ids are bucketed into it).
-        padding_id: for `history` features, the id that marks an empty slot.
+        padding_id: for `history` and int64 `tags` features, the id that marks an empty slot (string ones: "").
         source: for `vector` features, the id feature whose vectors are joined.
         id_mapping: for id features, how ids become rows of the table (`ID_MAPPINGS`): "dense" (ids are
-            rows; the default, left out of the JSON) or "hash" (raw ids, hashed by the model).
+            rows; the default, left out of the JSON) or "hash" (raw ids, hashed by the model). String ids are
+            always hashed (`mm_ads.layers.StringHashing`) and leave it "dense".
+        kind: `KINDS`: "id" (the default, left out of the JSON), "tags" or "numeric" (see the module docstring).
+        combiner: for `tags`, how the embeddings of one example's tags are pooled: "mean" (the default) or "sum".
+        mean: for `numeric`, the value(s) subtracted before dividing by `std` (a float, or K floats).
+        std: for `numeric`, the scale(s) (> 0); `mean` and `std` come together.
+        boundaries: for `numeric`, increasing bucket boundaries: the value's bucket (0..len(boundaries)) is
+            embedded in `table` (default: the feature's name) of `len(boundaries) + 1` rows.
+        nan_value: for `numeric`, the value a NaN is replaced by when data are prepared (counted); None: a NaN is
+            an error.
+        truncate: for `tags`, keep the first M values of a longer list (counted) instead of raising an error.
+
+    Example (the JSON of a spec's features):
+
+    ```json
+    {"name": "occupation", "role": "user", "dtype": "string", "table": "occupation", "num_buckets": 64}
+    {"name": "genres", "role": "item", "kind": "tags", "shape": [6], "table": "genre", "num_buckets": 20}
+    {"name": "age", "role": "user", "kind": "numeric", "dtype": "float32", "mean": 34.1, "std": 12.2}
+    ```
     """
 
     name: str
@@ -74,9 +112,22 @@ class Feature:
     padding_id: int = 0
     source: str | None = None
     id_mapping: str = "dense"
+    kind: str = "id"
+    combiner: str = "mean"
+    mean: Any = None
+    std: Any = None
+    boundaries: Any = None
+    nan_value: float | None = None
+    truncate: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        for field in ("mean", "std", "boundaries"):  # lists (JSON) → tuples: the Feature stays hashable
+            value = getattr(self, field)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, field, tuple(float(v) for v in value))
+            elif value is not None:
+                object.__setattr__(self, field, float(value))
         if not self.name or not self.name.replace("_", "").isalnum():
             raise ValueError(f"Feature name must be a non-empty identifier, got {self.name!r}")
         if self.id_mapping not in ID_MAPPINGS:
@@ -85,17 +136,44 @@ class Feature:
             raise ValueError(f"Feature {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"Feature {self.name!r}: dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.is_id:
-            if self.dtype != "int64":
-                raise ValueError(f"Id feature {self.name!r} must be int64, got {self.dtype!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Feature {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind != "id" and self.role not in VALUE_ROLES:
+            raise ValueError(f"Feature {self.name!r} of kind {self.kind!r} must have a role in {VALUE_ROLES}, got "
+                             f"{self.role!r} (a behaviour sequence of ids is kind 'id', role 'history')")
+        if self.dtype == "string" and not (self.is_id or self.kind == "tags"):
+            raise ValueError(f"Feature {self.name!r}: only id and tags features can be strings")
+        if self.is_id or self.kind == "tags":
+            if self.dtype not in ("int64", "string"):
+                raise ValueError(f"Id feature {self.name!r} must be int64 or string, got {self.dtype!r}")
             if not self.table:
                 raise ValueError(f"Id feature {self.name!r} needs a `table`")
             if self.num_buckets is None or self.num_buckets < 1:
                 raise ValueError(
                     f"Id feature {self.name!r} needs num_buckets >= 1, got {self.num_buckets!r}"
                 )
+            if self.dtype == "string" and self.id_mapping != "dense":
+                raise ValueError(f"String feature {self.name!r}: strings are always hashed into num_buckets; leave "
+                                 f"id_mapping unset, got {self.id_mapping!r}")
+            if self.dtype == "string" and self.num_buckets < 2:
+                raise ValueError(f"String feature {self.name!r} needs num_buckets >= 2 (row 0 is padding), got "
+                                 f"{self.num_buckets}")
+        if self.kind == "tags":
+            if len(self.shape) != 1 or self.shape[0] < 1:
+                raise ValueError(f"Tags feature {self.name!r} must have shape [M] (M >= 1 values), got {self.shape}")
+            if self.combiner not in COMBINERS:
+                raise ValueError(f"Tags feature {self.name!r}: combiner must be one of {COMBINERS}, got "
+                                 f"{self.combiner!r}")
+        elif self.combiner != "mean":
+            raise ValueError(f"Feature {self.name!r}: combiner is for tags features, got {self.combiner!r}")
+        if self.truncate and self.kind != "tags":
+            raise ValueError(f"Feature {self.name!r}: truncate is for tags features")
+        if self.kind == "numeric":
+            self._check_numeric()
+        elif any(getattr(self, k) is not None for k in ("mean", "std", "boundaries", "nan_value")):
+            raise ValueError(f"Feature {self.name!r}: mean, std, boundaries and nan_value are for numeric features")
         expected_rank = {"history": 1, "label": 0, "meta": 0, "user": 0, "item": 0, "context": 0}
-        if self.role in expected_rank and len(self.shape) != expected_rank[self.role]:
+        if self.kind == "id" and self.role in expected_rank and len(self.shape) != expected_rank[self.role]:
             raise ValueError(
                 f"Feature {self.name!r} with role {self.role!r} must have rank "
                 f"{expected_rank[self.role]}, got shape {self.shape}"
@@ -107,10 +185,78 @@ class Feature:
                 raise ValueError(f"Vector feature {self.name!r} must be [D] or [S, D], got {self.shape}")
         if self.role == "label" and self.dtype != "float32":
             raise ValueError(f"Label {self.name!r} must be float32, got {self.dtype!r}")
+        if self.dtype == "string" and self.role in ("meta", "label", "vector"):
+            raise ValueError(f"Feature {self.name!r} with role {self.role!r} cannot be a string")
+
+    def _check_numeric(self):
+        if self.dtype != "float32":
+            raise ValueError(f"Numeric feature {self.name!r} must be float32, got {self.dtype!r}")
+        if len(self.shape) > 1:
+            raise ValueError(f"Numeric feature {self.name!r} must be a scalar or [K], got shape {self.shape}")
+        width = self.shape[0] if self.shape else 1
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"Numeric feature {self.name!r}: give mean and std together, got mean={self.mean!r}, "
+                             f"std={self.std!r}")
+        for field in ("mean", "std"):
+            value = getattr(self, field)
+            if isinstance(value, tuple) and len(value) != width:
+                raise ValueError(f"Numeric feature {self.name!r}: {field} has {len(value)} values for {width} "
+                                 f"per example")
+        if self.std is not None and min(self.std if isinstance(self.std, tuple) else (self.std,)) <= 0:
+            raise ValueError(f"Numeric feature {self.name!r}: std must be > 0, got {self.std!r}")
+        if self.boundaries is not None:
+            b = self.boundaries if isinstance(self.boundaries, tuple) else (self.boundaries,)
+            if not b or any(x >= y for x, y in zip(b, b[1:])):
+                raise ValueError(f"Numeric feature {self.name!r}: boundaries must be strictly increasing, got {b}")
+            object.__setattr__(self, "boundaries", b)
+        if self.table and self.boundaries is None:
+            raise ValueError(f"Numeric feature {self.name!r} has a table but no boundaries to bucketise into it")
+        if self.num_buckets is not None:
+            raise ValueError(f"Numeric feature {self.name!r}: num_buckets is len(boundaries) + 1, leave it unset")
+        if self.nan_value is not None and not math.isfinite(self.nan_value):
+            raise ValueError(f"Numeric feature {self.name!r}: nan_value must be finite, got {self.nan_value!r}")
+
+    def with_normalization(self, values):
+        """A copy of this numeric feature with `mean`/`std` of `values` ([n] or [n, K], NaN ignored): the
+        standardisation computed from training data when it is prepared (a std of 0 becomes 1)."""
+        import numpy as np
+
+        if self.kind != "numeric" or self.boundaries is not None:
+            raise ValueError(f"Feature {self.name!r}: only a numeric feature without boundaries is standardised")
+        values = np.asarray(values, np.float64).reshape(len(values), -1)  # [n, K]
+        if values.shape[1] != (self.shape[0] if self.shape else 1) or not np.isfinite(values).any(axis=0).all():
+            raise ValueError(f"Feature {self.name!r}: need [n] or [n, K] values with a finite value per column, "
+                             f"got shape {values.shape}")
+        mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+        std = np.where(std > 0, std, 1.0)
+        mean, std = ([round(float(v), 6) for v in x] for x in (mean, std))
+        return dataclasses.replace(self, mean=mean if self.shape else mean[0], std=std if self.shape else std[0])
 
     @property
     def is_id(self):
-        return self.role in ("user", "item", "history", "context")
+        """An id feature of kind "id": one id, or the ids of a behaviour sequence."""
+        return self.role in ID_ROLES and self.kind == "id"
+
+    @property
+    def embedding_table(self):
+        """The embedding table the feature is looked up in (None for plain numeric values)."""
+        if self.is_id or self.kind == "tags":
+            return self.table
+        if self.kind == "numeric" and self.boundaries is not None:
+            return self.table or self.name
+        return None
+
+    @property
+    def table_rows(self):
+        """Rows of `embedding_table`."""
+        if self.kind == "numeric":
+            return len(self.boundaries) + 1 if self.boundaries is not None else None
+        return self.num_buckets
+
+    @property
+    def is_model_input(self):
+        """Whether a CTR model reads the feature (ids, tags, numeric values and vectors)."""
+        return self.is_id or self.kind in ("tags", "numeric") or self.role == "vector"
 
     @property
     def stored(self):
@@ -120,8 +266,13 @@ class Feature:
     def to_json(self):
         out = dataclasses.asdict(self)
         out["shape"] = list(self.shape)
-        if self.id_mapping == "dense":  # the default: specs written before the field existed read the same
-            del out["id_mapping"]
+        # the defaults are left out: specs written before a field existed read (and write) the same
+        for field, default in (("id_mapping", "dense"), ("kind", "id"), ("combiner", "mean"), ("truncate", False)):
+            if out[field] == default:
+                del out[field]
+        for field in ("mean", "std", "boundaries"):
+            if isinstance(out[field], tuple):
+                out[field] = list(out[field])
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -163,23 +314,29 @@ class FeatureSpec:
         labels = [f for f in self.features if f.role == "label"]
         if len(labels) != 1:
             raise ValueError(f"FeatureSpec needs exactly one label feature, got {[f.name for f in labels]}")
-        table_rows, table_mappings = {}, {}
+        table_rows, table_mappings, table_kinds = {}, {}, {}
         for f in self.features:
             if f.role == "history" and f.shape != (self.seq_len,):
                 raise ValueError(f"History feature {f.name!r} has shape {f.shape}, expected ({self.seq_len},)")
-            if f.is_id:
-                rows = table_rows.setdefault(f.table, f.num_buckets)
-                if rows != f.num_buckets:
+            table = f.embedding_table
+            if table is not None:
+                rows = table_rows.setdefault(table, f.table_rows)
+                if rows != f.table_rows:
                     raise ValueError(
-                        f"Features sharing table {f.table!r} disagree on num_buckets: {rows} vs "
-                        f"{f.num_buckets} ({f.name!r})"
+                        f"Features sharing table {table!r} disagree on num_buckets: {rows} vs "
+                        f"{f.table_rows} ({f.name!r})"
                     )
-                mapping = table_mappings.setdefault(f.table, f.id_mapping)
+                mapping = table_mappings.setdefault(table, f.id_mapping)
                 if mapping != f.id_mapping:
                     raise ValueError(
-                        f"Features sharing table {f.table!r} disagree on id_mapping: {mapping!r} vs "
+                        f"Features sharing table {table!r} disagree on id_mapping: {mapping!r} vs "
                         f"{f.id_mapping!r} ({f.name!r})"
                     )
+                values = "bucket" if f.kind == "numeric" else f.dtype
+                seen = table_kinds.setdefault(table, values)
+                if seen != values:
+                    raise ValueError(f"Features sharing table {table!r} disagree on their values: {seen} ids vs "
+                                     f"{values} ids ({f.name!r})")
             if f.role == "vector":
                 src = self._by_name.get(f.source)
                 if src is None or src.role not in ("item", "history"):
@@ -226,8 +383,8 @@ class FeatureSpec:
 
     @property
     def model_features(self):
-        """Features a model consumes: ids and vectors (plus their missing flags are implied)."""
-        return [f for f in self.features if f.is_id or f.role == "vector"]
+        """Features a model consumes: ids, tags, numeric values and vectors (plus their missing flags are implied)."""
+        return [f for f in self.features if f.is_model_input]
 
     def user_side_inputs(self, input_names):
         """The names among `input_names` (model inputs) that describe the user rather than a candidate, in order:
@@ -251,13 +408,18 @@ class FeatureSpec:
         """`{table: num_buckets}` of every embedding table."""
         out = {}
         for f in self.features:
-            if f.is_id:
-                out[f.table] = f.num_buckets
+            if f.embedding_table is not None:
+                out[f.embedding_table] = f.table_rows
         return out
 
     def id_mappings(self):
         """`{table: id_mapping}` of every embedding table ("dense" or "hash")."""
-        return {f.table: f.id_mapping for f in self.features if f.is_id}
+        return {f.embedding_table: f.id_mapping for f in self.features if f.embedding_table is not None}
+
+    def table_padding(self):
+        """`{table: padding id}`: the id of an empty slot (0; hashed strings: "" → row 0), None for bucket tables."""
+        return {f.embedding_table: (None if f.kind == "numeric" else 0 if f.dtype == "string" else f.padding_id)
+                for f in self.features if f.embedding_table is not None}
 
     def with_vectors(self, vector_dim, item_feature=ITEM_ID, history_feature=HIST_ITEM_ID):
         """A copy with `item_vector` [D] and `hist_item_vector` [S, D] joined from the item ids."""
@@ -298,17 +460,14 @@ class FeatureSpec:
         """`tf.io.parse_example` feature dict for the stored features."""
         import tensorflow as tf
 
-        out = {}
-        for f in self.stored_features:
-            dtype = tf.int64 if f.dtype in ("int64", "int8") else tf.float32
-            out[f.name] = tf.io.FixedLenFeature(f.shape, dtype)
-        return out
+        dtypes = {"int64": tf.int64, "int8": tf.int64, "float32": tf.float32, "string": tf.string}
+        return {f.name: tf.io.FixedLenFeature(f.shape, dtypes[f.dtype]) for f in self.stored_features}
 
     def tensor_specs(self, features=None, batch=None):
         """Named `tf.TensorSpec`s (batch dim first) for serving signatures."""
         import tensorflow as tf
 
-        dtypes = {"int64": tf.int64, "float32": tf.float32, "int8": tf.int8}
+        dtypes = {"int64": tf.int64, "float32": tf.float32, "int8": tf.int8, "string": tf.string}
         feats = self.model_features if features is None else [self[n] for n in features]
         return {f.name: tf.TensorSpec((batch,) + f.shape, dtypes[f.dtype], name=f.name) for f in feats}
 

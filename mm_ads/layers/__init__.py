@@ -8,22 +8,31 @@
 - `Dice`: DIN's data-adaptive activation.
 - `SparseEmbedding`: large id table (dense or hashed ids, row gathers, sparse gradients, a default row for
   unseen and rare ids).
+- `StringHashing`: string ids → rows of a table (FarmHash fingerprint buckets, "" → padding row 0).
+- `MaskedPooling`: mean or sum of a list of embeddings (tags, id sequences), padding excluded.
+- `NumericEncoding`: numeric features standardised (mean/std) or bucketised by boundaries.
 """
 
 from mm_ads.layers.dice import Dice
 from mm_ads.layers.din_attention import DINAttention
 from mm_ads.layers.make import MAKE
+from mm_ads.layers.masked_pooling import MaskedPooling
 from mm_ads.layers.mlp import MLP
+from mm_ads.layers.numeric_encoding import NumericEncoding
 from mm_ads.layers.sim_score import SimScore
 from mm_ads.layers.sim_tier import SimTier
 from mm_ads.layers.sparse_embedding import SparseEmbedding
+from mm_ads.layers.string_hashing import StringHashing
 
 __all__ = [
     "DINAttention",
     "Dice",
     "MAKE",
     "MLP",
+    "MaskedPooling",
+    "NumericEncoding",
     "SimScore",
     "SimTier",
     "SparseEmbedding",
+    "StringHashing",
 ]

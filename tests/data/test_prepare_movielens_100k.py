@@ -280,3 +280,54 @@ def test_real_ml100k(shared_data, tmp_path):
     assert pairs == {"train": s["text_pairs_train"], "valid": s["text_pairs_valid"], "test": s["text_pairs_test"]}
     assert pairs["train"] > 40_000 and pairs["valid"] > 4_000 and pairs["test"] > 4_000
     shutil.rmtree(tmp_path / "out")
+
+
+def test_extra_features_genres_age_occupation(tmp_path):
+    """`extra_features`: every genre as tags, the age as a standardised numeric, the occupation as a string id."""
+    out = str(tmp_path / "out")
+    m = movielens.prepare(str(_write_100k(tmp_path / "in")), out, **KW,
+                          extra_features=["genres", "age", "occupation"])
+    spec = m.spec
+    assert spec["genres"].kind == "tags" and spec["genres"].shape == (2,) and spec["genres"].num_buckets == 5
+    ages = np.array([17.0, 30.0, 56.0])
+    assert spec["user_age"].kind == "numeric" and spec["user_age"].mean == pytest.approx(ages.mean(), abs=1e-4)
+    assert spec["user_age"].std == pytest.approx(ages.std(), abs=1e-4)
+    assert spec["user_occupation"].dtype == "string" and spec["user_occupation"].num_buckets == 64
+    assert m.extra["vocab"]["genre"] == ["(no genres listed)", "Action", "Comedy", "Drama"]  # "unknown" is the first
+    rows = _read_ctr(out, "train")
+    genre = {1: [2, 0], 2: [2, 3], 3: [3, 0], 4: [4, 0], 5: [1, 0], 6: [4, 0], 7: [2, 0]}  # movie → genre ids
+    assert all(rows["genres"][k].tolist() == genre[i] for k, i in enumerate(rows["item_id"].tolist()))
+    user = {1: (17.0, b"student"), 2: (30.0, b"engineer"), 3: (56.0, b"writer")}
+    assert all((rows["user_age"][k], rows["user_occupation"][k]) == user[u]
+               for k, u in enumerate(rows["user_id"].tolist()))
+    # the default layout is unchanged
+    plain = movielens.prepare(str(tmp_path / "in"), str(tmp_path / "plain"), **KW)
+    assert [f.name for f in plain.spec] == [f.name for f in spec][:len(plain.spec)] and "genres" not in plain.spec
+    with pytest.raises(ValueError, match="extra_features must be among"):
+        movielens.prepare(str(tmp_path / "in"), str(tmp_path / "bad"), **KW, extra_features=["zip"])
+
+
+def test_real_ml100k_extra_features(shared_data, tmp_path):
+    """The real ml-100k with --extra_features: user 1 (24, technician) and Toy Story (Animation, Children's,
+    Comedy) as written in u.user / u.item."""
+    inp = os.path.join(shared_data, "movielens-100k")
+    if not os.path.exists(os.path.join(inp, "u.data")):
+        pytest.skip(f"{inp} is absent")
+    out = str(tmp_path / "out")
+    m = movielens.prepare(inp, out, seq_len=5, negatives_per_positive=0, split="per_user", test_fraction=0.1,
+                          extra_features=["genres", "age", "occupation"])
+    assert m.spec["genres"].shape == (6,)  # the most genres of one movie
+    with open(os.path.join(inp, "u.user"), encoding="latin-1") as f:
+        ages = np.array([int(line.split("|")[1]) for line in f if line.strip()], np.float64)
+    assert len(ages) == 943  # the standardisation is over the users' ages
+    assert m.spec["user_age"].mean == pytest.approx(ages.mean(), abs=1e-5) == pytest.approx(34.052, abs=1e-3)
+    assert m.spec["user_age"].std == pytest.approx(ages.std(), abs=1e-5)
+    vocab = m.extra["vocab"]["genre"]
+    assert len(vocab) == 19 and m.spec["genres"].num_buckets == 20
+    rows = _read_ctr(out, "train")
+    user1 = np.flatnonzero(rows["user_id"] == 1)
+    assert len(user1) > 0 and set(rows["user_age"][user1]) == {24.0}
+    assert set(rows["user_occupation"][user1]) == {b"technician"}
+    toy_story = rows["genres"][np.flatnonzero(rows["item_id"] == 1)[0]]
+    assert [vocab[g - 1] for g in toy_story if g] == ["Animation", "Children's", "Comedy"]
+    shutil.rmtree(out)

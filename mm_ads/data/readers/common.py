@@ -6,7 +6,7 @@ import unicodedata
 
 import numpy as np
 
-from mm_ads.data.dataset import check_columns
+from mm_ads.data.dataset import conform_columns, empty_columns
 
 _INT63_MASK = (1 << 63) - 1
 
@@ -84,11 +84,12 @@ class CtrSplitWriter:
         self.num_rows = 0
 
     def add(self, columns):
-        """Adds `{feature: array [n, ...]}` (all stored features of the spec)."""
-        n = check_columns(columns, self._spec, f"ctr/{self.split}")
+        """Adds `{feature: array [n, ...]}` (all stored features of the spec; see `conform_columns`)."""
+        columns, n = conform_columns(columns, self._spec, f"ctr/{self.split}", first_row=self.num_rows + self._buffered,
+                                     fallbacks=self._writer.fallbacks)
         if n == 0:
             return
-        self._buffer.append({k: np.asarray(columns[k]) for k in self._names})
+        self._buffer.append({k: columns[k] for k in self._names})
         self._buffered += n
         while self._buffered >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
@@ -108,9 +109,7 @@ class CtrSplitWriter:
         if self._buffered:
             self._flush(self._buffered)
         if not self._parts:  # an empty split is still listed (one empty shard), as write_ctr does
-            empty = {f.name: np.zeros((0,) + f.shape, np.float32 if f.dtype == "float32" else np.int64)
-                     for f in self._spec.stored_features}
-            self._writer.write_ctr(self.split, empty, num_shards=1)
+            self._writer.write_ctr(self.split, empty_columns(self._spec), num_shards=1)
             return 0
         comps = self._writer.manifest.components["ctr"]
         files, counts, k = [], [], len(self._parts)

@@ -61,7 +61,14 @@ Output (see `mm_ads.data.dataset`):
     - meta `timestamp` = the rating time (a negative's is its positive's), `item_created_at` = the
       impression item's first rating time (at or before the impression, so no later information);
     - records are grouped by user in time order (each positive followed by its negatives): shuffle at
-      input time.
+      input time;
+    - `extra_features` (opt-in; the default layout is unchanged) adds features of the kinds beyond ids
+      (`mm_ads.data.spec`): `genres` — every genre of the impression's movie as an int64 `tags` item feature
+      `[G]` (G = the most genres of one movie; ids 1..V over the sorted genre names of the catalogue, 0 = padding,
+      table `genre`, mean-pooled), `age` — the user's age in years as a `numeric` user feature `user_age`
+      standardised by the mean and std of the users' ages (`Feature.with_normalization`; ml-100k),
+      `occupation` — the user's occupation name as a string id `user_occupation` hashed into 64 rows
+      (ml-100k; `vocab` in the manifest lists the names).
   * `item_stats` from the train impressions (count and first time per item).
   * `items.parquet`: item_id, movie_id, title, genres, year, category_id, brand_id, created_at (null if never
     rated), num_ratings (ratings in the train split), text = "<title>. Genres: a, b. Tags: x, y." with the
@@ -120,13 +127,15 @@ from mm_ads.data.readers.movielens_files import (
     read_input,
     read_table,
 )
-from mm_ads.data.spec import FeatureSpec
+from mm_ads.data.spec import Feature, FeatureSpec
 from mm_ads.utils.progress import Progress
 
 FORMAT = "movielens"
 SAMPLING = ("uniform", "popularity")
 SPLITS = ("global_time", "per_user")
 SPLIT_NAMES = ("train", "valid", "test")
+EXTRA_FEATURES = ("genres", "age", "occupation")  # `prepare(extra_features=...)`
+OCCUPATION_BUCKETS = 64  # rows the occupation names are hashed into (21 names in ml-100k)
 _CHUNK_POSITIVES = 20_000
 _REJECTION_ROUNDS = 100
 # independent random streams of `_uniform`
@@ -365,7 +374,7 @@ def _by_category(category):
 def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_positive=4,
             negative_sampling="uniform", split="global_time", valid_fraction=0.0, test_fraction=0.1,
             max_tags_per_item=10, pair_like_rating=4.0, pair_dislike_rating=2.0, max_users=0,
-            rows_per_shard=200_000, name=None, seed=0, overwrite=False, provenance=None):
+            rows_per_shard=200_000, extra_features=(), name=None, seed=0, overwrite=False, provenance=None):
     """Converts a MovieLens directory (CSV or ml-100k layout, detected) into the canonical dataset layout.
 
     Args:
@@ -383,6 +392,8 @@ def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_po
         pair_dislike_rating: co-liked pairs: ratings <= this make a disliked hard negative.
         max_users: keep a seeded random subset of this many users (0 = all).
         rows_per_shard: impressions per TFRecord file.
+        extra_features: names among `EXTRA_FEATURES` to add (module docstring); "age" and "occupation" need
+            ml-100k's u.user.
         name: dataset name (default: the input directory's name).
         seed: seed of every random choice (user subset, negatives, hard negatives).
         overwrite: replace an existing non-empty `output_dir`.
@@ -402,6 +413,10 @@ def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_po
         raise ValueError(f"need negatives_per_positive >= 0, seq_len >= 1, max_tags_per_item >= 0 and "
                          f"max_users >= 0; got {negatives_per_positive}, {seq_len}, {max_tags_per_item}, "
                          f"{max_users}")
+    extra_features = tuple(extra_features or ())
+    unknown = [f for f in extra_features if f not in EXTRA_FEATURES]
+    if unknown:
+        raise ValueError(f"extra_features must be among {EXTRA_FEATURES}, got {unknown}")
     if not os.path.isdir(input_path):
         raise FileNotFoundError(f"{input_path}: not a directory (expected the unzipped MovieLens release)")
     layout = detect_layout(input_path)
@@ -460,6 +475,9 @@ def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_po
     spec = FeatureSpec.default(seq_len, 0, num_items=num_items, num_categories=len(category_names),
                                num_brands=len(brand_names), num_users=num_users,
                                profile_buckets=() if profiles is None else tuple(map(len, profiles.names.values())))
+    extra_columns, extra_vocab = {}, {}
+    if extra_features:
+        spec, extra_columns, extra_vocab = _extra_features(spec, extra_features, cat, profiles, user_ids, layout)
     prov = {"input": os.path.abspath(input_path), "layout": layout, "files": files + ([TAGS[0]] if has_tags else [])}
     prov.update(provenance or {})
     name = name or os.path.basename(os.path.normpath(input_path))
@@ -512,6 +530,8 @@ def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_po
                 if profile is not None:
                     for j in range(profile.shape[1]):
                         cols[f"user_profile_{j}"] = profile[pu[rows][src], j]
+                for feature, (key, table) in extra_columns.items():
+                    cols[feature] = table[imp_items if key == "item" else pu[rows][src]]
                 writer.add(cols)
                 if code == 0:
                     counter.add(imp_items, cols["timestamp"])
@@ -554,7 +574,7 @@ def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_po
         w.manifest.extra.update({
             "layout": layout,
             "vocab": {"category": category_names, "brand": brand_names,
-                      **(profiles.names if profiles is not None else {})},
+                      **(profiles.names if profiles is not None else {}), **extra_vocab},
             "history": "strictly earlier positives of the user, newest S, most recent last, left-padded with 0",
             "negatives": {"per_positive": k, "sampling": negative_sampling, "min_rating": min_rating,
                           "pool": "movies first rated at or before the impression time, not rated by the user "
@@ -564,6 +584,38 @@ def prepare(input_path, output_dir, seq_len=50, min_rating=0.0, negatives_per_po
             "stats": stats,
         })
     return w.manifest
+
+
+def _extra_features(spec, names, cat, profiles, user_ids, layout):
+    """(spec with the `extra_features`, {feature: ("item" | "user", values indexed by dense id)}, vocab entries)."""
+    feats, columns, vocab = list(spec), {}, {}
+    if "genres" in names:
+        genre_names, _ = _vocab([g for genres in cat.genres for g in genres])
+        index = {g: i + 1 for i, g in enumerate(genre_names)}
+        width = max(len(g) for g in cat.genres)
+        table = np.zeros((len(cat.genres) + 1, width), np.int64)  # row = dense item id, 0 = padding
+        for j, genres in enumerate(cat.genres):
+            table[j + 1, :len(genres)] = [index[g] for g in genres]
+        feats.append(Feature("genres", "item", shape=(width,), table="genre", num_buckets=len(genre_names) + 1,
+                             kind="tags"))
+        columns["genres"] = ("item", table)
+        vocab["genre"] = genre_names
+    user_side = [n for n in names if n in ("age", "occupation")]
+    if user_side and (profiles is None or profiles.ages is None):
+        raise ValueError(f"extra_features {user_side} need the users' profiles (ml-100k's u.user); the {layout} "
+                         "layout has none")
+    rows = np.searchsorted(profiles.user_ids, user_ids) if user_side else None  # dense user id - 1 → profile row
+    if "age" in names:
+        ages = profiles.ages[rows].astype(np.float32)
+        feats.append(Feature("user_age", "user", "float32", kind="numeric").with_normalization(ages))
+        columns["user_age"] = ("user", np.r_[np.float32(0.0), ages])
+    if "occupation" in names:
+        occupations = profiles.names["user_profile_2"]
+        by_user = [""] + [occupations[v - 1] for v in profiles.values[rows, 2].tolist()]
+        feats.append(Feature("user_occupation", "user", "string", table="occupation",
+                             num_buckets=OCCUPATION_BUCKETS))
+        columns["user_occupation"] = ("user", np.array(by_user, object))
+    return FeatureSpec(feats, spec.seq_len, spec.vector_dim), columns, vocab
 
 
 def _write_split_pairs(w, table, pair_split, splits, stats):

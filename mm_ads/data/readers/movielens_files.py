@@ -155,11 +155,13 @@ class Catalogue:
 
 @dataclasses.dataclass
 class Profiles:
-    """User profile ids of the sorted raw user ids: `values` [U, 3] (age group, gender, occupation)."""
+    """User profile ids of the sorted raw user ids: `values` [U, 3] (age group, gender, occupation), and the ages
+    in years [U] (ml-100k's u.user)."""
 
     user_ids: np.ndarray
     values: np.ndarray
     names: dict
+    ages: np.ndarray | None = None
 
 
 def read_movies(path):
@@ -282,7 +284,8 @@ def read_100k_users(path, occupations_path):
                         GENDERS.index(rows[u][1]) + 1, occ[rows[u][2]]] for u in ids.tolist()],
                       np.int64).reshape(len(ids), 3)
     names = {"user_profile_0": list(AGE_NAMES), "user_profile_1": list(GENDERS), "user_profile_2": occupations}
-    return Profiles(ids, values, names)
+    ages = np.array([rows[u][0] for u in ids.tolist()], np.int64)
+    return Profiles(ids, values, names, ages)
 
 
 def detect_layout(input_path):

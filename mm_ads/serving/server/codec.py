@@ -6,6 +6,10 @@
 allocated: its size once decoded against the server's limit, and the bytes / number of values given against
 it (`tensor_proto_to_ndarray`). Responses are written as `tensor_content`.
 
+String inputs (`DT_STRING`, e.g. a hashed string id feature) come in `string_val`, one bytes value per element
+(or one that fills the shape), and decode to a numpy object array of `bytes`; their size is the strings' bytes plus
+`_STRING_OVERHEAD` per element. In JSON they are strings, or TF Serving's `{"b64": "..."}` for binary values.
+
 REST (TF Serving's JSON API, https://www.tensorflow.org/tfx/serving/api_rest):
   * row format `{"signature_name": s, "instances": [{input: per-example value, ...}, ...]}` →
     `{"predictions": [...]}` (a list of values for one output, of `{output: value}` dicts otherwise);
@@ -16,6 +20,8 @@ JSON numbers are converted to each input's signature dtype; a non-integral numbe
 a ragged list or a shape that does not match is an `InvalidArgument` naming the input.
 """
 
+import base64
+import binascii
 import math
 
 import numpy as np
@@ -44,13 +50,14 @@ _VALUE_FIELDS = {  # the TensorProto field that holds each dtype's typed values
     types_pb2.DT_BOOL: "bool_val",
 }
 MAX_RANK = 32
+_STRING_OVERHEAD = 8  # bytes counted per string element on top of its bytes (a reference in the object array)
 
 
 def declared_size(proto, name):
     """(shape, numpy dtype, bytes) a request `TensorProto` declares, read from its header only (nothing allocated).
 
     `InvalidArgument` naming `name` for an unknown rank, a negative dimension, a rank over `MAX_RANK` or a dtype the
-    server does not take (float, double, int64, int32, int8, uint8, bool).
+    server does not take (float, double, int64, int32, int8, uint8, bool, string).
     """
     if proto.tensor_shape.unknown_rank:
         raise InvalidArgument(f"input {name!r}: tensor_shape has unknown rank")
@@ -60,9 +67,14 @@ def declared_size(proto, name):
                               "accepted")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input {name!r}: tensor_shape has a negative dimension {list(shape)}")
+    if proto.dtype == types_pb2.DT_STRING:
+        count = math.prod(shape)
+        values = proto.string_val
+        data = count * len(values[0]) if len(values) == 1 else sum(len(v) for v in values)
+        return shape, np.dtype(object), data + count * _STRING_OVERHEAD
     dtype = _PROTO_DTYPES.get(proto.dtype)
     if dtype is None:
-        accepted = ", ".join(types_pb2.DataType.Name(k) for k in _PROTO_DTYPES)
+        accepted = ", ".join(types_pb2.DataType.Name(k) for k in (*_PROTO_DTYPES, types_pb2.DT_STRING))
         raise InvalidArgument(f"input {name!r}: dtype {_dtype_name(proto.dtype)} is not accepted (one of {accepted})")
     return shape, np.dtype(dtype), math.prod(shape) * np.dtype(dtype).itemsize
 
@@ -102,6 +114,8 @@ def tensor_proto_to_ndarray(proto, name, max_bytes=None):
     if max_bytes is not None and nbytes > max_bytes:
         raise ResourceExhausted(f"input {name!r}: shape {list(shape)} of {dtype.name} is {nbytes} bytes once "
                                 f"decoded, the limit is {max_bytes} bytes")
+    if proto.dtype == types_pb2.DT_STRING:
+        return _strings(proto, name, shape)
     count = nbytes // dtype.itemsize
     if proto.tensor_content:
         if len(proto.tensor_content) != nbytes:
@@ -125,6 +139,62 @@ def tensor_proto_to_ndarray(proto, name, max_bytes=None):
                           "single value that fills it)")
 
 
+def _strings(proto, name, shape):
+    """A `DT_STRING` proto's `string_val` → object array of bytes of `shape`."""
+    count = math.prod(shape)
+    if proto.tensor_content:
+        raise InvalidArgument(f"input {name!r}: a string tensor takes its values in string_val, not tensor_content")
+    others = [f.name for f, _ in proto.ListFields() if f.name.endswith("_val") and f.name != "string_val"]
+    if others:
+        raise InvalidArgument(f"input {name!r}: dtype string takes its values in string_val, got {others}")
+    values = proto.string_val
+    out = np.empty(count, object)
+    if len(values) == count:
+        out[:] = list(values)
+    elif len(values) == 1:
+        out[:] = values[0]
+    else:
+        raise InvalidArgument(f"input {name!r}: {len(values)} value(s) in string_val, shape {list(shape)} needs "
+                              f"{count} (or a single value that fills it)")
+    return out.reshape(shape)
+
+
+def _json_strings(value, name):
+    """Nested JSON lists of strings (or `{"b64": ...}` objects) → object array of bytes; None if not strings."""
+    def convert(v):
+        if isinstance(v, list):
+            return [convert(x) for x in v]
+        if isinstance(v, str):
+            return v.encode("utf-8")
+        if isinstance(v, dict) and set(v) == {"b64"} and isinstance(v["b64"], str):
+            try:
+                return base64.b64decode(v["b64"], validate=True)
+            except binascii.Error:
+                raise InvalidArgument(f"input {name!r}: 'b64' value is not base64") from None
+        raise InvalidArgument(f"input {name!r}: expected strings, got {_describe(v)}")
+
+    converted = convert(value)
+    array = np.empty(np.shape(converted) if _rectangular(converted) else (), object)
+    if array.shape == () and isinstance(converted, list):
+        raise InvalidArgument(f"input {name!r}: not a rectangular array of strings")
+    if array.shape == ():
+        array[()] = converted
+    else:
+        array[...] = converted
+    return array
+
+
+def _rectangular(value):
+    """Whether nested lists have one length per level (so `np.shape` is their shape)."""
+    if not isinstance(value, list):
+        return True
+    if not value:
+        return True
+    inner = [np.shape(v) if _rectangular(v) else None for v in value]
+    return all(isinstance(v, list) == isinstance(value[0], list) for v in value) and None not in inner and \
+        len(set(inner)) == 1
+
+
 def ndarray_to_tensor_proto(array):
     """Encodes a numpy array as a `TensorProto` (`tensor_content`, like `tf.make_tensor_proto`)."""
     array = np.ascontiguousarray(array)
@@ -142,6 +212,8 @@ def json_to_array(value, name, spec, batched=True):
     `batched`: the value carries the batch dimension (columnar format); otherwise one example (row format).
     """
     dtype = spec.dtype.as_numpy_dtype
+    if spec.dtype == tf.string:
+        return _check_shape(_json_strings(value, name), name, spec, batched)
     try:
         array = np.asarray(value)
     except ValueError as e:  # ragged nested lists
@@ -156,7 +228,10 @@ def json_to_array(value, name, spec, batched=True):
                                       "numbers")
         elif array.dtype.kind == "b":
             raise InvalidArgument(f"input {name!r}: expected integers ({spec.dtype.name}), got booleans")
-    array = array.astype(dtype, copy=False)
+    return _check_shape(array.astype(dtype, copy=False), name, spec, batched)
+
+
+def _check_shape(array, name, spec, batched):
     want = tuple(spec.shape) if batched else tuple(spec.shape[1:])
     if array.ndim != len(want) or any(w is not None and w != s for w, s in zip(want, array.shape)):
         shape = "[" + ", ".join("?" if d is None else str(d) for d in want) + "]"

@@ -267,8 +267,10 @@ class LoadedModel:
         for sig in self.signatures.values():
             for b in batch_sizes:
                 # a fixed batch dimension (the user side of `user_candidates`: 1) keeps its size
-                zeros = {k: np.zeros((b if s.shape[0] is None else s.shape[0],) + tuple(s.shape[1:]),
-                                     s.dtype.as_numpy_dtype) for k, s in sig.inputs.items()}
+                # (strings: the empty string)
+                zeros = {k: np.full((b if s.shape[0] is None else s.shape[0],) + tuple(s.shape[1:]),
+                                    b"" if s.dtype == tf.string else 0, s.dtype.as_numpy_dtype)
+                         for k, s in sig.inputs.items()}
                 out = self.predict(zeros, sig.name)
                 calls += 1
                 for k, v in out.items():

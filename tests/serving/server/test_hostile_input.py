@@ -111,7 +111,10 @@ def test_grpc_tensor_protos_must_hold_what_their_shape_declares(world, server, s
         (_proto(types_pb2.DT_INT64, [3], int64_val=[1, 2]), "2 value(s) in int64_val, shape [3] needs 3"),
         (_proto(types_pb2.DT_INT64, [3], tensor_content=b"\0" * 20), "tensor_content has 20 bytes"),
         (_proto(types_pb2.DT_INT64, [3], float_val=[1, 2, 3]), "int64_val"),
-        (_proto(types_pb2.DT_STRING, [3], string_val=[b"a", b"b", b"c"]), "DT_STRING is not accepted"),
+        (_proto(types_pb2.DT_HALF, [3], half_val=[1, 2, 3]), "DT_HALF is not accepted"),
+        # strings decode (string id features), and are refused for an int64 input
+        (_proto(types_pb2.DT_STRING, [3], string_val=[b"a", b"b", b"c"]), "expected dtype int64, got string"),
+        (_proto(types_pb2.DT_STRING, [3], string_val=[b"a", b"b"]), "2 value(s) in string_val, shape [3] needs 3"),
         (_proto(types_pb2.DT_INT64, [1] * 40, int64_val=[1]), "40 dimensions"),
         (_proto(types_pb2.DT_INT64, [3, -1], int64_val=[1]), "negative dimension"),
     ]
