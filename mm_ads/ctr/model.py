@@ -28,7 +28,8 @@ input (the MAKE variants use it for MAKE's outputs).
 
 Every FeatureSpec table is one `SparseEmbedding` (`emb_<table>`) whose id mapping is the spec's declaration for
 that table (or `config.id_mapping`), and whose ids read the table's default row (`config.unseen_row`) until they
-have occurred `config.admit_after` times in training.
+have occurred `config.admit_after` times in training. With `config.id_mapping="dynamic"` each table is a
+`DynamicEmbedding` instead (`mm_ads.layers.dynamic_embedding.dynamic_tables`).
 """
 
 import keras
@@ -36,6 +37,7 @@ import keras
 from mm_ads.config import MAKE_VARIANTS
 from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR, missing_flag_name
 from mm_ads.layers.din_attention import DINAttention
+from mm_ads.layers.dynamic_embedding import dynamic_tables
 from mm_ads.layers.make import MAKE
 from mm_ads.layers.mlp import MLP
 from mm_ads.layers.sim_score import SimScore
@@ -131,10 +133,13 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
             return _make_features(config, inputs, parts) + (list(user_block(inputs, parts)) if user_block else [])
     e = config.embedding_dim
     mappings = spec.id_mappings()
-    tables = {t: SparseEmbedding(n, e, padding_id=0, num_shards=min(embedding_shards, n), name=f"emb_{t}",
-                                 id_mapping=mappings[t] if config.id_mapping == "auto" else config.id_mapping,
-                                 admit_after=config.admit_after, unseen_row=config.unseen_row)
-              for t, n in spec.tables().items()}
+    if config.id_mapping == "dynamic":
+        tables = dynamic_tables(spec, config, embedding_shards)
+    else:
+        tables = {t: SparseEmbedding(n, e, padding_id=0, num_shards=min(embedding_shards, n), name=f"emb_{t}",
+                                     id_mapping=mappings[t] if config.id_mapping == "auto" else config.id_mapping,
+                                     admit_after=config.admit_after, unseen_row=config.unseen_row)
+                  for t, n in spec.tables().items()}
 
     def embed(feature):
         return tables[spec[feature].table](inputs[feature])

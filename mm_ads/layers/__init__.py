@@ -8,10 +8,12 @@
 - `Dice`: DIN's data-adaptive activation.
 - `SparseEmbedding`: large id table (dense or hashed ids, row gathers, sparse gradients, a default row for
   unseen and rare ids).
+- `DynamicEmbedding`: collision-free id table (an id → row hash map over a bounded row pool, with eviction).
 """
 
 from mm_ads.layers.dice import Dice
 from mm_ads.layers.din_attention import DINAttention
+from mm_ads.layers.dynamic_embedding import DynamicEmbedding
 from mm_ads.layers.make import MAKE
 from mm_ads.layers.mlp import MLP
 from mm_ads.layers.sim_score import SimScore
@@ -21,6 +23,7 @@ from mm_ads.layers.sparse_embedding import SparseEmbedding
 __all__ = [
     "DINAttention",
     "Dice",
+    "DynamicEmbedding",
     "MAKE",
     "MLP",
     "SimScore",
