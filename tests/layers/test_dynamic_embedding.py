@@ -1,0 +1,222 @@
+"""`DynamicEmbedding`: collision-free id → row map, default row, eviction, slots of recycled rows, checkpoints."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mm_ads.layers.dynamic_embedding import DELETED_KEY, EMPTY_KEY, DynamicEmbedding
+from mm_ads.training.checkpoint import model_checkpoint
+from mm_ads.training.sparse_optimizers import SparseAdagrad, SparseAdam
+from tests.layer_test_case import assert_config_round_trip
+
+DEFAULT = np.array([7.0, 8.0, 9.0], np.float32)
+
+
+def _layer(**kw):
+    args = dict(capacity=8, output_dim=3)
+    args.update(kw)
+    layer = DynamicEmbedding(**args)
+    layer.build()
+    if layer.unseen_embedding is not None:
+        layer.unseen_embedding.assign(DEFAULT)
+    return layer
+
+
+def _ids(*values):
+    return tf.constant(values, tf.int64)
+
+
+def _mapped(layer):
+    """`{id: row}` held by the layer, read from the hash map itself."""
+    keys, rows = layer.id_to_row.export()
+    keys, rows = keys.numpy(), rows.numpy()
+    held = (keys != EMPTY_KEY) & (keys != DELETED_KEY)
+    return dict(zip(keys[held].tolist(), rows[held].tolist()))
+
+
+@pytest.mark.parametrize("unseen_row", ["zeros", "learned"])
+def test_ids_never_trained_read_exactly_the_default_row(unseen_row):
+    layer = _layer(unseen_row=unseen_row)
+    default = DEFAULT if unseen_row == "learned" else np.zeros(3, np.float32)
+    layer(_ids(5, 6), training=True)
+    ids = _ids(5, 41, -3, 1 << 40, EMPTY_KEY, DELETED_KEY, 0)
+    out = layer(ids).numpy()
+    for i in range(1, 6):  # never trained, including the map's two reserved keys
+        np.testing.assert_array_equal(out[i], default)
+    np.testing.assert_array_equal(out[6], np.zeros(3))  # padding
+    np.testing.assert_array_equal(out[0], layer.initial_vectors(_ids(5)).numpy()[0])
+    assert layer.size().numpy() == 2  # reading admitted nothing
+    assert layer.compute_mask(ids).numpy().tolist() == [True] * 6 + [False]
+    # training admits 41 but never the reserved keys
+    layer(_ids(41, EMPTY_KEY, DELETED_KEY), training=True)
+    assert sorted(_mapped(layer)) == [5, 6, 41]
+
+
+def test_distinct_ids_own_distinct_rows_and_duplicates_share_one():
+    layer = _layer(capacity=64)
+    ids = np.array([[11, 11, -5, 11], [2 ** 62, 7, -5, 0], [64, 128, 7, 192]], np.int64)  # ids ≡ mod 64 too
+    out = layer(tf.constant(ids), training=True).numpy()
+    mapped = _mapped(layer)
+    distinct = sorted(set(ids.ravel().tolist()) - {0})
+    assert sorted(mapped) == distinct and len(set(mapped.values())) == len(distinct)  # collision-free
+    assert sorted(mapped.values()) == list(range(len(distinct)))  # free rows taken in order
+    np.testing.assert_array_equal(out[0, 0], out[0, 1])
+    for i, j in np.ndindex(ids.shape):
+        if ids[i, j]:
+            np.testing.assert_array_equal(out[i, j], layer.initial_vectors(_ids(ids[i, j])).numpy()[0])
+    assert len({tuple(v) for v in out.reshape(-1, 3)[ids.ravel() != 0]}) == len(distinct)
+    np.testing.assert_array_equal(layer.row_ids.numpy()[list(mapped.values())], list(mapped))
+
+
+def test_initial_vectors_depend_on_the_id_and_seed_only():
+    a, b = _layer(init_scale=0.5), _layer(init_scale=0.5, seed=3)
+    v = a.initial_vectors(_ids(1, 2, 1)).numpy()
+    np.testing.assert_array_equal(v[0], v[2])
+    assert not np.array_equal(v[0], v[1])
+    assert not np.array_equal(v[0], b.initial_vectors(_ids(1)).numpy()[0])
+    many = a.initial_vectors(tf.range(1, 2001, dtype=tf.int64)).numpy()
+    assert np.abs(many).max() <= 0.5 and abs(many.mean()) < 0.02 and 0.25 < many.std() < 0.33  # U(-.5, .5): .289
+
+
+def test_pool_stays_bounded_and_the_least_frequent_then_stalest_rows_go_first():
+    layer = _layer(capacity=4)
+    layer(_ids(1, 2, 3, 4), training=True)  # step 0: rows 0..3
+    layer(_ids(1, 2), training=True)  # step 1: 1 and 2 read twice
+    layer(_ids(4), training=True)  # step 2: 4 read twice, 3 once and least recently
+    layer(_ids(5), training=True)  # step 3: full: 3 evicted (frequency 1)
+    assert _mapped(layer) == {1: 0, 2: 1, 5: 2, 4: 3}
+    layer(_ids(6, 7), training=True)  # step 4: 5 read once; 1, 2, 4 twice, 1 and 2 least recently (tie: lower row)
+    assert _mapped(layer) == {2: 1, 4: 3, 6: 2, 7: 0}
+    # a call with more new ids than the pool: the ids of this step keep their rows, the extra ids read the default
+    out = layer(_ids(10, 11, 12, 13, 14, 15), training=True).numpy()
+    assert layer.size().numpy() == 4 and layer.num_free.numpy() == 0
+    assert np.count_nonzero(np.abs(out).sum(-1)) == 4
+    assert sorted(_mapped(layer)) == [10, 11, 12, 13]
+    assert sorted(layer.row_ids.numpy().tolist()) == [10, 11, 12, 13]
+
+
+def test_ids_not_read_for_t_steps_lose_their_row():
+    layer = _layer(capacity=16, evict_after_steps=3)
+    layer(_ids(1, 2, 3), training=True)  # step 0
+    for _ in range(3):
+        layer(_ids(1), training=True)  # steps 1-3; the pass of step 3 keeps 2 and 3 (not read for 3 steps)
+    assert sorted(_mapped(layer)) == [1, 2, 3]
+    for _ in range(3):
+        layer(_ids(2), training=True)  # steps 4-6; the pass of step 6 frees 3 (last read at step 0)
+    assert sorted(_mapped(layer)) == [1, 2]
+    assert layer.num_free.numpy() == 14 and layer.size().numpy() == 2
+    assert EMPTY_KEY in layer.row_ids.numpy().tolist()
+
+
+def test_calls_per_step_reads_of_one_step_share_the_clock():
+    layer = _layer(capacity=2, calls_per_step=2)
+    layer(_ids(1), training=True)
+    layer(_ids(2), training=True)  # same step: 1 is protected although the pool is now full
+    assert layer.last_seen.numpy().tolist() == [0, 0] and layer.calls.numpy() == 2
+    out = layer(_ids(3), training=True)  # step 1, call 1: 1 and 2 are from step 0, one of them makes room
+    assert np.abs(out.numpy()).sum() > 0 and layer.size().numpy() == 2 and 3 in _mapped(layer)
+    out = layer(_ids(4), training=True)  # step 1, call 2: only the row read in step 0 may go, not 3's
+    assert sorted(_mapped(layer)) == [3, 4]
+
+
+def _train_step(layer, optimizer):
+    @tf.function
+    def step(ids):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(ids, training=True) * tf.constant([1.0, -2.0, 0.5]))
+        grads = tape.gradient(loss, [v.value for v in layer.sparse_tables()])
+        optimizer.apply_gradients(zip(grads, layer.sparse_tables()))
+    return step
+
+
+def _trained_alone(make_optimizer, ids):
+    """The row values and slots of a fresh table and optimizer after one step on `ids`."""
+    layer, optimizer = _layer(capacity=2), make_optimizer()
+    optimizer.build(layer.sparse_tables())
+    _train_step(layer, optimizer)(ids)
+    return layer.embeddings.numpy(), [v.numpy() for v in optimizer.variables[2:]]  # after iterations, lr
+
+
+@pytest.mark.parametrize("make_optimizer,same_value", [(lambda: SparseAdam(0.1), False),
+                                                       (lambda: SparseAdagrad(0.1), True)])
+def test_a_recycled_row_starts_from_the_new_ids_initial_vector_and_fresh_slots(make_optimizer, same_value):
+    """Adam's step size depends on the optimizer's step count, so only its slots are compared with a fresh run."""
+    layer, optimizer = _layer(capacity=2), make_optimizer()
+    optimizer.build(layer.sparse_tables())
+    layer.use_optimizer(optimizer)
+    step = _train_step(layer, optimizer)
+    for _ in range(3):
+        step(_ids(1, 2))  # rows 0 (id 1) and 1 (id 2) trained three times
+    trained = layer.embeddings.numpy().copy()
+    step(_ids(2, 3))  # 3 takes row 0 (1 is the least recently read), trained once
+    assert _mapped(layer) == {2: 1, 3: 0}
+    rows, slots = _trained_alone(make_optimizer, _ids(3))
+    for slot, reference in zip(optimizer.variables[2:], slots):
+        np.testing.assert_allclose(slot.numpy()[0], reference[0], rtol=1e-6)
+    if same_value:
+        np.testing.assert_allclose(layer.embeddings.numpy()[0], rows[0], rtol=1e-6)
+    step(_ids(1, 3))  # 1 comes back into row 1 (2's; 3 is read in this step): a fresh start again
+    assert _mapped(layer) == {3: 0, 1: 1}
+    rows, slots = _trained_alone(make_optimizer, _ids(1))
+    for slot, reference in zip(optimizer.variables[2:], slots):
+        np.testing.assert_allclose(slot.numpy()[1], reference[0], rtol=1e-6)
+    if same_value:
+        np.testing.assert_allclose(layer.embeddings.numpy()[1], rows[0], rtol=1e-6)
+    assert np.abs(layer.embeddings.numpy()[1] - trained[0]).max() > 1e-3  # not 1's old, trained row
+
+
+def test_sparse_optimizer_moves_only_the_rows_read():
+    layer, optimizer = _layer(capacity=8), SparseAdam(0.1)
+    layer(_ids(1, 2, 3, 4), training=True)
+    optimizer.build(layer.sparse_tables())
+    layer.use_optimizer(optimizer)
+    before = layer.embeddings.numpy().copy()
+    _train_step(layer, optimizer)(_ids(2, 4, 4))
+    moved = np.flatnonzero(np.abs(layer.embeddings.numpy() - before).sum(-1))
+    assert moved.tolist() == [1, 3]
+    assert np.flatnonzero(np.abs(optimizer.variables[2].numpy()).sum(-1)).tolist() == [1, 3]
+
+
+def test_use_optimizer_needs_a_sparse_optimizer():
+    with pytest.raises(ValueError, match="reset_rows"):
+        _layer().use_optimizer(keras.optimizers.Adam())
+
+
+@pytest.mark.parametrize("shards", [(1, 1), (3, 1), (1, 2)])
+def test_checkpoint_round_trip_restores_the_id_to_row_map_and_rows(tmp_path, shards):
+    def model(num_shards):
+        ids = keras.Input((2,), dtype="int64", name="ids")
+        layer = DynamicEmbedding(capacity=6, output_dim=3, num_shards=num_shards, evict_after_steps=2,
+                                 unseen_row="learned", name="emb_item")
+        return keras.Model(ids, layer(ids)), layer
+
+    source, table = model(shards[0])
+    table.unseen_embedding.assign(DEFAULT)
+    for batch in ([1, 2], [3, 9], [4, 5], [6, 7], [8, 2]):
+        table(_ids(*batch), training=True)
+    path = model_checkpoint(source).save(str(tmp_path / "ckpt"))
+    probe = _ids(1, 2, 3, 4, 5, 6, 7, 8, 9, 77)
+    expected, mapped = table(probe).numpy(), _mapped(table)
+    assert len(mapped) <= 6
+    restored, again = model(shards[1])
+    model_checkpoint(restored).restore(path).assert_existing_objects_matched()
+    assert _mapped(again) == mapped
+    np.testing.assert_array_equal(again(probe).numpy(), expected)
+    for name in ("row_ids", "last_seen", "frequency", "free_rows", "num_free", "calls"):
+        np.testing.assert_array_equal(getattr(again, name).numpy(), getattr(table, name).numpy())
+    # training goes on from the same state: the same admissions and evictions
+    table(_ids(10, 11), training=True)
+    again(_ids(10, 11), training=True)
+    assert _mapped(again) == _mapped(table)
+
+
+def test_config_round_trip_and_argument_errors():
+    layer = DynamicEmbedding(capacity=10, output_dim=4, padding_id=None, num_shards=2, evict_after_steps=5,
+                             calls_per_step=2, unseen_row="learned", init_scale=0.1, seed=4)
+    assert_config_round_trip(layer)
+    for kw, match in [({"capacity": 0}, "capacity"), ({"num_shards": 11}, "num_shards"),
+                      ({"evict_after_steps": -1}, "evict_after_steps"), ({"calls_per_step": 0}, "calls_per_step"),
+                      ({"unseen_row": "random"}, "unseen_row")]:
+        with pytest.raises(ValueError, match=match):
+            DynamicEmbedding(**{"capacity": 10, "output_dim": 4, **kw})
