@@ -294,20 +294,24 @@ class DynamicEmbedding(keras.layers.Layer):
         self.num_free.assign_add(tf.size(evicted, tf.int64))
         return tf.constant(True)
 
-    def _admit(self, ids):
-        """Training: refreshes the rows of known ids, admits the new ones (evicting when needed)."""
+    def _admit(self, ids, valid):
+        """Training: refreshes the rows of known ids, admits the new ones (evicting when needed); returns the row
+        of every id (-1 for invalid ids and for new ids the pool had no room for)."""
         calls = self.calls.value
         step = calls // self.calls_per_step
         first_call = tf.equal(calls % self.calls_per_step, 0)
         self.calls.assign_add(1)
-        unique = tf.unique(ids).y  # [U]
-        rows = tf.ensure_shape(self.id_to_row.lookup(unique), unique.shape)  # [U]
+        unique, position = tf.unique(tf.where(valid, ids, tf.constant(EMPTY_KEY, tf.int64)))  # [U], [n]
+        real = tf.not_equal(unique, EMPTY_KEY)  # the map must not be asked for its empty key
+        rows = tf.ensure_shape(self.id_to_row.lookup(tf.where(real, unique, tf.zeros_like(unique))), unique.shape)
+        rows = tf.where(real, rows, tf.constant(_NO_ROW, tf.int64))  # [U]
         known = rows >= 0
         seen = tf.boolean_mask(rows, known)
         fresh_reads = tf.boolean_mask(seen, tf.gather(self.last_seen.value, seen) < step)  # first read this step
         self.frequency.value.scatter_add(tf.IndexedSlices(tf.ones_like(fresh_reads), fresh_reads))
         self.last_seen.value.scatter_update(tf.IndexedSlices(tf.fill(tf.shape(seen), step), seen))
-        new = tf.boolean_mask(unique, tf.logical_not(known))  # [N]
+        is_new = tf.logical_and(real, tf.logical_not(known))
+        new = tf.boolean_mask(unique, is_new)  # [N]
         needed = tf.size(new, tf.int64)
         due = needed > self.num_free.value
         if self.evict_after_steps:
@@ -317,21 +321,21 @@ class DynamicEmbedding(keras.layers.Layer):
         n_free = self.num_free.value
         taken = tf.minimum(needed, n_free)
         new = new[:taken]
-        rows = tf.reverse(tf.gather(self.free_rows.value, tf.range(n_free - taken, n_free)), [0])  # [taken]
+        new_rows = tf.reverse(tf.gather(self.free_rows.value, tf.range(n_free - taken, n_free)), [0])  # [taken]
         self.num_free.assign_sub(taken)
-        self.id_to_row.insert(new, rows)
-        self.row_ids.value.scatter_update(tf.IndexedSlices(new, rows))
-        self.last_seen.value.scatter_update(tf.IndexedSlices(tf.fill(tf.shape(rows), step), rows))
-        self.frequency.value.scatter_update(tf.IndexedSlices(tf.ones_like(rows), rows))
-        self._scatter_pool(rows, self.initial_vectors(new))
-        self._reset_slots(rows)
+        self.id_to_row.insert(new, new_rows)
+        self.row_ids.value.scatter_update(tf.IndexedSlices(new, new_rows))
+        self.last_seen.value.scatter_update(tf.IndexedSlices(tf.fill(tf.shape(new_rows), step), new_rows))
+        self.frequency.value.scatter_update(tf.IndexedSlices(tf.ones_like(new_rows), new_rows))
+        self._scatter_pool(new_rows, self.initial_vectors(new))
+        self._reset_slots(new_rows)
+        rows = tf.tensor_scatter_nd_update(rows, tf.where(is_new)[:taken], new_rows)  # [U]
+        return tf.gather(rows, position)  # [n]
 
     def call(self, ids, training=False):
         ids = tf.cast(ids, tf.int64)
         flat = tf.reshape(ids, [-1])  # [n]
-        if training:
-            self._admit(tf.boolean_mask(flat, self._valid(flat)))
-        rows = self.rows_of(flat)  # [n]
+        rows = self._admit(flat, self._valid(flat)) if training else self.rows_of(flat)  # [n]
         read = rows >= 0
         positions = tf.where(read)  # [M, 1]
         tables = [v.value for v in self.shards]
