@@ -1,5 +1,9 @@
 """`DynamicEmbedding`: collision-free id → row map, default row, eviction, slots of recycled rows, checkpoints."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -220,3 +224,27 @@ def test_config_round_trip_and_argument_errors():
                       ({"unseen_row": "random"}, "unseen_row")]:
         with pytest.raises(ValueError, match=match):
             DynamicEmbedding(**{"capacity": 10, "output_dim": 4, **kw})
+
+
+_TWO_REPLICAS = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from mm_ads.layers.dynamic_embedding import DynamicEmbedding
+with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+    DynamicEmbedding(4, 2).build()  # one replica: allowed
+try:
+    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        DynamicEmbedding(4, 2, name="emb_item").build()
+except ValueError as e:
+    print("ERROR", e)
+"""
+
+
+@pytest.mark.large
+def test_more_than_one_replica_is_a_clear_error(repo_root):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=repo_root)
+    proc = subprocess.run([sys.executable, "-c", _TWO_REPLICAS], capture_output=True, text=True, timeout=240,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ERROR DynamicEmbedding 'emb_item' cannot be built under MirroredStrategy with 2 replicas" in proc.stdout
