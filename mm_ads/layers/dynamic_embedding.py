@@ -12,6 +12,7 @@ EMPTY_KEY = np.iinfo(np.int64).min
 DELETED_KEY = EMPTY_KEY + 1
 _NO_ROW = -1
 _INT64_MAX = np.iinfo(np.int64).max
+_SAMPLE = 1 << 16  # rows sampled to find the eviction threshold of a larger pool
 
 
 class _Untracked:
@@ -267,6 +268,43 @@ class DynamicEmbedding(keras.layers.Layer):
         for variable, r in zip(self.shards, tf.dynamic_partition(local, shard, self.num_shards)):
             optimizer.reset_rows(variable, r)
 
+    def _lowest(self, key, want, num_candidates):
+        """Rows of the `want` smallest keys (candidates have keys below int64 max), without sorting the pool.
+
+        A threshold is read off the sorted keys of a sample of `_SAMPLE` rows (every row when the pool has no
+        more, then the selection is exact: the `want` smallest keys, ties to the lower row); rows below it are
+        taken, and rows equal to it in row order until `want`. With a sample the threshold is the sample's
+        quantile `want / num_candidates` (plus 1%), so about `want` rows are taken (more when more rows fall
+        below the estimated threshold), the least frequent ones (an exact top-k when fewer than 64 sampled rows
+        are candidates).
+        """
+        c = self.capacity
+        if c <= _SAMPLE:
+            threshold_index = want - 1
+            sample = key
+            size = c
+        else:
+            sample = tf.gather(key, tf.range(_SAMPLE, dtype=tf.int64) * (c // _SAMPLE))  # strided rows
+            size = _SAMPLE
+            in_sample = tf.reduce_sum(tf.cast(sample < _INT64_MAX, tf.int64))
+            fraction = tf.cast(want, tf.float64) / tf.cast(tf.maximum(num_candidates, 1), tf.float64) + 0.01
+            threshold_index = tf.minimum(tf.cast(tf.math.ceil(fraction * tf.cast(in_sample, tf.float64)), tf.int64),
+                                         in_sample) - 1
+        sorted_sample = tf.sort(sample)
+        threshold = tf.gather(sorted_sample, tf.clip_by_value(threshold_index, 0, size - 1))
+        below = key < threshold
+        tie = tf.equal(key, threshold)  # filled up to `want` in row order
+        take_ties = want - tf.reduce_sum(tf.cast(below, tf.int64))
+        below = tf.logical_or(below, tf.logical_and(tie, tf.cumsum(tf.cast(tie, tf.int64)) <= take_ties))
+        below = tf.logical_and(below, key < _INT64_MAX)
+        rows = tf.reshape(tf.where(tf.logical_and(below, want > 0)), [-1])
+        if c <= _SAMPLE:
+            return rows
+        # too few candidates in the sample to estimate a threshold: an exact top-k (rare, e.g. a pool almost all
+        # read in this step)
+        return tf.cond(in_sample >= 64, lambda: rows,
+                       lambda: tf.cast(tf.math.top_k(-key, k=tf.cast(want, tf.int32), sorted=False).indices, tf.int64))
+
     def _reclaim(self, step, needed):
         """Frees the stale rows, then (if the free rows are still fewer than `needed`) the lowest-frequency ones."""
         c = self.capacity
@@ -281,10 +319,10 @@ class DynamicEmbedding(keras.layers.Layer):
         # candidates: occupied, not stale, not read in this step; key: frequency, then last read
         candidate = tf.logical_and(tf.logical_and(occupied, tf.logical_not(stale)), last_seen < step)
         key = tf.where(candidate, self.frequency.value * (step + 2) + last_seen, tf.constant(_INT64_MAX, tf.int64))
-        want = tf.minimum(tf.maximum(short, (c + 99) // 100) * tf.cast(short > 0, tf.int64),
-                          tf.reduce_sum(tf.cast(candidate, tf.int64)))
-        _, lowest = tf.math.top_k(-key, k=tf.cast(want, tf.int32), sorted=False)
-        evicted = tf.concat([tf.reshape(tf.where(stale), [-1]), tf.cast(lowest, tf.int64)], 0)  # [V]
+        num_candidates = tf.reduce_sum(tf.cast(candidate, tf.int64))
+        want = tf.minimum(tf.maximum(short, (c + 99) // 100) * tf.cast(short > 0, tf.int64), num_candidates)
+        lowest = self._lowest(key, want, num_candidates)  # [~want] rows
+        evicted = tf.concat([tf.reshape(tf.where(stale), [-1]), lowest], 0)  # [V]
         self.id_to_row.erase(tf.gather(row_ids, evicted))
         self.row_ids.value.scatter_update(tf.IndexedSlices(tf.fill(tf.shape(evicted), EMPTY_KEY), evicted))
         self.frequency.value.scatter_update(tf.IndexedSlices(tf.zeros_like(evicted), evicted))

@@ -100,6 +100,27 @@ def test_pool_stays_bounded_and_the_least_frequent_then_stalest_rows_go_first():
     assert sorted(layer.row_ids.numpy().tolist()) == [10, 11, 12, 13]
 
 
+def test_a_large_full_pool_evicts_about_the_one_percent_least_frequent_rows():
+    """Above 65,536 rows the eviction threshold comes from a sample of the pool: about `want` rows go, all rare."""
+    c = 100_000
+    layer = _layer(capacity=c, output_dim=1)
+    ids = tf.range(1, c + 1, dtype=tf.int64) * 7
+    layer.id_to_row.insert(ids, tf.range(c, dtype=tf.int64))
+    layer.row_ids.assign(ids)
+    frequency = np.where(np.arange(c) % 10 == 3, 1, 2 + np.arange(c) % 5)  # a tenth read once, the rest 2-6 times
+    layer.frequency.assign(frequency)
+    layer.last_seen.assign(np.full(c, 4))
+    layer.num_free.assign(0)
+    layer.calls.assign(5)  # step 5
+    layer(tf.constant([3, 5, 7], tf.int64), training=True)  # two new ids (7 is known): one pass, ≥ 1% of the pool
+    evicted = np.flatnonzero(layer.row_ids.numpy() == EMPTY_KEY)
+    # the threshold is the once-read rows' key, and its ties are taken in row order up to 1% of the pool
+    assert len(evicted) + 2 == 1000 and layer.num_free.numpy() == len(evicted)
+    assert set(frequency[evicted]) == {1} and evicted.max() < 10_000  # the rare rows of the lowest rows
+    assert layer.size().numpy() == c - len(evicted) and layer.rows_of(_ids(7)).numpy()[0] == 0
+    assert sorted(layer.rows_of(_ids(3, 5)).numpy()) == [9983, 9993]  # the last two freed rows (a stack)
+
+
 def test_ids_not_read_for_t_steps_lose_their_row():
     layer = _layer(capacity=16, evict_after_steps=3)
     layer(_ids(1, 2, 3), training=True)  # step 0
