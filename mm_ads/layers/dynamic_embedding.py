@@ -7,7 +7,8 @@ import tensorflow as tf
 from mm_ads.layers.sparse_embedding import UNSEEN_ROWS, mix64, partition_sizes
 
 # The two keys `tf.lookup.experimental.DenseHashTable` reserves for its empty and deleted buckets: the two
-# smallest int64 values. Ids equal to them are never admitted and read the default row.
+# smallest int64 values. The map's keys are `map_keys(ids)` (a bijection), so the ids equal to these two values
+# (`row_ids` marks free rows with EMPTY_KEY) and the two ids whose key is one of them are never admitted.
 EMPTY_KEY = np.iinfo(np.int64).min
 DELETED_KEY = EMPTY_KEY + 1
 _NO_ROW = -1
@@ -65,8 +66,10 @@ class DynamicEmbedding(keras.layers.Layer):
     **Reading**: an id with a row reads it; any other id (never trained, or evicted), in training or not,
     reads the default row (`unseen_row`: `"zeros"`, or `"learned"`: one trainable `[E]` vector shared by
     those ids). Calls with `training=False` (evaluation, serving) only read. Padding positions output zeros
-    and are masked, as in `SparseEmbedding`. The two most negative int64 values are the hash map's reserved
-    keys (`EMPTY_KEY`, `DELETED_KEY`): they are never admitted and read the default row.
+    and are masked, as in `SparseEmbedding`. The map is keyed by `map_keys(id)` (splitmix64, a bijection:
+    TensorFlow's dense hash map places int64 keys by their low bits, so sequential ids would cluster). Four ids
+    are reserved and read the default row, never admitted: the two most negative int64 values (`EMPTY_KEY`,
+    `DELETED_KEY`) and the two ids whose key is one of them.
 
     **State**: the hash map is checkpointed by `mm_ads.training.checkpoint.model_checkpoint` (it is a
     `tf.train.Checkpoint` trackable, listed by `lookup_tables()`), and exported in the SavedModel with its
@@ -219,8 +222,17 @@ class DynamicEmbedding(keras.layers.Layer):
 
     # ---- ids, rows, state --------------------------------------------------------------------------------------
 
+    @staticmethod
+    def map_keys(ids):
+        """The hash map's key of each id: `mix64(id)` as int64, a bijection. TensorFlow's dense hash map places an
+        int64 key by its low bits (identity hash), so raw sequential ids would fill contiguous runs of buckets and
+        make probe chains thousands long; mixed keys spread like random ones."""
+        return tf.bitcast(mix64(ids), tf.int64)
+
     def _valid(self, ids):
+        keys = self.map_keys(ids)
         valid = tf.logical_and(tf.not_equal(ids, EMPTY_KEY), tf.not_equal(ids, DELETED_KEY))
+        valid = tf.logical_and(valid, tf.logical_and(tf.not_equal(keys, EMPTY_KEY), tf.not_equal(keys, DELETED_KEY)))
         if self.padding_id is not None:
             valid = tf.logical_and(valid, tf.not_equal(ids, self.padding_id))
         return valid
@@ -230,7 +242,7 @@ class DynamicEmbedding(keras.layers.Layer):
         ids = tf.cast(ids, tf.int64)
         valid = self._valid(ids)
         safe = tf.where(valid, ids, tf.zeros_like(ids))  # any key but the reserved ones; masked below
-        rows = tf.ensure_shape(self.id_to_row.lookup(safe), ids.shape)
+        rows = tf.ensure_shape(self.id_to_row.lookup(self.map_keys(safe)), ids.shape)
         return tf.where(valid, rows, tf.fill(tf.shape(rows), tf.constant(_NO_ROW, tf.int64)))
 
     def size(self):
@@ -323,7 +335,7 @@ class DynamicEmbedding(keras.layers.Layer):
         want = tf.minimum(tf.maximum(short, (c + 99) // 100) * tf.cast(short > 0, tf.int64), num_candidates)
         lowest = self._lowest(key, want, num_candidates)  # [~want] rows
         evicted = tf.concat([tf.reshape(tf.where(stale), [-1]), lowest], 0)  # [V]
-        self.id_to_row.erase(tf.gather(row_ids, evicted))
+        self.id_to_row.erase(self.map_keys(tf.gather(row_ids, evicted)))
         self.row_ids.value.scatter_update(tf.IndexedSlices(tf.fill(tf.shape(evicted), EMPTY_KEY), evicted))
         self.frequency.value.scatter_update(tf.IndexedSlices(tf.zeros_like(evicted), evicted))
         n = self.num_free.value
@@ -341,7 +353,8 @@ class DynamicEmbedding(keras.layers.Layer):
         self.calls.assign_add(1)
         unique, position = tf.unique(tf.where(valid, ids, tf.constant(EMPTY_KEY, tf.int64)))  # [U], [n]
         real = tf.not_equal(unique, EMPTY_KEY)  # the map must not be asked for its empty key
-        rows = tf.ensure_shape(self.id_to_row.lookup(tf.where(real, unique, tf.zeros_like(unique))), unique.shape)
+        keys = self.map_keys(tf.where(real, unique, tf.zeros_like(unique)))
+        rows = tf.ensure_shape(self.id_to_row.lookup(keys), unique.shape)
         rows = tf.where(real, rows, tf.constant(_NO_ROW, tf.int64))  # [U]
         known = rows >= 0
         seen = tf.boolean_mask(rows, known)
@@ -361,7 +374,7 @@ class DynamicEmbedding(keras.layers.Layer):
         new = new[:taken]
         new_rows = tf.reverse(tf.gather(self.free_rows.value, tf.range(n_free - taken, n_free)), [0])  # [taken]
         self.num_free.assign_sub(taken)
-        self.id_to_row.insert(new, new_rows)
+        self.id_to_row.insert(self.map_keys(new), new_rows)
         self.row_ids.value.scatter_update(tf.IndexedSlices(new, new_rows))
         self.last_seen.value.scatter_update(tf.IndexedSlices(tf.fill(tf.shape(new_rows), step), new_rows))
         self.frequency.value.scatter_update(tf.IndexedSlices(tf.ones_like(new_rows), new_rows))

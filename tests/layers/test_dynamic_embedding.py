@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from mm_ads.layers.dynamic_embedding import DELETED_KEY, EMPTY_KEY, DynamicEmbedding
+from mm_ads.layers.sparse_embedding import mix64
 from mm_ads.training.checkpoint import model_checkpoint
 from mm_ads.training.sparse_optimizers import SparseAdagrad, SparseAdam
 from tests.layer_test_case import assert_config_round_trip
@@ -32,11 +33,37 @@ def _ids(*values):
 
 
 def _mapped(layer):
-    """`{id: row}` held by the layer, read from the hash map itself."""
-    keys, rows = layer.id_to_row.export()
-    keys, rows = keys.numpy(), rows.numpy()
-    held = (keys != EMPTY_KEY) & (keys != DELETED_KEY)
-    return dict(zip(keys[held].tolist(), rows[held].tolist()))
+    """`{id: row}` held by the layer (its rows' ids), after checking that the hash map says the same."""
+    row_ids = layer.row_ids.numpy()
+    rows = np.flatnonzero(row_ids != EMPTY_KEY)
+    assert layer.size().numpy() == len(rows)
+    np.testing.assert_array_equal(layer.rows_of(tf.constant(row_ids[rows])).numpy(), rows)
+    return dict(zip(row_ids[rows].tolist(), rows.tolist()))
+
+
+def _unmix(key):
+    """The int64 id whose `mix64` is the int64 `key` (splitmix64's output function inverted)."""
+    m = (1 << 64) - 1
+
+    def unshift(z, bits):
+        out = z
+        for _ in range(64 // bits + 1):
+            out = z ^ (out >> bits)
+        return out & m
+
+    z = unshift(key & m, 31)
+    z = unshift(z * pow(0x94D049BB133111EB, -1, 1 << 64) & m, 27)
+    z = unshift(z * pow(0xBF58476D1CE4E5B9, -1, 1 << 64) & m, 30)
+    z = (z - 0x9E3779B97F4A7C15) & m
+    return z - (1 << 64) if z >= 1 << 63 else z
+
+
+RESERVED = [EMPTY_KEY, DELETED_KEY, _unmix(EMPTY_KEY), _unmix(DELETED_KEY)]
+
+
+def test_the_reserved_ids_are_the_maps_reserved_keys_or_map_onto_them():
+    keys = tf.bitcast(mix64(tf.constant(RESERVED[2:], tf.int64)), tf.int64).numpy().tolist()
+    assert keys == [EMPTY_KEY, DELETED_KEY]
 
 
 @pytest.mark.parametrize("unseen_row", ["zeros", "learned"])
@@ -44,16 +71,16 @@ def test_ids_never_trained_read_exactly_the_default_row(unseen_row):
     layer = _layer(unseen_row=unseen_row)
     default = DEFAULT if unseen_row == "learned" else np.zeros(3, np.float32)
     layer(_ids(5, 6), training=True)
-    ids = _ids(5, 41, -3, 1 << 40, EMPTY_KEY, DELETED_KEY, 0)
+    ids = _ids(5, 41, -3, 1 << 40, *RESERVED, 0)
     out = layer(ids).numpy()
-    for i in range(1, 6):  # never trained, including the map's two reserved keys
+    for i in range(1, 8):  # never trained, including the four reserved ids
         np.testing.assert_array_equal(out[i], default)
-    np.testing.assert_array_equal(out[6], np.zeros(3))  # padding
+    np.testing.assert_array_equal(out[8], np.zeros(3))  # padding
     np.testing.assert_array_equal(out[0], layer.initial_vectors(_ids(5)).numpy()[0])
     assert layer.size().numpy() == 2  # reading admitted nothing
-    assert layer.compute_mask(ids).numpy().tolist() == [True] * 6 + [False]
-    # training admits 41 but never the reserved keys
-    layer(_ids(41, EMPTY_KEY, DELETED_KEY), training=True)
+    assert layer.compute_mask(ids).numpy().tolist() == [True] * 8 + [False]
+    # training admits 41 but never the reserved ids
+    layer(_ids(41, *RESERVED), training=True)
     assert sorted(_mapped(layer)) == [5, 6, 41]
 
 
@@ -105,7 +132,7 @@ def test_a_large_full_pool_evicts_about_the_one_percent_least_frequent_rows():
     c = 100_000
     layer = _layer(capacity=c, output_dim=1)
     ids = tf.range(1, c + 1, dtype=tf.int64) * 7
-    layer.id_to_row.insert(ids, tf.range(c, dtype=tf.int64))
+    layer.id_to_row.insert(layer.map_keys(ids), tf.range(c, dtype=tf.int64))
     layer.row_ids.assign(ids)
     frequency = np.where(np.arange(c) % 10 == 3, 1, 2 + np.arange(c) % 5)  # a tenth read once, the rest 2-6 times
     layer.frequency.assign(frequency)

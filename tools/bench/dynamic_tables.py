@@ -87,7 +87,7 @@ def fill_pool(table):
     c = table.capacity
     ids = -tf.range(1, c + 1, dtype=tf.int64)
     rows = tf.range(c, dtype=tf.int64)
-    table.id_to_row.insert(ids, rows)
+    table.id_to_row.insert(table.map_keys(ids), rows)
     table.row_ids.assign(ids)
     table.last_seen.assign(tf.zeros([c], tf.int64))
     table.frequency.assign(tf.ones([c], tf.int64))
