@@ -220,6 +220,21 @@ class DynamicEmbedding(keras.layers.Layer):
                              "use a mm_ads.training sparse optimizer")
         self._optimizer.value = optimizer
 
+    def load_own_variables(self, store):
+        """`.keras` loading: the variables, then the id → row map rebuilt from `row_ids` (the `.keras` format
+        stores variables only; `tf.train.Checkpoint` and the SavedModel store the map itself)."""
+        super().load_own_variables(store)
+        self.rebuild_map()
+
+    def rebuild_map(self):
+        """Replaces the map's contents by the ids that `row_ids` says hold a row."""
+        row_ids = self.row_ids.value
+        rows = tf.reshape(tf.where(tf.not_equal(row_ids, EMPTY_KEY)), [-1])
+        keys, _ = self.id_to_row.export()
+        self.id_to_row.erase(tf.boolean_mask(keys, tf.logical_and(tf.not_equal(keys, EMPTY_KEY),
+                                                                   tf.not_equal(keys, DELETED_KEY))))
+        self.id_to_row.insert(self.map_keys(tf.gather(row_ids, rows)), rows)
+
     # ---- ids, rows, state --------------------------------------------------------------------------------------
 
     @staticmethod

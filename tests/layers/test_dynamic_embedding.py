@@ -263,6 +263,21 @@ def test_checkpoint_round_trip_restores_the_id_to_row_map_and_rows(tmp_path, sha
     assert _mapped(again) == _mapped(table)
 
 
+def test_keras_file_round_trip_rebuilds_the_map(tmp_path):
+    ids = keras.Input((3,), dtype="int64", name="ids")
+    model = keras.Model(ids, DynamicEmbedding(capacity=4, output_dim=3, unseen_row="learned", name="emb")(ids))
+    table = model.get_layer("emb")
+    table.unseen_embedding.assign(DEFAULT)
+    for batch in ([1, 2, 3], [4, 5, 0], [6, 1, 0]):
+        table(_ids(*batch), training=True)
+    probe = _ids(1, 2, 3, 4, 5, 6, 9)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path).get_layer("emb")
+    assert _mapped(loaded) == _mapped(table) and len(_mapped(table)) == 4
+    np.testing.assert_array_equal(loaded(probe).numpy(), table(probe).numpy())
+
+
 def test_config_round_trip_and_argument_errors():
     layer = DynamicEmbedding(capacity=10, output_dim=4, padding_id=None, num_shards=2, evict_after_steps=5,
                              calls_per_step=2, unseen_row="learned", init_scale=0.1, seed=4)
