@@ -1,5 +1,7 @@
 """A collision-free embedding table: a hash map from ids to rows of a bounded row pool, with eviction."""
 
+import math
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -46,7 +48,8 @@ class DynamicEmbedding(keras.layers.Layer):
 
     **Admission** (calls with `training=True`): the distinct ids of the call (padding excluded; duplicates
     within the call get one row) that have no row are admitted: each takes a free row, which is written with
-    the id's initial vector (uniform in `[-init_scale, init_scale]`, a hash of `(id, seed)`: the same id always
+    the id's initial vector (a truncated normal, as Keras's `TruncatedNormal(stddev=init_stddev)` that fixed tables
+    start from, drawn by a hash of `(id, seed)`: the same id always
     starts from the same vector, whichever row it lands in) and whose optimizer slots are reset (see
     `use_optimizer`). So an id never inherits another id's trained values.
 
@@ -90,7 +93,7 @@ class DynamicEmbedding(keras.layers.Layer):
             lowest-frequency rows are evicted, when the pool is full.
         calls_per_step: training calls of the layer per optimizer step (the clock's period).
         unseen_row: the default row of ids without a row: `"zeros"` or `"learned"`.
-        init_scale: admitted rows start uniform in `[-init_scale, init_scale]`.
+        init_stddev: admitted rows start from a normal of this stddev truncated at 2 stddev.
         seed: int mixed into the initial vectors' hash.
         **kwargs: base `keras.layers.Layer` arguments.
 
@@ -117,7 +120,7 @@ class DynamicEmbedding(keras.layers.Layer):
         evict_after_steps=0,
         calls_per_step=1,
         unseen_row="zeros",
-        init_scale=0.05,
+        init_stddev=0.05,
         seed=0,
         **kwargs,
     ):
@@ -137,8 +140,8 @@ class DynamicEmbedding(keras.layers.Layer):
             raise ValueError(f"calls_per_step must be an int >= 1, got {calls_per_step!r}")
         if unseen_row not in UNSEEN_ROWS:
             raise ValueError(f"unseen_row must be one of {UNSEEN_ROWS}, got {unseen_row!r}")
-        if not init_scale >= 0:
-            raise ValueError(f"init_scale must be >= 0, got {init_scale!r}")
+        if not init_stddev >= 0:
+            raise ValueError(f"init_stddev must be >= 0, got {init_stddev!r}")
         self.capacity = capacity
         self.output_dim = output_dim
         self.padding_id = padding_id
@@ -146,7 +149,7 @@ class DynamicEmbedding(keras.layers.Layer):
         self.evict_after_steps = evict_after_steps
         self.calls_per_step = calls_per_step
         self.unseen_row = unseen_row
-        self.init_scale = float(init_scale)
+        self.init_stddev = float(init_stddev)
         self.seed = int(seed)
         self.supports_masking = True
         self._optimizer = _Untracked()
@@ -265,14 +268,19 @@ class DynamicEmbedding(keras.layers.Layer):
         return self.id_to_row.size()
 
     def initial_vectors(self, ids):
-        """The vector an admitted id starts from: `[n, E]` float32, uniform in `[-init_scale, init_scale]`, a
-        function of `(id, seed)` only (splitmix64 of the id and of each column)."""
+        """The vector an admitted id starts from: `[n, E]` float32, a function of `(id, seed)` only: splitmix64 of
+        the id and of each column gives a uniform in (0, 1), mapped through the inverse normal CDF restricted to
+        ±2 stddev (`erfinv`): a normal of stddev `init_stddev` truncated at 2 stddev, as Keras's
+        `TruncatedNormal`."""
         key = tf.bitcast(mix64(tf.bitwise.bitwise_xor(tf.cast(ids, tf.int64), tf.constant(self.seed, tf.int64))),
                          tf.int64)  # [n]
         columns = tf.range(self.output_dim, dtype=tf.int64) * tf.constant(0x632BE59BD9B4E019, tf.int64)  # [E]
         bits = mix64(key[:, None] + columns[None, :])  # [n, E] uint64
-        unit = tf.cast(tf.bitwise.right_shift(bits, tf.constant(40, tf.uint64)), tf.float32) / float(1 << 24)
-        return (2.0 * unit - 1.0) * self.init_scale
+        unit = (tf.cast(tf.bitwise.right_shift(bits, tf.constant(11, tf.uint64)), tf.float64) + 0.5) / float(1 << 53)
+        low = 0.5 * math.erfc(math.sqrt(2.0))  # Φ(-2)
+        p = low + unit * (1.0 - 2.0 * low)  # uniform on (Φ(-2), Φ(2))
+        normal = math.sqrt(2.0) * tf.math.erfinv(2.0 * p - 1.0)  # [n, E] in (-2, 2)
+        return tf.cast(normal * self.init_stddev, tf.float32)
 
     def _scatter_pool(self, rows, values):
         if self.num_shards == 1:
@@ -435,7 +443,7 @@ class DynamicEmbedding(keras.layers.Layer):
             "evict_after_steps": self.evict_after_steps,
             "calls_per_step": self.calls_per_step,
             "unseen_row": self.unseen_row,
-            "init_scale": self.init_scale,
+            "init_stddev": self.init_stddev,
             "seed": self.seed,
         })
         return config

@@ -100,14 +100,18 @@ def test_distinct_ids_own_distinct_rows_and_duplicates_share_one():
     np.testing.assert_array_equal(layer.row_ids.numpy()[list(mapped.values())], list(mapped))
 
 
-def test_initial_vectors_depend_on_the_id_and_seed_only():
-    a, b = _layer(init_scale=0.5), _layer(init_scale=0.5, seed=3)
+def test_initial_vectors_depend_on_the_id_and_seed_only_and_are_truncated_normal():
+    a, b = _layer(init_stddev=0.5), _layer(init_stddev=0.5, seed=3)
     v = a.initial_vectors(_ids(1, 2, 1)).numpy()
     np.testing.assert_array_equal(v[0], v[2])
     assert not np.array_equal(v[0], v[1])
     assert not np.array_equal(v[0], b.initial_vectors(_ids(1)).numpy()[0])
-    many = a.initial_vectors(tf.range(1, 2001, dtype=tf.int64)).numpy()
-    assert np.abs(many).max() <= 0.5 and abs(many.mean()) < 0.02 and 0.25 < many.std() < 0.33  # U(-.5, .5): .289
+    many = a.initial_vectors(tf.range(1, 20_001, dtype=tf.int64)).numpy().ravel()  # 60,000 values
+    # a normal truncated at ±2 sd has sd 0.880 sd; Keras's TruncatedNormal(stddev=0.5) the same
+    reference = keras.initializers.TruncatedNormal(stddev=0.5, seed=0)((20_000, 3)).numpy().ravel()
+    assert np.abs(many).max() <= 1.0 and abs(many.mean()) < 0.01
+    assert abs(many.std() - 0.44) < 0.01 and abs(reference.std() - 0.44) < 0.01
+    assert abs(np.mean(np.abs(many) < 0.5) - np.mean(np.abs(reference) < 0.5)) < 0.01  # same shape, not just sd
 
 
 def test_pool_stays_bounded_and_the_least_frequent_then_stalest_rows_go_first():
@@ -280,7 +284,7 @@ def test_keras_file_round_trip_rebuilds_the_map(tmp_path):
 
 def test_config_round_trip_and_argument_errors():
     layer = DynamicEmbedding(capacity=10, output_dim=4, padding_id=None, num_shards=2, evict_after_steps=5,
-                             calls_per_step=2, unseen_row="learned", init_scale=0.1, seed=4)
+                             calls_per_step=2, unseen_row="learned", init_stddev=0.1, seed=4)
     assert_config_round_trip(layer)
     for kw, match in [({"capacity": 0}, "capacity"), ({"num_shards": 11}, "num_shards"),
                       ({"evict_after_steps": -1}, "evict_after_steps"), ({"calls_per_step": 0}, "calls_per_step"),
