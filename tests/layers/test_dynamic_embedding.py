@@ -222,6 +222,24 @@ def test_a_recycled_row_starts_from_the_new_ids_initial_vector_and_fresh_slots(m
     assert np.abs(layer.embeddings.numpy()[1] - trained[0]).max() > 1e-3  # not 1's old, trained row
 
 
+def test_a_sharded_pool_trains_and_recycles_rows_like_one_pool():
+    def train(num_shards):
+        layer, optimizer = _layer(capacity=5, num_shards=num_shards), SparseAdam(0.1)
+        optimizer.build(layer.sparse_tables())
+        layer.use_optimizer(optimizer)
+        step = _train_step(layer, optimizer)
+        for batch in ([1, 2, 3], [4, 5, 1], [6, 7, 1], [2, 8, 6]):  # full from the second step on: rows recycled
+            step(tf.constant(batch, tf.int64))
+        moments = [np.concatenate([m.numpy() for m in slot]) for slot in (optimizer._momentums, optimizer._velocities)]
+        return _mapped(layer), np.concatenate([v.numpy() for v in layer.shards]), moments
+
+    one, three = train(1), train(3)
+    assert one[0] == three[0] and len(one[0]) == 5
+    np.testing.assert_allclose(three[1], one[1], rtol=1e-6)
+    for a, b in zip(three[2], one[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_sparse_optimizer_moves_only_the_rows_read():
     layer, optimizer = _layer(capacity=8), SparseAdam(0.1)
     layer(_ids(1, 2, 3, 4), training=True)
