@@ -30,8 +30,9 @@ TASKS = ("ctr", "scl", "clip")
 SCL_MODALITIES = ("text", "image")
 TEXT_ENCODERS = ("scratch", "minilm")
 IMAGE_ENCODERS = ("scratch", "efficientnet_lite0")
-# How ids become embedding rows (`mm_ads.layers.SparseEmbedding`); "auto" = as the FeatureSpec declares per table.
-ID_MAPPINGS = ("auto", "dense", "hash", "modulo")
+# How ids become embedding rows (`mm_ads.layers.SparseEmbedding`); "auto" = as the FeatureSpec declares per table;
+# "dynamic" = a collision-free id → row map over a bounded pool (`mm_ads.layers.DynamicEmbedding`).
+ID_MAPPINGS = ("auto", "dense", "hash", "modulo", "dynamic")
 UNSEEN_ROWS = ("zeros", "learned")
 # What a config.json written before these model fields existed meant (its checkpoints hold no admission counts).
 _LEGACY_MODEL_FIELDS = {"id_mapping": "modulo", "admit_after": 0, "unseen_row": "zeros"}
@@ -105,13 +106,19 @@ class CTRModelConfig:
         id_mapping: how ids become rows of the embedding tables: "auto" (per table, as the dataset's FeatureSpec
             declares: "dense" for ids numbered 1..N — synthetic world, MovieLens — and "hash" for raw hashed
             ids — Taobao-MM), "dense" (ids are rows; an id outside the table is unseen), "hash" (a 64-bit mixing
-            hash into the rows) or "modulo" (`id mod rows`, the mapping of models configured before this option).
+            hash into the rows), "modulo" (`id mod rows`, the mapping of models configured before this option) or
+            "dynamic" (`mm_ads.layers.DynamicEmbedding`: every id trained gets its own row of a bounded pool
+            through an id → row hash map, no collisions; rows of stale or rare ids are evicted when needed).
         admit_after: an id gets its own embedding row once it has been looked up this many times in training;
             until then, and if it never occurs in training (a brand-new item at serving time), it reads the
             table's default row (`unseen_row`). 1 = every id admitted the first time it trains; 0 = no counts
             (every id with a row reads it, trained or not). The counts are checkpointed and exported.
         unseen_row: the default row of ids without an admitted row: "zeros" or "learned" (one trained vector per
             table, initialised to zeros).
+        table_capacity: with `id_mapping="dynamic"`, the rows of each table's pool (the most ids that hold a row
+            at once); 0 = the table's rows in the FeatureSpec.
+        evict_after_steps: with `id_mapping="dynamic"`, the training steps without a lookup after which an id
+            loses its row; 0 = ids lose their row only when the pool is full (the least frequent first).
     """
 
     variant: str = "id"
@@ -133,6 +140,8 @@ class CTRModelConfig:
     id_mapping: str = "auto"
     admit_after: int = 1
     unseen_row: str = "zeros"
+    table_capacity: int = 0
+    evict_after_steps: int = 0
 
     def validate(self):
         _check(self.variant in CTR_VARIANTS, f"model.variant must be one of {CTR_VARIANTS}, got {self.variant!r}")
@@ -163,6 +172,11 @@ class CTRModelConfig:
         _check(self.admit_after >= 0, f"model.admit_after must be >= 0, got {self.admit_after}")
         _check(self.unseen_row in UNSEEN_ROWS,
                f"model.unseen_row must be one of {UNSEEN_ROWS}, got {self.unseen_row!r}")
+        _check(self.table_capacity >= 0, f"model.table_capacity must be >= 0, got {self.table_capacity}")
+        _check(self.evict_after_steps >= 0, f"model.evict_after_steps must be >= 0, got {self.evict_after_steps}")
+        _check(self.id_mapping != "dynamic" or self.admit_after <= 1,
+               f"model.admit_after={self.admit_after} is not supported with id_mapping='dynamic' (every id trained "
+               "takes a row of the pool: use admit_after=1)")
 
     @property
     def uses_vectors(self):

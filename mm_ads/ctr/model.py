@@ -35,7 +35,8 @@ candidates like the user ids.
 
 Every FeatureSpec table is one `SparseEmbedding` (`emb_<table>`) whose id mapping is the spec's declaration for
 that table (or `config.id_mapping`), and whose ids read the table's default row (`config.unseen_row`) until they
-have occurred `config.admit_after` times in training.
+have occurred `config.admit_after` times in training. With `config.id_mapping="dynamic"` each table is a
+`DynamicEmbedding` instead (`mm_ads.layers.dynamic_embedding.dynamic_tables`).
 """
 
 import keras
@@ -43,6 +44,7 @@ import keras
 from mm_ads.config import MAKE_VARIANTS
 from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR, missing_flag_name
 from mm_ads.layers.din_attention import DINAttention
+from mm_ads.layers.dynamic_embedding import dynamic_tables
 from mm_ads.layers.make import MAKE
 from mm_ads.layers.masked_pooling import MaskedPooling
 from mm_ads.layers.mlp import MLP
@@ -152,12 +154,20 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
     def table_mapping(t):
         if t in hashed or padding[t] is None:  # rows already: hashed strings, numeric buckets
             return "dense"
-        return mappings[t] if config.id_mapping == "auto" else config.id_mapping
+        return mappings[t] if config.id_mapping in ("auto", "dynamic") else config.id_mapping
 
-    tables = {t: SparseEmbedding(n, e, padding_id=padding[t], num_shards=min(embedding_shards, n), name=f"emb_{t}",
-                                 id_mapping=table_mapping(t), admit_after=config.admit_after,
-                                 unseen_row=config.unseen_row)
-              for t, n in spec.tables().items()}
+    pairs, unpaired = _pair_history_with_target(spec)
+    tables = {}
+    if config.id_mapping == "dynamic":
+        # collision-free tables for the int64 ids (DIN's item tables, users, context); the rows of hashed strings,
+        # numeric buckets, tags and pooled sequences stay fixed-size tables
+        fixed = {f.embedding_table for f in spec if f.embedding_table is not None and
+                 (not f.is_id or f.dtype == "string" or f in unpaired)}
+        tables = dynamic_tables(spec, config, embedding_shards, skip=fixed)
+    tables.update({t: SparseEmbedding(n, e, padding_id=padding[t], num_shards=min(embedding_shards, n),
+                                      name=f"emb_{t}", id_mapping=table_mapping(t), admit_after=config.admit_after,
+                                      unseen_row=config.unseen_row)
+                   for t, n in spec.tables().items() if t not in tables})
     hashers = {t: StringHashing(spec.tables()[t], name=f"hash_{t}") for t in sorted(hashed)}
 
     hashed_ids = {}
@@ -189,7 +199,6 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
             return MaskedPooling(combiner, name=f"pool_{f.name}")(embed(f.name), mask=padding_mask(f.name))  # [B, E]
         return embed(f.name)  # [B, E]
 
-    pairs, unpaired = _pair_history_with_target(spec)
     hist_item = pairs[0][0].name
     mask = padding_mask(hist_item)  # [B, S]
     query = keras.ops.concatenate([embed(t.name) for _, t in pairs], axis=-1)  # [B, E·k]

@@ -49,8 +49,9 @@ def warmup_value(name, spec, batch_size, feature_spec=None, value=None):
 
     Integer inputs (ids) are 1, or the padding id of a FeatureSpec table with one row; float inputs named like a
     missing flag (`<vector>_missing`, `mm_ads.data.spec.missing_flag_name`) or with no feature dimension are 0;
-    other float inputs (vectors) are unit vectors along the last axis; bool inputs are False. A given `value` is used
-    instead (the only way for a string input: a text, encoded image bytes).
+    other float inputs (vectors) are unit vectors along the last axis; bool inputs are False; string features of the
+    FeatureSpec (string ids, tags) are "warm-up". A given `value` is used instead (the only way for another string
+    input: a text, encoded image bytes).
     """
     dims = tuple(spec.shape)
     if not dims:
@@ -71,6 +72,9 @@ def warmup_value(name, spec, batch_size, feature_spec=None, value=None):
         value = 0.0 if name.endswith("_missing") or len(shape) < 2 else 1.0 / np.sqrt(shape[-1])
     elif dtype == tf.bool:
         value = False
+    elif dtype == tf.string and _feature(feature_spec, name) is not None:
+        value = b"warm-up"  # a string id or tag of the FeatureSpec: hashed into a row like any non-empty string
+        return shape, object, value
     else:
         raise ValueError(f"warm-up input {name!r}: no warm-up value for dtype {dtype.name}")
     return shape, dtype.as_numpy_dtype, value

@@ -11,10 +11,12 @@
 - `StringHashing`: string ids → rows of a table (FarmHash fingerprint buckets, "" → padding row 0).
 - `MaskedPooling`: mean or sum of a list of embeddings (tags, id sequences), padding excluded.
 - `NumericEncoding`: numeric features standardised (mean/std) or bucketised by boundaries.
+- `DynamicEmbedding`: collision-free id table (an id → row hash map over a bounded row pool, with eviction).
 """
 
 from mm_ads.layers.dice import Dice
 from mm_ads.layers.din_attention import DINAttention
+from mm_ads.layers.dynamic_embedding import DynamicEmbedding
 from mm_ads.layers.make import MAKE
 from mm_ads.layers.masked_pooling import MaskedPooling
 from mm_ads.layers.mlp import MLP
@@ -27,6 +29,7 @@ from mm_ads.layers.string_hashing import StringHashing
 __all__ = [
     "DINAttention",
     "Dice",
+    "DynamicEmbedding",
     "MAKE",
     "MLP",
     "MaskedPooling",

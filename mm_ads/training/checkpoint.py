@@ -28,6 +28,9 @@ def model_checkpoint(model):
     under the key of the unsharded table (`emb_item.embeddings`) as slices of one `[num_buckets, E]` tensor, so
     the model's checkpoint does not depend on the number of shards: it restores into any number of shards, or
     none (e.g. for export).
+
+    A layer's lookup tables (`lookup_tables()`, e.g. the id → row map of a `DynamicEmbedding`) are saved under
+    the keys it gives (`emb_item.id_to_row`), contents included.
     """
     from mm_ads.layers.sparse_embedding import SparseTables
 
@@ -56,6 +59,11 @@ def model_checkpoint(model):
         if key in variables:
             raise ValueError(f"Two variables of model {model.name!r} share the path {v.path!r}")
         variables[key] = v.value if isinstance(v, keras.Variable) else v
+    for layer in model._flatten_layers(include_self=False):
+        for key, table in (layer.lookup_tables() if hasattr(layer, "lookup_tables") else {}).items():
+            if key in variables:
+                raise ValueError(f"The lookup table key {key!r} of model {model.name!r} is also a variable's key")
+            variables[key] = table
     return tf.train.Checkpoint(**variables)
 
 

@@ -66,6 +66,18 @@ class _SparseOptimizer(keras.optimizers.Optimizer):
         values = tf.cast(values, var.dtype)
         getattr(var, op)(tf.IndexedSlices(values, rows))
 
+    def _slots(self, variable):
+        """`[(slot variable, initial value)]` of `variable`."""
+        return []
+
+    def reset_rows(self, variable, rows):
+        """Sets the slots of `rows` of `variable` back to their initial values (a table row handed to a new id,
+        `mm_ads.layers.DynamicEmbedding`): the new id's updates do not start from the previous id's statistics."""
+        for slot, value in self._slots(variable):
+            width = tf.shape(_as_tf_variable(slot))[1:]
+            fill = tf.fill(tf.concat([tf.shape(rows), width], 0), tf.constant(value, slot.dtype))
+            self._scatter(slot, rows, fill, "scatter_update")
+
 
 @keras.saving.register_keras_serializable(package="mm_ads")
 class SparseSGD(_SparseOptimizer):
@@ -118,6 +130,9 @@ class SparseAdagrad(_SparseOptimizer):
             self.add_variable_from_reference(v, name="accumulator", initializer=init) for v in var_list
         ]
 
+    def _slots(self, variable):
+        return [(self._accumulators[self._get_variable_index(variable)], self.initial_accumulator_value)]
+
     def update_step(self, gradient, variable, learning_rate):
         lr = tf.cast(learning_rate, variable.dtype)
         acc = self._accumulators[self._get_variable_index(variable)]
@@ -164,6 +179,10 @@ class SparseAdam(_SparseOptimizer):
         super().build(var_list)
         self._momentums = [self.add_variable_from_reference(v, name="momentum") for v in var_list]
         self._velocities = [self.add_variable_from_reference(v, name="velocity") for v in var_list]
+
+    def _slots(self, variable):
+        index = self._get_variable_index(variable)
+        return [(self._momentums[index], 0.0), (self._velocities[index], 0.0)]
 
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype

@@ -139,6 +139,9 @@ class Trainer:
             self.dense_opt = _DENSE[config.dense_optimizer](config.dense_learning_rate)
             if self.sparse_vars:
                 self.sparse_opt.build(self.sparse_vars)
+                for layer in self.model._flatten_layers():
+                    if hasattr(layer, "use_optimizer"):  # tables that hand rows to new ids reset their slots
+                        layer.use_optimizer(self.sparse_opt)
             if self.dense_vars:
                 self.dense_opt.build(self.dense_vars)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
