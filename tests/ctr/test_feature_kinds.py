@@ -173,3 +173,20 @@ def test_int64_tags_share_a_table_with_an_id_and_sum_pool():
     np.testing.assert_allclose(pool(x).numpy()[0], rows.sum(0), rtol=1e-6)  # padding 0 adds nothing
     same = dict(x, all_categories=tf.constant([[0, 3, 2]], tf.int64))
     np.testing.assert_allclose(model(same)["logit"].numpy(), model(x)["logit"].numpy(), rtol=1e-6)
+
+
+def test_dynamic_tables_hold_the_int64_ids_and_the_other_kinds_keep_fixed_tables():
+    from mm_ads.layers.dynamic_embedding import DynamicEmbedding
+    from mm_ads.layers.sparse_embedding import SparseEmbedding
+
+    spec = feature_spec()
+    model = build_ctr_model(spec, CTRModelConfig(variant="id", embedding_dim=4, attention_units=(8,), mlp_units=(8,),
+                                                 id_mapping="dynamic", table_capacity=20))
+    kinds = {layer.name: type(layer) for layer in model.layers
+             if isinstance(layer, (DynamicEmbedding, SparseEmbedding))}
+    assert {n for n, k in kinds.items() if k is DynamicEmbedding} == {"emb_user", "emb_item", "emb_category",
+                                                                      "emb_brand"}
+    # hashed strings, tags, a pooled sequence and numeric buckets: fixed-size rows of their own tables
+    assert {n for n, k in kinds.items() if k is SparseEmbedding} == {"emb_occupation", "emb_genre", "emb_query",
+                                                                     "emb_income"}
+    assert model.get_layer("emb_item").calls_per_step == 2 and model.get_layer("emb_user").calls_per_step == 1
