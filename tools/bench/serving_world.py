@@ -156,6 +156,18 @@ class RestClient:
         self.conn.close()
 
 
+def rss_mb(pid):
+    """`VmRSS` of process `pid` in MB (NaN when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return float("nan")
+    return float("nan")
+
+
 def machine_info():
     import tensorflow  # noqa: F401  (its version is reported)
 
