@@ -435,15 +435,19 @@ def publish_version(src, base, version):
     return time.monotonic()
 
 
-def served_versions(rest_port, model_name="ctr", timeout=10.0):
-    """`{version: state}` from `GET /v1/models/<name>` (TF Serving's model version status)."""
+def rest_get(rest_port, path, timeout=10.0):
+    """The decoded JSON of `GET <path>` on the server's REST port."""
     conn = http.client.HTTPConnection("127.0.0.1", rest_port, timeout=timeout)
     try:
-        conn.request("GET", f"/v1/models/{model_name}")
-        resp = conn.getresponse()
-        body = json.loads(resp.read())
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
     finally:
         conn.close()
+
+
+def served_versions(rest_port, model_name="ctr", timeout=10.0):
+    """`{version: state}` from `GET /v1/models/<name>` (TF Serving's model version status)."""
+    body = rest_get(rest_port, f"/v1/models/{model_name}", timeout)
     return {int(s["version"]): s["state"] for s in body.get("model_version_status", [])}
 
 
