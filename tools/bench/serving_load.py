@@ -76,7 +76,7 @@ _LOAD_FRACTION = flags.DEFINE_float("load_fraction", 0.8, "soak_mixed: the paced
                                                           "measured maximum.")
 _BAD_FRACTION = flags.DEFINE_float("bad_fraction", 0.1, "soak_mixed: share of hostile requests.")
 _SWAP_AT = flags.DEFINE_float("swap_at_s", None, "soak_mixed: when the new version is published (default: the "
-                                                 "middle of --seconds).")
+                                                 "middle of --seconds; negative: no swap, and no swap check).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "soak_mixed: threads sending the paced requests (0: 2 x "
                                               "--concurrency).")
 _RSS_TOLERANCE = flags.DEFINE_float("rss_tolerance", 0.05, "soak_mixed: the largest RSS deviation from its "
@@ -187,14 +187,15 @@ def soak_mixed(seconds):
                                    _WORKERS.value or 2 * _CONCURRENCY.value, _SEED.value)
             swap = mixed.Swap(staged, world["base"], 2, ports["rest_port"])
             swap_at = seconds / 2 if _SWAP_AT.value is None else _SWAP_AT.value
-            result = load.run(seconds, events=[(swap_at, swap)], rss=lambda: rss_mb(proc.pid),
-                              sample_every_s=_SAMPLE_EVERY.value, until=lambda: swap.done)
+            events = [(swap_at, swap)] if swap_at >= 0 else []
+            result = load.run(seconds, events=events, rss=lambda: rss_mb(proc.pid),
+                              sample_every_s=_SAMPLE_EVERY.value, until=lambda: not events or swap.done)
             swap.join()
             stats = mixed.rest_get(ports["rest_port"], "/v1/stats")
         finally:
             bench.stop_server(proc)
-    report = mixed.summarize(result, hostile, rate, 1, 2, swap.t_published, swap.t_available, _SETTLE.value,
-                             _RSS_TOLERANCE.value)
+    report = mixed.summarize(result, hostile, rate, 1, 2 if events else None, swap.t_published, swap.t_available,
+                             _SETTLE.value, _RSS_TOLERANCE.value)
     counters = stats.get("counters", {})
     server_5xx = {k: v for k, v in counters.items()
                   if k.startswith("rest_errors_5") or k in ("grpc_errors_INTERNAL", "grpc_errors_UNKNOWN")}

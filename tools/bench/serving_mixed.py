@@ -495,7 +495,7 @@ class Swap:
 def summarize(result, hostile, rate, old_version, new_version, t_swap=None, t_status=None, settle_s=10.0,
               rss_tolerance=0.05):
     """The report of a `MixedLoad.run` (see the module docstring); `t_swap`: the monotonic time the new version was
-    published, `t_status`: when the status first showed it AVAILABLE."""
+    published, `t_status`: when the status first showed it AVAILABLE; `new_version` None: no swap (not checked)."""
     outcomes, t0 = result["outcomes"], result["t0"]
     good = [o for o in outcomes if o.kind.startswith("good_")]
     bad = [o for o in outcomes if not o.kind.startswith("good_")]
@@ -540,7 +540,7 @@ def summarize(result, hostile, rate, old_version, new_version, t_swap=None, t_st
         "old_version_answers_after_first_new": stale,
         "good_errors_within_10s_of_swap": sum(1 for o in failed if t_swap is not None and abs(o.end - t_swap) < 10),
     }
-    swapped = first_new is not None and t_status is not None and stale == 0
+    swapped = None if new_version is None else first_new is not None and t_status is not None and stale == 0
     # memory: the deviation from the median after settling
     after = [m for s, m in result["rss"] if s >= settle_s]
     rss = {"samples": len(result["rss"])}
