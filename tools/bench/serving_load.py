@@ -63,7 +63,8 @@ _VECTOR_DIM = flags.DEFINE_integer("vector_dim", 128, "Multimodal vector dim D."
 _NUM_ITEMS = flags.DEFINE_integer("num_items", 20_000, "Items in the catalogue.")
 _VARIANT = flags.DEFINE_string("variant", "simtier", "CTR model variant.")
 _SAMPLE_EVERY = flags.DEFINE_float("sample_every_s", 1.0, "RSS sampling period.")
-_SETTLE = flags.DEFINE_float("settle_s", 10.0, "Memory growth is measured from this time on.")
+_SETTLE = flags.DEFINE_float("settle_s", None, "Memory growth is measured from this time on (default 10 s; 60 s "
+                                               "of the paced load for soak_mixed).")
 _KILL_AFTER = flags.DEFINE_float("kill_after_s", 10.0, "First SIGKILL after this many seconds (kill mode).")
 _KILLS = flags.DEFINE_integer("kills", 1, "SIGKILL + restart cycles (kill mode).")
 _MIN_SERVING = flags.DEFINE_float("min_serving_s", 10.0, "Serving time after a restart before the next kill "
@@ -194,8 +195,10 @@ def soak_mixed(seconds):
             stats = mixed.rest_get(ports["rest_port"], "/v1/stats")
         finally:
             bench.stop_server(proc)
+    settle = 60.0 if _SETTLE.value is None else _SETTLE.value
     report = mixed.summarize(result, hostile, rate, 1, 2 if events else None, swap.t_published, swap.t_available,
-                             _SETTLE.value, _RSS_TOLERANCE.value)
+                             settle, _RSS_TOLERANCE.value)
+    report["rss"]["settle_s"] = settle
     counters = stats.get("counters", {})
     server_5xx = {k: v for k, v in counters.items()
                   if k.startswith("rest_errors_5") or k in ("grpc_errors_INTERNAL", "grpc_errors_UNKNOWN")}
@@ -272,7 +275,7 @@ def main(argv):
               "p99_ms": round(1e3 * float(np.percentile(lat, 99)), 2) if len(lat) else None,
               "error_types": sorted({e[4] for e in failed})}
     if _MODE.value == "soak":
-        rss = [(t, m) for t, m in samples if t >= _SETTLE.value]
+        rss = [(t, m) for t, m in samples if t >= (10.0 if _SETTLE.value is None else _SETTLE.value)]
         if len(rss) >= 2:
             t = np.asarray([x[0] for x in rss])
             m = np.asarray([x[1] for x in rss])
