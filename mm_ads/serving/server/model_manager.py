@@ -10,7 +10,8 @@ Version policy: serve the largest complete version that loads (TF Serving's defa
 `ModelManager.poll()` loads a new target version off the request path — `tf.saved_model.load`, then
 warm-up calls of every signature — and only then swaps one reference. A request takes that reference
 once (`ModelManager.get()`), so in-flight requests finish on the version they started with, and the old
-version is freed when its last request drops it. A version that fails to load or to warm up is logged,
+version is freed when its last request drops it; the next poll then gives the C heap's free pages back to the
+system (`release_free_memory`, glibc's `malloc_trim`). A version that fails to load or to warm up is logged,
 recorded in the status (state END with the error) and skipped until its directory's content changes
 (`dir_fingerprint`: file names, sizes, mtimes) and then stays the same for one poll; the version already loaded
 keeps serving. Given the index table ranking reads (`index_table=`), a version is loaded only if its vector inputs
