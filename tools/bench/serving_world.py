@@ -23,15 +23,11 @@ def build_world(root, num_items, seq_len, vector_dim, variant="simtier", seed=0,
 
     Returns `{"spec", "base", "data_dir", "index_uri", "users"}`.
     """
-    import keras
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mm_ads.config import CTRModelConfig
-    from mm_ads.ctr.model import build_ctr_model
     from mm_ads.data.dataset import Manifest
     from mm_ads.data.spec import FeatureSpec
-    from mm_ads.export.saved_model import export_saved_model
     from mm_ads.serving.index.index_table import open_index_table
     from mm_ads.utils import io as io_utils
 
@@ -39,10 +35,8 @@ def build_world(root, num_items, seq_len, vector_dim, variant="simtier", seed=0,
     spec = FeatureSpec.default(seq_len=seq_len, vector_dim=vector_dim, num_items=num_items,
                                num_categories=num_categories, num_brands=num_brands, num_users=num_users,
                                profile_buckets=(7, 2, 5))
-    keras.utils.set_random_seed(seed)
-    model = build_ctr_model(spec, CTRModelConfig(variant=variant))
     base = os.path.join(root, "export")
-    export_saved_model(model, base, version=1, spec=spec)
+    export_model(spec, base, 1, variant, seed)
     rng = np.random.default_rng(seed)
     ids = np.arange(1, num_items + 1, dtype=np.int64)
     data_dir = os.path.join(root, "data")
@@ -60,6 +54,29 @@ def build_world(root, num_items, seq_len, vector_dim, variant="simtier", seed=0,
         table.put_many(have[start:start + 5000], vecs[start:start + 5000], "bench")
     table.close()
     return {"spec": spec, "base": base, "data_dir": data_dir, "index_uri": index_uri, "num_items": num_items}
+
+
+def export_model(spec, base, version, variant="simtier", seed=0):
+    """Exports a randomly initialised (`seed`) CTR model of `variant` as `<base>/<version>/`; returns its path."""
+    import keras
+
+    from mm_ads.config import CTRModelConfig
+    from mm_ads.ctr.model import build_ctr_model
+    from mm_ads.export.saved_model import export_saved_model
+
+    keras.utils.set_random_seed(seed)
+    model = build_ctr_model(spec, CTRModelConfig(variant=variant))
+    return export_saved_model(model, base, version=version, spec=spec)
+
+
+def server_flag(name, flagfile="configs/serving/server.flags"):
+    """The value (a string) of `--<name>` in the server's flagfile (relative to the repository root)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(repo, flagfile)) as f:
+        for line in f:
+            if line.startswith(f"--{name}="):
+                return line.strip().split("=", 1)[1]
+    raise KeyError(f"--{name} is not set in {flagfile}")
 
 
 def rank_requests(num, num_items, candidates, seq_len, seed=0):
@@ -154,6 +171,18 @@ class RestClient:
 
     def close(self):
         self.conn.close()
+
+
+def rss_mb(pid):
+    """`VmRSS` of process `pid` in MB (NaN when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return float("nan")
+    return float("nan")
 
 
 def machine_info():

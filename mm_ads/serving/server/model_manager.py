@@ -15,8 +15,9 @@ must be finite; a file that cannot be read, more than 1000 records, a record nam
 with inputs that do not fit it fail the load, with the file and the record's index in the error. A version without
 the file (exported before it existed) is warmed up with zero inputs of each signature and each `warmup_batch_sizes`.
 A request takes that reference once (`ModelManager.get()`), so in-flight requests finish on the version they started
-with, and the old version is freed when its last request drops it. A version that fails to load or to warm up is
-logged, recorded in the status (state END with the error) and skipped until its directory's content changes
+with, and the old version is freed when its last request drops it; the next poll then gives the C heap's free pages back
+to the system (`release_free_memory`, glibc's `malloc_trim`). A version that fails to load or to warm up is logged,
+recorded in the status (state END with the error) and skipped until its directory's content changes
 (`dir_fingerprint`: file names, sizes, mtimes) and then stays the same for one poll; the version already loaded
 keeps serving. Given the index table ranking reads (`index_table=`), a version is loaded only if its vector inputs
 take the table's dim and were trained on the table's encoder version (`vector_mismatch`, from the signatures and the
@@ -32,10 +33,14 @@ version directory, or each version directory and why it is not served) and what 
 `<base>/<version>/saved_model.pb`.
 """
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import re
 import threading
 import time
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -350,6 +355,23 @@ def vector_mismatch(path, signature_defs, index_table):
     return None
 
 
+def release_free_memory():
+    """Gives the C heap's free pages back to the system (glibc's `malloc_trim(0)`); False where there is no glibc.
+
+    After a swap the old version's memory is freed into the allocator's arenas, which keep it: in the soak, RSS
+    stayed ~29 MB (3%) higher after one swap.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 class ModelManager:
     """Watches `<base_path>` and serves its latest loadable version (see the module docstring).
 
@@ -363,6 +385,8 @@ class ModelManager:
             exception there rejects the version like a load failure.
         wait_log_interval_s: while no version is served, the watcher logs `waiting_message()` at INFO this
             often (and once at `start()`).
+        release_memory: called once a swapped-out version has been freed (its last request done; checked at each
+            poll after a swap, with a `gc.collect()`): `release_free_memory` by default, None for nothing.
         index_table: the index table ranking reads vectors from (`dim`, `encoder_version`), or None: a version
             whose vector inputs do not match it is refused (`vector_mismatch`), before it is loaded.
         max_decoded_bytes: the bytes a warm-up record's inputs may take once decoded (the server's limit on a
@@ -370,7 +394,8 @@ class ModelManager:
     """
 
     def __init__(self, name, base_path, poll_interval_s=1.0, warmup_batch_sizes=(1,), on_load=None,
-                 wait_log_interval_s=10.0, index_table=None, max_decoded_bytes=None):
+                 wait_log_interval_s=10.0, index_table=None, max_decoded_bytes=None,
+                 release_memory=release_free_memory):
         if wait_log_interval_s <= 0:
             raise ValueError(f"wait_log_interval_s must be > 0, got {wait_log_interval_s}")
         self.name = name
@@ -391,6 +416,10 @@ class ModelManager:
         self._stop = threading.Event()
         self._thread = None
         self.swaps = 0
+        self.release_memory = release_memory
+        self._released = []  # weak references to swapped-out versions not freed yet
+        self.memory_releases = 0
+        self._release_polls = 0
 
     # -- requests ---------------------------------------------------------------------
     def get(self, name, version=None):
@@ -412,6 +441,7 @@ class ModelManager:
     def poll(self):
         """Loads and swaps in the target version if it differs from the served one; True if it swapped."""
         with self._poll_lock:
+            self._release_swapped_out()
             dirs = version_dirs(self.base_path)
             current = self._current
             for version in sorted(dirs, reverse=True):
@@ -435,10 +465,29 @@ class ModelManager:
                     continue
                 self._current = model  # the swap: one reference assignment
                 self.swaps += 1
+                if current is not None:
+                    self._released.append(weakref.ref(current))
                 logging.info("model %s: now serving version %d (%s)%s", self.name, version, path,
                                 f", was {current.version}" if current is not None else "")
                 return True
             return False
+
+    def _release_swapped_out(self):
+        """Once every swapped-out version is freed (in-flight requests done, cycles collected), `release_memory`."""
+        if not self._released:
+            return
+        gc.collect()
+        self._released = [ref for ref in self._released if ref() is not None]
+        self._release_polls += 1
+        if not self._released:
+            self._release_polls = 0
+            self.memory_releases += 1
+            if self.release_memory is not None:
+                self.release_memory()
+        elif self._release_polls >= 60:  # something still holds it: stop collecting every poll
+            logging.warning("model %s: a swapped-out version is still referenced after %d polls; its memory is not "
+                            "released", self.name, self._release_polls)
+            self._released, self._release_polls = [], 0
 
     def _retry(self, version, path, failed, fingerprint):
         """Whether a version that failed (or was refused) is tried again: only once its directory's content changed

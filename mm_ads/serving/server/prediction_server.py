@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+from concurrent import futures
 
 import numpy as np
 import tensorflow as tf
@@ -86,6 +87,10 @@ class ServerConfig:
     max_rest_connections: int = _option(256, "Max open REST connections (one thread each); more are closed at "
                                              "once.")
     grpc_workers: int = _option(8, "gRPC handler threads.")
+    rest_workers: int = _option(
+        8, "Threads that run the model calls of REST requests (at most this many at once). Each REST connection has "
+           "its own thread, which hands its Predict / rank call over to these: a thread that has run the model "
+           "leaves ~2 MB behind when it exits (measured), so short-lived connection threads must not run it.")
     shutdown_grace_s: float = _option(10.0, "How long requests in progress may finish on stop.")
 
     def validate(self):
@@ -94,7 +99,7 @@ class ServerConfig:
         if not self.model_name or "/" in self.model_name or ":" in self.model_name:
             raise ValueError(f"model_name must be a non-empty name without '/' or ':', got {self.model_name!r}")
         for name in ("max_candidates", "max_body_bytes", "max_rest_inflight_bytes", "max_grpc_message_bytes",
-                     "max_decoded_bytes", "max_rest_connections", "grpc_workers"):
+                     "max_decoded_bytes", "max_rest_connections", "grpc_workers", "rest_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_rest_inflight_bytes < self.max_body_bytes:
@@ -176,7 +181,7 @@ class PredictionServer:
                                     config.warmup_batch_sizes, on_load=self._warm_rank,
                                     wait_log_interval_s=config.wait_log_interval_s, index_table=index_table,
                                     max_decoded_bytes=config.max_decoded_bytes)
-        self._grpc = self._grpc_executor = self._rest = None
+        self._grpc = self._grpc_executor = self._rest = self._model_executor = None
         self.grpc_port = self.rest_port = None
         self._stopped = threading.Event()
         self._stopping = False
@@ -204,6 +209,15 @@ class PredictionServer:
         check_finite(inputs)
         self.stats.add(predict_requests=1, predict_rows=batch)
         return model, signature_name, model.predict(inputs, signature_name, check=False)
+
+    def in_model_thread(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` run on one of the `rest_workers` model threads (in the caller's thread when the
+        REST front-end is off). The REST front-end calls the model through it: its connection threads come and go
+        with their connections, and each thread that has run the model leaves ~2 MB behind when it exits."""
+        executor = self._model_executor
+        if executor is None:
+            return fn(*args, **kwargs)
+        return executor.submit(fn, *args, **kwargs).result()
 
     def rank_request(self, request, name=None, version=None):
         """Scores a `RankRequest`; returns a `mm_ads.serving.server.ranking.RankResult` (its `version` tells which)."""
@@ -284,6 +298,8 @@ class PredictionServer:
                     self, c.host, c.grpc_port, c.max_grpc_message_bytes, c.grpc_workers)
                 self._grpc.start()
             if c.rest_port >= 0:
+                self._model_executor = futures.ThreadPoolExecutor(max_workers=c.rest_workers,
+                                                                  thread_name_prefix="rest-model")
                 self._rest = RestServer(self, c.host, c.rest_port, c.max_rest_connections,
                                         c.max_rest_inflight_bytes, c.rest_read_timeout_s).start()
                 self.rest_port = self._rest.server_port
@@ -309,6 +325,9 @@ class PredictionServer:
         if self._rest is not None:
             self._rest.stop()
             self._rest = None
+        if self._model_executor is not None:
+            self._model_executor.shutdown(wait=True)
+            self._model_executor = None
         self._stopping = True  # the Python API too
         self.manager.stop()
         if self._own_index_table and self.index_table is not None:

@@ -217,6 +217,41 @@ def test_rest_bodies_in_flight_are_bounded_over_all_connections(world):
         server.stop()
 
 
+class _ThreadRecordingTable:
+    """An index table that records the name and id of each thread calling `get_many` (the model call's thread)."""
+
+    def __init__(self, table):
+        self.table, self.dim, self.callers = table, table.dim, []
+
+    def get_many(self, ids):
+        thread = threading.current_thread()
+        self.callers.append((thread.name, thread.ident))
+        return self.table.get_many(ids)
+
+
+def test_rest_model_calls_run_on_a_fixed_pool_not_on_the_connection_threads(world):
+    # a thread that has run the model leaves ~2 MB behind when it exits: a client opening a connection per request
+    # grew the server by ~2 MB a request while the short-lived connection threads ran the model
+    table = _ThreadRecordingTable(world["table"])
+    config = _config(world, grpc_port=-1, rest_workers=2)
+    server = PredictionServer(config, table, world["catalogue"], world["spec"]).start()
+    rank = {"candidates": [3, 4], "history": [5], "user_id": 1, "features": {"user_profile_0": 1}}
+    try:
+        table.callers.clear()  # the warm-up ran before the server listened
+        for _ in range(12):  # each on a new connection, so on a new connection thread
+            status, body = _rest(server.rest_port, "POST", "/v1/models/ctr:rank", rank)
+            assert status == 200 and len(body["scores"]) == 2
+        x = {k: v.tolist() for k, v in h.random_batch(world["spec"], 2).items()}
+        status, _ = _rest(server.rest_port, "POST", "/v1/models/ctr:predict", {"inputs": x})
+        assert status == 200
+    finally:
+        server.stop()
+    assert len(table.callers) == 12
+    assert {name.split("_")[0] for name, _ in table.callers} == {"rest-model"}
+    assert len({ident for _, ident in table.callers}) <= 2
+    assert server._model_executor is None  # shut down by stop()
+
+
 # -- 3. deep JSON, NaN and infinities -------------------------------------------------------------------------------
 def test_deeply_nested_json_is_a_400(server):
     for path in ("/v1/models/ctr:predict", "/v1/models/ctr:rank"):

@@ -192,3 +192,20 @@ def test_remove_stale_temporaries_removes_only_unfinished_exports(tmp_path):
     assert remove_stale_temporaries(str(base)) == [".12.x.tmp", ".3.ab_cd.tmp"]
     assert sorted(os.listdir(base)) == sorted([".3.notes", ".4.file.tmp", ".hidden", "1", "2", "3.tmp"])
     assert remove_stale_temporaries(str(tmp_path / "absent")) == []
+
+
+def test_a_swapped_out_version_is_freed_then_its_memory_released(versions, tmp_path):
+    spec, src = versions
+    base = tmp_path / "base"
+    shutil.copytree(os.path.join(src, "1"), base / "1")
+    calls = []
+    manager = ModelManager("ctr", str(base), release_memory=lambda: calls.append(1))
+    assert manager.poll() and manager.current.version == 1
+    in_flight = manager.get("ctr")  # a request still running on version 1
+    shutil.copytree(os.path.join(src, "2"), base / "2")
+    assert manager.poll() and manager.current.version == 2
+    assert not manager.poll() and calls == []  # version 1 is still in use
+    del in_flight
+    assert not manager.poll()
+    assert calls == [1] and manager.memory_releases == 1
+    assert not manager.poll() and calls == [1]  # once per swap
