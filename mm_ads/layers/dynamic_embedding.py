@@ -1,5 +1,6 @@
 """A collision-free embedding table: a hash map from ids to rows of a bounded row pool, with eviction."""
 
+import contextlib
 import math
 
 import keras
@@ -23,6 +24,20 @@ class _Untracked:
 
     def __init__(self, value=None):
         self.value = value
+
+
+_LOCK = []  # the admission lock of the dynamic tables with exclusive updates
+
+
+def admission_lock(device=None):
+    """The one `tf.CriticalSection` that every `DynamicEmbedding` with exclusive updates admits ids under,
+    created on `device` (the first caller's; under ParameterServerStrategy a ps task) and shared by all the
+    tables of the process: a step takes it once per table call, in turn, and never holds two locks. (One lock per
+    table deadlocked the first step of a model with 7 dynamic tables under ParameterServerStrategy.)"""
+    if not _LOCK:
+        with tf.init_scope(), tf.device(device) if device else contextlib.nullcontext():
+            _LOCK.append(tf.CriticalSection(name="dynamic_embedding_admission"))
+    return _LOCK[0]
 
 
 def _shard_rows(rows, num_rows, num_shards):
@@ -80,10 +95,16 @@ class DynamicEmbedding(keras.layers.Layer):
     contents, so TF Serving reads the id → row map of training. The per-row bookkeeping variables are
     non-trainable weights, checkpointed with the model.
 
-    **Distribution**: the map is one host resource that each call mutates, so replicas running in lock-step
-    would race on it. The layer refuses to be built under a strategy with more than one replica or under
-    `ParameterServerStrategy` (a `ValueError` at build). `num_shards > 1` splits the pool into row ranges as
-    `SparseEmbedding` does (same checkpoint key and slices, restorable into any number of shards).
+    **Distribution**: the map is one resource that each training call mutates, so synchronous replicas would race
+    on it in lock-step: the layer refuses to be built under a strategy with more than one replica (a `ValueError`
+    at build). Under `ParameterServerStrategy` the map, the bookkeeping variables (colocated with `row_ids`) and
+    the admission ops of a training call live on one ps task; the pool shards are placed round-robin like
+    `SparseEmbedding`'s. Every worker admits into that one map, and with `exclusive_updates` (default `None`: on
+    under `ParameterServerStrategy`, off otherwise) each training call's admission — look up, pop free rows,
+    insert, update the bookkeeping, write the new rows and reset their slots — runs under one
+    `tf.CriticalSection` (`admission_lock`, shared by the tables of the process), so two concurrent calls never
+    hand one row to two ids. `num_shards > 1` splits the pool into row ranges as `SparseEmbedding` does (same
+    checkpoint key and slices, restorable into any number of shards).
 
     Args:
         capacity: rows of the pool: at most this many ids hold a row at once.
@@ -96,6 +117,8 @@ class DynamicEmbedding(keras.layers.Layer):
         unseen_row: the default row of ids without a row: `"zeros"` or `"learned"`.
         init_stddev: admitted rows start from a normal of this stddev truncated at 2 stddev.
         seed: int mixed into the initial vectors' hash.
+        exclusive_updates: run each training call's admission under `admission_lock()` (concurrent training
+            calls, e.g. the workers of a `ParameterServerStrategy`); `None` = only under that strategy.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -123,6 +146,7 @@ class DynamicEmbedding(keras.layers.Layer):
         unseen_row="zeros",
         init_stddev=0.05,
         seed=0,
+        exclusive_updates=None,
         **kwargs,
     ):
         kwargs["autocast"] = False  # a cast would read all rows every step
@@ -152,18 +176,22 @@ class DynamicEmbedding(keras.layers.Layer):
         self.unseen_row = unseen_row
         self.init_stddev = float(init_stddev)
         self.seed = int(seed)
+        if exclusive_updates not in (None, True, False):
+            raise ValueError(f"exclusive_updates must be None, True or False, got {exclusive_updates!r}")
+        self.exclusive_updates = exclusive_updates
         self.supports_masking = True
         self._optimizer = _Untracked()
+        self._home = None
 
     def build(self, input_shape=None):
         strategy = tf.distribute.get_strategy()
-        if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy) or \
-                strategy.num_replicas_in_sync > 1:
+        parameter_server = isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy)
+        if not parameter_server and strategy.num_replicas_in_sync > 1:
             raise ValueError(
                 f"DynamicEmbedding {self.name!r} cannot be built under {type(strategy).__name__} with "
-                f"{strategy.num_replicas_in_sync} replicas: its id → row map is one host resource mutated by every "
-                "training call. Train it with one replica (the default strategy), and use num_shards to split the "
-                "pool into row ranges")
+                f"{strategy.num_replicas_in_sync} replicas: its id → row map is one resource mutated by every "
+                "training call, which replicas in lock-step would race on. Train it with one replica (the default "
+                "strategy) or with ParameterServerStrategy, and use num_shards to split the pool into row ranges")
         if self.num_shards == 1:
             self.embeddings = self.add_weight(name="embeddings", shape=(self.capacity, self.output_dim),
                                               initializer="zeros", dtype="float32")
@@ -179,20 +207,29 @@ class DynamicEmbedding(keras.layers.Layer):
 
         c = self.capacity
         self.row_ids = state("row_ids", lambda shape, dtype=None: tf.fill(shape, tf.constant(EMPTY_KEY, tf.int64)))
-        self.last_seen = state("last_seen", "zeros")
-        self.frequency = state("frequency", "zeros")
-        # free rows as a stack: free_rows[:num_free], popped from the end; initially rows 0, 1, 2, ... in order
-        self.free_rows = state("free_rows", lambda shape, dtype=None: tf.range(c - 1, -1, -1, dtype=tf.int64))
-        self.num_free = state("num_free", lambda shape, dtype=None: tf.constant(c, tf.int64), shape=())
-        self.calls = state("calls", "zeros", shape=())
+        # under ParameterServerStrategy the bookkeeping, the map and its lock live on row_ids' ps task (the
+        # strategy places variables round-robin; the others are colocated with row_ids)
+        home = self.row_ids.value.device if parameter_server else None
+        self._home = home
+        with strategy.extended.colocate_vars_with(self.row_ids.value) if parameter_server \
+                else contextlib.nullcontext():
+            self.last_seen = state("last_seen", "zeros")
+            self.frequency = state("frequency", "zeros")
+            # free rows as a stack: free_rows[:num_free], popped from the end; initially rows 0, 1, 2, ... in order
+            self.free_rows = state("free_rows", lambda shape, dtype=None: tf.range(c - 1, -1, -1, dtype=tf.int64))
+            self.num_free = state("num_free", lambda shape, dtype=None: tf.constant(c, tf.int64), shape=())
+            self.calls = state("calls", "zeros", shape=())
         self.unseen_embedding = None
         if self.unseen_row == "learned":
             self.unseen_embedding = self.add_weight(name="unseen_embedding", shape=(self.output_dim,),
                                                     initializer="zeros", dtype="float32")
-        with tf.init_scope():  # a resource of the layer, not of whichever graph first builds it
-            self.id_to_row = tf.lookup.experimental.DenseHashTable(
-                key_dtype=tf.int64, value_dtype=tf.int64, default_value=_NO_ROW, empty_key=EMPTY_KEY,
-                deleted_key=DELETED_KEY, name=f"{self.name}_id_to_row")
+        exclusive = parameter_server if self.exclusive_updates is None else self.exclusive_updates
+        with tf.init_scope():  # resources of the layer, not of whichever graph first builds it
+            with tf.device(home) if home else contextlib.nullcontext():
+                self.id_to_row = tf.lookup.experimental.DenseHashTable(
+                    key_dtype=tf.int64, value_dtype=tf.int64, default_value=_NO_ROW, empty_key=EMPTY_KEY,
+                    deleted_key=DELETED_KEY, name=f"{self.name}_id_to_row")
+                self._admission_lock = _Untracked(admission_lock(home) if exclusive else None)
         self.built = True
 
     # ---- SparseTables protocol, optimizer and checkpoint hooks --------------------------------------------------
@@ -407,10 +444,36 @@ class DynamicEmbedding(keras.layers.Layer):
         rows = tf.tensor_scatter_nd_update(rows, tf.where(is_new)[:taken], new_rows)  # [U]
         return tf.gather(rows, position)  # [n]
 
+    def _admit_exclusive(self, ids, valid):
+        """`_admit`, under the layer's `tf.CriticalSection` when it has one (see **Distribution**).
+
+        Every update of the map, the bookkeeping, the pool and the optimizer slots that `_admit` makes happens
+        between taking the lock and releasing it: the rows returned depend on all of them (the critical section
+        only waits for what its result depends on)."""
+        lock = self._admission_lock.value
+        if lock is None:
+            return self._admit(ids, valid)
+
+        def admit():
+            if tf.executing_eagerly():  # ops run one after the other
+                return self._admit(ids, valid)
+            graph = tf.compat.v1.get_default_graph()
+            before = set(graph.get_operations())
+            rows = self._admit(ids, valid)
+            effects = [op for op in graph.get_operations() if op not in before and op._is_stateful]
+            with tf.control_dependencies(effects):
+                return tf.identity(rows)
+
+        return lock.execute(admit, exclusive_resource_access=False)
+
     def call(self, ids, training=False):
         ids = tf.cast(ids, tf.int64)
         flat = tf.reshape(ids, [-1])  # [n]
-        rows = self._admit(flat, self._valid(flat)) if training else self.rows_of(flat)  # [n]
+        if training:
+            with tf.device(self._home) if self._home else contextlib.nullcontext():
+                rows = self._admit_exclusive(flat, self._valid(flat))  # [n]
+        else:
+            rows = self.rows_of(flat)  # [n]
         read = rows >= 0
         positions = tf.where(read)  # [M, 1]
         tables = [v.value for v in self.shards]
@@ -446,6 +509,7 @@ class DynamicEmbedding(keras.layers.Layer):
             "unseen_row": self.unseen_row,
             "init_stddev": self.init_stddev,
             "seed": self.seed,
+            "exclusive_updates": self.exclusive_updates,
         })
         return config
 

@@ -72,6 +72,25 @@ def _check_cluster(name, config):
         raise ValueError("TF_CONFIG has ps tasks: use strategy=parameter_server (multi_worker has no ps)")
 
 
+# inter-op threads of a worker or ps task: at least this many, whatever the host's cores
+MIN_INTER_OP_THREADS = 16
+
+
+def server_config():
+    """The `ConfigProto` of a worker or ps task's server: at least `MIN_INTER_OP_THREADS` inter-op threads.
+
+    A step that admits ids into a `mm_ads.layers.DynamicEmbedding` runs several partitions on the map's ps task
+    (lookup, allocation, insert, pool writes), and the steps of all workers run there at once; with the default
+    pool (one thread per core) they can starve it (measured in a one-process cluster on 2 cores: 3 concurrent
+    steps of one table never finished with the default pool, and finished with 32 threads).
+    """
+    return tf.compat.v1.ConfigProto(inter_op_parallelism_threads=inter_op_threads())
+
+
+def inter_op_threads():
+    return max(MIN_INTER_OP_THREADS, os.cpu_count() or 1)
+
+
 def maybe_serve(name):
     """Under `parameter_server`, a `worker` or `ps` task serves the cluster and never returns.
 
@@ -88,7 +107,8 @@ def maybe_serve(name):
         return
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type,
-                                  task_index=resolver.task_id, protocol=resolver.rpc_layer or "grpc", start=True)
+                                  task_index=resolver.task_id, protocol=resolver.rpc_layer or "grpc",
+                                  config=server_config(), start=True)
     logging.info("%s:%d serving the parameter-server cluster at %s", task["type"], task.get("index", 0),
                  server.target)
     server.join()
@@ -117,6 +137,12 @@ def make_strategy(name, num_devices=1):
                              "tasks serve: call maybe_serve first)")
         # the coordinator learns of a lost worker at once (TF's recommended setting) instead of hanging
         os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
+        # the remote tasks' eager contexts take the coordinator's thread settings (see `server_config`)
+        if tf.config.threading.get_inter_op_parallelism_threads() < inter_op_threads():
+            try:
+                tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads())
+            except RuntimeError as e:  # TF already initialised in this process (e.g. a caller's own setup)
+                logging.warning("Keeping TensorFlow's inter-op threads: %s", e)
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
         logging.info("ParameterServerStrategy: %d workers, %d ps", len(config["cluster"]["worker"]),

@@ -165,9 +165,13 @@ class Trainer:
         self.selection = task.selection_split() if config.early_stopping_patience else "eval"
 
     def _log_placement(self):
-        """Logs where every table shard and sparse-optimizer slot lives (`<path> [rows, E] on <device>`)."""
+        """Logs where every table shard and sparse-optimizer slot lives (`<path> [rows, E] on <device>`), and every
+        lookup table (`<key> (lookup table) on <device>`)."""
         for v in self.sparse_vars + [v for v in self.sparse_opt.variables if len(v.shape) == 2]:
             logging.info("placement: %s %s on %s", v.path, list(v.shape), _as_tf(v).device)
+        for layer in self.model._flatten_layers():  # the id → row maps of dynamic tables
+            for key, table in (layer.lookup_tables() if hasattr(layer, "lookup_tables") else {}).items():
+                logging.info("placement: %s (lookup table) on %s", key, table.resource_handle.device)
 
     @property
     def steps_per_epoch(self):

@@ -302,13 +302,65 @@ def test_keras_file_round_trip_rebuilds_the_map(tmp_path):
 
 def test_config_round_trip_and_argument_errors():
     layer = DynamicEmbedding(capacity=10, output_dim=4, padding_id=None, num_shards=2, evict_after_steps=5,
-                             calls_per_step=2, unseen_row="learned", init_stddev=0.1, seed=4)
+                             calls_per_step=2, unseen_row="learned", init_stddev=0.1, seed=4, exclusive_updates=True)
     assert_config_round_trip(layer)
     for kw, match in [({"capacity": 0}, "capacity"), ({"num_shards": 11}, "num_shards"),
                       ({"evict_after_steps": -1}, "evict_after_steps"), ({"calls_per_step": 0}, "calls_per_step"),
-                      ({"unseen_row": "random"}, "unseen_row")]:
+                      ({"unseen_row": "random"}, "unseen_row"), ({"exclusive_updates": "yes"}, "exclusive_updates")]:
         with pytest.raises(ValueError, match=match):
             DynamicEmbedding(**{"capacity": 10, "output_dim": 4, **kw})
+
+
+def _consistent(layer):
+    """Checks that the map, the rows' ids and the free-row stack of `layer` agree; returns `{id: row}`."""
+    keys, rows = (t.numpy() for t in layer.id_to_row.export())
+    live = (keys != EMPTY_KEY) & (keys != DELETED_KEY)
+    keys, rows = keys[live], rows[live]
+    assert len(set(rows.tolist())) == len(rows), f"{len(rows) - len(set(rows.tolist()))} rows held by two ids"
+    row_ids = layer.row_ids.numpy()
+    occupied = np.flatnonzero(row_ids != EMPTY_KEY)
+    assert sorted(rows.tolist()) == occupied.tolist()
+    np.testing.assert_array_equal(layer.map_keys(tf.constant(row_ids[rows])).numpy(), keys)
+    free = layer.free_rows.numpy()[:layer.num_free.numpy()]
+    assert len(free) + len(occupied) == layer.capacity
+    assert not set(free.tolist()) & set(occupied.tolist()) and len(set(free.tolist())) == len(free)
+    return dict(zip(row_ids[rows].tolist(), rows.tolist()))
+
+
+def test_concurrent_training_calls_under_the_admission_lock_never_share_a_row():
+    """Two threads train one table at once (what the workers of a ParameterServerStrategy do to a map on a ps
+    task): each call's lookup → free-row allocation → insert runs under the admission lock. Without it the same
+    run hands one row to two ids (hundreds, measured) and loses clock ticks."""
+    import threading
+
+    assert _layer()._admission_lock.value is None  # one process: no lock by default
+    layer = _layer(capacity=300, output_dim=4, evict_after_steps=3, exclusive_updates=True)
+    assert layer._admission_lock.value is not None
+
+    @tf.function(input_signature=[tf.TensorSpec([256], tf.int64)])
+    def step(ids):
+        return tf.reduce_sum(layer(ids, training=True))
+
+    traced = {op.type for op in step.get_concrete_function().graph.get_operations()}
+    assert {"MutexLock", "ConsumeMutexLock"} <= traced
+    errors = []
+
+    def train(worker):
+        rng = np.random.default_rng(worker)
+        try:
+            for _ in range(60):  # disjoint ids (even / odd), 5,000 of them through 300 rows: evictions
+                step(tf.constant(rng.integers(1, 2500, 256) * 2 + worker, tf.int64))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=train, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(_consistent(layer)) == 300
+    assert layer.calls.numpy() == 120  # every call of both threads ticked the clock once
 
 
 _TWO_REPLICAS = """
