@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mm_ads.layers.sparse_embedding import UNSEEN_ROWS, mix64, partition_sizes
+from mm_ads.layers.sparse_embedding import UNSEEN_ROWS, mix64, partition_sizes, read_rows
 
 # The two keys `tf.lookup.experimental.DenseHashTable` reserves for its empty and deleted buckets: the two
 # smallest int64 values. The map's keys are `map_keys(ids)` (a bijection), so the ids equal to these two values
@@ -474,19 +474,7 @@ class DynamicEmbedding(keras.layers.Layer):
                 rows = self._admit_exclusive(flat, self._valid(flat))  # [n]
         else:
             rows = self.rows_of(flat)  # [n]
-        read = rows >= 0
-        positions = tf.where(read)  # [M, 1]
-        tables = [v.value for v in self.shards]
-        found = tf.nn.embedding_lookup(tables if len(tables) > 1 else tables[0],
-                                       tf.gather_nd(rows, positions))  # [M, E]
-        out = tf.scatter_nd(positions, found, [tf.size(flat, tf.int64), self.output_dim])  # [n, E]
-        if self.unseen_embedding is not None:
-            unseen = tf.logical_and(tf.logical_not(read), tf.not_equal(flat, self.padding_id)
-                                    if self.padding_id is not None else tf.ones_like(read))  # [n]
-            out += tf.cast(unseen, out.dtype)[:, None] * self.unseen_embedding.value[None, :]
-        out = tf.reshape(out, tf.concat([tf.shape(ids), [self.output_dim]], 0))  # ids.shape + [E]
-        out = tf.ensure_shape(out, ids.shape.concatenate([self.output_dim]))
-        return tf.cast(out, self.compute_dtype)
+        return read_rows(self, ids, flat, rows, rows >= 0)  # -1: no row
 
     def compute_mask(self, ids, mask=None):
         if self.padding_id is None:

@@ -64,6 +64,26 @@ def mix64(ids):
     return xorshift(z, 31)
 
 
+
+def read_rows(layer, ids, flat, rows, read):
+    """The embeddings of `ids` (any shape; `flat` = them as `[n]`) for a table layer (`SparseEmbedding`,
+    `DynamicEmbedding`): position i reads row `rows[i]` of `layer.shards` where `read[i]`, else the default row
+    (zeros, or `layer.unseen_embedding` for ids other than padding). Only the rows read are gathered, from the
+    variables themselves, so the gradient is an `IndexedSlices` of those rows: other ids' rows and padding get no
+    entry at all. Returns `ids.shape + [E]` in the layer's compute dtype."""
+    positions = tf.where(read)  # [M, 1]
+    tables = [v.value for v in layer.shards]  # the tf.Variables: the gather reads only the rows
+    found = tf.nn.embedding_lookup(tables if len(tables) > 1 else tables[0],
+                                   tf.gather_nd(rows, positions))  # [M, E], float32
+    out = tf.scatter_nd(positions, found, [tf.size(flat, tf.int64), layer.output_dim])  # [n, E]
+    if layer.unseen_embedding is not None:
+        unseen = tf.logical_and(tf.logical_not(read), tf.not_equal(flat, layer.padding_id)
+                                if layer.padding_id is not None else tf.ones_like(read))  # [n]
+        out += tf.cast(unseen, out.dtype)[:, None] * layer.unseen_embedding.value[None, :]
+    out = tf.reshape(out, tf.concat([tf.shape(ids), [layer.output_dim]], 0))  # ids.shape + [E]
+    out = tf.ensure_shape(out, ids.shape.concatenate([layer.output_dim]))
+    return tf.cast(out, layer.compute_dtype)
+
 @keras.saving.register_keras_serializable(package="mm_ads")
 class SparseEmbedding(keras.layers.Layer):
     """A large embedding table looked up by int64 ids, with sparse gradients and a default row for unseen ids.
@@ -285,19 +305,7 @@ class SparseEmbedding(keras.layers.Layer):
             # in training with k = 1 that is every id just counted, so the counts need not be read back
             if not (training and self.admit_after == 1):
                 read = tf.logical_and(has_row, tf.gather(self.counts.value, rows) >= self.admit_after)
-        # gather only the rows read: other ids' rows (not admitted) and padding get no gradient entry at all
-        positions = tf.where(read)  # [M, 1]
-        tables = [v.value for v in self.shards]  # the tf.Variables: the gather reads only the rows
-        found = tf.nn.embedding_lookup(tables if len(tables) > 1 else tables[0],
-                                       tf.gather_nd(rows, positions))  # [M, E], float32
-        out = tf.scatter_nd(positions, found, [tf.size(flat, tf.int64), self.output_dim])  # [n, E]
-        if self.unseen_embedding is not None:
-            unseen = tf.logical_and(tf.logical_not(read), tf.not_equal(flat, self.padding_id)
-                                    if self.padding_id is not None else tf.ones_like(read))  # [n]
-            out += tf.cast(unseen, out.dtype)[:, None] * self.unseen_embedding.value[None, :]
-        out = tf.reshape(out, tf.concat([tf.shape(ids), [self.output_dim]], 0))  # ids.shape + [E]
-        out = tf.ensure_shape(out, ids.shape.concatenate([self.output_dim]))
-        return tf.cast(out, self.compute_dtype)
+        return read_rows(self, ids, flat, rows, read)
 
     def compute_mask(self, ids, mask=None):
         if self.padding_id is None:
