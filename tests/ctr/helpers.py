@@ -28,3 +28,18 @@ def restored_predictions(task, cfg, batch=64):
     features, _ = next(iter(task.build_inputs("eval", batch, training=False)))
     x = task.model_inputs(features)
     return x, trainer.model(x, training=False)["ctr"].numpy()
+
+
+def default_layout_inputs(items, categories):
+    """Inputs of a model of `FeatureSpec.default(seq_len=4, ...)` for the target items and categories given: user 3,
+    brand 2, a fixed behaviour sequence (padding first)."""
+    n = len(items)
+    return {
+        "user_id": tf.constant([3] * n, tf.int64),
+        "item_id": tf.constant(items, tf.int64),
+        "category_id": tf.constant(categories, tf.int64),
+        "brand_id": tf.constant([2] * n, tf.int64),
+        "hist_item_id": tf.constant([[0, 1, 2, 3]] * n, tf.int64),
+        "hist_category_id": tf.constant([[0, 1, 1, 2]] * n, tf.int64),
+        "hist_brand_id": tf.constant([[0, 1, 2, 2]] * n, tf.int64),
+    }

@@ -11,6 +11,7 @@ from mm_ads.ctr.model import build_ctr_model
 from mm_ads.data.spec import FeatureSpec
 from mm_ads.export.saved_model import export_saved_model
 from mm_ads.layers.dynamic_embedding import EMPTY_KEY, DynamicEmbedding
+from tests.ctr.helpers import default_layout_inputs
 
 SPEC = FeatureSpec.default(seq_len=4, vector_dim=0, num_items=100, num_categories=5, num_brands=7, num_users=10)
 CFG = dict(embedding_dim=4, mlp_units=(8, 4), attention_units=(6,), activation="relu")
@@ -18,19 +19,6 @@ CFG = dict(embedding_dim=4, mlp_units=(8, 4), attention_units=(6,), activation="
 
 def _tables(model):
     return {layer.name: layer for layer in model.layers if isinstance(layer, DynamicEmbedding)}
-
-
-def _inputs(items, categories):
-    n = len(items)
-    return {
-        "user_id": tf.constant([3] * n, tf.int64),
-        "item_id": tf.constant(items, tf.int64),
-        "category_id": tf.constant(categories, tf.int64),
-        "brand_id": tf.constant([2] * n, tf.int64),
-        "hist_item_id": tf.constant([[0, 1, 2, 3]] * n, tf.int64),
-        "hist_category_id": tf.constant([[0, 1, 1, 2]] * n, tf.int64),
-        "hist_brand_id": tf.constant([[0, 1, 2, 2]] * n, tf.int64),
-    }
 
 
 def test_flags_select_dynamic_tables_and_bad_combinations_are_errors():
@@ -58,12 +46,12 @@ def test_unseen_items_score_with_the_default_row_also_in_the_saved_model(tmp_pat
     tables = _tables(model)
     for i, t in enumerate(tables.values()):  # distinct, non-zero default rows
         t.unseen_embedding.assign(np.linspace(-1, 1, 4) * (i + 1))
-    model(_inputs([4, 5], [1, 3]), training=True)  # items 4, 5 and the history's 1, 2, 3 take 5 of 6 rows
+    model(default_layout_inputs([4, 5], [1, 3]), training=True)  # items 4, 5 and the history's 1, 2, 3 take 5 of 6 rows
     item = tables["emb_item"]
     rows = item.rows_of(tf.constant([1, 2, 3, 4, 5, 50], tf.int64)).numpy()
     assert sorted(rows[:5].tolist()) == [0, 1, 2, 3, 4] and rows[5] == -1
     # 50, 77 and 10**15 never trained (ids of any size are welcome), 4 and 5 have rows
-    x = _inputs([50, 77, 10 ** 15, 4, 5], [1] * 5)
+    x = default_layout_inputs([50, 77, 10 ** 15, 4, 5], [1] * 5)
     np.testing.assert_array_equal(item(x["item_id"]).numpy()[:3], np.tile(item.unseen_embedding.numpy(), (3, 1)))
     expected = model(x, training=False)["ctr"].numpy()
     assert expected[0] == expected[1] == expected[2]

@@ -11,6 +11,7 @@ from mm_ads.ctr.model import build_ctr_model
 from mm_ads.data.readers.taobao_mm import make_spec
 from mm_ads.data.spec import Feature, FeatureSpec
 from mm_ads.layers.sparse_embedding import SparseEmbedding
+from tests.ctr.helpers import default_layout_inputs
 
 SPEC = FeatureSpec.default(seq_len=4, vector_dim=0, num_items=100, num_categories=5, num_brands=7, num_users=10)
 CFG = dict(embedding_dim=4, mlp_units=(8, 4), attention_units=(6,), activation="relu")
@@ -66,19 +67,6 @@ def test_a_config_json_from_before_the_options_describes_the_older_model():
     assert (again.model.id_mapping, again.model.admit_after) == ("auto", 1)
 
 
-def _inputs(items, categories):
-    n = len(items)
-    return {
-        "user_id": tf.constant([3] * n, tf.int64),
-        "item_id": tf.constant(items, tf.int64),
-        "category_id": tf.constant(categories, tf.int64),
-        "brand_id": tf.constant([2] * n, tf.int64),
-        "hist_item_id": tf.constant([[0, 1, 2, 3]] * n, tf.int64),
-        "hist_category_id": tf.constant([[0, 1, 1, 2]] * n, tf.int64),
-        "hist_brand_id": tf.constant([[0, 1, 2, 2]] * n, tf.int64),
-    }
-
-
 def test_unseen_items_score_with_the_default_row_also_in_the_saved_model(tmp_path):
     from mm_ads.export.saved_model import export_saved_model
 
@@ -86,14 +74,14 @@ def test_unseen_items_score_with_the_default_row_also_in_the_saved_model(tmp_pat
     tables = _tables(model)
     for i, t in enumerate(tables.values()):  # distinct, non-zero default rows
         t.unseen_embedding.assign(np.linspace(-1, 1, 4) * (i + 1))
-    train = _inputs([4, 4, 5, 6], [1, 1, 2, 3])
+    train = default_layout_inputs([4, 4, 5, 6], [1, 1, 2, 3])
     model(train, training=True)
     model(train, training=True)  # 4 seen 4 times, 5 and 6 twice: admitted (k=2); 1, 2, 3 from the history too
     item = tables["emb_item"]
     counts = item.counts.numpy().copy()
     assert counts[[1, 2, 3, 4, 5, 6, 50]].tolist() == [8, 8, 8, 4, 2, 2, 0]
     # candidates: 50 and 77 never seen, 500 outside the table, 7 seen never, 4 and 5 admitted
-    x = _inputs([50, 77, 500, 7, 4, 5], [1] * 6)
+    x = default_layout_inputs([50, 77, 500, 7, 4, 5], [1] * 6)
     np.testing.assert_array_equal(item(x["item_id"]).numpy()[:4], np.tile(item.unseen_embedding.numpy(), (4, 1)))
     expected = model(x, training=False)["ctr"].numpy()
     assert expected[0] == expected[1] == expected[2] == expected[3]

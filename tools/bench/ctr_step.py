@@ -202,8 +202,9 @@ class Ours:
 
     kind = "ours"
 
-    def __init__(self, spec, model_config, features, labels, optimizer, batch_size, model_dir):
-        task = InMemoryCTRTask(spec, model_config, features, labels)
+    def __init__(self, spec, model_config, features, labels, optimizer, batch_size, model_dir,
+                 task_class=InMemoryCTRTask):
+        task = task_class(spec, model_config, features, labels)
         config = TrainConfig(sparse_optimizer=optimizer, dense_optimizer="adam", seed=_SEED.value)
         config.validate()
         self.trainer = Trainer(task, config, batch_size, model_dir)

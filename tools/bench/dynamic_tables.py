@@ -45,13 +45,12 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from mm_ads.config import CTRModelConfig, TrainConfig
+from mm_ads.config import CTRModelConfig
 from mm_ads.layers.dynamic_embedding import DynamicEmbedding
 from mm_ads.layers.sparse_embedding import SparseEmbedding
-from mm_ads.training.trainer import Trainer
 from tools.bench import ctr_step  # its flags are defined too; the shared ones below are used here
 from tools.bench import machine as bench_machine
-from tools.bench.ctr_step import InMemoryCTRTask, make_spec, markdown_table, rss_mb, synthetic_batch
+from tools.bench.ctr_step import InMemoryCTRTask, Ours, make_spec, markdown_table, rss_mb, synthetic_batch
 
 _SIZES = flags.DEFINE_list("sizes", ["1000000", "10000000"], "Item ids (rows of the fixed item table - 1).")
 _KINDS = flags.DEFINE_list("kinds", ["fixed", "dynamic", "dynamic_full"], "Configurations to measure.")
@@ -103,29 +102,19 @@ def variable_bytes(variables):
     return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in variables)
 
 
-class Runner:
+class Runner(Ours):
     """One configuration: `Trainer`'s step on the stream; `run(n)` runs n steps with a host sync per step."""
 
     def __init__(self, kind, spec, stream, model_dir):
         features, labels = stream
         model_config = CTRModelConfig(variant="id", embedding_dim=_EMBEDDING_DIM.value,
                                       id_mapping="dense" if kind == "fixed" else "dynamic")
-        task = StreamTask(spec, model_config, features, labels)
-        config = TrainConfig(sparse_optimizer=_OPTIMIZER.value, dense_optimizer="adam", seed=_SEED.value)
-        config.validate()
-        self.trainer = Trainer(task, config, _BATCH_SIZE.value, model_dir)
-        self.model = self.trainer.model
+        super().__init__(spec, model_config, features, labels, _OPTIMIZER.value, _BATCH_SIZE.value, model_dir,
+                         task_class=StreamTask)
+        self.kind = kind
         if kind == "dynamic_full":
             for table in tables_of(self.model):
                 fill_pool(table)
-        self.step_fn = self.trainer._make_train_step()
-        self.iterator = iter(self.trainer._dataset(0, 0))
-
-    def run(self, steps):
-        loss = float("nan")
-        for _ in range(steps):
-            loss = float(self.step_fn(self.iterator))
-        return loss
 
     def memory(self):
         """`{model MB, slots MB, map entries, map MB}`: variables, sparse-optimizer slots, hash maps."""
