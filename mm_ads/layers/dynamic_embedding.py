@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mm_ads.layers.sparse_embedding import UNSEEN_ROWS, mix64, partition_sizes, read_rows
+from mm_ads.layers.sparse_embedding import UNSEEN_ROWS, ShardedRows, mix64, partition_sizes, read_rows
 
 # The two keys `tf.lookup.experimental.DenseHashTable` reserves for its empty and deleted buckets: the two
 # smallest int64 values. The map's keys are `map_keys(ids)` (a bijection), so the ids equal to these two values
@@ -51,7 +51,7 @@ def _shard_rows(rows, num_rows, num_shards):
 
 
 @keras.saving.register_keras_serializable(package="mm_ads")
-class DynamicEmbedding(keras.layers.Layer):
+class DynamicEmbedding(ShardedRows, keras.layers.Layer):
     """A collision-free id table: an id → row hash map over a bounded pool of `capacity` rows, with eviction.
 
     Every admitted id owns one row of the pool; two distinct ids never share a row (a fixed-size hashed table,
@@ -233,20 +233,6 @@ class DynamicEmbedding(keras.layers.Layer):
         self.built = True
 
     # ---- SparseTables protocol, optimizer and checkpoint hooks --------------------------------------------------
-
-    @property
-    def tables(self):
-        return list(self.shards)
-
-    def sparse_tables(self):
-        """`SparseTables`: the pool's variables, updated by row by the sparse optimizer."""
-        return self.tables
-
-    def checkpoint_slices(self):
-        """`SparseTables`: a sharded pool is saved under the key of the unsharded one (`emb_item.embeddings`)."""
-        if self.num_shards <= 1:
-            return None
-        return self.shards[0].path.rsplit("_part_", 1)[0].replace("/", "."), list(self.shards)
 
     def lookup_tables(self):
         """`{checkpoint key: table}`: the id → row map, which `model_checkpoint` saves next to the variables."""
@@ -475,14 +461,6 @@ class DynamicEmbedding(keras.layers.Layer):
         else:
             rows = self.rows_of(flat)  # [n]
         return read_rows(self, ids, flat, rows, rows >= 0)  # -1: no row
-
-    def compute_mask(self, ids, mask=None):
-        if self.padding_id is None:
-            return None
-        return keras.ops.not_equal(keras.ops.cast(ids, "int64"), self.padding_id)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
 
     def get_config(self):
         config = super().get_config()

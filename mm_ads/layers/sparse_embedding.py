@@ -65,6 +65,35 @@ def mix64(ids):
 
 
 
+class ShardedRows:
+    """What the table layers (`SparseEmbedding`, `DynamicEmbedding`) share: rows in `shards` (variables of
+    contiguous row ranges, `num_shards` of them), `SparseTables` for the sparse optimizers and checkpoints, and the
+    padding mask and output shape of an embedding lookup (`padding_id`, `output_dim`)."""
+
+    @property
+    def tables(self):
+        """The table's variables: one, or the `num_shards` shards in row order."""
+        return list(self.shards)
+
+    def sparse_tables(self):
+        """`SparseTables`: the table's variables, updated by row by the sparse optimizer."""
+        return self.tables
+
+    def checkpoint_slices(self):
+        """`SparseTables`: a sharded table is saved under the key of the unsharded one (`emb_item.embeddings`)."""
+        if self.num_shards <= 1:
+            return None
+        return self.shards[0].path.rsplit("_part_", 1)[0].replace("/", "."), list(self.shards)
+
+    def compute_mask(self, ids, mask=None):
+        if self.padding_id is None:
+            return None
+        return keras.ops.not_equal(keras.ops.cast(ids, "int64"), self.padding_id)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.output_dim,)
+
+
 def read_rows(layer, ids, flat, rows, read):
     """The embeddings of `ids` (any shape; `flat` = them as `[n]`) for a table layer (`SparseEmbedding`,
     `DynamicEmbedding`): position i reads row `rows[i]` of `layer.shards` where `read[i]`, else the default row
@@ -85,7 +114,7 @@ def read_rows(layer, ids, flat, rows, read):
     return tf.cast(out, layer.compute_dtype)
 
 @keras.saving.register_keras_serializable(package="mm_ads")
-class SparseEmbedding(keras.layers.Layer):
+class SparseEmbedding(ShardedRows, keras.layers.Layer):
     """A large embedding table looked up by int64 ids, with sparse gradients and a default row for unseen ids.
 
     **Ids to rows** (`id_mapping`), integer arithmetic only (no string hashing):
@@ -247,21 +276,6 @@ class SparseEmbedding(keras.layers.Layer):
                                                     initializer="zeros", dtype="float32")
         self.built = True
 
-    @property
-    def tables(self):
-        """The table's variables: `[embeddings]`, or the `num_shards` shards in row order."""
-        return list(self.shards)
-
-    def sparse_tables(self):
-        """`SparseTables`: the table's variables, updated by row by the sparse optimizer."""
-        return self.tables
-
-    def checkpoint_slices(self):
-        """`SparseTables`: a sharded table is saved under the key of the unsharded one (`emb_item.embeddings`)."""
-        if self.num_shards <= 1:
-            return None
-        return self.shards[0].path.rsplit("_part_", 1)[0].replace("/", "."), list(self.shards)
-
     def bucketize(self, ids):
         """Ids → `(rows, has_row)`: row indices in `[0, num_buckets)` and whether the id has a row at all
         (padding has none; under "dense" neither has an id outside the table, whose row is then 0)."""
@@ -306,14 +320,6 @@ class SparseEmbedding(keras.layers.Layer):
             if not (training and self.admit_after == 1):
                 read = tf.logical_and(has_row, tf.gather(self.counts.value, rows) >= self.admit_after)
         return read_rows(self, ids, flat, rows, read)
-
-    def compute_mask(self, ids, mask=None):
-        if self.padding_id is None:
-            return None
-        return keras.ops.not_equal(keras.ops.cast(ids, "int64"), self.padding_id)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
 
     def get_config(self):
         config = super().get_config()
