@@ -565,8 +565,10 @@ def new_item_table(table3_runs, default_row_off, slice_names):
                 entries = {s: (m.get("slices") or {}).get(name) for s, m in by_seed.items()}
                 if not entries or any(not e or not e.get("num_examples") for e in entries.values()):
                     continue
+                users = [e.get("gauc_num_users") for e in entries.values()]
                 row = {"variant": variant, "default_row": default_row,
-                       "num_examples": next(iter(entries.values()))["num_examples"]}
+                       "num_examples": next(iter(entries.values()))["num_examples"],
+                       "gauc_users": min(users) if None not in users else None}
                 for key in ("auc", "gauc"):
                     values = {s: e.get(key) for s, e in entries.items()}
                     if any(v is None or math.isnan(v) for v in values.values()):
@@ -597,11 +599,13 @@ def new_items_markdown(new_items):
              "day before the impression. Default row on: an id never seen in training reads its table's default "
              "row (`admit_after` ≥ 1, the default); off: `admit_after=0`, it reads its randomly initialised row. "
              "Changes are against id with the default row on, seed by seed. GAUC counts only users with a click "
-             "and a non-click on the slice.", ""]
+             "and a non-click on the slice: with few such users it says little.", ""]
     for name, rows in new_items.items():
         lines += [f"### `{name}` ({rows[0]['num_examples']:,} test examples)", "",
-                  "| variant | default row | AUC | GAUC | AUC vs id | GAUC vs id |", "|---|---|---:|---:|---:|---:|"]
+                  "| variant | default row | AUC | GAUC | users in GAUC (fewest over seeds) | AUC vs id | GAUC vs id |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['variant']} | {r['default_row']} | {cell(r['auc'])} | {cell(r['gauc'])} | "
+                  f"{'—' if r.get('gauc_users') is None else r['gauc_users']} | "
                   f"{cell(r['auc_rel'], True)} | {cell(r['gauc_rel'], True)} |" for r in rows]
         lines.append("")
     return lines

@@ -103,11 +103,11 @@ def test_new_items(smoke):
 
 
 def test_new_item_table_values():
-    def run(new_auc, new_gauc, age_gauc=0.5, n=10):
-        return {"slices": {"new": {"auc": new_auc, "gauc": new_gauc, "num_examples": n},
+    def run(new_auc, new_gauc, age_gauc=0.5, n=10, users=3):
+        return {"slices": {"new": {"auc": new_auc, "gauc": new_gauc, "num_examples": n, "gauc_num_users": users},
                            "age_<1d": {"auc": 0.6, "gauc": age_gauc, "num_examples": 4}}}
 
-    table3 = {"id": {0: run(0.50, 0.60), 1: run(0.60, 0.50)},
+    table3 = {"id": {0: run(0.50, 0.60), 1: run(0.60, 0.50, users=2)},
               "simtier": {0: run(0.55, 0.66), 1: run(0.66, float("nan"))}}
     off = {"id": {0: run(0.40, 0.30), 1: run(0.30, 0.25)}}
     out = paper.new_item_table(table3, off, ("new", "age_<1d", "absent"))
@@ -119,8 +119,10 @@ def test_new_item_table_values():
     assert rows[("id", "off")]["auc"] == pytest.approx((0.35, 0.0707106781))
     assert rows[("id", "off")]["gauc_rel"][0] == pytest.approx(((0.3 - 0.6) / 0.6 + (0.25 - 0.5) / 0.5) / 2)
     assert rows[("id", "on")]["gauc_rel"] is None and rows[("id", "on")]["num_examples"] == 10
+    assert rows[("id", "on")]["gauc_users"] == 2 and rows[("id", "off")]["gauc_users"] == 3
+    assert out["age_<1d"][0]["gauc_users"] is None  # slices of older runs: no user count
     markdown = "\n".join(paper.new_items_markdown(out))
-    assert "### `new` (10 test examples)" in markdown and "| simtier | on | 0.6050 ± 0.0778 | — |" in markdown
+    assert "### `new` (10 test examples)" in markdown and "| simtier | on | 0.6050 ± 0.0778 | — | 3 |" in markdown
     assert paper.new_items_markdown({}) == []
     findings = paper.new_item_findings(out)
     assert findings[0].startswith("New items (`new`, 10 test examples): AUC vs id simtier +10.00% ± 0.00%")
