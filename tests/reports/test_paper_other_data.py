@@ -134,6 +134,8 @@ def test_movielens_world_dir(tmp_path, repo_root):
     assert "Table 2" in open(os.path.join(out, "report.md")).read()
 
 
+# large (~30 s): the report on a Taobao-MM world with its own vectors; the reader is tested in tests/data
+@pytest.mark.large
 def test_taobao_mm_world_dir_with_its_own_vectors(tmp_path, repo_root):
     data = str(tmp_path / "tb_data")
     manifest = prepare_dataset("taobao_mm", str(_taobao_mm(tmp_path / "tb")), data,

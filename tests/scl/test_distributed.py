@@ -33,6 +33,8 @@ def _check(out, tag, trained):
         assert out[f"{tag}_acc1"][0] == pytest.approx(out[f"{tag}_acc1"][1])
 
 
+# large (~22 s): two replicas vs one process (make test-large; CTR's data-parallel equality stays in the default suite)
+@pytest.mark.large
 def test_two_replicas_equal_one(repo_root, tmp_path):
     out = _run(repo_root, tmp_path)
     _check(out, "moco", trained=True)

@@ -95,6 +95,9 @@ def _png(array):
     return buf.getvalue()
 
 
+# large (~11 s): the text smoke above covers the same command-line train, encode and export path; an image
+# encoder's SavedModel taking image bytes is checked in test_pretrained_image_tower
+@pytest.mark.large
 def test_image_smoke_trains_encodes_and_exports(smoke_world, tmp_path, repo_root):
     model_dir = str(tmp_path / "image")
     metrics = _train(repo_root, "smoke_image.flags", smoke_world, model_dir, "--max_steps=6", "--image_widths=4,8")
