@@ -169,7 +169,7 @@ def serialize_examples(columns):
 
     Args:
         columns: ordered `{feature name: (values [n, k], kind)}`, kind "int64", "float32" or "string" (bytes or
-            str values); True / False stand for "float32" / "int64".
+            str values).
 
     Returns:
         A numpy object array of n serialized `tf.train.Example` byte strings.
@@ -182,7 +182,6 @@ def serialize_examples(columns):
     lists = {"float32": (tf.float32, "FloatList", "float_list"), "int64": (tf.int64, "Int64List", "int64_list"),
              "string": (tf.string, "BytesList", "bytes_list")}
     for name, (values, kind) in columns.items():
-        kind = {True: "float32", False: "int64"}.get(kind, kind)
         dtype, *kind = lists[kind]
         values = tf.constant(values, dtype)  # [n, k]
         value_list = tf.io.encode_proto(sizes=tf.fill([n, 1], values.shape[1]), values=[values],
@@ -198,14 +197,6 @@ def serialize_examples(columns):
     examples = tf.io.encode_proto(sizes=one, values=[features[:, None]], field_names=["features"],
                                   message_type="tensorflow.Example")
     return examples.numpy()
-
-
-def check_columns(columns, spec, where):
-    """Checks that `columns` hold every stored feature with the spec's shape and kind; returns the row count.
-
-    See `conform_columns` (this is it without the converted columns; a fallback a feature declares is allowed).
-    """
-    return conform_columns(columns, spec, where)[1]
 
 
 def numpy_dtype(feature):

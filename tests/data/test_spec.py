@@ -86,7 +86,7 @@ def test_serialize_examples_round_trips_through_parse_example():
     ids = rng.integers(-(1 << 62), 1 << 62, (5, 3))
     ids[0, 0] = 0
     labels = rng.random((5, 1)).astype(np.float32)
-    records = serialize_examples({"ids": (ids, False), "label": (labels, True)})
+    records = serialize_examples({"ids": (ids, "int64"), "label": (labels, "float32")})
     parsed = tf.io.parse_example(records, {"ids": tf.io.FixedLenFeature([3], tf.int64),
                                            "label": tf.io.FixedLenFeature([1], tf.float32)})
     np.testing.assert_array_equal(parsed["ids"].numpy(), ids)

@@ -153,6 +153,12 @@ class Signature:
         return batch or 0
 
 
+def _nonfinite_output(outputs):
+    """The name of the first floating-point output with a NaN or an infinity, or None."""
+    return next((k for k, v in outputs.items() if np.issubdtype(v.dtype, np.inexact) and not np.all(np.isfinite(v))),
+                None)
+
+
 def check_finite(inputs):
     """`InvalidArgument` naming the first floating-point input with a NaN or an infinity."""
     for name in sorted(inputs):
@@ -259,10 +265,10 @@ class LoadedModel:
             except (ServingError, tf.errors.InvalidArgumentError) as e:
                 message = e.message if isinstance(e, tf.errors.OpError) else str(e)
                 raise ValueError(f"warm-up file {path}: record {index} (signature {name!r}): {message}") from None
-            for k, v in out.items():
-                if np.issubdtype(v.dtype, np.inexact) and not np.all(np.isfinite(v)):
-                    raise ValueError(f"warm-up file {path}: record {index} (signature {name!r}): output {k!r} is "
-                                     "not finite")
+            bad = _nonfinite_output(out)
+            if bad:
+                raise ValueError(f"warm-up file {path}: record {index} (signature {name!r}): output {bad!r} is "
+                                 "not finite")
         return len(logs)
 
     def warmup_zeros(self, batch_sizes=(1,)):
@@ -278,9 +284,9 @@ class LoadedModel:
                          for k, s in sig.inputs.items()}
                 out = self.predict(zeros, sig.name)
                 calls += 1
-                for k, v in out.items():
-                    if np.issubdtype(v.dtype, np.inexact) and not np.all(np.isfinite(v)):
-                        raise ValueError(f"warm-up of signature {sig.name!r}: output {k!r} is not finite")
+                bad = _nonfinite_output(out)
+                if bad:
+                    raise ValueError(f"warm-up of signature {sig.name!r}: output {bad!r} is not finite")
         return calls
 
 
