@@ -19,7 +19,7 @@ SIMTIER_VARIANTS = ("simtier", "simtier_make")
 # options that only the SimTier variants read
 SIMTIER_FIELDS = ("num_tiers", "tier_calibration", "tier_boundaries", "tier_transform")
 # options of the id embedding tables: MAKE alone (`make_only`) has none
-ID_TABLE_FIELDS = ("id_mapping", "admit_after", "unseen_row")
+ID_TABLE_FIELDS = ("id_mapping", "admit_after", "unseen_row", "cold_item_rate")
 ACTIVATIONS = ("relu", "prelu", "dice", "sigmoid", "gelu")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
@@ -115,6 +115,13 @@ class CTRModelConfig:
             (every id with a row reads it, trained or not). The counts are checkpointed and exported.
         unseen_row: the default row of ids without an admitted row: "zeros" or "learned" (one trained vector per
             table, initialised to zeros).
+        cold_item_rate: new-item training (`mm_ads.layers.ColdItems`): the share of training examples whose
+            target item is treated as one never seen: its id embedding reads the item table's default row, MAKE's
+            outputs are replaced by zeros, and a "cold" flag input of the MLP is 1. At evaluation and serving
+            exactly the target items without an admitted row of the item table (new items) take that path, so the
+            model has learned how to score them instead of trusting MAKE's outputs on vectors it never trained
+            on. 0 = off (the model of earlier releases). Needs `admit_after >= 1` or `id_mapping="dynamic"`: the
+            table must know which ids it has seen.
         table_capacity: with `id_mapping="dynamic"`, the rows of each table's pool (the most ids that hold a row
             at once); 0 = the table's rows in the FeatureSpec.
         evict_after_steps: with `id_mapping="dynamic"`, the training steps without a lookup after which an id
@@ -140,6 +147,7 @@ class CTRModelConfig:
     id_mapping: str = "auto"
     admit_after: int = 1
     unseen_row: str = "zeros"
+    cold_item_rate: float = 0.0
     table_capacity: int = 0
     evict_after_steps: int = 0
 
@@ -172,6 +180,10 @@ class CTRModelConfig:
         _check(self.admit_after >= 0, f"model.admit_after must be >= 0, got {self.admit_after}")
         _check(self.unseen_row in UNSEEN_ROWS,
                f"model.unseen_row must be one of {UNSEEN_ROWS}, got {self.unseen_row!r}")
+        _check(0.0 <= self.cold_item_rate < 1.0, f"model.cold_item_rate must be in [0, 1), got {self.cold_item_rate}")
+        _check(not self.cold_item_rate or self.admit_after >= 1 or self.id_mapping == "dynamic",
+               f"model.cold_item_rate={self.cold_item_rate} needs the item table to know which ids it has seen: "
+               "admit_after >= 1 or id_mapping='dynamic' (got admit_after=0)")
         _check(self.table_capacity >= 0, f"model.table_capacity must be >= 0, got {self.table_capacity}")
         _check(self.evict_after_steps >= 0, f"model.evict_after_steps must be >= 0, got {self.evict_after_steps}")
         _check(self.id_mapping != "dynamic" or self.admit_after <= 1,

@@ -43,6 +43,7 @@ import keras
 
 from mm_ads.config import MAKE_VARIANTS
 from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR, missing_flag_name
+from mm_ads.layers.cold_items import ColdItems
 from mm_ads.layers.din_attention import DINAttention
 from mm_ads.layers.dynamic_embedding import dynamic_tables
 from mm_ads.layers.make import MAKE
@@ -201,15 +202,25 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
 
     hist_item = pairs[0][0].name
     mask = padding_mask(hist_item)  # [B, S]
-    query = keras.ops.concatenate([embed(t.name) for _, t in pairs], axis=-1)  # [B, E·k]
+    target, cold = {}, None  # the target's embeddings [B, E] by feature; the cold flag [B, 1]
+    if config.cold_item_rate:
+        # new-item training: drawn training examples, and at serving the items without an admitted row, read the
+        # item table's default row and take the cold path (a flag for the MLP, no MAKE outputs)
+        item = _target_item_feature(spec, pairs)
+        drawn = ColdItems(config.cold_item_rate, name="cold_items")(ids(item))  # [B]
+        target[item], admitted = tables[spec[item].embedding_table](ids(item), force_default=drawn,
+                                                                      return_admitted=True)
+        cold = keras.ops.expand_dims(keras.ops.cast(keras.ops.logical_not(admitted), "float32"), -1)  # [B, 1]
+    target.update({t.name: embed(t.name) for _, t in pairs if t.name not in target})
+    query = keras.ops.concatenate([target[t.name] for _, t in pairs], axis=-1)  # [B, E·k]
     keys = keras.ops.concatenate([embed(h.name) for h, _ in pairs], axis=-1)  # [B, S, E·k]
     paired = {t.name for _, t in pairs}
     other_item = [encode(f) for f in spec.by_role("item") if f.name not in paired and f.name in inputs]
     user = [encode(f) for f in spec.by_role("user") + spec.by_role("context") + unpaired if f.name in inputs]
 
-    parts = {"query": query, "keys": keys, "mask": mask}
+    parts = {"query": query, "keys": keys, "mask": mask, "cold": cold}
     side = None
-    mlp_inputs = []
+    mlp_inputs = [] if cold is None else [cold]
     if variant != "id":
         target_vec, hist_vec = inputs[ITEM_VECTOR], inputs[HIST_ITEM_VECTOR]
         hist_has_vec = keras.ops.logical_and(mask, keras.ops.equal(inputs[missing_flag_name(HIST_ITEM_VECTOR)], 0.0))
@@ -259,7 +270,21 @@ def _make_features(config, inputs, parts):
     """MAKE's knowledge for the ID model's MLP: [v_MAKE [B, 2D], hidden_1 [B, H1], ..., logit [B, 1]]."""
     out = _make_layer(config)(parts["target_vector"], parts["history_vector"], mask=parts["history_has_vector"],
                               target_missing=inputs[missing_flag_name(ITEM_VECTOR)])
-    return [out["v_make"]] + list(out["hidden"]) + [out["logit"]]
+    features = [out["v_make"]] + list(out["hidden"]) + [out["logit"]]
+    if parts.get("cold") is not None:  # a new item: MAKE's outputs on a vector it never trained on are not used
+        features = [f * (1.0 - parts["cold"]) for f in features]
+    return features
+
+
+def _target_item_feature(spec, pairs):
+    """The target item's id feature (whose table decides which items are new): the vectors' source, else the
+    target feature of DIN's first (history, target) pair."""
+    paired = [t.name for _, t in pairs]
+    name = spec[ITEM_VECTOR].source if ITEM_VECTOR in spec else paired[0]
+    if name not in paired:
+        raise ValueError(f"cold_item_rate: the item feature {name!r} (source of {ITEM_VECTOR!r}) is not a target "
+                         f"feature of DIN's behaviour sequence ({paired})")
+    return name
 
 
 def _build_make_only(spec, config, inputs, name):

@@ -12,8 +12,10 @@
 - `MaskedPooling`: mean or sum of a list of embeddings (tags, id sequences), padding excluded.
 - `NumericEncoding`: numeric features standardised (mean/std) or bucketised by boundaries.
 - `DynamicEmbedding`: collision-free id table (an id → row hash map over a bounded row pool, with eviction).
+- `ColdItems`: new-item training: the training examples whose target item is treated as never seen.
 """
 
+from mm_ads.layers.cold_items import ColdItems
 from mm_ads.layers.dice import Dice
 from mm_ads.layers.din_attention import DINAttention
 from mm_ads.layers.dynamic_embedding import DynamicEmbedding
@@ -27,6 +29,7 @@ from mm_ads.layers.sparse_embedding import SparseEmbedding
 from mm_ads.layers.string_hashing import StringHashing
 
 __all__ = [
+    "ColdItems",
     "DINAttention",
     "Dice",
     "DynamicEmbedding",

@@ -124,9 +124,14 @@ class DynamicEmbedding(ShardedRows, keras.layers.Layer):
     Call arguments:
         ids: int tensor of any shape, e.g. `[B]` or `[B, S]`.
         training: whether the call trains (admits new ids, advances the clock, may evict).
+        force_default: optional bool tensor of `ids.shape`: positions that read the default row in this call
+            (no gradient reaches their rows); `mm_ads.layers.ColdItems` draws them for new-item training.
+        return_admitted: also return which positions read their own row (bool, `ids.shape`): false for ids
+            without an admitted row (new ones at serving time), padding and `force_default` positions.
 
     Returns:
-        Embeddings of shape `ids.shape + [E]` in the layer's compute dtype.
+        Embeddings of shape `ids.shape + [E]` in the layer's compute dtype; with `return_admitted`, the tuple
+        `(embeddings, admitted)`.
 
     Example:
 
@@ -452,7 +457,7 @@ class DynamicEmbedding(ShardedRows, keras.layers.Layer):
 
         return lock.execute(admit, exclusive_resource_access=False)
 
-    def call(self, ids, training=False):
+    def call(self, ids, training=False, force_default=None, return_admitted=False):
         ids = tf.cast(ids, tf.int64)
         flat = tf.reshape(ids, [-1])  # [n]
         if training:
@@ -460,7 +465,7 @@ class DynamicEmbedding(ShardedRows, keras.layers.Layer):
                 rows = self._admit_exclusive(flat, self._valid(flat))  # [n]
         else:
             rows = self.rows_of(flat)  # [n]
-        return read_rows(self, ids, flat, rows, rows >= 0)  # -1: no row
+        return read_rows(self, ids, flat, rows, rows >= 0, force_default, return_admitted)  # -1: no row
 
     def get_config(self):
         config = super().get_config()

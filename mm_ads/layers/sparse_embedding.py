@@ -93,13 +93,23 @@ class ShardedRows:
     def compute_output_shape(self, input_shape):
         return tuple(input_shape) + (self.output_dim,)
 
+    def compute_output_spec(self, ids, training=False, force_default=None, return_admitted=False):
+        out = keras.KerasTensor(self.compute_output_shape(ids.shape), dtype=self.compute_dtype)
+        return (out, keras.KerasTensor(ids.shape, dtype="bool")) if return_admitted else out
 
-def read_rows(layer, ids, flat, rows, read):
+
+def read_rows(layer, ids, flat, rows, read, force_default=None, return_admitted=False):
     """The embeddings of `ids` (any shape; `flat` = them as `[n]`) for a table layer (`SparseEmbedding`,
     `DynamicEmbedding`): position i reads row `rows[i]` of `layer.shards` where `read[i]`, else the default row
     (zeros, or `layer.unseen_embedding` for ids other than padding). Only the rows read are gathered, from the
     variables themselves, so the gradient is an `IndexedSlices` of those rows: other ids' rows and padding get no
-    entry at all. Returns `ids.shape + [E]` in the layer's compute dtype."""
+    entry at all. Returns `ids.shape + [E]` in the layer's compute dtype.
+
+    `force_default` (bool, `ids.shape`): positions that read the default row in this call whatever their row
+    (`mm_ads.layers.ColdItems`' new-item training). With `return_admitted`, returns `(embeddings, admitted)`,
+    `admitted` (bool, `ids.shape`) saying which positions read their own row."""
+    if force_default is not None:
+        read = tf.logical_and(read, tf.logical_not(tf.reshape(tf.cast(force_default, tf.bool), [-1])))
     positions = tf.where(read)  # [M, 1]
     tables = [v.value for v in layer.shards]  # the tf.Variables: the gather reads only the rows
     found = tf.nn.embedding_lookup(tables if len(tables) > 1 else tables[0],
@@ -111,7 +121,10 @@ def read_rows(layer, ids, flat, rows, read):
         out += tf.cast(unseen, out.dtype)[:, None] * layer.unseen_embedding.value[None, :]
     out = tf.reshape(out, tf.concat([tf.shape(ids), [layer.output_dim]], 0))  # ids.shape + [E]
     out = tf.ensure_shape(out, ids.shape.concatenate([layer.output_dim]))
-    return tf.cast(out, layer.compute_dtype)
+    out = tf.cast(out, layer.compute_dtype)
+    if return_admitted:
+        return out, tf.ensure_shape(tf.reshape(read, tf.shape(ids)), ids.shape)
+    return out
 
 @keras.saving.register_keras_serializable(package="mm_ads")
 class SparseEmbedding(ShardedRows, keras.layers.Layer):
@@ -190,9 +203,14 @@ class SparseEmbedding(ShardedRows, keras.layers.Layer):
     Call arguments:
         ids: int tensor of any shape, e.g. `[B]` or `[B, S]`.
         training: whether the call trains (counts the ids when `admit_after > 0`).
+        force_default: optional bool tensor of `ids.shape`: positions that read the default row in this call
+            (no gradient reaches their rows); `mm_ads.layers.ColdItems` draws them for new-item training.
+        return_admitted: also return which positions read their own row (bool, `ids.shape`): false for ids
+            without an admitted row (new ones at serving time), padding and `force_default` positions.
 
     Returns:
-        Embeddings of shape `ids.shape + [E]` in the layer's compute dtype.
+        Embeddings of shape `ids.shape + [E]` in the layer's compute dtype; with `return_admitted`, the tuple
+        `(embeddings, admitted)`.
 
     Example:
 
@@ -307,7 +325,7 @@ class SparseEmbedding(ShardedRows, keras.layers.Layer):
         # a scatter-add sums duplicate indices itself: no tf.unique on the training step's path
         self.counts.value.scatter_add(tf.IndexedSlices(tf.ones_like(counted), counted))
 
-    def call(self, ids, training=False):
+    def call(self, ids, training=False, force_default=None, return_admitted=False):
         ids = tf.cast(ids, tf.int64)
         flat = tf.reshape(ids, [-1])  # [n]
         rows, has_row = self.bucketize(flat)
@@ -319,7 +337,7 @@ class SparseEmbedding(ShardedRows, keras.layers.Layer):
             # in training with k = 1 that is every id just counted, so the counts need not be read back
             if not (training and self.admit_after == 1):
                 read = tf.logical_and(has_row, tf.gather(self.counts.value, rows) >= self.admit_after)
-        return read_rows(self, ids, flat, rows, read)
+        return read_rows(self, ids, flat, rows, read, force_default, return_admitted)
 
     def get_config(self):
         config = super().get_config()

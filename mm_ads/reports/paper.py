@@ -433,8 +433,10 @@ class PaperRunner:
                 model_dir = os.path.join(self.out, "default_row_off", variant, f"seed{seed}")
                 if variant in config_lib.MAKE_VARIANTS and "make" in table3_runs:
                     self._share_make_pretraining(os.path.join(self.out, "ctr", "make", f"seed{seed}"), model_dir,
-                                                 self.encoder_row, variant=variant, admit_after=0)
-                runs.setdefault(variant, {})[seed] = self.ctr(variant, seed, model_dir, admit_after=0)
+                                                 self.encoder_row, variant=variant, admit_after=0, cold_item_rate=0)
+                # no admission counts: no new-item path either (it needs them)
+                runs.setdefault(variant, {})[seed] = self.ctr(variant, seed, model_dir, admit_after=0,
+                                                              cold_item_rate=0)
         return runs
 
     def run_new_items(self, table3_runs, default_row_off):

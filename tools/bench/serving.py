@@ -27,6 +27,8 @@ threads of this process. Modes, each timed with `--concurrency` client threads:
   vectors from the index table and item features from the catalogue.
 * **grpc_rank_nocache** — the same against a second server process started with `--vector_cache_items=0`
   (every request asks the SQLite index table).
+* **grpc_rank_2proc** (not in the default `--modes`) — `grpc_rank` against two server processes of the same flags,
+  client thread i calling process i % 2 (the "several server processes" lever; serving CPU sums both).
 * **rest_rank** — `POST /v1/models/ctr:rank` (JSON ids), keep-alive `http.client` connections.
 * **rest_predict** (`--rest_predict`) — `POST :predict` with the full inputs as JSON (~10 MB of text).
 
@@ -239,6 +241,9 @@ def main(argv):
         proc, ports = start_server(world, extra=threads)
         proc_nocache, ports_nocache = (start_server(world, extra=threads + ["--vector_cache_items=0"])
                                        if "grpc_rank_nocache" in modes else (None, None))
+        # grpc_rank_2proc: a second server process of the same flags; client thread i calls process i % 2
+        proc_second, ports_second = (start_server(world, extra=threads) if "grpc_rank_2proc" in modes
+                                     else (None, None))
         try:
             grpc_predict = [GrpcClient.request(x) for x in full_inputs]
             grpc_rank = [GrpcClient.request(
@@ -268,6 +273,9 @@ def main(argv):
                         return lambda: user_fn(**nxt(user_tensors))["ctr"].numpy()
                     if mode == "rank_inproc":
                         return lambda: inproc.rank(model, nxt(rank_objects), count=False)
+                    if mode == "grpc_rank_2proc":
+                        client = GrpcClient((ports, ports_second)[i % 2]["grpc_port"])
+                        return lambda: client.call(nxt(grpc_rank))
                     if mode in ("grpc_predict", "grpc_rank", "grpc_rank_nocache"):
                         client = GrpcClient((ports_nocache if mode == "grpc_rank_nocache" else ports)["grpc_port"])
                         items = grpc_predict if mode == "grpc_predict" else grpc_rank
@@ -284,14 +292,19 @@ def main(argv):
                     for mode in modes:
                         server = {"grpc_rank_nocache": proc_nocache}.get(mode, proc) if mode not in (
                             "matmul_floor", "bare", "bare_user", "rank_inproc") else None
-                        cpu0 = process_cpu_s(), process_cpu_s(server.pid) if server else 0.0
+                        servers = [server] + ([proc_second] if mode == "grpc_rank_2proc" else []) if server else []
+
+                        def server_cpu(servers=servers):
+                            return sum(process_cpu_s(p.pid) for p in servers)
+
+                        cpu0 = process_cpu_s(), server_cpu()
                         lat, elapsed = run_threads(make(mode), c, _SECONDS.value, _WARMUP.value)
                         s = summarize(lat, elapsed)
                         # CPU per request (the warm-up requests included) of the process that serves (this one
                         # for the in-process modes) and of the clients (this process, for the server modes)
                         requests = s["n"] + c * _WARMUP.value
                         own = 1e3 * (process_cpu_s() - cpu0[0]) / requests
-                        s["serve_cpu_ms"] = 1e3 * (process_cpu_s(server.pid) - cpu0[1]) / requests if server else own
+                        s["serve_cpu_ms"] = 1e3 * (server_cpu() - cpu0[1]) / requests if server else own
                         s["client_cpu_ms"] = own if server else 0.0
                         results.setdefault((mode, c), []).append(s)
                         print(f"  repeat {rep} c={c} {mode:13s} p50 {s['p50_ms']:7.2f} ms  p99 {s['p99_ms']:7.2f} ms"
@@ -299,8 +312,9 @@ def main(argv):
                               f"{s['client_cpu_ms']:.2f} ms  (n={s['n']})", flush=True)
         finally:
             stop_server(proc)
-            if proc_nocache is not None:
-                stop_server(proc_nocache)
+            for extra_proc in (proc_nocache, proc_second):
+                if extra_proc is not None:
+                    stop_server(extra_proc)
             table.close()
     print()
     # the ids-only ranking modes call `user_candidates`: their baseline is bare_user; the others' is bare
@@ -319,7 +333,7 @@ def main(argv):
             med[m]["best_p50_ms"] = min(r["p50_ms"] for r in runs[m])
             med[m]["best_rps"] = max(r["rps"] for r in runs[m])
         for m in modes:
-            base = ("bare_user" if m.endswith("_rank") or m.endswith("_nocache") or m in ("rank_inproc", "matmul_floor")
+            base = ("bare_user" if "_rank" in m or m in ("rank_inproc", "matmul_floor")
                     else "bare")
             r, b = med[m], med.get(base)
             ratios = [f"{r[k] / b[k]:.2f}" if b and m != base else "—"
