@@ -4,9 +4,10 @@ Builds the served world of `tools/bench/serving.py` (a `simtier` model of the de
 index table), starts the server as its own process with `configs/serving/server.flags`, keeps it busy with
 `--concurrency` threads of gRPC `rank` calls (200 candidates, S=50, D=128), and after `--warmup_s` records the
 server with Linux `perf record -F <hz> -g` for `--seconds`. It prints the requests answered meanwhile and
-`perf report --sort dso`: the share of samples in oneDNN's JIT kernels (`[JIT]`), TF's kernels and executor
-(`libtensorflow_cc`, `libtensorflow_framework`), the Python interpreter, numpy, gRPC, protobuf, libc and the
-kernel. Needs `perf` (linux-tools) and a `perf_event_paranoid` that allows profiling your own processes.
+`perf report --sort dso` and `--sort sym` (the `--top` rows of each): the share of samples in oneDNN's JIT kernels
+(`[JIT]`), TF's kernels and executor (`libtensorflow_cc`, `libtensorflow_framework`), the Python interpreter,
+numpy, gRPC, protobuf, libc and the kernel. Needs `perf` (linux-tools) and a `perf_event_paranoid` setting that
+allows profiling your own processes.
 
 ```
 python -m tools.bench.serving_profile                      # ~1 minute
@@ -83,15 +84,16 @@ def main(argv):
                 raise RuntimeError(f"perf record failed ({rec.returncode}): {rec.stderr.strip()[-500:]}")
         finally:
             stop_server(proc)
-        report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso", "--stdio", "-g",
-                                 "none"], capture_output=True, text=True, check=True).stdout
-        rows = [line.strip() for line in report.splitlines() if line.strip() and not line.startswith("#")]
         print(f"\n{during} rank requests answered in the {_SECONDS.value:g} s recorded "
-              f"({during / _SECONDS.value:.0f} req/s)\n")
-        print("| share of the server's samples | shared object |\n|---:|---|")
-        for row in rows[:_TOP.value]:
-            share, dso = row.split(None, 1)
-            print(f"| {share} | {dso} |")
+              f"({during / _SECONDS.value:.0f} req/s)")
+        for sort, title in (("dso", "shared object"), ("sym", "symbol")):
+            report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", sort, "--stdio", "-g",
+                                     "none"], capture_output=True, text=True, check=True).stdout
+            rows = [line.strip() for line in report.splitlines() if line.strip() and not line.startswith("#")]
+            print(f"\n| share of the server's samples | {title} |\n|---:|---|")
+            for row in rows[:_TOP.value]:
+                share, name = row.split(None, 1)
+                print(f"| {share} | {name[:120]} |")
         print({"load_after": machine_info()["load"]})
     finally:
         shutil.rmtree(root, ignore_errors=True)
