@@ -88,8 +88,9 @@ _BIG_ROWS = flags.DEFINE_integer("big_rows", 10_000_000, "Rows of the large item
 _SMALL_ROWS = flags.DEFINE_integer("small_rows", 100_000, "Rows of the small item table.")
 _SKIP_STOCK = flags.DEFINE_bool("skip_stock", False, "Measure only our train step.")
 _STOCK_BIG_STEPS = flags.DEFINE_integer(
-    "stock_big_steps", 3, "Warm-up and timed steps of the stock baseline at --big_rows (its step takes seconds: "
-    "the dense table read and update dominate, so a few steps suffice and keep the run short).")
+    "stock_big_steps", 3, "Warm-up and timed steps of the stock baseline (and of DeepCTR as shipped, with "
+    "--peer=deepctr) at --big_rows (its step takes seconds: the dense table read and update dominate, so a few "
+    "steps suffice and keep the run short).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 50, "Behaviour-sequence length S.")
 _EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", 16, "Width of every id embedding.")
