@@ -13,7 +13,7 @@ EFFNET_VERSION := 0.1.0
 
 SEEDS ?= 1 2 3 4
 
-.PHONY: setup demo paper test test-large test-seeds lint bench clean table2
+.PHONY: setup demo paper test test-large test-seeds lint bench clean table2 bench-peer-venv
 
 $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +49,13 @@ test-seeds: setup
 test-large: setup
 	$(PY) -m pytest -q --run_large $(PYTEST_ARGS)
 
+# the DeepCTR peer of tools.bench.ctr_step (--peer=deepctr): its own venv .venv-deepctr/ with deepctr + tf_keras
+# only, reusing this venv's TensorFlow (tools/bench/deepctr_peer.py); never a dependency of the package
+bench-peer-venv: setup
+	$(PY) -m tools.bench.deepctr_peer --setup
+
 lint: setup
 	$(VENV)/bin/ruff check mm_ads tests tools
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) .venv-deepctr runs build *.egg-info

@@ -36,11 +36,23 @@ counts the FLOPs of the traced train step's graph (registered ops only) as a cro
 Memory: `VmRSS` before and after building each configuration (model + optimizer slots), and the peak
 (`VmHWM`, reset through `/proc/self/clear_refs`) during its warm-up steps.
 
+With `--peer=deepctr` (off by default) the `id` variant also times **DeepCTR's DIN** (`deepctr.models.DIN`, the
+usual open-source implementation) on the same batch, in two configurations: `deepctr_shipped` (its default
+`l2(1e-6)` embedding regulariser, whose gradient is dense) and `deepctr_tuned` (no embedding regulariser at all:
+row-sparse table gradients). DeepCTR needs tf_keras, so each configuration runs in a worker process of its own
+venv (`tools/bench/deepctr_peer.py`, `tools/bench/deepctr_worker.py`; create it once with
+`python -m tools.bench.deepctr_peer --setup`), fed this process's batch through an `.npz` and driven over a pipe:
+its timed steps are interleaved with ours and stock's like every other configuration (the parent times each
+request; the worker runs `model.fit(steps_per_epoch=n)`, as stock does). Its memory columns are the worker
+process's own. Its shapes: the same tables (user, item, category, brand; histories share the item / category /
+brand tables), E, S, attention 80-40 and MLP 200-80 with PReLU, Adagrad at the same learning rate.
+
 Run from the repository root (~5–8 minutes at the defaults on 2 cores):
 
 ```
 python -m tools.bench.ctr_step
 python -m tools.bench.ctr_step --variants=simtier --optimizer=adam --skip_stock
+python -m tools.bench.ctr_step --variants=id --peer=deepctr --repeats=3 --steps=20   # + DeepCTR DIN
 ```
 """
 
@@ -63,6 +75,7 @@ from mm_ads.layers.mlp import MLP
 from mm_ads.layers.sim_tier import SimTier
 from mm_ads.training.task import Task
 from mm_ads.training.trainer import Trainer
+from tools.bench import deepctr_peer
 from tools.bench import machine as bench_machine
 
 _VARIANTS = flags.DEFINE_list("variants", ["id", "simtier"], "CTR variants to measure (id, simtier).")
@@ -75,8 +88,9 @@ _BIG_ROWS = flags.DEFINE_integer("big_rows", 10_000_000, "Rows of the large item
 _SMALL_ROWS = flags.DEFINE_integer("small_rows", 100_000, "Rows of the small item table.")
 _SKIP_STOCK = flags.DEFINE_bool("skip_stock", False, "Measure only our train step.")
 _STOCK_BIG_STEPS = flags.DEFINE_integer(
-    "stock_big_steps", 3, "Warm-up and timed steps of the stock baseline at --big_rows (its step takes seconds: "
-    "the dense table read and update dominate, so a few steps suffice and keep the run short).")
+    "stock_big_steps", 3, "Warm-up and timed steps of the stock baseline (and of DeepCTR as shipped, with "
+    "--peer=deepctr) at --big_rows (its step takes seconds: the dense table read and update dominate, so a few "
+    "steps suffice and keep the run short).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 50, "Behaviour-sequence length S.")
 _EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", 16, "Width of every id embedding.")
@@ -87,6 +101,16 @@ _MATMUL = flags.DEFINE_integer("matmul_size", 4096, "Side of the square fp32 mat
 _DESIGN_PEAK = flags.DEFINE_float("design_peak_gflops", 544.0, "Theoretical fp32 peak quoted in DESIGN.md.")
 _PROFILE_FLOPS = flags.DEFINE_bool("profile_flops", True, "Cross-check FLOPs with tf.compat.v1.profiler.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic batch and the initialisers.")
+_PEER = flags.DEFINE_enum("peer", "none", ["none", "deepctr"],
+                          "Also time a peer implementation on the id variant: deepctr = DeepCTR's DIN as shipped and "
+                          "without its embedding regulariser, in its own venv (python -m tools.bench.deepctr_peer "
+                          "--setup).")
+_PEER_CONFIGS = flags.DEFINE_list("peer_configs", list(deepctr_peer.CONFIGS), "DeepCTR configurations to time "
+                                  "with --peer=deepctr: shipped (l2(1e-6) on the tables), tuned (no regulariser).")
+_PEER_VENV = flags.DEFINE_string("peer_venv", deepctr_peer.DEFAULT_VENV, "The DeepCTR peer venv.")
+_PEER_ACTIVATION = flags.DEFINE_enum("peer_activation", "prelu", ["prelu", "library"],
+                                     "Activation of the peer's MLPs: prelu (as ours) or library (DeepCTR's "
+                                     "defaults: Dice in the attention, ReLU in the MLP).")
 
 # Small side tables (the item table is the one whose size varies).
 _NUM_USERS, _NUM_CATEGORIES, _NUM_BRANDS = 100_000, 1_000, 10_000
@@ -284,6 +308,39 @@ class Stock:
         return history.history["loss"][-1]
 
 
+# -- the DeepCTR peer (its own venv and process) -----------------------------------------------------------
+class Peer:
+    """DeepCTR's DIN in a worker process (`tools.bench.deepctr_peer`); `run(n)` runs n steps there."""
+
+    def __init__(self, config, rows, features, labels, learning_rate, warmup, work_dir):
+        self.kind = f"deepctr_{config}"
+        os.makedirs(work_dir, exist_ok=True)
+        path = os.path.join(work_dir, "batch.npz")
+        np.savez(path, label=labels, **features)
+        args = [f"--config={config}", f"--batch={path}", f"--item_rows={rows}", f"--num_users={_NUM_USERS}",
+                f"--num_categories={_NUM_CATEGORIES}", f"--num_brands={_NUM_BRANDS}",
+                f"--embedding_dim={_EMBEDDING_DIM.value}", f"--learning_rate={learning_rate}",
+                f"--warmup={warmup}", f"--activation={_PEER_ACTIVATION.value}", f"--seed={_SEED.value}"]
+        self.process = deepctr_peer.PeerProcess(args, venv=_PEER_VENV.value)
+        self.ready = self.process.ready
+        self.worker_ms = []  # the worker's own timing of each request (the table uses the parent's)
+
+    def run(self, steps):
+        answer = self.process.run(steps)
+        self.worker_ms.append(answer["ms_per_step"])
+        return answer["loss"]
+
+    def close(self):
+        self.process.close()
+
+
+def peer_kinds(variant):
+    """The peer configurations timed for `variant` (DeepCTR's DIN has no SimTier: id only)."""
+    if _PEER.value == "none" or variant != "id":
+        return []
+    return [f"deepctr_{c}" for c in _PEER_CONFIGS.value]
+
+
 # -- FLOPs -------------------------------------------------------------------------------------------------
 def _kernels(mlp):
     dims = [tuple(d.kernel.shape) for d in mlp.dense_layers]
@@ -341,7 +398,7 @@ def matmul_gflops(n, repeats):
 # -- the measurement ---------------------------------------------------------------------------------------
 def steps_of(kind, rows):
     """(warm-up steps, timed steps) of one configuration."""
-    if kind == "stock" and rows == _BIG_ROWS.value:
+    if kind in ("stock", "deepctr_shipped") and rows == _BIG_ROWS.value:  # seconds per step: dense table gradient
         return _STOCK_BIG_STEPS.value, _STOCK_BIG_STEPS.value
     return _WARMUP.value, _STEPS.value
 
@@ -351,6 +408,13 @@ def build_config(kind, variant, rows, batch, model_dir):
     features, labels = batch
     spec = make_spec(rows, _SEQ_LEN.value, _VECTOR_DIM.value)
     model_config = CTRModelConfig(variant=variant, embedding_dim=_EMBEDDING_DIM.value)
+    if kind.startswith("deepctr_"):  # memory and build time are the worker process's own
+        runner = Peer(kind[len("deepctr_"):], rows, features, labels, TrainConfig().sparse_learning_rate,
+                      steps_of(kind, rows)[0], model_dir)
+        memory = {k: float("nan") if v is None else v for k, v in runner.ready["memory"].items()}
+        logging.info("%s %s rows=%d built in %.1f s (worker): %s", kind, variant, rows, runner.ready["build_s"],
+                     {k: runner.ready[k] for k in ("params", "tables", "regularisation_losses", "versions")})
+        return runner, memory, runner.ready["build_s"]
     gc.collect()
     before = rss_mb()
     start = time.perf_counter()
@@ -374,7 +438,7 @@ def measure_variant(variant, model_dir, rng):
     """All configurations of one variant, interleaved; returns {(kind, rows): result dict}, batch stats."""
     batch_size = _BATCH_SIZE.value
     sizes = [_SMALL_ROWS.value, _BIG_ROWS.value]
-    kinds = ["ours"] + ([] if _SKIP_STOCK.value else ["stock"])
+    kinds = ["ours"] + ([] if _SKIP_STOCK.value else ["stock"]) + peer_kinds(variant)
     batches, stats = {}, {}
     for rows in sizes:
         spec = make_spec(rows, _SEQ_LEN.value, _VECTOR_DIM.value)
@@ -385,18 +449,24 @@ def measure_variant(variant, model_dir, rng):
         stats[rows] = {"padding": 1.0 - valid.mean(), "unique_item_rows": len(np.unique(item_rows)),
                        "item_lookups": item_rows.size}
     configs = {}
-    for kind in kinds:
-        for rows in sizes:
-            runner, memory, built = build_config(kind, variant, rows, batches[rows],
-                                                 os.path.join(model_dir, f"{kind}_{variant}_{rows}"))
-            configs[(kind, rows)] = {"runner": runner, "memory": memory, "build_s": built, "ms": []}
-    for r in range(_REPEATS.value):
-        for key, c in configs.items():
-            steps = steps_of(*key)[1]
-            start = time.perf_counter()
-            c["runner"].run(steps)
-            c["ms"].append((time.perf_counter() - start) * 1000.0 / steps)
-            logging.info("repeat %d %s %s rows=%d: %.2f ms/step", r, key[0], variant, key[1], c["ms"][-1])
+    try:
+        for kind in kinds:
+            for rows in sizes:
+                runner, memory, built = build_config(kind, variant, rows, batches[rows],
+                                                     os.path.join(model_dir, f"{kind}_{variant}_{rows}"))
+                configs[(kind, rows)] = {"runner": runner, "memory": memory, "build_s": built, "ms": []}
+        for r in range(_REPEATS.value):
+            for key, c in configs.items():
+                steps = steps_of(*key)[1]
+                start = time.perf_counter()
+                c["runner"].run(steps)
+                c["ms"].append((time.perf_counter() - start) * 1000.0 / steps)
+                logging.info("repeat %d %s %s rows=%d: %.2f ms/step", r, key[0], variant, key[1], c["ms"][-1])
+    finally:
+        for c in configs.values():
+            if isinstance(c["runner"], Peer):
+                c["peer_worker_ms"] = c["runner"].worker_ms
+                c["runner"].close()
     flops = flops_per_example(configs[("ours", sizes[0])]["runner"].model, _SEQ_LEN.value, _VECTOR_DIM.value)
     graph_flops = None
     if _PROFILE_FLOPS.value:
@@ -419,6 +489,16 @@ def main(argv):
             raise app.UsageError(f"--variants: only id and simtier are measured, got {v!r}")
     if _ZIPF.value <= 1.0:
         raise app.UsageError(f"--zipf_exponent must be > 1, got {_ZIPF.value}")
+    if _PEER.value == "deepctr":
+        for c in _PEER_CONFIGS.value:
+            if c not in deepctr_peer.CONFIGS:
+                raise app.UsageError(f"--peer_configs: one of {deepctr_peer.CONFIGS}, got {c!r}")
+        if "id" not in _VARIANTS.value:
+            raise app.UsageError("--peer=deepctr times DeepCTR's DIN on the id variant: add id to --variants")
+        try:
+            deepctr_peer.check_venv(_PEER_VENV.value)
+        except deepctr_peer.PeerError as e:
+            raise app.UsageError(f"--peer=deepctr: {e}") from None
     keras.config.set_dtype_policy("float32")
     info = machine_info()
     rng = np.random.default_rng(_SEED.value)
@@ -454,6 +534,16 @@ def main(argv):
         ratio = ours_b[0] / ours_s[0]
         ratio_rows.append([variant, f"ours ms/step {big:,} / {small:,} rows", f"{ratio:.2f}",
                            f"{ours_b[1] / ours_s[1]:.2f}", "≤ 1.2", "met" if ratio <= 1.2 else "NOT met"])
+        for kind in peer_kinds(variant):
+            for n in (big, small):
+                speedup = summary[(kind, n)][0] / summary[("ours", n)][0]
+                ratio_rows.append([variant, f"ours / {kind} examples/s at {n:,} rows", f"{speedup:.2f}",
+                                   f"{summary[(kind, n)][1] / summary[('ours', n)][1]:.2f}", "-", "-"])
+            if ("stock", big) in summary:
+                for n in (big, small):
+                    speedup = summary[("stock", n)][0] / summary[(kind, n)][0]
+                    ratio_rows.append([variant, f"{kind} / stock examples/s at {n:,} rows", f"{speedup:.2f}",
+                                       f"{summary[('stock', n)][1] / summary[(kind, n)][1]:.2f}", "-", "-"])
         if ("stock", big) in summary:
             for n in (big, small):
                 speedup = summary[("stock", n)][0] / summary[("ours", n)][0]
@@ -486,6 +576,12 @@ def main(argv):
     print(f"ours: Trainer._make_train_step, Sparse{_OPTIMIZER.value.capitalize()} on the tables + Adam on dense. "
           f"stock: keras.layers.Embedding + keras.optimizers.{_OPTIMIZER.value.capitalize()} on everything + "
           "model.fit; DINAttention/SimTier/MLP layers reused, so only the embedding + optimizer path differs.")
+    if _PEER.value == "deepctr":
+        print(f"peer: DeepCTR {deepctr_peer.DEEPCTR_VERSION} DIN (tf_keras {deepctr_peer.TF_KERAS_VERSION}, "
+              f"TF_USE_LEGACY_KERAS=1, own venv {_PEER_VENV.value}, one worker process per configuration), id "
+              f"variant only, {_PEER_ACTIVATION.value} activations, tf.keras Adagrad + model.fit on everything; "
+              "deepctr_shipped = library default l2(1e-6) on every table (dense table gradient), deepctr_tuned = "
+              "no embedding regulariser (row-sparse). Peer memory columns: the worker process's own RSS.")
     print()
     print(markdown_table(rows, ["variant", "path", "item rows", "median ms/step", "best ms/step",
                                 "median ex/s", "best ex/s", "per repeat ms"]))
