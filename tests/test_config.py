@@ -66,3 +66,19 @@ def test_every_world_flagfile_parses(repo_root):
         assert synthetic.world_config_from_flagfile(path).num_items >= 1
     with pytest.raises(ValueError, match="Unknown world options"):
         synthetic.world_config_from_flagfile(os.path.join(repo_root, "configs", "data", "smoke.flags"), bogus="1")
+
+
+def test_every_paper_flagfile_parses(repo_root, monkeypatch):
+    """The report profiles are valid `PaperConfig`s (nested flagfiles followed), and the one-epoch profile is the quick
+    one with the id tables on Adam."""
+    from mm_ads.reports import paper
+
+    monkeypatch.chdir(repo_root)  # nested --flagfile= paths are relative to the working directory, like absl's
+    profiles = {}
+    for path in sorted(glob.glob(os.path.join(repo_root, "configs", "paper", "*.flags"))):
+        profiles[os.path.basename(path)] = paper.PaperConfig.from_values(config_lib.read_flagfile(path))
+    assert len(profiles) >= 6
+    quick, one_epoch = profiles["quick.flags"], profiles["quick_one_epoch.flags"]
+    assert tuple(one_epoch.ctr_overrides) == ("sparse_optimizer=adam", "sparse_learning_rate=0.05")
+    assert one_epoch.fig3_epochs == 4 and quick.fig3_epochs == 0
+    assert (one_epoch.world_flagfile, one_epoch.seeds) == (quick.world_flagfile, quick.seeds)
