@@ -90,6 +90,8 @@ class PaperConfig:
         ctr_config_dir: where `<variant>.flags` are; ctr_overrides: `name=value` applied to every CTR run.
         make_epochs: MAKE pre-training epochs of the MAKE variants (0 = their flagfiles').
         variants / seeds: Table 3.
+        id_epochs: Table 3's multi-epoch control: the id model also trained this many epochs (each ≥ 2; its last
+            epoch is scored), one row per entry, so that a variant's gain over id is not just a gain of more epochs.
         new_item_slices: the evaluation slices of the new-item table (`mm_ads.metrics.CTRMetrics`' slice names).
         default_row_off_variants: variants re-run with `admit_after=0` for the new-item table; empty = none.
         fig3_epochs: epochs of Fig 3. fig6a_rows: Table 2 rows of Fig 6a. fig6c_epochs: MAKE pre-training epochs.
@@ -110,6 +112,7 @@ class PaperConfig:
     make_epochs: int = 0
     variants: tuple = TABLE3_VARIANTS
     seeds: tuple = (0, 1, 2)
+    id_epochs: tuple = ()
     new_item_slices: tuple = ("new", "age_<1d")
     default_row_off_variants: tuple = ()
     fig3_epochs: int = 4
@@ -125,6 +128,9 @@ class PaperConfig:
             raise ValueError("seeds must not be empty")
         if self.make_epochs < 0:
             raise ValueError(f"make_epochs must be >= 0, got {self.make_epochs}")
+        if any(int(e) < 2 for e in self.id_epochs):
+            raise ValueError(f"id_epochs entries are epochs >= 2 (one epoch is Table 3's id row), got "
+                             f"{list(self.id_epochs)}")
         if self.fig3_epochs < 0:
             raise ValueError(f"fig3_epochs must be >= 0 (0 = no Fig 3), got {self.fig3_epochs}")
         if any(e < 0 for e in self.fig6c_epochs):
@@ -310,6 +316,21 @@ class PaperRunner:
 
     def run_table3(self):
         return self._run_variants("ctr", self.o.variants, self.encoder_row)
+
+    def run_id_epochs(self, table3_runs):
+        """Table 3's multi-epoch id rows: `{epochs: row}` with GAUC/AUC/LogLoss and each relative to the one-epoch
+        id run of the same seed."""
+        rows = {}
+        for epochs in self.o.id_epochs:
+            by_seed = {seed: self.ctr("id", seed, os.path.join(self.out, "ctr", f"id_epochs{epochs}", f"seed{seed}"),
+                                      epochs=epochs) for seed in self.o.seeds}
+            row = {}
+            for key in ("auc", "gauc", "logloss"):
+                row[key] = _mean_std([m[key] for m in by_seed.values()])
+                row[f"{key}_rel"] = _mean_std([(by_seed[s][key] - table3_runs["id"][s][key]) / table3_runs["id"][s][key]
+                                               for s in by_seed])
+            rows[str(epochs)] = row
+        return rows
 
     def run_control(self, table3_runs):
         """The random-vector control: `control_variants` on random unit vectors, relative to Table 3's id runs."""
@@ -503,6 +524,8 @@ class PaperRunner:
         self.results["table2"] = self.table2["benchmarks"]
         self.results["table3"], runs = self._timed("table3", self.run_table3)
         self.results["table3"]["baselines"] = self._timed("popularity", lambda: self.run_popularity(runs))
+        self.results["table3"]["id_epochs"] = (self._timed("id_epochs", lambda: self.run_id_epochs(runs))
+                                               if self.o.id_epochs else {})
         self.results["control"] = (self._timed("control", lambda: self.run_control(runs))
                                    if self.o.control_variants else None)
         self.results["make_validation"] = self.make_validation_curve(runs)
@@ -651,6 +674,7 @@ def findings(results):
         gain = t3[v]["gauc_rel"][0]
         out.append(f"Table 3: {v} GAUC vs id {gain:+.2%} — " + ("better than id, as in the paper" if gain > 0 else
                                                                  "NOT better than id (the paper: better)"))
+    out += id_epochs_findings(results["table3"])
     if "simtier_make" in t3 and "simtier" in t3 and "make" in t3:
         best = t3["simtier_make"]["gauc"][0] >= max(t3["simtier"]["gauc"][0], t3["make"]["gauc"][0])
         out.append("Table 3: simtier_make is " + ("the best variant, as in the paper" if best else
@@ -717,6 +741,25 @@ def new_item_findings(new_items):
         out.append(f"New items (`{name}`): id with the default row off (random rows) vs on: AUC {m:+.2%} ± {sd:.2%} "
                    "— " + ("the default row helps" if m + sd < 0 else "within one std" if abs(m) <= sd else
                            "the default row hurts"))
+    return out
+
+
+def id_epochs_findings(table3):
+    """Statements on Table 3's multi-epoch id rows: whether more epochs help the ID model, and each variant's GAUC
+    against the best id row (mean GAUC over the seeds)."""
+    extra = table3.get("id_epochs") or {}
+    if not extra:
+        return []
+    t3 = table3["table"]
+    ids = {1: t3["id"]["gauc"][0], **{int(e): r["gauc"][0] for e, r in extra.items()}}
+    best = max(ids, key=ids.get)
+    out = [f"Table 3: id trained {e} epochs: GAUC vs one epoch {r['gauc_rel'][0]:+.2%} ± {r['gauc_rel'][1]:.2%}"
+           for e, r in sorted(extra.items(), key=lambda kv: int(kv[0]))]
+    out.append(f"Table 3: the best id row is {best} epoch{'s' if best > 1 else ''} (GAUC {ids[best]:.4f})")
+    for v in [v for v in ("simtier_make", "simtier", "make") if v in t3]:
+        rel = (t3[v]["gauc"][0] - ids[best]) / ids[best]
+        out.append(f"Table 3: {v} GAUC vs the best id row {rel:+.2%} — " +
+                   ("better, so its gain is not just more epochs" if rel > 0 else "NOT better than the best id row"))
     return out
 
 
@@ -833,6 +876,9 @@ def table3_markdown(results):
         r = t3[v]
         rel = ("—", "—") if v == "id" else (_pm(r["auc_rel"], True), _pm(r["gauc_rel"], True))
         lines.append(f"| {v} | {_pm(r['auc'])} | {_pm(r['gauc'])} | {_pm(r['logloss'])} | {rel[0]} | {rel[1]} |")
+    for epochs, r in sorted((results["table3"].get("id_epochs") or {}).items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| id, {epochs} epochs | {_pm(r['auc'])} | {_pm(r['gauc'])} | {_pm(r['logloss'])} | "
+                     f"{_pm(r['auc_rel'], True)} | {_pm(r['gauc_rel'], True)} |")
     return "\n".join(lines + _popularity_lines(results["table3"].get("baselines")))
 
 

@@ -130,6 +130,32 @@ def test_new_item_table_values():
     assert paper.new_item_findings({}) == []
 
 
+def test_multi_epoch_id_rows_and_the_best_id_row():
+    def row(gauc, rel=None):
+        r = {"auc": (0.6, 0.01), "gauc": (gauc, 0.01), "logloss": (0.2, 0.001)}
+        return r if rel is None else dict(r, auc_rel=(0.0, 0.01), gauc_rel=(rel, 0.02))
+
+    table = {"id": row(0.64), "make": row(0.672, 0.05), "simtier": row(0.608, -0.05)}
+    falls = {"table": table, "id_epochs": {"4": row(0.60, -0.0625), "2": row(0.62, -0.031)}}
+    findings = paper.id_epochs_findings(falls)
+    assert findings[:3] == ["Table 3: id trained 2 epochs: GAUC vs one epoch -3.10% ± 2.00%",
+                            "Table 3: id trained 4 epochs: GAUC vs one epoch -6.25% ± 2.00%",
+                            "Table 3: the best id row is 1 epoch (GAUC 0.6400)"]
+    assert findings[3] == "Table 3: simtier GAUC vs the best id row -5.00% — NOT better than the best id row"
+    assert findings[4].startswith("Table 3: make GAUC vs the best id row +5.00% — better, so its gain is not just")
+    rises = {"table": table, "id_epochs": {"2": row(0.68, 0.0625)}}
+    assert "the best id row is 2 epochs (GAUC 0.6800)" in paper.id_epochs_findings(rises)[1]
+    assert paper.id_epochs_findings(rises)[-1].startswith("Table 3: make GAUC vs the best id row -1.18% — NOT")
+    assert paper.id_epochs_findings({"table": table}) == []
+    lines = paper.table3_markdown({"table3": falls}).splitlines()
+    assert lines[-2:] == ["| id, 2 epochs | 0.6000 ± 0.0100 | 0.6200 ± 0.0100 | 0.2000 ± 0.0010 | +0.00% ± 1.00% | "
+                          "-3.10% ± 2.00% |",
+                          "| id, 4 epochs | 0.6000 ± 0.0100 | 0.6000 ± 0.0100 | 0.2000 ± 0.0010 | +0.00% ± 1.00% | "
+                          "-6.25% ± 2.00% |"]
+    with pytest.raises(ValueError, match="id_epochs entries are epochs >= 2"):
+        paper.PaperConfig.from_values({"id_epochs": "1,2"})
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="variants must include 'id'"):
         paper.PaperConfig.from_values({"variants": "simtier"})
