@@ -123,30 +123,7 @@ def machine_info():
     return bench_machine.machine_info(avx512f_flag=bench_machine.cpu_flag("avx512f"), keras=keras.__version__)
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def rss_mb():
-    return _status_kb("VmRSS") / 1024.0
-
-
-def hwm_mb():
-    return _status_kb("VmHWM") / 1024.0
-
-
-def reset_hwm():
-    """Resets VmHWM to the current RSS (Linux >= 4.0); returns whether that worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+rss_mb, hwm_mb, reset_hwm = bench_machine.rss_mb, bench_machine.hwm_mb, bench_machine.reset_hwm
 
 
 # -- synthetic inputs --------------------------------------------------------------------------------------

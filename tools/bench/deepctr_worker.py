@@ -36,22 +36,7 @@ import sys
 import time
 import types
 
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from tools.bench import machine as bench_machine
 
 
 def parse_args(argv):
@@ -134,20 +119,20 @@ def main(argv=None):
         seq_len = features["hist_item_id"].shape[1]
         tf.keras.utils.set_random_seed(args.seed)
         gc.collect()
-        before = _status_kb("VmRSS") / 1024.0
+        before = bench_machine.rss_mb()
         start = time.perf_counter()
         model = build_din(args, seq_len)
         optimizer = tf.keras.optimizers.Adagrad(args.learning_rate)
         model.compile(optimizer=optimizer, loss="binary_crossentropy")
         optimizer.build(model.trainable_variables)  # slots now, so the RSS after building includes them
         built = time.perf_counter() - start
-        after = _status_kb("VmRSS") / 1024.0
+        after = bench_machine.rss_mb()
         if embedding_regularised(model) != (args.config == "shipped"):
             raise RuntimeError(f"{args.config}: embedding regularisers {embedding_regularised(model)}")
         dataset = tf.data.Dataset.from_tensors(({k: features[k] for k in model.input_names}, labels)).repeat()
-        have_reset = _reset_hwm()
+        have_reset = bench_machine.reset_hwm()
         model.fit(dataset, epochs=1, steps_per_epoch=max(args.warmup, 1), shuffle=False, verbose=0)
-        hwm = _status_kb("VmHWM") / 1024.0
+        hwm = bench_machine.hwm_mb()
         tables = {v.name: list(v.shape) for v in model.trainable_variables if "emb" in v.name}
         answer({"ok": True, "ready": True, "build_s": built, "params": int(model.count_params()),
                 "tables": tables, "regularisation_losses": len(model.losses),

@@ -28,3 +28,32 @@ def machine_info(**extra):
         info["tensorflow"] = sys.modules["tensorflow"].__version__
     info.update(extra)
     return info
+
+
+def _status_kb(field):
+    """A `/proc/self/status` field in kB (0 when absent)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_mb():
+    """This process's resident set size (VmRSS), MB."""
+    return _status_kb("VmRSS") / 1024.0
+
+
+def hwm_mb():
+    """This process's peak resident set size since start or the last `reset_hwm` (VmHWM), MB."""
+    return _status_kb("VmHWM") / 1024.0
+
+
+def reset_hwm():
+    """Resets VmHWM to the current RSS (Linux >= 4.0); returns whether that worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
