@@ -162,6 +162,18 @@ class PaperConfig:
         return mm_options.options_from_values(cls, values, "paper report")
 
 
+def _table_row(by_seed, id_by_seed=None):
+    """A Table 3 row from `{seed: metrics}`: AUC, GAUC and LogLoss (mean, std over the seeds) and, against
+    `id_by_seed` (the id run of the same seeds), each one's relative difference seed by seed."""
+    row = {}
+    for key in ("auc", "gauc", "logloss"):
+        row[key] = _mean_std([m[key] for m in by_seed.values()])
+        if id_by_seed is not None:
+            row[f"{key}_rel"] = _mean_std([(by_seed[s][key] - id_by_seed[s][key]) / id_by_seed[s][key]
+                                           for s in by_seed])
+    return row
+
+
 def _mean_std(values):
     values = np.asarray(values, dtype=np.float64)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -324,12 +336,7 @@ class PaperRunner:
         for epochs in self.o.id_epochs:
             by_seed = {seed: self.ctr("id", seed, os.path.join(self.out, "ctr", f"id_epochs{epochs}", f"seed{seed}"),
                                       epochs=epochs) for seed in self.o.seeds}
-            row = {}
-            for key in ("auc", "gauc", "logloss"):
-                row[key] = _mean_std([m[key] for m in by_seed.values()])
-                row[f"{key}_rel"] = _mean_std([(by_seed[s][key] - table3_runs["id"][s][key]) / table3_runs["id"][s][key]
-                                               for s in by_seed])
-            rows[str(epochs)] = row
+            rows[str(epochs)] = _table_row(by_seed, table3_runs["id"])
         return rows
 
     def run_control(self, table3_runs):
@@ -355,15 +362,8 @@ class PaperRunner:
                     self._share_make_pretraining(os.path.join(self.out, root, "make", f"seed{seed}"), model_dir,
                                                  vector_row)
                 runs.setdefault(variant, {})[seed] = self.ctr(variant, seed, model_dir, vector_row=vector_row)
-        table = {}
-        for variant, by_seed in runs.items():
-            row = {}
-            for key in ("auc", "gauc", "logloss"):
-                row[key] = _mean_std([m[key] for m in by_seed.values()])
-                if variant != "id":
-                    rel = [(by_seed[s][key] - runs["id"][s][key]) / runs["id"][s][key] for s in by_seed]
-                    row[f"{key}_rel"] = _mean_std(rel)
-            table[variant] = row
+        table = {variant: _table_row(by_seed, None if variant == "id" else runs["id"])
+                 for variant, by_seed in runs.items()}
         return {"runs": {v: {str(s): {k: m[k] for k in ("auc", "gauc", "logloss")} for s, m in r.items()}
                          for v, r in runs.items()}, "table": table}, runs
 
