@@ -335,6 +335,11 @@ class SCLConfig:
         learn_temperature: τ is trained (log-parameterised) or fixed.
         use_triplet: add the triplet loss on <query, positive, hard negative>.
         triplet_weight / triplet_margin: its weight and margin (cosine).
+        symmetric_loss: items are queries too: the InfoNCE loss is the mean of query → item (the paper's) and
+            item → query, whose candidates are the batch's queries (key encoder; no queue: it holds items).
+        negatives_in_infonce: the batch's hard negatives (key encoder) are also InfoNCE candidates of every
+            query, besides the triplet term (pairs without `positive_group_id` only).
+        max_train_pairs: train on the first N pairs of the train split only (0 = all); for set-size studies.
     """
 
     modality: str = "text"
@@ -365,6 +370,9 @@ class SCLConfig:
     use_triplet: bool = True
     triplet_weight: float = 1.0
     triplet_margin: float = 0.2
+    symmetric_loss: bool = False
+    negatives_in_infonce: bool = False
+    max_train_pairs: int = 0
 
     def validate(self):
         _check(self.modality in SCL_MODALITIES,
@@ -393,6 +401,7 @@ class SCLConfig:
                f"{self.temperature_min}, {self.temperature_init}, {self.temperature_max}")
         _check(self.triplet_weight >= 0, f"scl.triplet_weight must be >= 0, got {self.triplet_weight}")
         _check(self.triplet_margin >= 0, f"scl.triplet_margin must be >= 0, got {self.triplet_margin}")
+        _check(self.max_train_pairs >= 0, f"scl.max_train_pairs must be >= 0, got {self.max_train_pairs}")
 
 
 @dataclasses.dataclass

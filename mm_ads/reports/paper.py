@@ -167,14 +167,15 @@ def _table_row(by_seed, id_by_seed=None):
     `id_by_seed` (the id run of the same seeds), each one's relative difference seed by seed."""
     row = {}
     for key in ("auc", "gauc", "logloss"):
-        row[key] = _mean_std([m[key] for m in by_seed.values()])
+        row[key] = mean_std([m[key] for m in by_seed.values()])
         if id_by_seed is not None:
-            row[f"{key}_rel"] = _mean_std([(by_seed[s][key] - id_by_seed[s][key]) / id_by_seed[s][key]
+            row[f"{key}_rel"] = mean_std([(by_seed[s][key] - id_by_seed[s][key]) / id_by_seed[s][key]
                                            for s in by_seed])
     return row
 
 
-def _mean_std(values):
+def mean_std(values):
+    """(mean, sample std) of `values`; std 0 for one value."""
     values = np.asarray(values, dtype=np.float64)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
@@ -349,7 +350,7 @@ class PaperRunner:
         # what the vectors' content adds: each variant on the report's vectors against itself on random vectors,
         # seed by seed (the part of a variant's gain over id that random per-item vectors also give is not
         # semantic)
-        content = {v: _mean_std([(table3_runs[v][s]["gauc"] - runs[v][s]["gauc"]) / runs[v][s]["gauc"]
+        content = {v: mean_std([(table3_runs[v][s]["gauc"] - runs[v][s]["gauc"]) / runs[v][s]["gauc"]
                                  for s in runs[v]]) for v in runs if v != "id" and v in table3_runs}
         return dict(summary, within_seed_spread=within, content_gauc_rel=content)
 
@@ -442,7 +443,7 @@ class PaperRunner:
                 auc.append((b["auc"] - a["auc"]) / a["auc"])
                 loss.append((a["logloss"] - b["logloss"]) / a["logloss"])
             if auc:
-                out[name] = {"auc_rel": _mean_std(auc), "logloss_rel": _mean_std(loss),
+                out[name] = {"auc_rel": mean_std(auc), "logloss_rel": mean_std(loss),
                              "num_examples": table3_runs["id"][self.o.seeds[0]]["slices"][name]["num_examples"]}
         return out
 
@@ -599,12 +600,12 @@ def new_item_table(table3_runs, default_row_off, slice_names):
                     if any(v is None or math.isnan(v) for v in values.values()):
                         row[key] = row[f"{key}_rel"] = None
                         continue
-                    row[key] = _mean_std(list(values.values()))
+                    row[key] = mean_std(list(values.values()))
                     ref = {s: ((table3_runs["id"].get(s) or {}).get("slices") or {}).get(name, {}).get(key)
                            for s in values}
                     comparable = all(r is not None and not math.isnan(r) for r in ref.values())
                     row[f"{key}_rel"] = (None if (variant == "id" and default_row == "on") or not comparable else
-                                         _mean_std([(values[s] - ref[s]) / ref[s] for s in values]))
+                                         mean_std([(values[s] - ref[s]) / ref[s] for s in values]))
                 rows.append(row)
         if rows:
             out[name] = rows
@@ -639,7 +640,7 @@ def new_items_markdown(new_items):
 def table3_std(runs, variant, key="gauc"):
     """The seed std of `variant`'s `key` in a `{variant: {seed: metrics}}` mapping, relative to its mean."""
     values = [m[key] for m in runs[variant].values()]
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     return std / mean
 
 
@@ -772,7 +773,7 @@ def popularity_rows(base, id_runs):
         row = {k: None if b[k] is None else (float(b[k]), 0.0) for k in ("auc", "gauc", "logloss")}
         for key in ("auc", "gauc"):
             if id_runs:
-                row[f"{key}_rel"] = _mean_std([(b[key] - m[key]) / m[key] for m in id_runs.values()])
+                row[f"{key}_rel"] = mean_std([(b[key] - m[key]) / m[key] for m in id_runs.values()])
         rows[name] = row
     info = {k: base["pop_ctr"][k] for k in ("smoothing", "smoothing_from")}
     return {"rows": rows, "prior": base["prior"], "eval_split": base["eval_split"], **info}

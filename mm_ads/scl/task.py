@@ -4,6 +4,9 @@ Per step and replica (b examples, B = b × replicas global):
   q = encoder(query) `[b, D]`; k = key encoder(positive) `[b, D]` (no gradient with MoCo);
   keys = all_gather(k) `[B, D]` ∪ queue `[K, D]`; loss_i = InfoNCE(q_i; keys, positive = own column,
   same-item keys masked) + w · triplet(q_i, k_i, key encoder(negative_i)) (rows without a hard negative: 0).
+  Options: `negatives_in_infonce` appends the all-gathered hard-negative keys to the InfoNCE candidates;
+  `symmetric_loss` averages that loss with the item → query one (encoder(positive_i) against the all-gathered
+  key encoder(query) of the batch, same-item rows masked, no queue).
 After the optimizer step (`after_apply_gradients`): key encoder ← m·key + (1−m)·encoder, enqueue the
 all-gathered keys with their item ids, clamp log τ. Every replica applies the same update.
 """
@@ -74,10 +77,14 @@ class SCLTask(Task):
             raise ValueError(f"Dataset {config.data.data_dir} has no {self.component} table "
                              f"(it has {sorted(self.manifest.components)})")
         self.needs_augmentation = bool(self.manifest.extra.get("pairs_need_augmentation", False))
+        self._columns_cache = {}
+        if self.scl.negatives_in_infonce and POSITIVE_GROUP_ID in self._columns("train"):
+            raise ValueError(f"Dataset {config.data.data_dir}: --negatives_in_infonce needs pairs without "
+                             f"{POSITIVE_GROUP_ID} (a hard negative's group is unknown, so same-product keys "
+                             "could not be masked)")
         if self.needs_augmentation and self.scl.modality == "image" and not self.scl.augment:
             raise ValueError(f"Dataset {config.data.data_dir} pairs query == positive and needs augmentation: "
                              "set --augment")
-        self._columns_cache = {}
         # one inference function per encoder (and one for the triplet terms per model), reused by every
         # evaluation: a new tf.function per epoch retraces each time (TF's retracing warnings)
         self._predict_fns = weakref.WeakKeyDictionary()
@@ -94,8 +101,12 @@ class SCLTask(Task):
 
     def _columns(self, split):
         name = self._split(split)
-        if name not in self._columns_cache:
+        limit = self.scl.max_train_pairs if split == "train" else 0
+        key = f"{name}[:{limit}]" if limit else name
+        if key not in self._columns_cache:
             table = pa.concat_tables([pq.read_table(p) for p in self.manifest.files(self.component, name)])
+            if limit:
+                table = table.slice(0, limit)
             cols = {}
             for c in ("query", "positive", "negative"):
                 cols[c] = np.asarray(table.column(c).to_pylist(), dtype=object)
@@ -105,11 +116,12 @@ class SCLTask(Task):
                 cols[QUERY_ITEM_ID] = table.column(QUERY_ITEM_ID).to_numpy().astype(np.int64)
             if POSITIVE_GROUP_ID in table.column_names:  # positives that are the same product share a group
                 cols[POSITIVE_GROUP_ID] = table.column(POSITIVE_GROUP_ID).to_numpy().astype(np.int64)
-            self._columns_cache[name] = cols
-        return self._columns_cache[name]
+            self._columns_cache[key] = cols
+        return self._columns_cache[key]
 
     def num_examples(self, split):
-        return self.manifest.num_rows(self.component, self._split(split))
+        rows = self.manifest.num_rows(self.component, self._split(split))
+        return min(rows, self.scl.max_train_pairs) if split == "train" and self.scl.max_train_pairs else rows
 
     def build_inputs(self, split, batch_size, input_context=None, epoch=0, training=True):
         cols = self._columns(split)
@@ -159,24 +171,38 @@ class SCLTask(Task):
         ctx = tf.distribute.get_replica_context()
         b = tf.shape(ids)[0]
         if ctx is not None and ctx.num_replicas_in_sync > 1:
-            all_keys = ctx.all_gather(keys, axis=0)  # [B, D]
-            all_ids = ctx.all_gather(ids, axis=0)  # [B]
+            gather = lambda x: ctx.all_gather(x, axis=0)  # noqa: E731
             offset = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * b
         else:
-            all_keys, all_ids, offset = keys, ids, 0
+            gather, offset = tf.identity, 0
+        all_keys, all_ids = gather(keys), gather(ids)  # [B, D], [B]
         labels = offset + tf.range(b)
+        tau = model.temperature.tau()
+        use_triplet = scl.use_triplet and scl.triplet_weight > 0
+        if use_triplet or scl.negatives_in_infonce:
+            neg_ids = tf.cast(features["negative_id"], tf.int64)
+            negatives = model.keys(features["negative"])  # [b, D]
+            pos_ids = tf.cast(features["positive_id"], tf.int64)
+            has_negative = tf.logical_and(neg_ids >= 0, tf.not_equal(neg_ids, pos_ids))  # [b]
+        candidates, candidate_ids, candidate_valid = all_keys, all_ids, None
+        if scl.negatives_in_infonce:  # appended after the positives, so `labels` still point at them
+            candidates = tf.concat([all_keys, gather(negatives)], 0)  # [2B, D]
+            candidate_ids = tf.concat([all_ids, gather(neg_ids)], 0)
+            negative_valid = gather(tf.cast(has_negative, tf.int32)) > 0  # [B] (collectives take no bool)
+            candidate_valid = tf.concat([tf.ones_like(all_ids, tf.bool), negative_valid], 0)
         queue = {}
         if model.use_queue:
             queue = dict(queue_keys=tf.convert_to_tensor(model.queue.keys),  # [K, D]
                          queue_ids=tf.convert_to_tensor(model.queue.ids), queue_valid=model.queue.valid())
         if QUERY_ITEM_ID in features:
             queue["query_ids"] = tf.cast(features[QUERY_ITEM_ID], tf.int64)
-        loss = info_nce(queries, all_keys, labels, ids, all_ids, model.temperature.tau(), **queue)  # [b]
-        if scl.use_triplet and scl.triplet_weight > 0:
-            neg_ids = tf.cast(features["negative_id"], tf.int64)
-            negatives = model.keys(features["negative"])  # [b, D]
-            pos_ids = tf.cast(features["positive_id"], tf.int64)
-            has_negative = tf.logical_and(neg_ids >= 0, tf.not_equal(neg_ids, pos_ids))
+        loss = info_nce(queries, candidates, labels, ids, candidate_ids, tau, key_valid=candidate_valid,
+                        **queue)  # [b]
+        if scl.symmetric_loss:  # item → query: the batch's queries are the candidates; same-item rows masked
+            item_queries = model(features["positive"], training=training)  # [b, D]
+            query_keys = gather(model.keys(features["query"]))  # [B, D]
+            loss = 0.5 * (loss + info_nce(item_queries, query_keys, labels, ids, all_ids, tau))
+        if use_triplet:
             loss += scl.triplet_weight * triplet(queries, keys, negatives, scl.triplet_margin, has_negative)
         return loss, ((all_keys, all_ids) if model.use_queue else None)
 
@@ -336,5 +362,6 @@ class SCLTask(Task):
         return {"modality": self.scl.modality, "data_dir": os.path.abspath(self.config.data.data_dir),
                 "num_train": self.num_examples("train"), "num_eval": self.num_examples("eval"),
                 "use_queue": self.scl.use_queue, "use_triplet": self.scl.use_triplet,
+                "symmetric_loss": self.scl.symmetric_loss, "negatives_in_infonce": self.scl.negatives_in_infonce,
                 "vocabulary": None if self.vocabulary is None else {
                     k: v for k, v in self.vocabulary_stats.items() if k != "counts"}}

@@ -22,6 +22,9 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from mm_ads.reports.paper import mean_std
+from tools.experiments import parse_overrides
+
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "A prepared dataset.")
 _VECTOR_TABLE = flags.DEFINE_string("vector_table", "", "Vector table (path or manifest name) or `random`.")
 _RANDOM_DIM = flags.DEFINE_integer("random_dim", 384, "Dim of the random vectors of --vector_table=random.")
@@ -48,15 +51,6 @@ def _random_table(data_dir, dim, path):
     return path
 
 
-def _mean_std(values):
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
-def _overrides(setting):
-    return dict(item.split("=", 1) for item in setting.split(",") if item)
-
-
 def _summary(metrics):
     out = {k: metrics[k] for k in ("auc", "gauc", "logloss")}
     if "early_stopping" in metrics:
@@ -81,21 +75,21 @@ def run_sweep(data_dir, vector_table, variant, settings, seeds, eval_split, outp
 
     results = {"variant": variant, "eval_split": eval_split, "vector_table": vector_table, "id_settings": id_setting,
                "settings": {}}
-    id_overrides = _overrides(id_setting)
+    id_overrides = parse_overrides(id_setting)
     id_name = "_".join(["id"] + [f"{k}-{v}" for k, v in id_overrides.items()])
     ids = {s: one(id_name, "id", id_overrides, s) for s in seeds}
     results["settings"][id_name] = {"runs": {str(s): _summary(ids[s]) for s in seeds}}
     for setting in settings:
-        overrides = _overrides(setting)
+        overrides = parse_overrides(setting)
         name = "_".join(f"{k}-{v}" for k, v in overrides.items()) or "default"
         runs = {s: one(f"{variant}_{name}", variant, overrides, s) for s in seeds}
         results["settings"][setting or "default"] = {
             "runs": {str(s): _summary(runs[s]) for s in seeds},
-            "gauc_vs_id": _mean_std([(runs[s]["gauc"] - ids[s]["gauc"]) / ids[s]["gauc"] for s in seeds]),
+            "gauc_vs_id": mean_std([(runs[s]["gauc"] - ids[s]["gauc"]) / ids[s]["gauc"] for s in seeds]),
         }
     for entry in results["settings"].values():
         for key in ("auc", "gauc", "logloss"):
-            entry[key] = _mean_std([r[key] for r in entry["runs"].values()])
+            entry[key] = mean_std([r[key] for r in entry["runs"].values()])
     return results
 
 
