@@ -78,3 +78,10 @@ def test_a_tiny_study_runs_every_method_and_reuses_finished_runs(tmp_path):
     holds = second["settings"]["small"]["order_holds_on_seeds"]
     assert "| small | max_train_pairs=16 | scl - scl_no_triplet: " in scl_regimes.to_markdown(second)
     assert f"| {holds}/1 |" in scl_regimes.to_markdown(second)
+    # a setting's flags win over its method's: in-batch negatives with the triplet, under `scl`
+    inb = scl_regimes.run_study(data, str(flagfile), {"inb": {"max_train_pairs": "16", "use_queue": "false"}},
+                                ["scl"], [0], 2, "valid", str(tmp_path / "study"))
+    assert "order_holds_on_seeds" not in inb["settings"]["inb"]
+    with open(os.path.join(str(tmp_path / "study"), "runs", "inb", "scl", "seed0", "config.json")) as f:
+        text = f.read()
+    assert '"use_queue": false' in text and '"use_triplet": true' in text

@@ -8,7 +8,9 @@ python -m tools.experiments.scl_regimes --data_dir=runs/regimes/world --output_d
 Every setting (`;`-separated `name:flag=value,flag=value`, applied on top of `--flagfile`, the SCL text flagfile
 of the paper report's demo profile by default) is trained with every method of `--methods` (the Table 2
 ablations: `scl`, `scl_no_triplet`, `scl_no_triplet_no_queue`) for every seed, for the same `--steps` (the
-same number of examples whatever the setting's set size: `max_train_pairs` decides how often they repeat), and
+same number of examples whatever the setting's set size: `max_train_pairs` decides how often they repeat; a
+setting's flags are applied after the method's, so `use_queue=false` under `scl` is in-batch negatives with the
+triplet), and
 evaluated once at the end on `--eval_split`. Choices are made on `valid`: a dataset whose pairs have no `valid`
 split gets one carved from its train split (the last `--valid_pairs` rows; written once, as a new dataset under
 `<output_dir>/data`; the test split is left alone and not evaluated).
@@ -107,8 +109,8 @@ def run_study(data_dir, flagfile, settings, methods, seeds, steps, eval_split, o
         model_dir = os.path.join(output_dir, "runs", setting, method, f"seed{seed}")
         values.update(data_dir=data_dir, seed=str(seed), export="false", eval_split=eval_split, model_dir=model_dir,
                       max_steps=str(steps), epochs="1000", eval_every=str(steps), checkpoint_every=str(steps))
-        values.update(overrides)
         values.update(ABLATIONS[method])
+        values.update(overrides)  # last: a setting may change what a method leaves (use_queue=false under scl)
         config = config_lib.config_from_values(values)
         metrics = reusable_metrics(model_dir, config) or runs_lib.run(config)
         return {**{k: metrics[k] for k in KEYS if k in metrics}, "wall_s": run_dir.wall_s(metrics)}
