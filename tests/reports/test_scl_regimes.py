@@ -82,6 +82,13 @@ def test_a_tiny_study_runs_every_method_and_reuses_finished_runs(tmp_path):
     inb = scl_regimes.run_study(data, str(flagfile), {"inb": {"max_train_pairs": "16", "use_queue": "false"}},
                                 ["scl"], [0], 2, "valid", str(tmp_path / "study"))
     assert "order_holds_on_seeds" not in inb["settings"]["inb"]
+    two = scl_regimes.run_study(data, str(flagfile), {"small": {"max_train_pairs": "16"},
+                                                      "inb": {"max_train_pairs": "16", "use_queue": "false"}},
+                                ["scl"], [0], 2, "valid", str(tmp_path / "study"))  # both reused
+    diff = two["settings"]["inb"]["methods"]["scl"]["runs"]["0"]["acc@1"] - runs["scl"]["runs"]["0"]["acc@1"]
+    assert two["settings"]["inb"]["vs_first_setting"] == {"scl": (pytest.approx(diff), 0.0)}
+    assert "vs_first_setting" not in two["settings"]["small"]
+    assert f"scl: {diff:+.3f} ± 0.000 |" in scl_regimes.to_markdown(two)
     with open(os.path.join(str(tmp_path / "study"), "runs", "inb", "scl", "seed0", "config.json")) as f:
         text = f.read()
     assert '"use_queue": false' in text and '"use_triplet": true' in text

@@ -19,7 +19,8 @@ Runs are normal model dirs under `<output_dir>/runs/<setting>/<method>/seed<k>`;
 Prints a markdown table and writes `<output_dir>/<report_name>.{md,json}`: per setting and method Acc@1 /
 Acc@5 mean ± std, the fraction of hard-negative triplets violating the margin at the end, τ, the run's wall
 time; and per setting the paired differences SCL − w/o triplet and w/o triplet − w/o triplet & MoCo (mean ±
-std over seeds) and on how many seeds the full order holds.
+std over seeds), on how many seeds the full order holds, and each method's Acc@1 against the first setting's
+(paired per seed).
 """
 
 import os
@@ -125,6 +126,11 @@ def run_study(data_dir, flagfile, settings, methods, seeds, steps, eval_split, o
                                                          if all(k in r for r in runs.values())}}
         entry.update(order_summary(entry["methods"], seeds))
         results["settings"][name] = entry
+    first = next(iter(results["settings"].values()), None)
+    for entry in list(results["settings"].values())[1:]:
+        entry["vs_first_setting"] = {
+            m: mean_std([e["runs"][str(s)]["acc@1"] - first["methods"][m]["runs"][str(s)]["acc@1"] for s in seeds])
+            for m, e in entry["methods"].items() if m in first["methods"]}
     return results
 
 
@@ -157,13 +163,15 @@ def to_markdown(results):
             wall = f"{e['wall_s'][0]:.0f}" if "wall_s" in e else "—"
             lines.append(f"| {name} | {method} | {cell(e, 'acc@1', '.3f')} | {cell(e, 'acc@5', '.3f')} | "
                          f"{cell(e, 'triplet_violation_rate', '.2f')} | {cell(e, 'temperature', '.3f')} | {wall} |")
-    lines += ["", "| setting | overrides | paired Acc@1 differences (mean ± std) | paper order holds on |",
-              "|---|---|---|---:|"]
+    first = next(iter(results["settings"]), "")
+    lines += ["", f"| setting | overrides | paired Acc@1 differences (mean ± std) | paper order holds on | Acc@1 vs "
+              f"`{first}`, paired |", "|---|---|---|---:|---|"]
     for name, s in results["settings"].items():
         diffs = "; ".join(f"{k}: {v[0]:+.3f} ± {v[1]:.3f}" for k, v in s["differences"].items()) or "—"
         holds = f"{s['order_holds_on_seeds']}/{len(results['seeds'])}" if "order_holds_on_seeds" in s else "—"
         over = ", ".join(f"{k}={v}" for k, v in s["overrides"].items()) or "(base)"
-        lines.append(f"| {name} | {over} | {diffs} | {holds} |")
+        vs = "; ".join(f"{m}: {v[0]:+.3f} ± {v[1]:.3f}" for m, v in s.get("vs_first_setting", {}).items()) or "—"
+        lines.append(f"| {name} | {over} | {diffs} | {holds} | {vs} |")
     return "\n".join(lines) + "\n"
 
 
