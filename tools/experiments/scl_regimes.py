@@ -33,18 +33,20 @@ from mm_ads.reports.paper import mean_std
 from mm_ads.reports.table2 import ABLATIONS
 from tools.experiments import parse_overrides
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "A dataset with pretrain/<modality>_pairs.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Runs, the carved dataset, regimes.json.")
-_FLAGFILE = flags.DEFINE_string("flagfile_base", "configs/scl/text_demo.flags", "The SCL flagfile of every run.")
-_SETTINGS = flags.DEFINE_string("settings", "base:", "';'-separated name:flag=value,... settings.")
-_METHODS = flags.DEFINE_list("methods", list(ABLATIONS), f"Ablations of every setting, of {list(ABLATIONS)}.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
-_STEPS = flags.DEFINE_integer("steps", 400, "Training steps of every run.")
-_EVAL_SPLIT = flags.DEFINE_string("eval_split", "valid", "Where the runs are compared.")
-_REPORT = flags.DEFINE_string("report_name", "regimes", "Writes <output_dir>/<report_name>.{json,md}; studies "
-                              "sharing an output_dir share their runs.")
-_VALID_PAIRS = flags.DEFINE_integer("valid_pairs", 20000, "Rows carved from train as `valid` when there is none.")
-flags.mark_flags_as_required(["data_dir", "output_dir"])
+
+def define_flags():
+    """The command's flags; defined only when it runs, so that importing this module (the tests) defines none."""
+    flags.DEFINE_string("data_dir", None, "A dataset with pretrain/<modality>_pairs.", required=True)
+    flags.DEFINE_string("output_dir", None, "Runs, the carved dataset, the reports.", required=True)
+    flags.DEFINE_string("flagfile_base", "configs/scl/text_demo.flags", "The SCL flagfile of every run.")
+    flags.DEFINE_string("settings", "base:", "';'-separated name:flag=value,... settings.")
+    flags.DEFINE_list("methods", list(ABLATIONS), f"Ablations of every setting, of {list(ABLATIONS)}.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+    flags.DEFINE_integer("steps", 400, "Training steps of every run.")
+    flags.DEFINE_string("eval_split", "valid", "Where the runs are compared.")
+    flags.DEFINE_string("report_name", "regimes", "Writes <output_dir>/<report_name>.{json,md}; studies sharing an "
+                        "output_dir share their runs.")
+    flags.DEFINE_integer("valid_pairs", 20000, "Rows carved from train as `valid` when there is none.")
 
 ORDER = list(ABLATIONS)  # the paper's order, best first
 
@@ -183,22 +185,24 @@ def main(argv):
     from mm_ads.utils.tf_startup import hide_retracing_warnings
 
     hide_retracing_warnings()
-    settings = parse_settings(_SETTINGS.value)
-    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-    modality = config_lib.read_flagfile(_FLAGFILE.value).get("modality", "text")
-    data_dir = _DATA_DIR.value
-    if _EVAL_SPLIT.value == "valid":
-        data_dir = with_valid_split(data_dir, _OUTPUT_DIR.value, modality, _VALID_PAIRS.value)
-    results = run_study(data_dir, _FLAGFILE.value, settings, _METHODS.value, [int(s) for s in _SEEDS.value],
-                        _STEPS.value, _EVAL_SPLIT.value, _OUTPUT_DIR.value)
+    f = flags.FLAGS
+    settings = parse_settings(f.settings)
+    os.makedirs(f.output_dir, exist_ok=True)
+    modality = config_lib.read_flagfile(f.flagfile_base).get("modality", "text")
+    data_dir = f.data_dir
+    if f.eval_split == "valid":
+        data_dir = with_valid_split(data_dir, f.output_dir, modality, f.valid_pairs)
+    results = run_study(data_dir, f.flagfile_base, settings, f.methods, [int(s) for s in f.seeds], f.steps,
+                        f.eval_split, f.output_dir)
     results["argv"] = sys.argv
     results["data_dir"] = os.path.abspath(data_dir)
-    io_utils.write_json(os.path.join(_OUTPUT_DIR.value, f"{_REPORT.value}.json"), results)
+    io_utils.write_json(os.path.join(f.output_dir, f"{f.report_name}.json"), results)
     text = to_markdown(results)
-    with io_utils.atomic_file(os.path.join(_OUTPUT_DIR.value, f"{_REPORT.value}.md")) as f:
-        f.write(text)
+    with io_utils.atomic_file(os.path.join(f.output_dir, f"{f.report_name}.md")) as out:
+        out.write(text)
     print(text)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
