@@ -2,7 +2,8 @@
 
 One run of the demo (a subprocess, every preparation stage included: world, a few SCL steps, catalogue
 vectors, the initial CTR model) is shared by the assertions; the failure path then reuses its prepared work
-dir with a REST port that is already taken, so the server cannot start.
+dir with a REST port that is already taken, so the server cannot start. The demo runs its loop for a fixed time
+(~40 s in all): it is a `large` test (`make test-large`); every service in it has its own tests in the default suite.
 """
 
 import json
@@ -67,6 +68,7 @@ def demo(tmp_path_factory):
     return {"work": work, "proc": proc, "summary": summary}
 
 
+@pytest.mark.large
 def test_demo_runs_the_loop_and_exits_cleanly(demo):
     proc, s = demo["proc"], demo["summary"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,6 +81,7 @@ def test_demo_runs_the_loop_and_exits_cleanly(demo):
         assert not os.path.exists(f"/proc/{svc['pid']}")
 
 
+@pytest.mark.large
 def test_every_new_item_found_with_finite_positive_freshness(demo):
     s = demo["summary"]
     (phase,) = s["freshness"]
@@ -98,6 +101,7 @@ def test_every_new_item_found_with_finite_positive_freshness(demo):
     assert s["encoder_service_stats"]["skipped"] == 0
 
 
+@pytest.mark.large
 def test_server_swapped_in_a_nearline_version(demo):
     s = demo["summary"]
     exported = [e["version"] for e in s["nearline_exports"]]
@@ -113,7 +117,7 @@ def test_server_swapped_in_a_nearline_version(demo):
     assert ex[-1]["grpc_max_abs_diff"] < 1e-5  # TF Serving's gRPC client gets the REST scores
 
 
-# large (~15 s): the demo's failure path; the loop itself is checked in the default suite above
+# large (~15 s more): the demo's failure path
 @pytest.mark.large
 def test_a_service_that_cannot_start_fails_the_demo_without_leftovers(demo):
     work = demo["work"]
