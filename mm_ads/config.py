@@ -15,6 +15,7 @@ from mm_ads.options import convert_value
 CTR_VARIANTS = ("id", "vector", "simscore", "simtier", "make", "simtier_make", "make_only")
 # Variants whose ID model reads a MAKE module (paper section 4.3); "make_only" is MAKE alone (its pre-training).
 MAKE_VARIANTS = ("make", "simtier_make")
+MAKE_FUSIONS = ("concat", "separate")
 SIMTIER_VARIANTS = ("simtier", "simtier_make")
 # options that only the SimTier variants read
 SIMTIER_FIELDS = ("num_tiers", "tier_calibration", "tier_boundaries", "tier_transform")
@@ -95,6 +96,9 @@ class CTRModelConfig:
         vector_projection_dim: width the Vector variant projects multimodal vectors to.
         make_units: hidden widths of MAKE's MLP (paper: "four-layer", sizes unpublished; then a 1-unit logit).
         make_attention_units: hidden units of the attention MLP of MAKE's DIN over the vectors.
+        make_fusion: with several modalities (`--vector_table=image,text`): "concat" (one MAKE over every item's
+            modalities' vectors concatenated) or "separate" (one MAKE per modality, their outputs concatenated and
+            their logits summed). One modality: no effect.
         make_epochs: epochs of MAKE pre-training (phase A, in `<model_dir>/make/`) before the ID model trains
             with the pre-trained MAKE; 0 = no pre-training: MAKE trains jointly with the ID model.
         make_trainable: fine-tune the pre-trained MAKE with the ID model (default: frozen). Ignored with
@@ -141,6 +145,7 @@ class CTRModelConfig:
     vector_projection_dim: int = 16
     make_units: tuple = (256, 128, 64, 32)
     make_attention_units: tuple = (80, 40)
+    make_fusion: str = "concat"
     make_epochs: int = 4
     make_trainable: bool = False
     make_patience: int = 1
@@ -173,6 +178,8 @@ class CTRModelConfig:
                f"model.make_units must be one or more positive ints, got {self.make_units}")
         _check(all(u >= 1 for u in self.make_attention_units),
                f"model.make_attention_units must be positive, got {self.make_attention_units}")
+        _check(self.make_fusion in MAKE_FUSIONS,
+               f"model.make_fusion must be one of {MAKE_FUSIONS}, got {self.make_fusion!r}")
         _check(self.make_epochs >= 0, f"model.make_epochs must be >= 0, got {self.make_epochs}")
         _check(self.make_patience >= 0, f"model.make_patience must be >= 0, got {self.make_patience}")
         _check(self.id_mapping in ID_MAPPINGS,
@@ -201,6 +208,8 @@ class CTRModelConfig:
         unused = set() if self.variant in SIMTIER_VARIANTS else set(SIMTIER_FIELDS)
         if self.variant != "vector":
             unused.add("vector_projection_dim")
+        if self.variant not in MAKE_VARIANTS + ("make_only",):
+            unused.add("make_fusion")
         return unused
 
     @property

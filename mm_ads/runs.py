@@ -80,7 +80,10 @@ def _check_ctr_inputs(config, manifest):
         read_item_stats(manifest)
     except ValueError as e:
         raise InputError(f"{flag}: {e}") from None
-    tiers.calibrate(config)  # quantile SimTier tiers (fills model.tier_boundaries): compared on resume
+    try:
+        tiers.calibrate(config)  # quantile SimTier tiers (fills model.tier_boundaries): compared on resume
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def _check_scl_inputs(config, manifest):
@@ -103,40 +106,43 @@ def _check_clip_inputs(config, manifest):
                          f"(items.parquet; it has {_components(manifest)}): CLIP-E needs item titles and images")
 
 
-def _vector_table(config, manifest):
-    """(the flag as given, the path, the manifest's name of the table or None) of a multimodal run's table."""
+def _vector_tables(config, manifest):
+    """(the flag as given, `[(modality, path, the manifest's name of the table or None)]`) of a multimodal run's
+    tables: one per modality (`pipeline.resolve_modality_tables`)."""
     from mm_ads.data import pipeline
 
     value = config.data.vector_table
     flag = f"--vector_table={value}" if value else "--vector_table (unset: the dataset's only table)"
     try:
-        path = pipeline.resolve_vector_table_path(manifest, value or None, option="--vector_table")
+        tables = pipeline.resolve_modality_tables(manifest, value or None, option="--vector_table")
     except ValueError as e:  # names the flag itself
         raise InputError(str(e)) from None
-    name = next((n for n, p in pipeline.vector_table_paths(manifest).items() if p == path), None)
-    return flag, path, name
+    return flag, tables
 
 
 def _validate_vector_table(config, manifest):
-    """The vector table of a multimodal variant: resolvable, readable, of the dim it must have, and, when
-    `model_dir` holds a run, the table that run recorded (`mm_ads.training.vector_record`)."""
+    """The vector tables of a multimodal variant: resolvable, readable, of the dims they must have, and, when
+    `model_dir` holds a run, the tables that run recorded (`mm_ads.training.vector_record`)."""
     from mm_ads.data.spec import FeatureSpec
     from mm_ads.data.vectors import read_table_info
     from mm_ads.training import vector_record
 
-    flag, path, name = _vector_table(config, manifest)
+    flag, tables = _vector_tables(config, manifest)
+    dims = {}
+    for modality, path, name in tables:
+        try:
+            info = read_table_info(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(f"{flag}: {e}") from None
+        entries = manifest.extra.get("vector_tables") or {}
+        declared = entries.get(name) if isinstance(entries, dict) else None
+        if isinstance(declared, dict) and declared.get("dim") is not None and int(declared["dim"]) != info["dim"]:
+            raise InputError(f"{flag}: {path} has dim {info['dim']}, but the manifest of {config.data.data_dir} "
+                             f"declares dim {declared['dim']} for it")
+        dims[modality] = int(info["dim"])
     try:
-        info = read_table_info(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"{flag}: {e}") from None
-    entries = manifest.extra.get("vector_tables") or {}
-    declared = entries.get(name) if isinstance(entries, dict) else None
-    if isinstance(declared, dict) and declared.get("dim") is not None and int(declared["dim"]) != info["dim"]:
-        raise InputError(f"{flag}: {path} has dim {info['dim']}, but the manifest of {config.data.data_dir} "
-                         f"declares dim {declared['dim']} for it")
-    try:
-        vector_record.check(config.model_dir, vector_record.describe_table(path, name),
-                            config.train.allow_vector_table_change, "resume", option=flag)
+        vector_record.check(config.model_dir, _describe_tables(tables), config.train.allow_vector_table_change,
+                            "resume", option=flag)
     except ValueError as e:  # VectorTableChanged, or an unreadable record
         raise InputError(str(e)) from None
     # a resumed run (or its MAKE pre-training) was built for the vectors it trained with
@@ -145,10 +151,25 @@ def _validate_vector_table(config, manifest):
         if not os.path.exists(spec_path):
             continue
         with open(spec_path) as f:
-            trained_dim = FeatureSpec.from_json(json.load(f)).vector_dim
-        if trained_dim and trained_dim != info["dim"]:
-            raise InputError(f"{flag}: {path} has dim {info['dim']}, but the run in {model_dir} was trained with "
-                             f"dim {trained_dim} ({spec_path}): use a table of dim {trained_dim}, or a new --model_dir")
+            trained = {m.name: m.dim for m in FeatureSpec.from_json(json.load(f)).modalities()}
+        if trained and trained != dims and list(trained) == list(dims) == [""]:
+            raise InputError(f"{flag}: {tables[0][1]} has dim {dims['']}, but the run in {model_dir} was trained "
+                             f"with dim {trained['']} ({spec_path}): use a table of dim {trained['']}, or a new "
+                             "--model_dir")
+        if trained and trained != dims:
+            def show(d):
+                return ", ".join(f"{m or 'vectors'}: dim {n}" for m, n in d.items())
+            raise InputError(f"{flag}: the tables give {show(dims)}, but the run in {model_dir} was trained with "
+                             f"{show(trained)} ({spec_path}): use the tables it was trained with, or a new "
+                             "--model_dir")
+
+
+def _describe_tables(tables):
+    """The `vector_record` entry (one modality) or entries (several) of `_vector_tables`' tables."""
+    from mm_ads.training import vector_record
+
+    entries = [vector_record.describe_table(path, name, modality) for modality, path, name in tables]
+    return entries[0] if len(entries) == 1 and not tables[0][0] else entries
 
 
 def run(config):
@@ -172,19 +193,19 @@ def run(config):
 
 
 def _record_vector_table(config, chief):
-    """The record entry of a multimodal run's vector table, written to the model dir when new or allowed to
-    change (checked by `validate_inputs`); None for a run without vectors."""
+    """The record entry (entries, with several modalities) of a multimodal run's vector tables, written to the model
+    dir when new or allowed to change (checked by `validate_inputs`); None for a run without vectors."""
     from mm_ads.data.dataset import Manifest
     from mm_ads.training import vector_record
 
     if not config.model.uses_vectors:
         return None
-    _, path, name = _vector_table(config, Manifest.load(config.data.data_dir))
-    current = vector_record.describe_table(path, name)  # the file was hashed once already in this process
-    recorded = vector_record.recorded_entry(config.model_dir)
+    _, tables = _vector_tables(config, Manifest.load(config.data.data_dir))
+    current = _describe_tables(tables)  # the files were hashed once already in this process
+    recorded = vector_record.recorded_entries(config.model_dir)
     if recorded is None or vector_record.differences(recorded, current):  # new, or a change allowed (and warned)
         return vector_record.write(config.model_dir, current) if chief else current
-    return recorded
+    return recorded[0] if isinstance(current, dict) else recorded
 
 
 def _pretrain_make(config, strategy, chief, vectors=None):

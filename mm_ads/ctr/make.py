@@ -28,7 +28,7 @@ import copy
 import os
 
 from mm_ads.config import ID_TABLE_FIELDS, SIMTIER_FIELDS, CTRModelConfig
-from mm_ads.ctr.model import MAKE_LAYER
+from mm_ads.ctr.model import make_layer_names
 from mm_ads.data.dataset import Manifest
 from mm_ads.training import model_dir as run_dir
 from mm_ads.training.checkpoint import restore_model
@@ -103,10 +103,14 @@ def finished_pretraining(config):
 
 
 def restore_make(model, checkpoint):
-    """Restores every variable of `model`'s MAKE layer from `checkpoint` (phase A's, or any model's with a
-    MAKE layer of the same name and sizes); the rest of `model` is untouched.
+    """Restores every variable of `model`'s MAKE modules ("make", or "make_<m>" per modality with
+    `make_fusion="separate"`) from `checkpoint` (phase A's, or any model's with MAKE modules of the same names and
+    sizes); the rest of `model` is untouched.
 
     Raises if a MAKE variable is absent from the checkpoint (e.g. other MAKE sizes).
     """
-    layer = model.get_layer(MAKE_LAYER)
-    restore_model(layer, checkpoint)
+    names = make_layer_names(model)
+    if not names:
+        raise ValueError(f"Model {model.name!r} has no MAKE layer to restore")
+    for name in names:
+        restore_model(model.get_layer(name), checkpoint)

@@ -21,6 +21,12 @@ Variants (paper section 6.1.3):
 Every multimodal variant also feeds the target's `item_vector_missing` flag to the MLP and
 excludes history items without a vector from the similarity statistics (and from MAKE's attention).
 
+Several modalities (`FeatureSpec.modalities`, e.g. image and text vectors: `--vector_table=image,text`): each
+enters through its own layers, named with the modality: a projection per modality (`vector_projection_<m>`), a
+similarity side feature per modality (`sim_score_<m>`, DIN's side information `[B, S, M]`), a histogram per
+modality (`sim_tier_<m>`, concatenated) and its own missing flag. MAKE runs over all of them: one module over the
+concatenated vectors (`make_fusion="concat"`, the default) or one per modality (`"separate"`, `make_<m>`).
+
 The model is forward-only: it maps the FeatureSpec's model inputs (named after the features)
 to `{"ctr": [B], "logit": [B]}`; losses and metrics live in the task. `extra_block` is a seam
 for more MLP inputs: a callable `(inputs, parts) -> list of [B, F] tensors` appended to the MLP
@@ -38,6 +44,8 @@ that table (or `config.id_mapping`), and whose ids read the table's default row 
 have occurred `config.admit_after` times in training. With `config.id_mapping="dynamic"` each table is a
 `DynamicEmbedding` instead (`mm_ads.layers.dynamic_embedding.dynamic_tables`).
 """
+
+import collections
 
 import keras
 
@@ -59,12 +67,25 @@ from mm_ads.layers.string_hashing import StringHashing
 MAKE_LAYER = "make"
 
 
-def _check_vectors(spec, variant):
-    if ITEM_VECTOR not in spec or HIST_ITEM_VECTOR not in spec:
+def _modalities(spec, variant):
+    """The spec's `Modality`s for a multimodal variant (each with a target and a history vector feature)."""
+    modalities = spec.modalities()
+    if not modalities or any(m.item is None or m.history is None for m in modalities):
         raise ValueError(
-            f"Variant {variant!r} needs the vector features {ITEM_VECTOR!r} and {HIST_ITEM_VECTOR!r} in the "
-            "FeatureSpec (give the pipeline a vector table)"
+            f"Variant {variant!r} needs the vector features {ITEM_VECTOR!r} and {HIST_ITEM_VECTOR!r} (or "
+            "item_vector_<m> and hist_item_vector_<m> for every modality m) in the FeatureSpec (give the pipeline a "
+            f"vector table); it has {[f.name for f in spec.by_role('vector')]}"
         )
+    return modalities
+
+
+def vector_input_names(spec, variant):
+    """The vector inputs of a multimodal variant, modality by modality: target vector, its missing flag, history
+    vectors, their missing flags."""
+    names = []
+    for m in _modalities(spec, variant):
+        names += [m.item, missing_flag_name(m.item), m.history, missing_flag_name(m.history)]
+    return names
 
 
 def model_input_names(spec, variant):
@@ -72,13 +93,11 @@ def model_input_names(spec, variant):
 
     `make_only` reads no id feature but the history ids its vectors are joined from (for the padding mask).
     """
-    vectors = [ITEM_VECTOR, missing_flag_name(ITEM_VECTOR), HIST_ITEM_VECTOR, missing_flag_name(HIST_ITEM_VECTOR)]
     if variant == "make_only":
-        _check_vectors(spec, variant)
-        return [spec[HIST_ITEM_VECTOR].source] + vectors
+        return [spec[_modalities(spec, variant)[0].history].source] + vector_input_names(spec, variant)
     names = [f.name for f in spec if f.is_model_input and f.role != "vector"]
     if variant != "id":
-        names += vectors
+        names += vector_input_names(spec, variant)
     return names
 
 
@@ -90,14 +109,30 @@ def make_inputs(spec, variant):
         if f.is_model_input and f.role != "vector" and f.name in names:
             inputs[f.name] = keras.Input(f.shape, dtype=f.dtype, name=f.name)
     if variant != "id":
-        _check_vectors(spec, variant)
-        s, d = spec.seq_len, spec.vector_dim
-        inputs[ITEM_VECTOR] = keras.Input((d,), dtype="float32", name=ITEM_VECTOR)
-        inputs[HIST_ITEM_VECTOR] = keras.Input((s, d), dtype="float32", name=HIST_ITEM_VECTOR)
-        inputs[missing_flag_name(ITEM_VECTOR)] = keras.Input((), dtype="float32", name=missing_flag_name(ITEM_VECTOR))
-        inputs[missing_flag_name(HIST_ITEM_VECTOR)] = keras.Input(
-            (s,), dtype="float32", name=missing_flag_name(HIST_ITEM_VECTOR))
+        for m in _modalities(spec, variant):
+            s, d = spec.seq_len, m.dim
+            inputs[m.item] = keras.Input((d,), dtype="float32", name=m.item)
+            inputs[m.history] = keras.Input((s, d), dtype="float32", name=m.history)
+            inputs[missing_flag_name(m.item)] = keras.Input((), dtype="float32", name=missing_flag_name(m.item))
+            inputs[missing_flag_name(m.history)] = keras.Input((s,), dtype="float32",
+                                                               name=missing_flag_name(m.history))
     return inputs
+
+
+# One modality's tensors in a model: its layers' name suffix ("" for the single unnamed modality, "_<m>" else), the
+# target vector [B, D], the history vectors [B, S, D], which history slots hold a vector [B, S] (bool) and the
+# target's missing flag [B].
+_VectorView = collections.namedtuple("_VectorView", "suffix target history has_vector target_missing")
+
+
+def _vector_views(spec, variant, inputs, mask):
+    """A `_VectorView` per modality; `mask` [B, S]: the history slots that are not padding."""
+    views = []
+    for m in _modalities(spec, variant):
+        has_vector = keras.ops.logical_and(mask, keras.ops.equal(inputs[missing_flag_name(m.history)], 0.0))
+        views.append(_VectorView(f"_{m.name}" if m.name else "", inputs[m.item], inputs[m.history], has_vector,
+                                 inputs[missing_flag_name(m.item)]))
+    return views
 
 
 def _pair_history_with_target(spec):
@@ -222,25 +257,31 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
     side = None
     mlp_inputs = [] if cold is None else [cold]
     if variant != "id":
-        target_vec, hist_vec = inputs[ITEM_VECTOR], inputs[HIST_ITEM_VECTOR]
-        hist_has_vec = keras.ops.logical_and(mask, keras.ops.equal(inputs[missing_flag_name(HIST_ITEM_VECTOR)], 0.0))
-        mlp_inputs.append(keras.ops.expand_dims(inputs[missing_flag_name(ITEM_VECTOR)], -1))  # [B, 1]
+        # every modality enters through its own layers (named with the modality), side by side
+        views = _vector_views(spec, variant, inputs, mask)
+        mlp_inputs += [keras.ops.expand_dims(v.target_missing, -1) for v in views]  # [B, 1] each
         if variant == "vector":
-            proj = keras.layers.Dense(config.vector_projection_dim, name="vector_projection")
-            query = keras.ops.concatenate([query, proj(target_vec)], axis=-1)  # [B, E·k + P]
-            keys = keras.ops.concatenate([keys, proj(hist_vec)], axis=-1)  # [B, S, E·k + P]
+            for v in views:
+                proj = keras.layers.Dense(config.vector_projection_dim, name=f"vector_projection{v.suffix}")
+                query = keras.ops.concatenate([query, proj(v.target)], axis=-1)  # [B, E·k + P·M]
+                keys = keras.ops.concatenate([keys, proj(v.history)], axis=-1)  # [B, S, E·k + P·M]
         elif variant == "simscore":
-            side = SimScore(keepdims=True, name="sim_score")(target_vec, hist_vec, mask=hist_has_vec)  # [B, S, 1]
+            side = keras.ops.concatenate([SimScore(keepdims=True, name=f"sim_score{v.suffix}")(
+                v.target, v.history, mask=v.has_vector) for v in views], axis=-1)  # [B, S, M]
         elif variant in ("simtier", "simtier_make"):
             if config.tier_calibration == "quantile" and not config.tier_boundaries:
                 raise ValueError("tier_calibration='quantile' needs tier_boundaries: computed from the training "
                                  "data by mm_ads.ctr.tiers.calibrate (runs.run does it)")
+            if config.tier_boundaries and len(views) > 1:
+                raise ValueError("tier_boundaries (tier_calibration='quantile') hold one modality's tiers; with "
+                                 f"{len(views)} modalities use tier_calibration='equal'")
             boundaries = list(config.tier_boundaries) or None
-            tiers = SimTier(num_tiers=len(boundaries) + 1 if boundaries else config.num_tiers, boundaries=boundaries,
-                            count_transform=config.tier_transform,
-                            name="sim_tier")(target_vec, hist_vec, mask=hist_has_vec)  # [B, N]
-            mlp_inputs.append(tiers)
-        parts.update({"target_vector": target_vec, "history_vector": hist_vec, "history_has_vector": hist_has_vec})
+            for v in views:
+                mlp_inputs.append(SimTier(num_tiers=len(boundaries) + 1 if boundaries else config.num_tiers,
+                                          boundaries=boundaries, count_transform=config.tier_transform,
+                                          name=f"sim_tier{v.suffix}")(v.target, v.history,
+                                                                      mask=v.has_vector))  # [B, N] each
+        parts["vectors"] = views
 
     attention = DINAttention(hidden_units=config.attention_units, activation=config.activation, name="din")
     interest = attention(query, keys, side_features=side, mask=mask)  # [B, E·k (+P)]
@@ -260,17 +301,44 @@ def build_ctr_model(spec, config, extra_block=None, name=None, embedding_shards=
     return keras.Model(inputs, {"ctr": ctr, "logit": logit}, name=name or f"ctr_{variant}")
 
 
-def _make_layer(config):
-    """The MAKE module of `config` (frozen when pre-trained and not fine-tuned)."""
-    return MAKE(mlp_units=config.make_units, attention_units=config.make_attention_units,
-                activation=config.activation, trainable=not config.make_frozen, name=MAKE_LAYER)
+def _make_modules(config, views):
+    """`[(layer name, target [B, D], history [B, S, D], has_vector [B, S], target_missing [B])]`: the MAKE modules
+    over the modalities' `_VectorView`s. One modality, or `make_fusion="concat"`: one module "make" over the
+    modalities' vectors concatenated (a history slot counts if any modality has its vector; the target is missing
+    when every modality misses it). `"separate"`: one module `make_<m>` per modality."""
+    if len(views) == 1 or config.make_fusion == "concat":
+        if len(views) == 1:
+            v = views[0]
+            return [(MAKE_LAYER, v.target, v.history, v.has_vector, v.target_missing)]
+        has_vector = views[0].has_vector
+        target_missing = views[0].target_missing
+        for v in views[1:]:
+            has_vector = keras.ops.logical_or(has_vector, v.has_vector)
+            target_missing = target_missing * v.target_missing
+        return [(MAKE_LAYER, keras.ops.concatenate([v.target for v in views], axis=-1),
+                 keras.ops.concatenate([v.history for v in views], axis=-1), has_vector, target_missing)]
+    return [(MAKE_LAYER + v.suffix, v.target, v.history, v.has_vector, v.target_missing) for v in views]
+
+
+def make_layer_names(model):
+    """The names of `model`'s MAKE modules ("make", or "make_<m>" per modality with `make_fusion="separate"`)."""
+    return [layer.name for layer in model.layers if isinstance(layer, MAKE)]
+
+
+def _make_outputs(config, views):
+    """The outputs of every MAKE module (`mm_ads.layers.MAKE`'s dict) over the modalities' views."""
+    return [MAKE(mlp_units=config.make_units, attention_units=config.make_attention_units, activation=config.activation,
+                 trainable=not config.make_frozen, name=layer)(target, history, mask=has_vector,
+                                                               target_missing=missing)
+            for layer, target, history, has_vector, missing in _make_modules(config, views)]
 
 
 def _make_features(config, inputs, parts):
-    """MAKE's knowledge for the ID model's MLP: [v_MAKE [B, 2D], hidden_1 [B, H1], ..., logit [B, 1]]."""
-    out = _make_layer(config)(parts["target_vector"], parts["history_vector"], mask=parts["history_has_vector"],
-                              target_missing=inputs[missing_flag_name(ITEM_VECTOR)])
-    features = [out["v_make"]] + list(out["hidden"]) + [out["logit"]]
+    """MAKE's knowledge for the ID model's MLP: [v_MAKE [B, 2D], hidden_1 [B, H1], ..., logit [B, 1]] of every MAKE
+    module."""
+    features = []
+    for out in _make_outputs(config, parts["vectors"]):
+        features += [out["v_make"]] + list(out["hidden"]) + [out["logit"]]
     if parts.get("cold") is not None:  # a new item: MAKE's outputs on a vector it never trained on are not used
         features = [f * (1.0 - parts["cold"]) for f in features]
     return features
@@ -280,19 +348,22 @@ def _target_item_feature(spec, pairs):
     """The target item's id feature (whose table decides which items are new): the vectors' source, else the
     target feature of DIN's first (history, target) pair."""
     paired = [t.name for _, t in pairs]
-    name = spec[ITEM_VECTOR].source if ITEM_VECTOR in spec else paired[0]
+    modalities = [m for m in spec.modalities() if m.item is not None]
+    name = spec[modalities[0].item].source if modalities else paired[0]
     if name not in paired:
-        raise ValueError(f"cold_item_rate: the item feature {name!r} (source of {ITEM_VECTOR!r}) is not a target "
-                         f"feature of DIN's behaviour sequence ({paired})")
+        raise ValueError(f"cold_item_rate: the item feature {name!r} (source of {modalities[0].item!r}) is not a "
+                         f"target feature of DIN's behaviour sequence ({paired})")
     return name
 
 
 def _build_make_only(spec, config, inputs, name):
-    """MAKE alone (its pre-training model): vectors in, MAKE's logit out (paper eqs. 3-5)."""
-    source = spec[HIST_ITEM_VECTOR].source
+    """MAKE alone (its pre-training model): vectors in, MAKE's logit out (paper eqs. 3-5); with several MAKE modules
+    (`make_fusion="separate"`) the sum of their logits."""
+    source = spec[_modalities(spec, "make_only")[0].history].source
     mask = keras.ops.not_equal(inputs[source], spec[source].padding_id)  # [B, S]
-    has_vector = keras.ops.logical_and(mask, keras.ops.equal(inputs[missing_flag_name(HIST_ITEM_VECTOR)], 0.0))
-    out = _make_layer(config)(inputs[ITEM_VECTOR], inputs[HIST_ITEM_VECTOR], mask=has_vector,
-                              target_missing=inputs[missing_flag_name(ITEM_VECTOR)])
-    logit = keras.ops.squeeze(out["logit"], -1)  # [B]
+    outs = _make_outputs(config, _vector_views(spec, "make_only", inputs, mask))
+    logit = outs[0]["logit"]
+    for out in outs[1:]:
+        logit = logit + out["logit"]
+    logit = keras.ops.squeeze(logit, -1)  # [B]
     return keras.Model(inputs, {"ctr": keras.ops.sigmoid(logit), "logit": logit}, name=name or "ctr_make_only")

@@ -26,9 +26,11 @@ class CTRTask(Task):
             reads them from the online index table): the vector dim D of the model's FeatureSpec. No vector
             table is loaded, so `build_inputs` and `evaluate` are then unavailable; the model, loss and
             training step are unchanged.
+        vector_dims: the same for several modalities: `{modality: D}` (`FeatureSpec.with_modalities`; `{"": D}` is
+            `vector_dim=D`).
     """
 
-    def __init__(self, config, extra_block=None, make_checkpoint=None, vector_dim=None):
+    def __init__(self, config, extra_block=None, make_checkpoint=None, vector_dim=None, vector_dims=None):
         self.config = config
         self.extra_block = extra_block
         self.make_checkpoint = make_checkpoint
@@ -38,14 +40,18 @@ class CTRTask(Task):
         if spec is None:
             raise ValueError(f"Dataset {data.data_dir} has no FeatureSpec: it holds no CTR impressions")
         base = FeatureSpec([f for f in spec if f.role != "vector"], spec.seq_len, 0)
-        self.join = None
-        if config.model.uses_vectors and vector_dim is not None:
-            self.spec = base.with_vectors(int(vector_dim))
+        self.join, self.joins = None, []
+        if vector_dim is not None:
+            vector_dims = {"": int(vector_dim)}
+        if config.model.uses_vectors and vector_dims:
+            self.spec = base.with_modalities(vector_dims)
         elif config.model.uses_vectors:
-            path = pipeline.resolve_vector_table_path(self.manifest, data.vector_table or None, option="--vector_table")
-            table = VectorTable.load(path)
-            self.spec = base.with_vectors(table.dim)
-            self.join = pipeline.VectorJoin(table, self.spec)
+            tables = {modality: VectorTable.load(path) for modality, path, _ in pipeline.resolve_modality_tables(
+                self.manifest, data.vector_table or None, option="--vector_table")}
+            self.spec = base.with_modalities({m: t.dim for m, t in tables.items()})
+            self.joins = [pipeline.VectorJoin(t, self.spec, modality=m) for m, t in tables.items()]
+            if len(self.joins) == 1:
+                self.join = self.joins[0]
         else:
             self.spec = base
         self.input_names = model_input_names(self.spec, config.model.variant)
@@ -81,7 +87,7 @@ class CTRTask(Task):
         return self.manifest.num_rows("ctr", self._split_name(split))
 
     def build_inputs(self, split, batch_size, input_context=None, epoch=0, training=True):
-        if self.config.model.uses_vectors and self.join is None:
+        if self.config.model.uses_vectors and not self.joins:
             raise ValueError("This CTRTask was built with vector_dim= (vectors joined by the caller): it has no "
                              "vector table for a tf.data pipeline")
         data = self.config.data
@@ -92,7 +98,7 @@ class CTRTask(Task):
         # (its peers would wait for it in the all-reduce). Within one epoch nothing repeats otherwise.
         # epoch=None: an unseeded shuffle (parameter-server workers each draw their own order).
         return pipeline.make_ctr_dataset(
-            data.data_dir, name, batch_size, vector_table=self.join, spec=self.spec, shuffle=shuffle,
+            data.data_dir, name, batch_size, vector_table=self.joins or None, spec=self.spec, shuffle=shuffle,
             shuffle_buffer=max(data.shuffle_buffer, 1),
             seed=None if epoch is None else self.config.train.seed * 1000 + epoch,
             input_context=input_context, drop_remainder=training, repeat=training,
@@ -143,6 +149,8 @@ class CTRTask(Task):
         result = metrics.result()
         if self.join is not None:
             result["vector_join"] = {k: v for k, v in self.join.stats(log=False).items()}
+        elif self.joins:
+            result["vector_join"] = {j.modality: j.stats(log=False) for j in self.joins}
         return result
 
     def describe(self):

@@ -49,6 +49,12 @@ def calibrate(config):
     model = config.model
     if model.variant not in SIMTIER_VARIANTS or model.tier_calibration != "quantile" or model.tier_boundaries:
         return config
+    tables = pipeline.resolve_modality_tables(Manifest.load(config.data.data_dir), config.data.vector_table or None,
+                                              option="--vector_table")
+    if len(tables) > 1:
+        raise ValueError(f"--tier_calibration=quantile calibrates the tiers of one modality; --vector_table="
+                         f"{config.data.vector_table} gives {len(tables)} ({[m for m, _, _ in tables]}): use "
+                         "--tier_calibration=equal with several modalities")
     sims = training_similarities(config.data.data_dir, config.data.vector_table, config.data.train_split,
                                  seed=config.train.seed)
     model.tier_boundaries = tuple(quantile_boundaries(sims, model.num_tiers))

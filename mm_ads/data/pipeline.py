@@ -125,6 +125,44 @@ def resolve_vector_table_path(manifest, vector_table=None, option="vector_table"
     )
 
 
+def resolve_modality_tables(manifest, vector_table=None, option="vector_table"):
+    """The vector tables of a run, one per modality: `[(modality, path, manifest name or None)]`.
+
+    `vector_table` is what `resolve_vector_table_path` takes (one table: the spec's single unnamed modality "",
+    as before), or a comma-separated list of several: `"image,text"` (names listed in the manifest, or paths), each
+    entry optionally `modality=<name | path>`. A listed name is its own modality name unless `modality=` renames
+    it; a path's modality is its file stem. Modalities are distinct `mm_ads.data.spec.check_modality_name` names.
+
+    Example: `--vector_table=image=vectors/effnet.parquet,text=minilm` joins `item_vector_image`,
+    `hist_item_vector_image`, `item_vector_text` and `hist_item_vector_text`.
+    """
+    from mm_ads.data.spec import check_modality_name
+
+    entries = [e.strip() for e in (vector_table or "").split(",")] if vector_table else [None]
+    if len(entries) == 1 and (entries[0] is None or "=" not in entries[0] or os.path.exists(entries[0]) or
+                              entries[0] in vector_table_paths(manifest)):
+        path = resolve_vector_table_path(manifest, entries[0], option=option)
+        return [("", path, _manifest_name(manifest, path))]
+    out, seen = [], set()
+    for entry in entries:
+        if not entry:
+            raise ValueError(f"{option}={vector_table!r}: an empty entry in the comma-separated list")
+        modality, _, value = entry.rpartition("=")
+        path = resolve_vector_table_path(manifest, value, option=option)
+        name = _manifest_name(manifest, path)
+        modality = modality or name or os.path.splitext(os.path.basename(path))[0]
+        check_modality_name(modality, f"{option}={vector_table!r}: the table {value!r} gives the modality")
+        if modality in seen:
+            raise ValueError(f"{option}={vector_table!r}: the modality {modality!r} is given twice")
+        seen.add(modality)
+        out.append((modality, path, name))
+    return out
+
+
+def _manifest_name(manifest, path):
+    return next((n for n, p in vector_table_paths(manifest).items() if p == path), None)
+
+
 # Kept for callers written before the public name existed.
 
 
@@ -151,9 +189,11 @@ class VectorJoin:
 
     Args:
         table: a `VectorTable`.
-        spec: the `FeatureSpec`; its `vector_dim` must equal the table's dim.
+        spec: the `FeatureSpec`; the joined modality's dim must equal the table's dim.
         vector_dtype: "float32" or "int8" (int8 tables only) for the joined vectors.
         warn_miss_rate: `stats()` logs a warning when the miss rate exceeds this.
+        modality: the modality (`FeatureSpec.modalities`) whose vector features this table fills; None: the
+            spec's only one. A spec with several modalities takes one `VectorJoin` per modality.
 
     Example:
 
@@ -164,20 +204,31 @@ class VectorJoin:
     ```
     """
 
-    def __init__(self, table, spec, vector_dtype="float32", warn_miss_rate=0.0):
+    def __init__(self, table, spec, vector_dtype="float32", warn_miss_rate=0.0, modality=None):
         where = f"Vector table {table.path or '<in memory>'}"
         if vector_dtype not in VECTOR_DTYPES:
             raise ValueError(f"vector_dtype must be one of {VECTOR_DTYPES}, got {vector_dtype!r}")
         if vector_dtype == "int8" and table.dtype != "int8":
             raise ValueError(f"vector_dtype='int8' needs an int8 table; {where} is {table.dtype}")
-        self.vector_features = [f for f in spec if f.role == "vector"]
-        if not self.vector_features:
+        modalities = {m.name: m for m in spec.modalities()}
+        if not modalities:
             raise ValueError(
                 f"The FeatureSpec has no vector features to join from {where}; "
                 "use spec.with_vectors(D) to add item_vector / hist_item_vector"
             )
-        if table.dim != spec.vector_dim:
-            raise ValueError(f"{where} has dim {table.dim} but the FeatureSpec has vector_dim {spec.vector_dim}")
+        if modality is None:
+            if len(modalities) > 1:
+                raise ValueError(f"The FeatureSpec has the modalities {sorted(modalities)}: name the one {where} "
+                                 "holds (VectorJoin(..., modality=...))")
+            modality = next(iter(modalities))
+        if modality not in modalities:
+            raise ValueError(f"{where}: the FeatureSpec has no modality {modality!r} (it has {sorted(modalities)})")
+        self.modality = modality
+        self.vector_features = [f for f in spec if f.role == "vector" and f.modality == modality]
+        if table.dim != modalities[modality].dim:
+            what = f"vector_dim {spec.vector_dim}" if not modality else \
+                f"dim {modalities[modality].dim} for modality {modality!r}"
+            raise ValueError(f"{where} has dim {table.dim} but the FeatureSpec has {what}")
         if tf.distribute.has_strategy():
             raise ValueError(
                 "Build the VectorJoin (and the dataset) outside strategy.scope(): inside it the vector "
@@ -285,8 +336,40 @@ class VectorJoin:
         self._counts.assign(tf.zeros_like(self._counts))
 
 
+def _pipeline_joins(data_dir, vector_table, spec, vector_dtype):
+    """The `VectorJoin`s a CTR pipeline applies (checked against the spec: one per modality), [] without vectors."""
+    modalities = spec.modalities()
+    if not modalities:
+        if vector_table is not None and not (isinstance(vector_table, (list, tuple)) and not vector_table):
+            raise ValueError("vector_table was given but the FeatureSpec has no vector features; "
+                             "use spec.with_vectors(D) to join item_vector / hist_item_vector")
+        return []
+    if isinstance(vector_table, (list, tuple)):
+        joins = list(vector_table)
+        if not all(isinstance(j, VectorJoin) for j in joins):
+            raise ValueError(f"vector_table: a list must hold VectorJoins, got {[type(j).__name__ for j in joins]}")
+    elif isinstance(vector_table, VectorJoin):
+        joins = [vector_table]
+    elif len(modalities) > 1:
+        raise ValueError(f"The FeatureSpec has the modalities {[m.name for m in modalities]}: pass one VectorJoin "
+                         "per modality (vector_table=[...])")
+    else:
+        return [build_vector_join(data_dir, vector_table, spec, vector_dtype=vector_dtype)]
+    dims = {m.name: m.dim for m in modalities}
+    got = [j.modality for j in joins]
+    if sorted(got) != sorted(dims):
+        raise ValueError(f"vector_table: VectorJoins for the modalities {got}, but the FeatureSpec has {sorted(dims)}")
+    for join in joins:
+        if join.dim != dims[join.modality] or join.vector_dtype != vector_dtype:
+            raise ValueError(
+                f"VectorJoin of {join.path} gives dim {join.dim} {join.vector_dtype}, but the pipeline wants "
+                f"dim {dims[join.modality]} {vector_dtype}"
+            )
+    return joins
+
+
 def build_vector_join(data_dir, vector_table=None, spec=None, vector_dtype="float32", encoder_version=None,
-                      warn_miss_rate=0.0):
+                      warn_miss_rate=0.0, modality=None):
     """Loads a dataset's vector table and builds its `VectorJoin`.
 
     Args:
@@ -298,6 +381,7 @@ def build_vector_join(data_dir, vector_table=None, spec=None, vector_dtype="floa
         vector_dtype: "float32" or "int8" (see `VectorJoin`).
         encoder_version: when given, the table must have been made by this encoder.
         warn_miss_rate: see `VectorJoin`.
+        modality: the spec's modality the table fills (see `VectorJoin`).
 
     Returns:
         A `VectorJoin`.
@@ -307,7 +391,7 @@ def build_vector_join(data_dir, vector_table=None, spec=None, vector_dtype="floa
     if not isinstance(vector_table, VectorTable):
         path = resolve_vector_table_path(manifest, vector_table)
         vector_table = VectorTable.load(path, expected_encoder_version=encoder_version)
-    return VectorJoin(vector_table, spec, vector_dtype=vector_dtype, warn_miss_rate=warn_miss_rate)
+    return VectorJoin(vector_table, spec, vector_dtype=vector_dtype, warn_miss_rate=warn_miss_rate, modality=modality)
 
 
 _COUNT_BATCH = 8192  # records counted together by the verification pass
@@ -452,7 +536,8 @@ def make_ctr_dataset(
             `input_context.get_per_replica_batch_size(global_batch_size)`.
         vector_table: where vector features come from when the spec has any: a `VectorJoin` (preferred:
             build it once with `build_vector_join` and share it), a `VectorTable`, a name listed in the
-            manifest's `extra["vector_tables"]`, a path, or None for the manifest's only table.
+            manifest's `extra["vector_tables"]`, a path, or None for the manifest's only table. A spec with
+            several modalities takes a list of `VectorJoin`s, one per modality.
         spec: the `FeatureSpec` to parse and produce (default: the manifest's). Use a spec without vector
             features to skip the join.
         shuffle: shuffle file order (files mode) and records through a `shuffle_buffer`, every epoch anew.
@@ -506,25 +591,7 @@ def make_ctr_dataset(
             verify_record_counts(files, rows, f"ctr/{split}")
     if check_files and not tf.inside_function():
         check_first_records(files, parse_spec, f"ctr/{split}")
-    join = None
-    has_vectors = bool(spec.by_role("vector"))
-    if isinstance(vector_table, VectorJoin):
-        join = vector_table
-        if not has_vectors:
-            raise ValueError("vector_table was given but the FeatureSpec has no vector features to join")
-        if join.dim != spec.vector_dim or join.vector_dtype != vector_dtype:
-            raise ValueError(
-                f"VectorJoin of {join.path} gives dim {join.dim} {join.vector_dtype}, but the pipeline wants "
-                f"dim {spec.vector_dim} {vector_dtype}"
-            )
-    elif has_vectors:
-        join = build_vector_join(data_dir, vector_table, spec, vector_dtype=vector_dtype)
-    elif vector_table is not None:
-        raise ValueError(
-            "vector_table was given but the FeatureSpec has no vector features; "
-            "use spec.with_vectors(D) to join item_vector / hist_item_vector"
-        )
-
+    joins = _pipeline_joins(data_dir, vector_table, spec, vector_dtype)
     deterministic = (not shuffle) or seed is not None
     num_pipelines = input_context.num_input_pipelines if input_context is not None else 1
     pipeline_id = input_context.input_pipeline_id if input_context is not None else 0
@@ -569,7 +636,7 @@ def make_ctr_dataset(
         for name in int8_features:
             features[name] = tf.cast(features[name], tf.int8)
         label = features.pop(label_name)  # [B]
-        if join is not None:
+        for join in joins:
             features = join(features)
         return features, label
 

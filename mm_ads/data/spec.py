@@ -15,6 +15,10 @@ Roles:
   * `vector`  — multimodal vectors joined from an item→vector table at input
                 time (not stored in the records): `[D]` for the target item,
                 `[S, D]` for the history; `source` names the id feature joined.
+                A spec holds one modality (`item_vector` / `hist_item_vector`, dim
+                `vector_dim`) or several named ones (`modality`: e.g. "image" and
+                "text", features `item_vector_image`, `hist_item_vector_image`, ...,
+                each modality with its own table and dim: `FeatureSpec.modalities`).
 
 Every feature also has a `kind` (how a model reads it; `Feature` lists each kind's fields):
   * `id`      — the default: one id (scalar) or an id sequence (`history`), looked up in `table`.
@@ -37,9 +41,11 @@ e.g. `1..N` with 0 for padding: the synthetic world, MovieLens) or "hash" (raw i
 value, hashed into the rows by the model: Taobao-MM).
 """
 
+import collections
 import dataclasses
 import json
 import math
+import re
 from typing import Any
 
 ROLES = ("user", "item", "history", "context", "meta", "label", "vector")
@@ -61,6 +67,28 @@ TIMESTAMP = "timestamp"
 ITEM_CREATED_AT = "item_created_at"
 ITEM_VECTOR = "item_vector"
 HIST_ITEM_VECTOR = "hist_item_vector"
+
+
+# One modality of a spec's vectors: its name ("" for a spec's single unnamed modality), the names of its
+# target-item and history vector features (None when absent) and its dim.
+Modality = collections.namedtuple("Modality", "name item history dim")
+
+
+def modality_feature_names(modality=""):
+    """`(target item vector, history vector)` feature names of a modality: `item_vector` / `hist_item_vector` for
+    the unnamed one, `item_vector_<m>` / `hist_item_vector_<m>` for modality m."""
+    if not modality:
+        return ITEM_VECTOR, HIST_ITEM_VECTOR
+    return f"{ITEM_VECTOR}_{modality}", f"{HIST_ITEM_VECTOR}_{modality}"
+
+
+def check_modality_name(name, what="modality"):
+    """A modality name: a short identifier of lowercase letters, digits and "_" (it becomes part of feature, layer
+    and serving-input names)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
+        raise ValueError(f"{what} {name!r} is not a valid modality name: lowercase letters, digits and '_', starting "
+                         "with a letter, at most 32 characters (e.g. 'image', 'text')")
+    return name
 
 
 def missing_flag_name(vector_feature_name):
@@ -93,6 +121,8 @@ class Feature:
         nan_value: for `numeric`, the value a NaN is replaced by when data are prepared (counted); None: a NaN is
             an error.
         truncate: for `tags`, keep the first M values of a longer list (counted) instead of raising an error.
+        modality: for `vector` features of a spec with several modalities, the modality's name (e.g. "image");
+            "" (the default, left out of the JSON) for a spec's single modality.
 
     Example (the JSON of a spec's features):
 
@@ -119,6 +149,7 @@ class Feature:
     boundaries: Any = None
     nan_value: float | None = None
     truncate: bool = False
+    modality: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -183,6 +214,10 @@ class Feature:
                 raise ValueError(f"Vector feature {self.name!r} needs a `source` id feature")
             if len(self.shape) not in (1, 2):
                 raise ValueError(f"Vector feature {self.name!r} must be [D] or [S, D], got {self.shape}")
+            if self.modality:
+                check_modality_name(self.modality, f"Vector feature {self.name!r}: modality")
+        elif self.modality:
+            raise ValueError(f"Feature {self.name!r}: modality is for vector features, got {self.modality!r}")
         if self.role == "label" and self.dtype != "float32":
             raise ValueError(f"Label {self.name!r} must be float32, got {self.dtype!r}")
         if self.dtype == "string" and self.role in ("meta", "label", "vector"):
@@ -267,7 +302,8 @@ class Feature:
         out = dataclasses.asdict(self)
         out["shape"] = list(self.shape)
         # the defaults are left out: specs written before a field existed read (and write) the same
-        for field, default in (("id_mapping", "dense"), ("kind", "id"), ("combiner", "mean"), ("truncate", False)):
+        for field, default in (("id_mapping", "dense"), ("kind", "id"), ("combiner", "mean"), ("truncate", False),
+                               ("modality", "")):
             if out[field] == default:
                 del out[field]
         for field in ("mean", "std", "boundaries"):
@@ -314,7 +350,7 @@ class FeatureSpec:
         labels = [f for f in self.features if f.role == "label"]
         if len(labels) != 1:
             raise ValueError(f"FeatureSpec needs exactly one label feature, got {[f.name for f in labels]}")
-        table_rows, table_mappings, table_kinds = {}, {}, {}
+        table_rows, table_mappings, table_kinds, modality_dims = {}, {}, {}, {}
         for f in self.features:
             if f.role == "history" and f.shape != (self.seq_len,):
                 raise ValueError(f"History feature {f.name!r} has shape {f.shape}, expected ({self.seq_len},)")
@@ -341,9 +377,18 @@ class FeatureSpec:
                 src = self._by_name.get(f.source)
                 if src is None or src.role not in ("item", "history"):
                     raise ValueError(f"Vector {f.name!r}: source {f.source!r} must be an item or history id")
-                want = (self.vector_dim,) if src.role == "item" else (self.seq_len, self.vector_dim)
+                dim = self.vector_dim if not f.modality else modality_dims.setdefault(f.modality, f.shape[-1])
+                want = (dim,) if src.role == "item" else (self.seq_len, dim)
                 if f.shape != want:
-                    raise ValueError(f"Vector {f.name!r} has shape {f.shape}, expected {want}")
+                    what = "" if not f.modality else f" (modality {f.modality!r} has dim {dim})"
+                    raise ValueError(f"Vector {f.name!r} has shape {f.shape}, expected {want}{what}")
+        named = {f.modality for f in self.by_role("vector")}
+        if len(named) > 1 and "" in named:
+            raise ValueError("FeatureSpec: vector features either all belong to the single unnamed modality or all "
+                             f"name their modality; got {sorted(named)}")
+        if modality_dims and self.vector_dim:
+            raise ValueError(f"FeatureSpec: vector_dim must be 0 when the modalities are named (each has its own dim "
+                             f"{modality_dims}), got {self.vector_dim}")
 
     # -- access -----------------------------------------------------------------
     def __getitem__(self, name):
@@ -420,6 +465,51 @@ class FeatureSpec:
         """`{table: padding id}`: the id of an empty slot (0; hashed strings: "" → row 0), None for bucket tables."""
         return {f.embedding_table: (None if f.kind == "numeric" else 0 if f.dtype == "string" else f.padding_id)
                 for f in self.features if f.embedding_table is not None}
+
+    def modalities(self):
+        """The `Modality`s of the spec's vectors, in the order of their features (empty without vectors).
+
+        Example:
+
+        >>> spec = FeatureSpec.default(4, 0, 100, 5, 7, 10).with_modalities({"image": 8, "text": 16})
+        >>> [(m.name, m.item, m.dim) for m in spec.modalities()]
+        [('image', 'item_vector_image', 8), ('text', 'item_vector_text', 16)]
+        """
+        out = {}
+        for f in self.by_role("vector"):
+            m = out.setdefault(f.modality, {"item": None, "history": None, "dim": f.shape[-1]})
+            side = "item" if self[f.source].role == "item" else "history"
+            if m[side] is None:
+                m[side] = f.name
+        return [Modality(name, m["item"], m["history"], m["dim"]) for name, m in out.items()]
+
+    def modality(self, name=""):
+        """The `Modality` called `name` ("" is the single unnamed one)."""
+        for m in self.modalities():
+            if m.name == name:
+                return m
+        raise KeyError(f"No vector modality {name!r} in FeatureSpec; have {[m.name for m in self.modalities()]}")
+
+    def with_modalities(self, dims, item_feature=ITEM_ID, history_feature=HIST_ITEM_ID):
+        """A copy whose vectors are `dims` (`{modality: D}`, in order): `{"": D}` is `with_vectors(D)`; named
+        modalities get `item_vector_<m>` [D_m] and `hist_item_vector_<m>` [S, D_m] joined from the item ids."""
+        dims = dict(dims)
+        if not dims:
+            raise ValueError("with_modalities needs at least one modality")
+        if "" in dims:
+            if len(dims) > 1:
+                raise ValueError(f"with_modalities: the unnamed modality '' cannot be combined with others: {dims}")
+            return self.with_vectors(dims[""], item_feature, history_feature)
+        feats = [f for f in self.features if f.role != "vector"]
+        for name, dim in dims.items():
+            check_modality_name(name)
+            item_name, hist_name = modality_feature_names(name)
+            if item_feature in self:
+                feats.append(Feature(item_name, "vector", "float32", (int(dim),), source=item_feature, modality=name))
+            if history_feature in self:
+                feats.append(Feature(hist_name, "vector", "float32", (self.seq_len, int(dim)), source=history_feature,
+                                     modality=name))
+        return FeatureSpec(feats, self.seq_len, 0)
 
     def with_vectors(self, vector_dim, item_feature=ITEM_ID, history_feature=HIST_ITEM_ID):
         """A copy with `item_vector` [D] and `hist_item_vector` [S, D] joined from the item ids."""

@@ -6,7 +6,8 @@ watching `<export_base>` never sees a half-written version.
 
 The `serving_default` signature takes the model's inputs by their FeatureSpec names — the
 multimodal vectors are input features (`item_vector` [B, D], `hist_item_vector` [B, S, D],
-float32, plus their `_missing` flags) — and returns `{"ctr": [B]}`. Only stock TF ops are in
+float32, plus their `_missing` flags; with several modalities `item_vector_<m>` / `hist_item_vector_<m>` per
+modality m) — and returns `{"ctr": [B]}`. Only stock TF ops are in
 the graph, so a stock TF Serving loads it.
 
 Given the FeatureSpec, a second signature, `user_candidates`, scores the B candidates of ONE user: the same
@@ -80,25 +81,40 @@ def vector_record(specs, vectors, spec=None):
     Args:
         specs: `{input name: tf.TensorSpec}` of the served signature.
         vectors: `{"encoder_version", "dim", ...}` of the vector table the model was trained with (what
-            `mm_ads.training.vector_record` records in the model dir); every key is copied per input.
+            `mm_ads.training.vector_record` records in the model dir); every key is copied per input. With several
+            modalities, `{modality: {...}}`: each input gets its modality's (and `"modality"`).
         spec: the model's `FeatureSpec` (its `vector` features are the vector inputs; default `item_vector` and
             `hist_item_vector`).
     """
     from mm_ads.data.spec import HIST_ITEM_VECTOR, ITEM_VECTOR
 
-    names = [f.name for f in spec.by_role("vector")] if spec is not None else [ITEM_VECTOR, HIST_ITEM_VECTOR]
+    features = spec.by_role("vector") if spec is not None else []
+    names = [f.name for f in features] if spec is not None else [ITEM_VECTOR, HIST_ITEM_VECTOR]
+    modality_of = {f.name: f.modality for f in features}
     inputs = {}
     for name in names:
         if name not in specs:
             continue
-        dim = int(specs[name].shape[-1])
-        if vectors.get("dim") is not None and int(vectors["dim"]) != dim:
-            raise ValueError(f"input {name!r} takes vectors of dim {dim}, but the vector table "
-                             f"{vectors.get('table', '')} has dim {vectors['dim']}")
-        if not vectors.get("encoder_version"):
-            raise ValueError(f"the vector table record {vectors} has no encoder_version")
-        inputs[name] = dict(vectors, dim=dim)
+        modality = modality_of.get(name, "")
+        if modality:  # several modalities: `vectors` holds one record per modality
+            if modality not in vectors:
+                raise ValueError(f"input {name!r} of modality {modality!r}: the vector table records hold only "
+                                 f"{sorted(vectors)}")
+            inputs[name] = dict(_input_vector_record(name, specs[name], vectors[modality]), modality=modality)
+        else:
+            inputs[name] = _input_vector_record(name, specs[name], vectors)
     return {"format_version": VECTORS_FORMAT, "inputs": inputs}
+
+
+def _input_vector_record(name, tensor_spec, vectors):
+    """One vector input's entry of `vector_record`: the table's record with the input's dim (checked)."""
+    dim = int(tensor_spec.shape[-1])
+    if vectors.get("dim") is not None and int(vectors["dim"]) != dim:
+        raise ValueError(f"input {name!r} takes vectors of dim {dim}, but the vector table "
+                         f"{vectors.get('table', '')} has dim {vectors['dim']}")
+    if not vectors.get("encoder_version"):
+        raise ValueError(f"the vector table record {vectors} has no encoder_version")
+    return dict(vectors, dim=dim)
 
 
 def read_vector_record(version_dir):
@@ -234,24 +250,27 @@ def export_checkpoint(model_dir, export_base=None, version=None, checkpoint=None
 
 
 def _checked_vector_table(model_dir, config, allow_change):
-    """What the export records about the run's vector table (None when the run recorded none), after comparing
-    the table its config names with the record, when that table can be read here (an export reads no data)."""
+    """What the export records about the run's vector tables (None when the run recorded none), after comparing
+    the tables its config names with the record, when they can be read here (an export reads no data)."""
     from absl import logging
 
     from mm_ads.data.dataset import Manifest
-    from mm_ads.data.pipeline import resolve_vector_table_path, vector_table_paths
+    from mm_ads.data.pipeline import resolve_modality_tables
     from mm_ads.training import vector_record
 
-    recorded = vector_record.recorded_entry(model_dir)
+    recorded = vector_record.recorded_entries(model_dir)
     if recorded is None:
         logging.warning("%s records no vector table (a run from before the record): the export records no encoder "
                         "version, so a server checks only the vectors' dim", model_dir)
         return None
+    if len(recorded) == 1 and not recorded[0].get("modality"):
+        recorded = recorded[0]
     try:
         manifest = Manifest.load(config.data.data_dir)
-        path = resolve_vector_table_path(manifest, config.data.vector_table or None, option="--vector_table")
-        name = next((n for n, p in vector_table_paths(manifest).items() if p == path), None)
-        current = vector_record.describe_table(path, name)
+        tables = resolve_modality_tables(manifest, config.data.vector_table or None, option="--vector_table")
+        current = [vector_record.describe_table(path, name, modality) for modality, path, name in tables]
+        if len(current) == 1 and not tables[0][0]:
+            current = current[0]
     except (OSError, ValueError) as e:
         logging.warning("the vector table of %s cannot be read here (%s): not compared with the record %s; the "
                         "export records the recorded table", model_dir, e,

@@ -94,6 +94,14 @@ class PaperConfig:
             epoch is scored), one row per entry, so that a variant's gain over id is not just a gain of more epochs.
         new_item_slices: the evaluation slices of the new-item table (`mm_ads.metrics.CTRMetrics`' slice names).
         default_row_off_variants: variants re-run with `admit_after=0` for the new-item table; empty = none.
+        modality_variants: Table 3 by modality (the paper's case study is images; it says several modalities can be
+            used at once): these variants also trained on image vectors and on image + text vectors
+            (`--vector_table=image=...,text=...`), each against Table 3's id runs; the text rows are Table 3's. The
+            image vectors are the catalogue's images encoded by the Table 2 row `image_row` of the synthetic_image
+            benchmark, which the Table 2 profile must run. Empty = skipped.
+        image_row: the synthetic_image Table 2 row whose encoder gives the image vectors of `modality_variants`.
+        make_fusions: how the MAKE variants of `modality_variants` combine image and text (`make_fusion`): one row
+            "image+text" for the first, one "image+text, <fusion> MAKE" for each other.
         fig3_epochs: epochs of Fig 3. fig6a_rows: Table 2 rows of Fig 6a. fig6c_epochs: MAKE pre-training epochs.
             `fig3_epochs=0` or an empty `fig6a_rows` / `fig6c_epochs` skips that figure (the quick profile).
     """
@@ -118,6 +126,9 @@ class PaperConfig:
     fig3_epochs: int = 4
     fig6a_rows: tuple = ("untrained", "scl_no_triplet_no_queue", "scl_no_triplet", "scl")
     fig6c_epochs: tuple = (0, 1, 2, 4)
+    modality_variants: tuple = ()
+    image_row: str = "scl"
+    make_fusions: tuple = ("concat",)
 
     def validate(self):
         bad = [v for v in self.variants if v not in config_lib.CTR_VARIANTS]
@@ -154,6 +165,19 @@ class PaperConfig:
             raise ValueError(f"default_row_off_variants must be variants of `variants`, got {bad}")
         if self.prepare_flagfile and self.world_dir:
             raise ValueError("give prepare_flagfile or world_dir, not both")
+        bad = [f for f in self.make_fusions if f not in config_lib.MAKE_FUSIONS]
+        if bad or not self.make_fusions:
+            raise ValueError(f"make_fusions must be one or more of {config_lib.MAKE_FUSIONS}, got "
+                             f"{list(self.make_fusions)}")
+        bad = [v for v in self.modality_variants if v == "id" or v not in self.variants]
+        if bad:
+            raise ValueError(f"modality_variants must be multimodal variants of `variants`, got {bad}")
+        if self.modality_variants and self.vector_table:
+            raise ValueError("modality_variants encodes the world's images with a Table 2 encoder: it cannot be used "
+                             "with vector_table")
+        if "synthetic_image" not in table2_lib.ROW_BENCHMARKS.get(self.image_row, ()):
+            raise ValueError(f"image_row must be a Table 2 row of the synthetic_image benchmark, got "
+                             f"{self.image_row!r}")
         return self
 
     @classmethod
@@ -283,17 +307,18 @@ class PaperRunner:
         self.encoder_row = chosen
         return {"row": chosen, "metric": metric, "valid": scores, "reason": reason}
 
-    def encoder(self, row):
+    def encoder(self, row, benchmark="synthetic_text"):
         import keras
 
         from mm_ads.scl.encode import load_encoder
 
-        info = self.table2["benchmarks"]["synthetic_text"]["rows"].get(row)
+        info = self.table2["benchmarks"].get(benchmark, {}).get("rows", {}).get(row)
         if info is None or "skipped" in info:
-            raise ValueError(f"Table 2 has no usable synthetic_text row {row!r}: {info}")
+            raise ValueError(f"Table 2 has no usable {benchmark} row {row!r}: {info}")
         t2 = table2_lib.Table2Config.from_values(table2_lib.read_profile(self.o.table2_flagfile))
         if row == "untrained":
-            task = table2_lib._scl_task(t2.text_flagfile, self.world, t2)
+            flagfile = t2.image_flagfile if benchmark == "synthetic_image" else t2.text_flagfile
+            task = table2_lib._scl_task(flagfile, self.world, t2)
             keras.utils.set_random_seed(t2.seed)
             return task.build_model().encoder
         if row == "minilm_zero_shot":
@@ -302,7 +327,7 @@ class PaperRunner:
             return PretrainedTextTower(name="minilm")
         metrics = finished_metrics(info["model_dir"])
         if row == "clip_e":
-            return load_encoder(metrics["encoders"]["text"])
+            return load_encoder(metrics["encoders"]["image" if benchmark == "synthetic_image" else "text"])
         return load_encoder(run_dir.path(info["model_dir"], run_dir.ENCODER))
 
     # -- steps -------------------------------------------------------------------------------
@@ -325,10 +350,68 @@ class PaperRunner:
         options = table2_lib.Table2Config.from_values(values)
         if "synthetic_text" not in options.benchmarks:
             raise ValueError(f"{self.o.table2_flagfile}: the paper report needs the synthetic_text benchmark")
+        if self.o.modality_variants and ("synthetic_image" not in options.benchmarks or
+                                         self.o.image_row not in options.rows):
+            raise ValueError(f"modality_variants needs image vectors from the Table 2 row {self.o.image_row!r} of "
+                             f"the synthetic_image benchmark: {self.o.table2_flagfile} runs the benchmarks "
+                             f"{list(options.benchmarks)} and rows {list(options.rows)}")
         return table2_lib.run_table2(options, os.path.join(self.out, "table2"))
 
     def run_table3(self):
         return self._run_variants("ctr", self.o.variants, self.encoder_row)
+
+    def image_vector_table(self):
+        """`vectors/image_<image_row>.parquet`: the catalogue's images encoded by Table 2's synthetic_image row
+        `image_row` (at the image size of the Table 2 profile's image flagfile)."""
+        path = os.path.join(self.out, "vectors", f"image_{self.o.image_row}.parquet")
+        if not os.path.exists(path):
+            from mm_ads.scl.encode import encode_catalogue
+
+            t2 = table2_lib.Table2Config.from_values(table2_lib.read_profile(self.o.table2_flagfile))
+            size = int(config_lib.read_flagfile(t2.image_flagfile).get("image_size", 32))
+            encode_catalogue(self.encoder(self.o.image_row, "synthetic_image"), self.world, "image", path,
+                             image_size=size)
+        return path
+
+    def run_modalities(self, table3_runs):
+        """Table 3 by modality: `modality_variants` on the text vectors (Table 3's runs), on image vectors and on
+        image + text (one model over both modalities), each relative to Table 3's id runs of the same seed."""
+        text = self.vector_table(self.encoder_row)
+        image = self.image_vector_table()
+        both = f"image={image},text={text}"
+        sets = [("image", image, {}), *[("image+text" if i == 0 else f"image+text, {fusion} MAKE", both,
+                                        {"make_fusion": fusion}) for i, fusion in enumerate(self.o.make_fusions)]]
+        rows, runs = {}, {}
+        for name, table, overrides in sets:
+            for seed in self.o.seeds:
+                for variant in self.o.modality_variants:
+                    if overrides and variant not in config_lib.MAKE_VARIANTS and name != "image+text":
+                        continue  # the fusion rows are for the MAKE variants
+                    folder = name.replace("+", "_").replace(", ", "_").replace(" ", "_")
+                    model_dir = os.path.join(self.out, "modalities", folder, variant, f"seed{seed}")
+                    if variant == "simtier_make" and "make" in self.o.modality_variants:  # the same phase A
+                        self._share_make_pretraining(os.path.join(self.out, "modalities", folder, "make",
+                                                                  f"seed{seed}"), model_dir, self.encoder_row,
+                                                     vector_table=table, **overrides)
+                    runs.setdefault(name, {}).setdefault(variant, {})[seed] = self.ctr(
+                        variant, seed, model_dir, vector_table=table, **overrides)
+        for variant in self.o.modality_variants:
+            rows[variant] = {"text": _table_row(table3_runs[variant], table3_runs["id"])}
+            for name, _, _ in sets:
+                if variant in runs.get(name, {}):
+                    rows[variant][name] = _table_row(runs[name][variant], table3_runs["id"])
+        by_seed = {name: {v: {str(s): {k: m[k] for k in ("auc", "gauc", "logloss")} for s, m in r.items()}
+                          for v, r in by_variant.items()} for name, by_variant in runs.items()}
+        # image + text against the better single modality (by mean GAUC), seed by seed: the GAUC change
+        both = {}
+        for variant in self.o.modality_variants:
+            singles = {"text": table3_runs[variant], "image": runs["image"][variant]}
+            best = max(singles, key=lambda k: sum(m["gauc"] for m in singles[k].values()))
+            change = [(runs["image+text"][variant][s]["gauc"] - singles[best][s]["gauc"]) / singles[best][s]["gauc"]
+                      for s in self.o.seeds]
+            both[variant] = {"best_single": best, "gauc_rel": mean_std(change)}
+        return {"rows": rows, "runs": by_seed, "image_vectors": os.path.relpath(image, self.out),
+                "image_row": self.o.image_row, "both_vs_best_single": both}
 
     def run_id_epochs(self, table3_runs):
         """Table 3's multi-epoch id rows: `{epochs: row}` with GAUC/AUC/LogLoss and each relative to the one-epoch
@@ -539,6 +622,8 @@ class PaperRunner:
                     if self.o.default_row_off_variants else {})
         self.results["new_items"] = self.run_new_items(runs, rows_off)
         self.results["fig6c"] = self._timed("fig6c", lambda: self.run_fig6c(runs)) if self.o.fig6c_epochs else []
+        self.results["modalities"] = (self._timed("modalities", lambda: self.run_modalities(runs))
+                                      if self.o.modality_variants else {})
         self.results["data"] = self._describe_data()
         self.results["findings"] = findings(self.results)
         self.results["wall_s"]["total"] = round(time.time() - start, 1)
@@ -721,7 +806,29 @@ def findings(results):
             out.append("Random-vector control: the vectors' content (Table 3 vectors vs random, GAUC) adds " +
                        ", ".join(f"{v} {m:+.2%} ± {sd:.2%}" for v, (m, sd) in content.items()) +
                        f" — more than one std for {', '.join(semantic) if semantic else 'no variant'}")
-    return out + new_item_findings(results.get("new_items")) + popularity_findings(results)
+    return out + modality_findings(results.get("modalities")) + new_item_findings(results.get("new_items")) + \
+        popularity_findings(results)
+
+
+def modality_findings(modalities):
+    """Per `modality_variants` variant: whether image + text is at least the better single modality (GAUC)."""
+    out = []
+    versus = (modalities or {}).get("both_vs_best_single") or {}
+    for variant, rows in ((modalities or {}).get("rows") or {}).items():
+        both, text, image = (rows[k]["gauc"][0] for k in ("image+text", "text", "image"))
+        line = f"Modalities: {variant} on image + text GAUC {both:.4f} vs text {text:.4f}, image {image:.4f} — "
+        if variant in versus:
+            m, sd = versus[variant]["gauc_rel"]
+            best = versus[variant]["best_single"]
+            verdict = ("above the better single modality" if m > sd else
+                       "level with the better single modality (within one std)" if m >= -sd else
+                       "BELOW the better single modality")
+            line += f"{verdict}: {m:+.2%} ± {sd:.2%} GAUC vs {best}, seed by seed"
+        else:
+            line += ("at least the better single modality" if both >= max(text, image) else
+                     "BELOW the better single modality")
+        out.append(line)
+    return out
 
 
 def new_item_findings(new_items):
@@ -883,6 +990,24 @@ def table3_markdown(results):
     return "\n".join(lines + _popularity_lines(results["table3"].get("baselines")))
 
 
+def modalities_markdown(modalities, results):
+    """The "Table 3 by modality" section (empty without `modality_variants`)."""
+    if not modalities:
+        return []
+    t2 = (results.get("table2") or {}).get("synthetic_image", {}).get("rows", {}).get(modalities["image_row"], {})
+    acc = f" (image Acc@1 {t2['acc@1']:.3f} in Table 2)" if "acc@1" in t2 else ""
+    lines = [f"## Table 3 by modality (mean ± std over {len(results['options']['seeds'])} seeds)", "",
+             "Each variant on the text vectors (Table 3's runs), on image vectors (the catalogue's images encoded by "
+             f"the `{modalities['image_row']}` image encoder of Table 2{acc}) and on both at once (one model, "
+             "`--vector_table=image=...,text=...`), against Table 3's id runs of the same seeds.", "",
+             "| variant | vectors | AUC | GAUC | LogLoss | GAUC vs id |", "|---|---|---:|---:|---:|---:|"]
+    for variant, by_set in modalities["rows"].items():
+        for name, r in by_set.items():
+            lines.append(f"| {variant} | {name} | {_pm(r['auc'])} | {_pm(r['gauc'])} | {_pm(r['logloss'])} | "
+                         f"{_pm(r['gauc_rel'], True)} |")
+    return lines + [""]
+
+
 def _popularity_lines(baselines):
     """The popularity rows under Table 3 and a note on what they are (none when not computed)."""
     if not baselines:
@@ -965,6 +1090,7 @@ def to_markdown(results, out_dir):
             gain = _pm(content[v], True) if v in content else "—"
             lines.append(f"| {v} | {_pm(r['gauc'])} | {_pm(r['gauc_rel'], True)} | {ok} | {gain} |")
         lines.append("")
+    lines += modalities_markdown(results.get("modalities"), results)
     if results["table2"]:
         lines += [table2_lib.to_markdown({"benchmarks": results["table2"]}).replace("# Table 2", "## Table 2", 1)
                   .replace("\n## ", "\n### ")]

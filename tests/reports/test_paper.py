@@ -187,3 +187,34 @@ def test_quick_profile_skips_figures_that_cost_extra_training(smoke, repo_root, 
         assert heading not in markdown
     assert "## Fig 6b" in markdown and "![fig6b](fig6b.png)" in markdown
     assert "Not run in this profile: Fig 3, Fig 6a, Fig 6c" in markdown
+
+
+def test_table3_by_modality_runs_image_and_image_plus_text(tmp_path, repo_root):
+    """`modality_variants`: the variant on image vectors and on image + text in one model, against Table 3's id."""
+    options = paper.PaperConfig.from_values(paper.config_lib.read_flagfile(
+        os.path.join(repo_root, "configs", "paper", "smoke_modalities.flags")))
+    cwd = os.getcwd()
+    os.chdir(repo_root)
+    try:
+        results = paper.run_paper(options, str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    rows = results["modalities"]["rows"]["simtier"]
+    assert list(rows) == ["text", "image", "image+text"]
+    assert rows["text"] == results["table3"]["table"]["simtier"]
+    both = json.load(open(tmp_path / "modalities" / "image_text" / "simtier" / "seed0" / "metrics.json"))
+    assert rows["image+text"]["gauc"][0] == both["gauc"] and set(both["vector_join"]) == {"image", "text"}
+    spec = json.load(open(tmp_path / "modalities" / "image_text" / "simtier" / "seed0" / "feature_spec.json"))
+    dims = {f["modality"]: f["shape"][-1] for f in spec["features"] if f.get("modality")}
+    assert dims["image"] == 32  # configs/scl/smoke_image.flags: --output_dim=32
+    assert set(dims) == {"image", "text"}
+    id_gauc = results["table3"]["runs"]["id"]["0"]["gauc"]
+    assert rows["image"]["gauc_rel"][0] == pytest.approx(
+        (results["modalities"]["runs"]["image"]["simtier"]["0"]["gauc"] - id_gauc) / id_gauc)
+    markdown = open(tmp_path / "report.md").read()
+    assert "## Table 3 by modality" in markdown and "| simtier | image+text |" in markdown
+    assert any(f.startswith("Modalities: simtier on image + text") for f in results["findings"])
+    with pytest.raises(ValueError, match="modality_variants must be multimodal variants"):
+        paper.PaperConfig.from_values({"modality_variants": "id"}).validate()
+    with pytest.raises(ValueError, match="make_fusions must be one or more of"):
+        paper.PaperConfig.from_values({"make_fusions": "sum"}).validate()

@@ -59,9 +59,11 @@ class EncoderServiceConfig:
 
     Args:
         encoder: an encoder SavedModel version dir (`<export>/<version>/`) or its base (the latest version).
+            Several modalities: `image=DIR,text=DIR`, with `index_table` naming a table per modality
+            (`ModalityEncoderServices`: every new item is encoded by every modality's encoder).
         events: the new-item event stream: a log file path or `redis://host:port/db?stream=NAME`.
         index_table: the index table URI (a path / `sqlite:///…` or `redis://host:port/db?prefix=NAME`); created
-            with the encoder's dim and version when missing.
+            with the encoder's dim and version when missing. Several modalities: `image=URI,text=URI`.
         checkpoint_path: the consumed-offset checkpoint (JSON); "" = `<table>.encoder_service.json` next to a
             SQLite table (required for a Redis table).
         dtype: storage dtype of a new table ("float32" or "int8").
@@ -390,6 +392,77 @@ class EncoderService:
         self._owned = []
 
 
+class ModalityEncoderServices:
+    """The encoder service of several modalities: one `EncoderService` per modality (its encoder, its index table,
+    its offset checkpoint), all following the same new-item stream, each in its own thread.
+
+    `config.encoder` and `config.index_table` name one entry per modality, `image=PATH,text=PATH` and
+    `image=URI,text=URI` (the same modality names; `config.checkpoint_path` and `config.encoder_version`, when set,
+    too). Every new item is encoded by every modality's encoder; an item one encoder cannot read (no image yet) is
+    that service's counted skip, and its other vectors are written all the same: readers see the missing modality
+    as a miss of that modality's table (`mm_ads.serving.index.modalities`).
+    """
+
+    def __init__(self, config):
+        from mm_ads.serving.index.modalities import parse_index_tables
+
+        config.validate()
+        fields = {}
+        for name in ("encoder", "index_table", "checkpoint_path", "encoder_version"):
+            value = getattr(config, name)
+            fields[name] = dict(parse_index_tables(value, option=f"--{name}")) if value else {}
+        modalities = list(fields["encoder"])
+        if "" in fields["encoder"] or sorted(fields["index_table"]) != sorted(modalities):
+            raise ValueError(f"--encoder={config.encoder!r} and --index_table={redact_uri(config.index_table)!r} must "
+                             "name the same modalities (image=...,text=...)")
+        for name in ("checkpoint_path", "encoder_version"):
+            extra = sorted(set(fields[name]) - set(modalities))
+            if extra:
+                raise ValueError(f"--{name}: entries for {extra}, which --encoder does not name ({modalities})")
+        self.services = {}
+        try:
+            for m in modalities:
+                self.services[m] = EncoderService(dataclasses.replace(
+                    config, encoder=fields["encoder"][m], index_table=fields["index_table"][m],
+                    checkpoint_path=fields["checkpoint_path"].get(m, ""),
+                    encoder_version=fields["encoder_version"].get(m, "")))
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, stop_event=None):
+        """Runs every modality's service in its own thread until `stop_event` is set."""
+        stop_event = stop_event or threading.Event()
+        threads = [threading.Thread(target=svc.run, args=(stop_event,), name=f"encoder-{m}", daemon=True)
+                   for m, svc in self.services.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def run_once(self, timeout_s=None):
+        """One micro-batch of every modality's service; `{modality: events processed}`."""
+        return {m: svc.run_once(timeout_s) for m, svc in self.services.items()}
+
+    def stats(self):
+        """`{modality: EncoderService.stats()}`."""
+        return {m: svc.stats() for m, svc in self.services.items()}
+
+    def close(self):
+        for svc in self.services.values():
+            svc.close()
+
+
+def open_encoder_service(config):
+    """The `EncoderService` of `config`, or a `ModalityEncoderServices` when `config.encoder` names several
+    modalities (`image=PATH,text=PATH`)."""
+    from mm_ads.serving.index.modalities import parse_index_tables
+
+    if config.encoder and parse_index_tables(config.encoder, option="--encoder")[0][0]:
+        return ModalityEncoderServices(config)
+    return EncoderService(config)
+
+
 def define_flags():
     """absl flags for every `EncoderServiceConfig` field (entry point only)."""
     options_lib.define_flags(EncoderServiceConfig, "Encoder service")
@@ -403,7 +476,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = options_lib.options_from_flags(EncoderServiceConfig)
-    service = EncoderService(config)
+    service = open_encoder_service(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

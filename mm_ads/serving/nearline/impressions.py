@@ -167,24 +167,37 @@ class ImpressionSchema:
 
 
 class IndexTableJoin:
-    """Adds the spec's multimodal vector features to a batch from an online index table.
+    """Adds the spec's multimodal vector features to a batch from an online index table (one per modality).
 
     The online twin of `mm_ads.data.pipeline.VectorJoin`, with the same outputs and fallback: for every vector
     feature (`source` = the id feature it is joined from) `<name>` float32 `[n, D]` / `[n, S, D]` and
-    `<name>_missing` float32 `[n]` / `[n, S]`, 1.0 where an id has no vector in the table (its vector is
+    `<name>_missing` float32 `[n]` / `[n, S]`, 1.0 where an id has no vector in its modality's table (its vector is
     zeros); history padding slots get a zero vector and flag 0 and are not counted. All ids of a batch go to
-    the table in one `get_many` call (distinct ids only).
+    each table in one `get_many` call (distinct ids only). With several modalities an item may miss in one table
+    and not in another: each modality's flags say so, and the counts are per feature.
 
     Args:
-        table: an `mm_ads.serving.index.index_table.IndexTable` whose dim equals the spec's `vector_dim`.
+        table: an `mm_ads.serving.index.index_table.IndexTable` whose dim equals the spec's `vector_dim` (one
+            unnamed modality), or a `mm_ads.serving.index.modalities.ModalityIndexTables` with a table of the right
+            dim for every modality of the spec.
         spec: the model's `FeatureSpec`.
     """
 
     def __init__(self, table, spec):
-        if table.dim != spec.vector_dim:
-            raise ValueError(f"Index table {table!r} holds {table.dim}-dim vectors but the model's FeatureSpec "
-                             f"wants {spec.vector_dim}")
+        from mm_ads.serving.index.modalities import tables_by_modality
+
+        tables = tables_by_modality(table)
         self.table = table
+        self.tables = {}
+        for m in spec.modalities():
+            if m.name not in tables:
+                raise ValueError(f"The model reads the modality {m.name or '(unnamed)'!r} but the index table(s) "
+                                 f"{table!r} hold {sorted(tables)}")
+            if int(tables[m.name].dim) != m.dim:
+                what = "" if not m.name else f" for the modality {m.name!r}"
+                raise ValueError(f"Index table {tables[m.name]!r} holds {tables[m.name].dim}-dim vectors but the "
+                                 f"model's FeatureSpec wants {m.dim}{what}")
+            self.tables[m.name] = tables[m.name]
         self.vector_features = spec.by_role("vector")
         self._padding = {f.name: spec[f.source].padding_id if spec[f.source].role == "history" else None
                          for f in self.vector_features}
@@ -198,13 +211,16 @@ class IndexTableJoin:
         real = {name: (v != self._padding[name]) if self._padding[name] is not None else np.ones(v.shape, bool)
                 for name, v in ids.items()}
         wanted = np.unique(np.concatenate([ids[name][real[name]] for name in ids]))
-        vectors, found = self.table.get_many(wanted)
-        vectors = np.asarray(vectors, np.float32)
-        # row len(wanted) is the zero vector of padding slots
-        vectors = np.concatenate([vectors, np.zeros((1, vectors.shape[1]), np.float32)])
-        found = np.concatenate([np.asarray(found, bool), [True]])
+        by_modality = {}
+        for modality, table in self.tables.items():
+            vectors, found = table.get_many(wanted)
+            vectors = np.asarray(vectors, np.float32)
+            # row len(wanted) is the zero vector of padding slots
+            by_modality[modality] = (np.concatenate([vectors, np.zeros((1, vectors.shape[1]), np.float32)]),
+                                     np.concatenate([np.asarray(found, bool), [True]]))
         out = dict(features)
         for f in self.vector_features:
+            vectors, found = by_modality[f.modality]
             v, r = ids[f.name], real[f.name]
             rows = np.where(r, np.searchsorted(wanted, v), len(wanted))
             absent = ~found[rows]

@@ -80,7 +80,8 @@ class NearlineConfig:
     Args:
         stream: the impression stream: an event-log path or `redis://host:port/db?stream=NAME`.
         index_table: the item → vector index table (a path, `sqlite:///path` or `redis://...`); required by the
-            multimodal variants.
+            multimodal variants. A model of several modalities reads one table per modality:
+            `image=URI,text=URI` (`mm_ads.serving.index.modalities`; the names of its FeatureSpec's modalities).
         init_model_dir: a model dir of `python -m mm_ads.train` (same model config and FeatureSpec) whose latest
             checkpoint (weights, optimizer state, step) the trainer starts from when its own `model_dir` has no
             checkpoint yet; "" = a freshly initialised model.
@@ -101,7 +102,8 @@ class NearlineConfig:
         stop_at_end: train the stream to its current end (including the last partial batch), then checkpoint,
             export and exit (replays, backfills, tests); off = follow the stream until stopped.
         stats_every_s: period of the log line and of `<model_dir>/nearline_stats.json`.
-        expected_encoder_version: refuse an index table whose vectors come from another encoder ("" = any).
+        expected_encoder_version: refuse an index table whose vectors come from another encoder ("" = any); with
+            several modalities `<modality>=<version>,...`.
     """
 
     stream: str = ""
@@ -261,6 +263,28 @@ def _field_root(field):
     return field.split("[", 1)[0]
 
 
+def _check_encoder_versions(table, expected):
+    """`--expected_encoder_version`: one version (one index table), or `<modality>=<version>,...` for the tables of
+    several modalities (each named modality checked); "" checks nothing."""
+    from mm_ads.serving.index.modalities import parse_index_tables, tables_by_modality
+
+    if not expected:
+        return
+    tables = tables_by_modality(table)
+    wanted = dict(parse_index_tables(expected, option="--expected_encoder_version"))
+    if list(tables) != [""] and "" in wanted:
+        raise ValueError(f"--expected_encoder_version={expected!r}: the index tables hold the modalities "
+                         f"{sorted(tables)}: give <modality>=<version> entries")
+    for modality, version in wanted.items():
+        if modality not in tables:
+            raise ValueError(f"--expected_encoder_version: no index table for the modality {modality!r} (have "
+                             f"{sorted(tables)})")
+        got = tables[modality].encoder_version
+        if got != version:
+            raise ValueError(f"Index table {tables[modality]!r} holds vectors of encoder {got!r}, expected "
+                             f"{version!r} (--expected_encoder_version)")
+
+
 class NearlineTrainer:
     """Continues training a CTR model on an impression stream (see the module docstring).
 
@@ -310,15 +334,15 @@ class NearlineTrainer:
                 if not nearline.index_table:
                     raise ValueError(f"Variant {config.model.variant!r} reads multimodal vectors: --index_table is "
                                      "required")
-                from mm_ads.serving.index.index_table import open_index_table
+                from mm_ads.serving.index.modalities import open_index_tables
 
-                index_table = self._own(open_index_table(nearline.index_table))
+                index_table = self._own(open_index_tables(nearline.index_table))
             self.table = index_table
-            want = nearline.expected_encoder_version
-            if want and self.table.encoder_version != want:
-                raise ValueError(f"Index table {self.table!r} holds vectors of encoder {self.table.encoder_version!r}, "
-                                 f"expected {want!r} (--expected_encoder_version)")
-        self.task = CTRTask(config, vector_dim=self.table.dim if self.table is not None else None)
+            _check_encoder_versions(self.table, nearline.expected_encoder_version)
+        from mm_ads.serving.index.modalities import tables_by_modality
+
+        dims = {m: int(t.dim) for m, t in tables_by_modality(self.table).items()}
+        self.task = CTRTask(config, vector_dims=dims or None)
         self.spec = self.task.spec
         self.schema = ImpressionSchema(self.spec)
         self.join = IndexTableJoin(self.table, self.spec) if self.table is not None else None

@@ -326,10 +326,13 @@ def vector_mismatch(path, signature_defs, index_table):
 
     Every vector input must take the table's dim and, where the export recorded the encoder that made the vectors
     it was trained on, come from the table's encoder version (`index_table.encoder_version`; a vector source
-    without one is checked on dims only). A version with vector inputs but no record (exported
+    without one is checked on dims only). With several modalities (`index_table` a
+    `mm_ads.serving.index.modalities.ModalityIndexTables`) each input is checked against its modality's table, and a
+    modality the server has no table for refuses the version. A version with vector inputs but no record (exported
     before the record existed) is checked on its dims only, with a warning.
     """
     from mm_ads.export.saved_model import read_vector_record
+    from mm_ads.serving.index.modalities import tables_by_modality
 
     try:
         record = read_vector_record(path)
@@ -338,26 +341,40 @@ def vector_mismatch(path, signature_defs, index_table):
     inputs = vector_inputs(signature_defs, record)
     if not inputs:
         return None
-    table = f"the index table {getattr(index_table, 'uri', '')}".rstrip()
-    encoder = getattr(index_table, "encoder_version", None)  # None: a vector source that does not say
-    holds = f"dim {int(index_table.dim)}, encoder {encoder!r}"
-    problems = []
-    for name, dim in sorted(inputs.items()):
-        if dim != int(index_table.dim):
-            problems.append(f"input {name!r} takes vectors of dim {dim}")
+    tables = tables_by_modality(index_table)
     recorded = (record or {}).get("inputs", {})
-    for name in sorted(inputs):
+
+    def describe(modality):
+        t = tables[modality]
+        name = f"the index table {getattr(t, 'uri', '')}".rstrip()
+        if modality:
+            name += f" of the modality {modality!r}"
+        return f"{name} holds dim {int(t.dim)}, encoder {getattr(t, 'encoder_version', None)!r}"
+
+    problems, used = [], []
+    for name, dim in sorted(inputs.items()):
+        modality = recorded.get(name, {}).get("modality", "")
+        if modality not in tables:
+            problems.append(f"input {name!r} reads the modality {modality or '(unnamed)'!r}, which has no index "
+                            f"table here (the server's: {sorted(tables)})")
+            continue
+        table = tables[modality]
+        encoder = getattr(table, "encoder_version", None)  # None: a vector source that does not say
+        used.append(modality)
+        if dim != int(table.dim):
+            problems.append(f"input {name!r} takes vectors of dim {dim}")
         version = recorded.get(name, {}).get("encoder_version")
         if version is not None and encoder is not None and version != encoder:
             problems.append(f"input {name!r} was trained on vectors of encoder {version!r}")
     if problems:
-        return (f"refused: {'; '.join(problems)}; {table} holds {holds} (export the model trained on this "
+        holds = "; ".join(describe(m) for m in sorted(set(used)) or sorted(tables))
+        return (f"refused: {'; '.join(problems)}; {holds} (export the model trained on this "
                 "encoder's vectors, or serve an index table of the version's encoder)")
     unrecorded = sorted(n for n in inputs if "encoder_version" not in recorded.get(n, {}))
     if unrecorded:
         logging.warning("version dir %s records no encoder version for its vector input(s) %s (exported before "
-                        "the record existed): only their dim is checked against %s (%s)", path, unrecorded, table,
-                        holds)
+                        "the record existed): only their dim is checked against %s", path, unrecorded,
+                        "; ".join(describe(m) for m in sorted(tables)))
     return None
 
 

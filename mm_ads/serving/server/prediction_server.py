@@ -36,6 +36,7 @@ import tensorflow as tf
 from absl import logging
 
 from mm_ads import options as options_lib
+from mm_ads.serving.index.modalities import ModalityIndexTables, tables_by_modality
 from mm_ads.serving.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from mm_ads.serving.server.model_manager import DEFAULT_SIGNATURE, ModelManager, check_finite
 from mm_ads.serving.server.ranking import RANK_SIGNATURE, Catalogue, Ranker, RankRequest, VectorCache
@@ -135,7 +136,8 @@ class ServerCommandLine:
     feature_spec: str = _option("", "FeatureSpec JSON (default: the data_dir manifest's).")
     catalogue: str = _option("", "Item catalogue Parquet (default <data_dir>/items.parquet).")
     index_table: str = _option("", "Index table URI (mm_ads.serving.index.index_table.open_index_table) for "
-                                   "ranking.")
+                                   "ranking; a model of several modalities: one per modality, "
+                                   "image=URI,text=URI (mm_ads.serving.index.modalities).")
 
     def validate(self):
         return self  # the thread counts are checked by `set_tf_threads`
@@ -174,7 +176,10 @@ class PredictionServer:
         self._own_index_table = own_index_table
         self.vectors = index_table
         if index_table is not None and config.vector_cache_items > 0 and config.vector_cache_ttl_s > 0:
-            self.vectors = VectorCache(index_table, config.vector_cache_items, config.vector_cache_ttl_s)
+            # one cache per modality's table (several modalities: `mm_ads.serving.index.modalities`)
+            caches = {m: VectorCache(t, config.vector_cache_items, config.vector_cache_ttl_s)
+                      for m, t in tables_by_modality(index_table).items()}
+            self.vectors = caches[""] if list(caches) == [""] else ModalityIndexTables(caches)
         self.ranker = None if spec is None else Ranker(spec, self.vectors, catalogue, config.max_candidates,
                                                         self.stats)
         self.manager = ModelManager(config.model_name, config.model_base_path, config.poll_interval_s,
@@ -262,6 +267,9 @@ class PredictionServer:
                "swaps": self.manager.swaps, "counters": self.stats.snapshot()}
         if isinstance(self.vectors, VectorCache):
             out["vector_cache"] = {"hits": self.vectors.hits, "misses": self.vectors.misses}
+        elif isinstance(self.vectors, ModalityIndexTables):
+            out["vector_cache"] = {m: {"hits": c.hits, "misses": c.misses} for m, c in self.vectors.items()
+                                   if isinstance(c, VectorCache)}
         # 0: TF's default (one thread per core)
         out["tf_threads"] = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                              "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
@@ -406,10 +414,11 @@ def main(argv):
     spec, catalogue = load_ranking_inputs(cmd.data_dir, cmd.feature_spec, cmd.catalogue)
     table = None
     if cmd.index_table:
-        from mm_ads.serving.index.index_table import IndexTableError, open_index_table
+        from mm_ads.serving.index.index_table import IndexTableError
+        from mm_ads.serving.index.modalities import open_index_tables
 
         try:
-            table = open_index_table(cmd.index_table)
+            table = open_index_tables(cmd.index_table)
         except IndexTableError as e:
             sys.exit(f"server: --index_table: {e}")
     server = PredictionServer(config, table, catalogue, spec, own_index_table=True)

@@ -35,8 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from mm_ads.data.spec import HIST_ITEM_ID, HIST_ITEM_VECTOR, ITEM_ID, ITEM_VECTOR, missing_flag_name
+from mm_ads.data.spec import HIST_ITEM_ID, ITEM_ID, ITEM_VECTOR, missing_flag_name, modality_feature_names
 from mm_ads.export.saved_model import USER_SIGNATURE
+from mm_ads.serving.index.modalities import tables_by_modality
 from mm_ads.serving.server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from mm_ads.serving.server.stats import ServingStats
 
@@ -282,6 +283,20 @@ class RankResult:
         }
 
 
+def signature_modalities(inputs):
+    """`[(modality, target vector input, history vector input or None, dim)]` of a signature's inputs: `item_vector`
+    (the single unnamed modality "") or `item_vector_<m>` per modality m (`mm_ads.data.spec.modality_feature_names`),
+    with `hist_item_vector[_<m>]` when the signature takes it."""
+    prefix = ITEM_VECTOR + "_"
+    names = [""] if ITEM_VECTOR in inputs else []
+    names += sorted(n[len(prefix):] for n in inputs if n.startswith(prefix) and not n.endswith("_missing"))
+    out = []
+    for m in names:
+        item, hist = modality_feature_names(m)
+        out.append((m, item, hist if hist in inputs else None, int(inputs[item].shape[-1])))
+    return out
+
+
 class RankLayout:
     """Where each input of a model's signature comes from in a ranking call.
 
@@ -293,8 +308,9 @@ class RankLayout:
     def __init__(self, spec, signature):
         inputs = signature.inputs
         self.inputs = inputs
-        self.candidate = spec[ITEM_VECTOR].source if ITEM_VECTOR in spec else ITEM_ID
-        self.history = spec[HIST_ITEM_VECTOR].source if HIST_ITEM_VECTOR in spec else HIST_ITEM_ID
+        spec_modalities = [m for m in spec.modalities() if m.item is not None and m.history is not None]
+        self.candidate = spec[spec_modalities[0].item].source if spec_modalities else ITEM_ID
+        self.history = spec[spec_modalities[0].history].source if spec_modalities else HIST_ITEM_ID
         for name in (self.candidate, self.history):
             if name not in spec:
                 raise FailedPrecondition(f"ranking: the FeatureSpec has no {name!r} feature")
@@ -302,8 +318,10 @@ class RankLayout:
         self.signature_name = signature.name
         self.shared_user = signature.name == USER_SIGNATURE  # the user side once, batch 1
         self.padding_id = spec[self.history].padding_id
-        self.vectors = [n for n in (ITEM_VECTOR, HIST_ITEM_VECTOR) if n in inputs]
-        self.dim = int(inputs[ITEM_VECTOR].shape[-1]) if ITEM_VECTOR in inputs else None
+        # the vector inputs by modality: `[(modality, target vector input, history vector input or None, dim)]`
+        self.modalities = signature_modalities(inputs)
+        self.vectors = [n for _, item, hist, _ in self.modalities for n in (item, hist) if n is not None]
+        self.dim = self.modalities[0][3] if self.modalities else None
         items_by_table = {}
         for f in spec.by_role("item"):
             items_by_table.setdefault(f.table, f.name)
@@ -391,9 +409,15 @@ class Ranker:
         layout = model.cache.get("rank_layout")
         if layout is None:
             layout = RankLayout(self.spec, model.signature(self.signature_for(model)))
-            if layout.vectors and self.index_table is not None and int(self.index_table.dim) != layout.dim:
-                raise FailedPrecondition(f"ranking: the index table has dim {self.index_table.dim}, model version "
-                                         f"{model.version} expects vectors of dim {layout.dim}")
+            tables = tables_by_modality(self.index_table)
+            for modality, _, _, dim in layout.modalities if tables else ():
+                what = f" of the modality {modality!r}" if modality else ""
+                if modality not in tables:
+                    raise FailedPrecondition(f"ranking: model version {model.version} reads vectors{what}, but the "
+                                             f"server has index tables for {sorted(tables)}")
+                if int(tables[modality].dim) != dim:
+                    raise FailedPrecondition(f"ranking: the index table{what} has dim {tables[modality].dim}, model "
+                                             f"version {model.version} expects vectors of dim {dim}")
             missing = [c for c in layout.catalogue_columns()
                        if self.catalogue is not None and c not in self.catalogue.columns]
             if missing:
@@ -471,41 +495,53 @@ class Ranker:
                     row[s - k:] = cols[column]
                     inputs[name] = np.broadcast_to(row, (rows, s))
         inputs.update(request.candidate_features)
-        # multimodal vectors: one index-table call for the unique ids of candidates and history
-        found = np.zeros(n, bool)
+        # multimodal vectors: one index-table call per modality for the unique ids of candidates and history
+        found = np.ones(n, bool)
         cand_unknown = hist_unknown = 0
-        if layout.vectors:
-            d = layout.dim
-            if self.index_table is not None:
-                uniq, inverse = np.unique(np.concatenate([cands, hist]), return_inverse=True)
-                vecs, ok = self.index_table.get_many(uniq)
-                vecs = np.asarray(vecs, np.float32)
-                ok = np.asarray(ok, bool)
-                if vecs.shape != (len(uniq), d):
-                    raise FailedPrecondition(f"index table returned vectors of shape {list(vecs.shape)} for "
-                                             f"{len(uniq)} ids of dim {d}")
-                cand_rows, hist_rows = inverse[:n], inverse[n:]
-                cand_vec, found = vecs[cand_rows], ok[cand_rows]
-                hist_vec = np.zeros((s, d), np.float32)
-                hist_vec[s - k:] = vecs[hist_rows]
-                hist_found = ok[hist_rows]
-            else:
-                cand_vec = np.zeros((n, d), np.float32)
-                hist_vec = np.zeros((s, d), np.float32)
-                hist_found = np.zeros(k, bool)
-            hist_missing = np.zeros(s, np.float32)
-            hist_missing[s - k:] = (~hist_found).astype(np.float32)
-            cand_unknown, hist_unknown = int(n - found.sum()), int(k - hist_found.sum())
-            inputs[ITEM_VECTOR] = cand_vec
-            inputs[missing_flag_name(ITEM_VECTOR)] = (~found).astype(np.float32)
-            if HIST_ITEM_VECTOR in layout.inputs:
-                # the repeated view costs one copy (~0.25 ms for 200 × 50 × 128; a tf.broadcast_to op measured
-                # 2-3× slower)
-                inputs[HIST_ITEM_VECTOR] = np.broadcast_to(hist_vec, (rows, s, d))  # [N or 1, S, D]
-                inputs[missing_flag_name(HIST_ITEM_VECTOR)] = np.broadcast_to(hist_missing, (rows, s))
+        per_modality = {}
+        if layout.modalities:
+            tables = tables_by_modality(self.index_table)
+            uniq, inverse = np.unique(np.concatenate([cands, hist]), return_inverse=True)
+            cand_rows, hist_rows = inverse[:n], inverse[n:]
+            any_missing_cand, any_missing_hist = np.zeros(n, bool), np.zeros(k, bool)
+            for modality, item_input, hist_input, d in layout.modalities:
+                table = tables.get(modality)
+                if table is not None:
+                    vecs, ok = table.get_many(uniq)
+                    vecs = np.asarray(vecs, np.float32)
+                    ok = np.asarray(ok, bool)
+                    if vecs.shape != (len(uniq), d):
+                        raise FailedPrecondition(f"index table returned vectors of shape {list(vecs.shape)} for "
+                                                 f"{len(uniq)} ids of dim {d}")
+                    cand_vec, cand_found = vecs[cand_rows], ok[cand_rows]
+                    hist_vec = np.zeros((s, d), np.float32)
+                    hist_vec[s - k:] = vecs[hist_rows]
+                    hist_found = ok[hist_rows]
+                else:  # no index table: every vector is missing (the model's fallback)
+                    cand_vec, cand_found = np.zeros((n, d), np.float32), np.zeros(n, bool)
+                    hist_vec = np.zeros((s, d), np.float32)
+                    hist_found = np.zeros(k, bool)
+                hist_missing = np.zeros(s, np.float32)
+                hist_missing[s - k:] = (~hist_found).astype(np.float32)
+                found &= cand_found
+                any_missing_cand |= ~cand_found
+                any_missing_hist |= ~hist_found
+                if modality:  # a missing modality is the fallback of that modality alone, counted on its own
+                    per_modality[f"candidates_unknown_{modality}"] = int(n - cand_found.sum())
+                    per_modality[f"history_unknown_{modality}"] = int(k - hist_found.sum())
+                inputs[item_input] = cand_vec
+                inputs[missing_flag_name(item_input)] = (~cand_found).astype(np.float32)
+                if hist_input is not None:
+                    # the repeated view costs one copy (~0.25 ms for 200 × 50 × 128; a tf.broadcast_to op measured
+                    # 2-3× slower)
+                    inputs[hist_input] = np.broadcast_to(hist_vec, (rows, s, d))  # [N or 1, S, D]
+                    inputs[missing_flag_name(hist_input)] = np.broadcast_to(hist_missing, (rows, s))
+            cand_unknown, hist_unknown = int(any_missing_cand.sum()), int(any_missing_hist.sum())
+        else:
+            found = np.zeros(n, bool)
         if count:
             self.stats.add(rank_requests=1, candidates=n, candidates_unknown=cand_unknown, history_items=k,
-                           history_unknown=hist_unknown, catalogue_unknown=cat_unknown)
+                           history_unknown=hist_unknown, catalogue_unknown=cat_unknown, **per_modality)
         return inputs, found
 
     def rank(self, model, request, count=True):

@@ -1,6 +1,7 @@
 """Encoder service end to end on tiny untrained encoders exported by mm_ads.scl.export."""
 
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -302,3 +303,42 @@ def test_killed_service_resumes_from_its_checkpoint(text_encoder, tmp_path, repo
         vecs, found = t.get_many([1, 2, 3, 4, 5])
         assert found.all()
         np.testing.assert_allclose(vecs, tower(tf.constant(TITLES)).numpy(), atol=1e-5)
+
+
+def test_two_modalities_encode_every_new_item_into_their_own_tables(text_encoder, image_encoder, tmp_path):
+    """`--encoder=image=...,text=...`: one service per modality on the same stream; an item without an image is the
+    image service's counted skip, and its text vector is written all the same."""
+    from mm_ads.serving.index.encoder_service import ModalityEncoderServices, open_encoder_service
+    from mm_ads.serving.index.modalities import open_index_tables
+
+    (text_tower, text_path), (_, image_path) = text_encoder, image_encoder
+    png = _png(1, size=(16, 16))
+    events = [{"type": "item", "item_id": 1, "title": TITLES[0], "image_png_b64": base64.b64encode(png).decode(),
+               "ts": time.time()},
+              {"type": "item", "item_id": 2, "title": TITLES[1], "ts": time.time()}]  # no image yet
+    log = str(tmp_path / "items.log")
+    with open_stream(log) as stream:
+        stream.append(events)
+    tables = f"image={tmp_path / 'image.db'},text={tmp_path / 'text.db'}"
+    config = EncoderServiceConfig(encoder=f"image={image_path},text={text_path}", events=log, index_table=tables,
+                                  max_wait_ms=0, poll_timeout_ms=0, log_every_s=0)
+    services = open_encoder_service(config)
+    assert isinstance(services, ModalityEncoderServices) and list(services.services) == ["image", "text"]
+    while any(services.run_once(timeout_s=0).values()):
+        pass
+    stats = services.stats()
+    assert stats["text"]["written"] == 2 and stats["image"]["written"] == 1
+    assert stats["image"]["skipped_by_reason"] == {"no_image": 1}
+    services.close()
+    with open_index_tables(tables) as opened:
+        got = opened.get_many([1, 2])
+        assert got["text"][1].tolist() == [True, True] and got["image"][1].tolist() == [True, False]
+        np.testing.assert_allclose(got["text"][0][0], text_tower(tf.constant([TITLES[0]])).numpy()[0], atol=1e-5)
+        assert opened.dims == {"image": 5, "text": 6}
+    # a restart resumes each modality from its own checkpoint: nothing is encoded twice
+    services = open_encoder_service(config)
+    assert sum(services.run_once(timeout_s=0).values()) == 0
+    services.close()
+    bad = dataclasses.replace(config, index_table=f"image={tmp_path / 'image.db'}")
+    with pytest.raises(ValueError, match="must name the same modalities"):
+        open_encoder_service(bad)
