@@ -30,9 +30,19 @@ def redact_uri(uri):
     `redis://user:secret@host:6379/0` → `redis://user:***@host:6379/0`; `redis://:secret@host/0` →
     `redis://:***@host/0`; user info without a colon (`redis://secret@host`) is replaced whole (`***@`); a
     `password=` query parameter becomes `password=***`. A path or a URI without credentials is returned unchanged.
+    A list of several modalities' tables (`image=redis://...,text=redis://...`) has every entry redacted.
     """
     text = str(uri)
+    if "," in text or _MODALITY_ENTRY.match(text):
+        return ",".join(m.group(1) + _redact_one(m.group(2)) if (m := _MODALITY_ENTRY.match(part)) else
+                        _redact_one(part) for part in text.split(","))
+    return _redact_one(text)
 
+
+_MODALITY_ENTRY = re.compile(r"^([a-z][a-z0-9_]{0,31}=)(.*)$", re.DOTALL)
+
+
+def _redact_one(text):
     def userinfo(m):
         user, colon, _ = m.group(2).partition(":")
         return m.group(1) + (f"{user}:***" if colon else "***") + "@"

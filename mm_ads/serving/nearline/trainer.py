@@ -62,6 +62,7 @@ from absl import app, logging
 
 from mm_ads import config as config_lib
 from mm_ads import options as options_lib
+from mm_ads.serving.index.modalities import tables_by_modality
 from mm_ads.serving.index.redis_local import redact_uri
 from mm_ads.training import model_dir as run_dir
 from mm_ads.utils import io as io_utils
@@ -263,10 +264,18 @@ def _field_root(field):
     return field.split("[", 1)[0]
 
 
+def _encoder_versions(table):
+    """The encoder version of the index table ("" without one); several modalities' tables: `m=version,...`."""
+    tables = tables_by_modality(table)
+    if list(tables) == [""]:
+        return tables[""].encoder_version
+    return ",".join(f"{m}={t.encoder_version}" for m, t in tables.items())
+
+
 def _check_encoder_versions(table, expected):
     """`--expected_encoder_version`: one version (one index table), or `<modality>=<version>,...` for the tables of
     several modalities (each named modality checked); "" checks nothing."""
-    from mm_ads.serving.index.modalities import parse_index_tables, tables_by_modality
+    from mm_ads.serving.index.modalities import parse_index_tables
 
     if not expected:
         return
@@ -339,8 +348,6 @@ class NearlineTrainer:
                 index_table = self._own(open_index_tables(nearline.index_table))
             self.table = index_table
             _check_encoder_versions(self.table, nearline.expected_encoder_version)
-        from mm_ads.serving.index.modalities import tables_by_modality
-
         dims = {m: int(t.dim) for m, t in tables_by_modality(self.table).items()}
         self.task = CTRTask(config, vector_dims=dims or None)
         self.spec = self.task.spec
@@ -389,7 +396,7 @@ class NearlineTrainer:
     # -- start ----------------------------------------------------------------------------------
     def _check_encoder_version(self):
         path = os.path.join(self.model_dir, NEARLINE_FILE)
-        version = self.table.encoder_version if self.table is not None else ""
+        version = _encoder_versions(self.table)
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f).get("encoder_version", "")
@@ -435,8 +442,12 @@ class NearlineTrainer:
             raise ValueError(f"--init_model_dir={init} trained another model config ({old.model}) than this flagfile "
                              f"({self.config.model})")
         if spec != self.spec:
+            def vectors(s):
+                return {m.name or "(unnamed)": m.dim for m in s.modalities()}
+
             raise ValueError(f"{run_dir.path(init, run_dir.SPEC)}: the offline model's FeatureSpec differs from the "
-                             f"one of --data_dir with the index table's dim ({spec} vs {self.spec})")
+                             f"one of --data_dir with the index tables' modalities and dims (vectors: offline "
+                             f"{vectors(spec)}, index tables {vectors(self.spec)}; {spec} vs {self.spec})")
 
     def _load_exports(self):
         path = os.path.join(self.model_dir, EXPORTS_FILE)
@@ -653,8 +664,10 @@ class NearlineTrainer:
 
         self.checkpoint()
         # the index table's encoder is the one these vectors came from: the server checks it against its table
-        vectors = None if self.table is None else {"encoder_version": self.table.encoder_version,
-                                                   "dim": int(self.table.dim), "table": self.table.uri}
+        tables = tables_by_modality(self.table)
+        vectors = {m: {"encoder_version": t.encoder_version, "dim": int(t.dim), "table": redact_uri(t.uri)}
+                   for m, t in tables.items()}
+        vectors = vectors.get("", vectors) or None  # one unnamed table: its record; several: one per modality
         path = export_saved_model(self.trainer.model, self.export_base, spec=self.spec, vectors=vectors)
         entry = {"version": int(os.path.basename(path)), "path": os.path.abspath(path),
                  "step": int(self.trainer.step.numpy()), "events": self.state.events,
@@ -735,7 +748,7 @@ class NearlineTrainer:
             "end_offset": None if end is None else str(end),
             "backlog_bytes": end - nxt if isinstance(end, int) and isinstance(nxt, int) else None,
             "vector_join": self.join.stats() if self.join is not None else None,
-            "encoder_version": self.table.encoder_version if self.table is not None else None,
+            "encoder_version": _encoder_versions(self.table) or None,
             "updated_at": time.time(),
         }
         return out

@@ -19,6 +19,10 @@ pytest.importorskip("redis")  # connect() needs redis-py even with a client give
     ("redis://127.0.0.1:6379/0?prefix=a@b", "redis://127.0.0.1:6379/0?prefix=a@b"),  # '@' after the host: kept
     ("runs/events.log", "runs/events.log"),
     ("/data/user:name@x/events.log", "/data/user:name@x/events.log"),
+    # several modalities' tables (`--index_table=image=URI,text=URI`): every entry
+    ("image=redis://:s3cret@h/0?prefix=i,text=runs/text.db", "image=redis://:***@h/0?prefix=i,text=runs/text.db"),
+    ("image=redis://a:b@h/0,text=rediss://c:d@h/1?password=x",
+     "image=redis://a:***@h/0,text=rediss://c:***@h/1?password=***"),
 ])
 def test_redact_uri(uri, shown):
     assert redact_uri(uri) == shown

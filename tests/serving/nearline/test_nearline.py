@@ -26,7 +26,7 @@ from mm_ads.serving.nearline.trainer import (
     fingerprint_of,
     read_checkpoint_state,
 )
-from tests.serving.nearline.nearline_world import DIM, make_index_table, make_world
+from tests.serving.nearline.nearline_world import DIM, attribute_vectors, make_index_table, make_world
 
 SMOKE = "configs/ctr/smoke.flags"
 DROPPED = tuple(range(1, 15))  # items without a vector in the index table
@@ -392,3 +392,53 @@ def test_kill_9_and_restart_loses_and_double_counts_nothing(world, index_uri, tm
     assert stats["events"] == k and stats["fingerprint"] == state["fingerprint"]
     _assert_same_weights(tf.train.latest_checkpoint(os.path.join(model_dir, "ckpt")),
                          tf.train.latest_checkpoint(str(tmp_path / "uninterrupted" / "ckpt")))
+
+
+def test_two_modalities_from_two_index_tables_train_like_the_offline_trainer(world, index_uri, tmp_path):
+    """A model of two modalities (`--vector_table=attributes,text`) continues near-line from one index table per
+    modality (`--index_table=attributes=URI,text=URI`) and trains the same weights as offline on the same events."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from mm_ads import train as train_lib
+    from mm_ads.config import config_from_flagfile
+    from mm_ads.data.vectors import write_vector_table
+    from mm_ads.serving.index.index_table import load_vector_table_into, open_index_table
+
+    data = str(tmp_path / "world")
+    shutil.copytree(world, data)
+    items = pq.read_table(os.path.join(data, "items.parquet")).to_pydict()
+    text = os.path.join(data, "vectors", "text.parquet")
+    write_vector_table(text, np.asarray(items["item_id"]), attribute_vectors(items, dim=4, seed=5),
+                       encoder_version="test-text")
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    manifest["extra"]["vector_tables"]["text"] = "vectors/text.parquet"
+    json.dump(manifest, open(os.path.join(data, "manifest.json"), "w"))
+    text_uri = str(tmp_path / "text.db")
+    with open_index_table(text_uri, dim=4, encoder_version="test-text", create=True) as table:
+        load_vector_table_into(table, text)
+    steps, batch = 4, 32
+    offline_dir = str(tmp_path / "offline")
+    train_lib.run(config_from_flagfile(SMOKE, variant="simtier", data_dir=data, model_dir=offline_dir,
+                                       vector_table="attributes,text", batch_size=batch, max_steps=steps,
+                                       shuffle_buffer=0, deterministic=True, export=False, checkpoint_every=100))
+    log, _ = _event_log(str(tmp_path / "events.log"), data, steps * batch)
+    tables = f"attributes={index_uri},text={text_uri}"
+    config, nearline = _configs(data, str(tmp_path / "nearline"), log.path, tables, prefetch=False)
+    with NearlineTrainer(config, nearline) as trainer:
+        assert [m.name for m in trainer.spec.modalities()] == ["attributes", "text"]
+        stats = trainer.run()
+    assert stats["step"] == steps
+    assert stats["vector_join"]["features"]["item_vector_text"]["missing"] == 0
+    joined = stats["vector_join"]["features"]
+    assert joined["item_vector_attributes"]["missing"] + joined["hist_item_vector_attributes"]["missing"] > 0
+    assert joined["hist_item_vector_text"]["missing"] == 0  # the attributes table lacks items the text one has
+    _assert_same_weights(tf.train.latest_checkpoint(os.path.join(offline_dir, "ckpt")),
+                         tf.train.latest_checkpoint(str(tmp_path / "nearline" / "ckpt")))
+    # index tables named after other modalities than the offline model's: refused, naming both
+    config, nearline = _configs(data, str(tmp_path / "other"), log.path, f"image={index_uri},text={text_uri}",
+                                init_model_dir=offline_dir)
+    with pytest.raises(ValueError, match=r"offline \{'attributes': 8, 'text': 4\}, index tables \{'image': 8, "
+                                         r"'text': 4\}"):
+        NearlineTrainer(config, nearline)
