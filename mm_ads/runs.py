@@ -141,8 +141,8 @@ def _validate_vector_table(config, manifest):
                              f"declares dim {declared['dim']} for it")
         dims[modality] = int(info["dim"])
     try:
-        vector_record.check(config.model_dir, _describe_tables(tables), config.train.allow_vector_table_change,
-                            "resume", option=flag)
+        vector_record.check(config.model_dir, vector_record.describe_tables(tables),
+                            config.train.allow_vector_table_change, "resume", option=flag)
     except ValueError as e:  # VectorTableChanged, or an unreadable record
         raise InputError(str(e)) from None
     # a resumed run (or its MAKE pre-training) was built for the vectors it trained with
@@ -162,14 +162,6 @@ def _validate_vector_table(config, manifest):
             raise InputError(f"{flag}: the tables give {show(dims)}, but the run in {model_dir} was trained with "
                              f"{show(trained)} ({spec_path}): use the tables it was trained with, or a new "
                              "--model_dir")
-
-
-def _describe_tables(tables):
-    """The `vector_record` entry (one modality) or entries (several) of `_vector_tables`' tables."""
-    from mm_ads.training import vector_record
-
-    entries = [vector_record.describe_table(path, name, modality) for modality, path, name in tables]
-    return entries[0] if len(entries) == 1 and not tables[0][0] else entries
 
 
 def run(config):
@@ -201,11 +193,11 @@ def _record_vector_table(config, chief):
     if not config.model.uses_vectors:
         return None
     _, tables = _vector_tables(config, Manifest.load(config.data.data_dir))
-    current = _describe_tables(tables)  # the files were hashed once already in this process
+    current = vector_record.describe_tables(tables)  # the files were hashed once already in this process
     recorded = vector_record.recorded_entries(config.model_dir)
     if recorded is None or vector_record.differences(recorded, current):  # new, or a change allowed (and warned)
         return vector_record.write(config.model_dir, current) if chief else current
-    return recorded[0] if isinstance(current, dict) else recorded
+    return vector_record.single_or_list(recorded)
 
 
 def _pretrain_make(config, strategy, chief, vectors=None):

@@ -263,14 +263,11 @@ def _checked_vector_table(model_dir, config, allow_change):
         logging.warning("%s records no vector table (a run from before the record): the export records no encoder "
                         "version, so a server checks only the vectors' dim", model_dir)
         return None
-    if len(recorded) == 1 and not recorded[0].get("modality"):
-        recorded = recorded[0]
+    recorded = vector_record.single_or_list(recorded)
     try:
         manifest = Manifest.load(config.data.data_dir)
         tables = resolve_modality_tables(manifest, config.data.vector_table or None, option="--vector_table")
-        current = [vector_record.describe_table(path, name, modality) for modality, path, name in tables]
-        if len(current) == 1 and not tables[0][0]:
-            current = current[0]
+        current = vector_record.describe_tables(tables)
     except (OSError, ValueError) as e:
         logging.warning("the vector table of %s cannot be read here (%s): not compared with the record %s; the "
                         "export records the recorded table", model_dir, e,

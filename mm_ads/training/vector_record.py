@@ -48,6 +48,19 @@ def describe_table(path, name=None, modality=""):
     return entry
 
 
+def describe_tables(tables):
+    """The record of a run's tables, `[(modality, path, manifest name or None)]` (what
+    `mm_ads.data.pipeline.resolve_modality_tables` gives): one entry for the single unnamed modality, else a list of
+    entries, one per modality."""
+    entries = [describe_table(path, name, modality) for modality, path, name in tables]
+    return entries[0] if len(entries) == 1 and not tables[0][0] else entries
+
+
+def single_or_list(entries):
+    """Recorded entries in the form `describe_tables` gives: the one entry of an unnamed modality, else the list."""
+    return entries[0] if len(entries) == 1 and not entries[0].get("modality") else entries
+
+
 def read_record(model_dir):
     """The record of `model_dir`, or None (no multimodal run started there yet, or one started before records)."""
     path = os.path.join(model_dir, RECORD_FILE)
