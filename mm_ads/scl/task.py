@@ -44,7 +44,7 @@ def build_encoder(scl, vocabulary=None, modality=None):
         from mm_ads.scl.pretrained_image_tower import PretrainedImageTower
 
         return PretrainedImageTower(scl.image_pretrained_path, scl.output_dim, scl.projection_hidden,
-                                    name="image_tower")
+                                    input_size=scl.image_tower_size, name="image_tower")
     if modality == "text":
         return TextTower(vocabulary or [], scl.max_tokens, scl.num_oov_buckets, scl.text_width, scl.text_layers,
                          scl.text_heads, scl.output_dim, scl.projection_hidden, name="text_tower")

@@ -360,3 +360,38 @@ def test_config_wires_the_tower_into_scl_and_clip(weights, smoke_world):
     assert isinstance(clip_model.image_encoder, pit.PretrainedImageTower) and clip_model.image_encoder.output_dim == 8
     with pytest.raises(ValueError, match="scl.image_encoder must be one of"):
         config_lib.config_from_values({**values, "image_encoder": "resnet"})
+
+
+def test_input_size_resizes_to_it_and_survives_save_and_clone(weights, tower, tmp_path):
+    small = pit.PretrainedImageTower(input_size=64, name="effnet64")
+    x = _pattern()
+    assert tuple(small.preprocess(x).shape) == (1, 64, 64, 3)
+    small.build()
+    for mine, theirs in zip(small.get_weights(), tower.get_weights()):  # the same weights, a smaller view
+        np.testing.assert_array_equal(mine, theirs)
+    resized = keras.ops.image.resize(x, (64, 64), interpolation="bilinear", antialias=True).numpy()
+    np.testing.assert_allclose(small(resized).numpy(), small(x).numpy(), atol=1e-5)  # 224 → 64 happens inside
+    assert not np.allclose(small(x).numpy(), tower(x).numpy(), atol=1e-3)
+    path = str(tmp_path / "small.keras")
+    small.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.input_size == 64
+    np.testing.assert_allclose(loaded(x).numpy(), small(x).numpy(), atol=1e-6)
+    clone = small.clone_architecture("key")
+    assert clone.input_size == 64
+    with pytest.raises(ValueError, match="input_size must be >= 32, got 16"):
+        pit.PretrainedImageTower(input_size=16, load_pretrained=False)
+
+
+def test_a_tower_first_called_while_tracing_reads_the_weights(weights, tower):
+    """Evaluations call a fresh tower first inside a tf.function; its weights must be the file's every time
+    (assignments made while tracing once left a second such tower at its random initialisation)."""
+    import tensorflow as tf
+
+    x = _pattern()
+    expected = tower(x).numpy()
+    for name in ("traced_first", "traced_second"):
+        traced = pit.PretrainedImageTower(name=name)
+        out = tf.function(lambda v, t=traced: t(v, training=False))(x).numpy()
+        np.testing.assert_array_equal(traced.stem.kernel.numpy(), tower.stem.kernel.numpy())
+        np.testing.assert_allclose(out, expected, atol=1e-5)
