@@ -34,7 +34,9 @@ so a seed and a flagfile define the dataset exactly):
    quality_i + user_effect_u + N(0, `noise_std`))); b0 is solved so that the train CTR
    equals `target_ctr`. The history of an impression is the user's S most recent clicks
    before it (prior history, then clicks in the log), most recent last, left-padded with 0.
-   Train = impressions before the end of day `train_days`, test = after (time-ordered).
+   Train = impressions before the end of day `train_days`, test = after (time-ordered). With
+   `valid_days` > 0, the last `valid_days` of those days are a `valid` split instead of train
+   (the same log and clicks; choices are made there, never on test).
 7. **Content.** Each item gets a `image_size`² RGB image rendered from its attributes and
    brand, and a title (brand, attribute words or synonyms, the category noun, filler words);
    see `mm_ads.data.render`.
@@ -90,6 +92,7 @@ class WorldConfig:
     num_impressions: int = 20000
     train_days: int = 6
     test_days: int = 1
+    valid_days: int = 0
     new_item_fraction: float = 0.03
     new_item_boost: float = 1.0
     history_temperature: float = 2.0
@@ -122,6 +125,9 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.target_ctr must be in (0, 0.5), got {self.target_ctr}")
         if self.image_size < 8:
             raise ValueError(f"WorldConfig.image_size must be >= 8, got {self.image_size}")
+        if not 0 <= self.valid_days < self.train_days:
+            raise ValueError(f"WorldConfig.valid_days must be in [0, train_days={self.train_days}), got "
+                             f"{self.valid_days}")
         if self.items_per_prototype < 1:
             raise ValueError(f"WorldConfig.items_per_prototype must be >= 1, got {self.items_per_prototype}")
         return self
@@ -139,6 +145,7 @@ class World:
         self.rng = np.random.default_rng(config.seed)
         self.t_start = EPOCH
         self.t_split = EPOCH + config.train_days * DAY
+        self.t_valid = self.t_split - config.valid_days * DAY
         self.t_end = self.t_split + config.test_days * DAY
         self.num_colours = len(render.COLOURS)
         self.num_patterns = len(render.PATTERNS)
@@ -315,6 +322,19 @@ class World:
         }
         self.bias = float(b0)
 
+    def split_masks(self):
+        """`{split: impression mask}`: `train` before the split time, `test` after; with `valid_days`, the last
+        `valid_days` days before the split time are the `valid` split instead of train. The clicks are the same
+        either way (the click bias is solved on all impressions before the split time)."""
+        imp = self.impressions
+        before = imp["train"]
+        valid = before & (imp["time"] >= self.t_valid)
+        masks = {"train": before & ~valid}
+        if self.config.valid_days:
+            masks["valid"] = valid
+        masks["test"] = ~before
+        return masks
+
     def ctr_columns(self, mask):
         imp, items, users = self.impressions, self.items, self.users
         it, us, hist = imp["item"][mask], imp["user"][mask], imp["hist"][mask]
@@ -413,19 +433,21 @@ class World:
 
     def stats(self):
         imp, c = self.impressions, self.config
-        train = imp["train"]
+        masks = self.split_masks()
+        train = masks["train"]
         counts = np.bincount(imp["item"][train], minlength=c.num_items)
         top = np.sort(counts)[::-1]
         top1 = top[: max(1, c.num_items // 100)].sum() / max(top.sum(), 1)
         seen = counts > 0
-        test_items = imp["item"][~train]
+        test_items = imp["item"][masks["test"]]
         cold = ~seen[test_items] if len(test_items) else np.zeros(0, bool)
         hist_len = (imp["hist"] != 0).sum(axis=1)
         return {
             "ctr_train": round(float(imp["label"][train].mean()), 4) if train.any() else None,
-            "ctr_test": round(float(imp["label"][~train].mean()), 4) if (~train).any() else None,
+            "ctr_test": round(float(imp["label"][masks["test"]].mean()), 4) if masks["test"].any() else None,
             "impressions_train": int(train.sum()),
-            "impressions_test": int((~train).sum()),
+            **({"impressions_valid": int(masks["valid"].sum())} if "valid" in masks else {}),
+            "impressions_test": int(masks["test"].sum()),
             "items_seen_in_train": int(seen.sum()),
             "top1pct_items_share_of_train_impressions": round(float(top1), 4),
             "test_impressions_of_unseen_items": int(cold.sum()),
@@ -456,7 +478,8 @@ def write_world(world, output_dir, overwrite=False, progress=True, provenance=No
     imp = world.impressions
     extra = {
         "config": dataclasses.asdict(c),
-        "time": {"start": world.t_start, "train_end": world.t_split, "end": world.t_end},
+        "time": {"start": world.t_start, "train_end": world.t_valid, "test_start": world.t_split,
+                 "end": world.t_end},
         "attributes": {
             "colour": [x[0] for x in render.COLOURS], "pattern": [x[0] for x in render.PATTERNS],
             "material": [x[0] for x in render.MATERIALS], "size": [x[0] for x in render.SIZES],
@@ -470,10 +493,11 @@ def write_world(world, output_dir, overwrite=False, progress=True, provenance=No
         w.manifest.extra.update(extra)
         n = len(imp["label"])
         bar = Progress("impressions", n, enabled=progress and n >= 200_000)
-        for split, mask in (("train", imp["train"]), ("test", ~imp["train"])):
+        masks = world.split_masks()
+        for split, mask in masks.items():
             shards = c.num_shards if split == "train" else max(1, c.num_shards // 2)
             w.write_ctr(split, world.ctr_columns(mask), num_shards=shards, progress=bar)
-        w.write_item_stats(world.items["item_id"][imp["item"][imp["train"]]], imp["time"][imp["train"]])
+        w.write_item_stats(world.items["item_id"][imp["item"][masks["train"]]], imp["time"][masks["train"]])
         items = {k: world.items[k] for k in ("item_id", "category", "brand", "colour", "pattern", "material",
                                              "size", "prototype_id", "created_at")}
         items = {"category_id" if k == "category" else "brand_id" if k == "brand" else k: v

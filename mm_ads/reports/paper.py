@@ -410,8 +410,11 @@ class PaperRunner:
             change = [(runs["image+text"][variant][s]["gauc"] - singles[best][s]["gauc"]) / singles[best][s]["gauc"]
                       for s in self.o.seeds]
             both[variant] = {"best_single": best, "gauc_rel": mean_std(change)}
+        fusions = {fusion: runs[name] for name, fusion in zip(
+            [n for n, _, _ in sets[1:]], self.o.make_fusions)}
         return {"rows": rows, "runs": by_seed, "image_vectors": os.path.relpath(image, self.out),
-                "image_row": self.o.image_row, "both_vs_best_single": both}
+                "image_row": self.o.image_row, "both_vs_best_single": both,
+                "fusion_choice": choose_make_fusion(fusions)}
 
     def run_id_epochs(self, table3_runs):
         """Table 3's multi-epoch id rows: `{epochs: row}` with GAUC/AUC/LogLoss and each relative to the one-epoch
@@ -810,6 +813,39 @@ def findings(results):
         popularity_findings(results)
 
 
+def choose_make_fusion(runs_by_fusion):
+    """MAKE's fusion of image + text chosen on validation: `{fusion: {variant: {seed: metrics}}}` (the image + text
+    runs of each `make_fusions` entry) → `{"chosen", "valid": {fusion: mean validation GAUC}, "reason"}`. A fusion
+    scores the mean, over its MAKE variants and seeds, of the validation GAUC at the epoch early stopping chose
+    (`metrics["early_stopping"]`, split `valid`); ties go to the first fusion. `chosen` is None, with the reason,
+    for a single fusion or when a run has no validation score (a dataset without a valid split, or early
+    stopping off): the test split never chooses."""
+    if len(runs_by_fusion) < 2:
+        return {"chosen": None, "valid": {}, "reason": "one fusion measured: nothing to choose"}
+    valid, missing = {}, []
+    for fusion, by_variant in runs_by_fusion.items():
+        scores = []
+        for variant, by_seed in by_variant.items():
+            if variant not in config_lib.MAKE_VARIANTS:
+                continue
+            for seed, m in by_seed.items():
+                es = m.get("early_stopping") or {}
+                if es.get("split") != "valid" or es.get("metric") != "gauc":
+                    missing.append(f"{fusion}/{variant}/seed{seed}")
+                else:
+                    scores.append(es["best_value"])
+        valid[fusion] = float(np.mean(scores)) if scores else None
+    if missing or any(v is None for v in valid.values()):
+        return {"chosen": None, "valid": {}, "reason": (
+            "no validation GAUC for " + ", ".join(missing[:4] or list(valid)) + " (the choice needs a dataset with "
+            "a valid split and --ctr_overrides=early_stopping_patience=P): not chosen, the test split never chooses")}
+    chosen = max(valid, key=lambda f: (valid[f], -list(valid).index(f)))
+    others = ", ".join(f"{f} {v:.4f}" for f, v in valid.items() if f != chosen)
+    return {"chosen": chosen, "valid": valid,
+            "reason": f"{chosen} has the best mean validation GAUC of the MAKE variants on image + text "
+                      f"({valid[chosen]:.4f}; {others})"}
+
+
 def modality_findings(modalities):
     """Per `modality_variants` variant: whether image + text is at least the better single modality (GAUC)."""
     out = []
@@ -828,6 +864,9 @@ def modality_findings(modalities):
             line += ("at least the better single modality" if both >= max(text, image) else
                      "BELOW the better single modality")
         out.append(line)
+    choice = (modalities or {}).get("fusion_choice")
+    if choice and choice["chosen"]:
+        out.append(f"Modalities: MAKE fusion chosen on validation: {choice['reason']}")
     return out
 
 
@@ -1005,6 +1044,10 @@ def modalities_markdown(modalities, results):
         for name, r in by_set.items():
             lines.append(f"| {variant} | {name} | {_pm(r['auc'])} | {_pm(r['gauc'])} | {_pm(r['logloss'])} | "
                          f"{_pm(r['gauc_rel'], True)} |")
+    choice = modalities.get("fusion_choice")
+    if choice:
+        lines += ["", f"MAKE fusion on image + text, chosen on validation: **{choice['chosen']}** — {choice['reason']}."
+                  if choice["chosen"] else f"MAKE fusion on image + text: {choice['reason']}."]
     return lines + [""]
 
 

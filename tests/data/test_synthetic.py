@@ -104,12 +104,35 @@ def test_time_ordered_split_ctr_and_cold_start(world, written):
     assert train["timestamp"].max() < test["timestamp"].min()
     for split in (train, test):
         assert 0.02 <= split["label"].mean() <= 0.15
-    t_split = m.extra["time"]["train_end"]
+    t_split = m.extra["time"]["test_start"]
+    assert m.extra["time"]["train_end"] == t_split  # no valid split: train runs up to the test
     new_in_test = test["item_created_at"] >= t_split
     assert new_in_test.sum() > 0, "no cold-start impressions in the test split"
     assert not np.isin(test["item_id"][new_in_test], train["item_id"]).any()
     stats = m.extra["stats"]
     assert stats["test_impressions_of_unseen_items"] >= new_in_test.sum()
+
+
+def test_valid_days_holds_out_the_last_train_days_with_the_same_clicks(world, written, tmp_path):
+    held = synthetic.World(synthetic.WorldConfig(**SMALL, valid_days=1)).generate(progress=False)
+    for k in ("user", "item", "time", "label", "hist"):  # the same log: only the partition differs
+        np.testing.assert_array_equal(world.impressions[k], held.impressions[k])
+    out = str(tmp_path / "held")
+    synthetic.write_world(held, out, progress=False)
+    m = Manifest.load(out)
+    t = m.extra["time"]
+    assert t["test_start"] - t["train_end"] == synthetic.DAY
+    train, valid, test = (_read_ctr(out, s) for s in ("train", "valid", "test"))
+    assert train["timestamp"].max() < t["train_end"] <= valid["timestamp"].min()
+    assert valid["timestamp"].max() < t["test_start"] <= test["timestamp"].min()
+    full_train, full_test = _read_ctr(written, "train"), _read_ctr(written, "test")
+    np.testing.assert_array_equal(np.concatenate([train["label"], valid["label"]]), full_train["label"])
+    np.testing.assert_array_equal(test["label"], full_test["label"])
+    assert m.extra["stats"]["impressions_valid"] == len(valid["label"]) > 500
+    assert m.extra["stats"]["impressions_train"] == len(train["label"])
+    stats = pq.read_table(os.path.join(out, "item_stats.parquet")).to_pydict()
+    assert sum(stats["train_count"]) == len(train["label"])  # item frequencies from the train split only
+    assert max(stats["first_seen"]) < t["train_end"]
 
 
 def test_long_tail(world):
@@ -208,7 +231,8 @@ def test_refuses_to_overwrite_without_flag(world, written):
         synthetic.write_world(world, written, progress=False)
 
 
-@pytest.mark.parametrize("field,value", [("num_items", 0), ("target_ctr", 0.7), ("mutation_prob", 1.5)])
+@pytest.mark.parametrize("field,value", [("num_items", 0), ("target_ctr", 0.7), ("mutation_prob", 1.5),
+                                               ("valid_days", 6), ("valid_days", -1)])
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         synthetic.WorldConfig(**{field: value}).validate()

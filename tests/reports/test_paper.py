@@ -214,7 +214,38 @@ def test_table3_by_modality_runs_image_and_image_plus_text(tmp_path, repo_root):
     markdown = open(tmp_path / "report.md").read()
     assert "## Table 3 by modality" in markdown and "| simtier | image+text |" in markdown
     assert any(f.startswith("Modalities: simtier on image + text") for f in results["findings"])
+    assert results["modalities"]["fusion_choice"]["chosen"] is None  # one fusion: nothing to choose
     with pytest.raises(ValueError, match="modality_variants must be multimodal variants"):
         paper.PaperConfig.from_values({"modality_variants": "id"}).validate()
     with pytest.raises(ValueError, match="make_fusions must be one or more of"):
         paper.PaperConfig.from_values({"make_fusions": "sum"}).validate()
+
+
+def _fusion_runs(valid_gauc, split="valid"):
+    """`{variant: {seed: metrics}}` of one fusion's image + text runs, with `valid_gauc[variant][seed]` as the
+    validation GAUC early stopping recorded (and a test GAUC that would choose the other way)."""
+    return {v: {s: {"gauc": 1.0 - g, "early_stopping": {"split": split, "metric": "gauc", "best_value": g}}
+                for s, g in enumerate(by_seed)} for v, by_seed in valid_gauc.items()}
+
+
+def test_make_fusion_is_chosen_on_validation_gauc_of_the_make_variants():
+    concat = _fusion_runs({"make": [0.70, 0.72], "simtier_make": [0.71, 0.73], "simtier": [0.99, 0.99]})
+    separate = _fusion_runs({"make": [0.71, 0.73], "simtier_make": [0.72, 0.74]})
+    choice = paper.choose_make_fusion({"concat": concat, "separate": separate})
+    assert choice["chosen"] == "separate"  # simtier is not a MAKE variant: its 0.99 does not count
+    assert choice["valid"] == pytest.approx({"concat": 0.715, "separate": 0.725})
+    assert "separate has the best mean validation GAUC" in choice["reason"] and "concat 0.7150" in choice["reason"]
+    tie = paper.choose_make_fusion({"separate": concat, "concat": concat})
+    assert tie["chosen"] == "separate"  # ties go to the first fusion listed
+    # without a validation score (no valid split, or early stopping off) nothing is chosen: test never decides
+    on_test = paper.choose_make_fusion({"concat": concat, "separate": _fusion_runs({"make": [0.9]}, split="eval")})
+    assert on_test["chosen"] is None and "separate/make/seed0" in on_test["reason"]
+    no_stop = paper.choose_make_fusion({"concat": concat, "separate": {"make": {0: {"gauc": 0.9}}}})
+    assert no_stop["chosen"] is None and "valid split" in no_stop["reason"]
+    single = paper.choose_make_fusion({"concat": concat})
+    assert single["chosen"] is None and "one fusion" in single["reason"]
+    md = paper.modalities_markdown({"rows": {}, "image_row": "scl", "fusion_choice": choice},
+                                   {"options": {"seeds": [0, 1]}})
+    assert any("chosen on validation: **separate**" in line for line in md)
+    assert paper.modality_findings({"rows": {}, "fusion_choice": choice}) == [
+        "Modalities: MAKE fusion chosen on validation: " + choice["reason"]]
