@@ -354,12 +354,15 @@ class Table2Runner:
         return path
 
     def catalogue_data(self):
-        """The photo → catalogue dataset built from the clothing photos (see `split_shop`)."""
+        """The photo → catalogue dataset built from the clothing photos (see `image_folder.split_shop`)."""
         o = self.options
         if not os.path.exists(o.images_path):
             raise FileNotFoundError(f"{o.images_path} not found (needed for the catalogue benchmark)")
-        shop = split_shop(o.images_path, os.path.join(self.data_root, f"clothing_shop{o.catalogue_per_class}"),
-                          o.catalogue_per_class)
+        from mm_ads.data.readers import image_folder
+
+        shop = image_folder.split_shop(o.images_path,
+                                       os.path.join(self.data_root, f"clothing_shop{o.catalogue_per_class}"),
+                                       o.catalogue_per_class)
         return self.prepared("image_folder", os.path.join(shop, "photos"), f"clothing_catalogue{o.catalogue_per_class}",
                              catalogue=os.path.join(shop, "catalogue"))
 
@@ -668,40 +671,6 @@ def aggregate_seeds(per_seed, options):
             "wall_s": round(sum(r.get("wall_s", 0.0) for r in per_seed.values()), 1),
             "reused_runs": sum(r.get("reused_runs", 0) for r in per_seed.values()),
             "reused_wall_s": round(sum(r.get("reused_wall_s", 0.0) for r in per_seed.values()), 1)}
-
-
-def split_shop(images_path, output_dir, per_class):
-    """Splits a class-per-folder photo collection (split folders `train/`, ...) into a shop: the first
-    `per_class` train photos of each class (by path) become `catalogue/<class>/`, every other photo
-    `photos/<split>/<class>/`. Written once, atomically (a finished `output_dir` is reused); returns it."""
-    import shutil
-
-    from mm_ads.data.readers.image_folder import iter_files
-
-    if os.path.exists(os.path.join(output_dir, "photos")):
-        return output_dir
-    files = sorted(iter_files(images_path))
-    keyed = []
-    for rel, data in files:
-        parts = rel.split("/")
-        if len(parts) < 3:
-            raise ValueError(f"{images_path}: {rel} is not <split>/<class>/<file> (a catalogue is cut from the "
-                             "train split's class folders)")
-        keyed.append((parts[-3], parts[-2], parts[-1], data))
-    if not any(split == "train" for split, *_ in keyed):
-        raise ValueError(f"{images_path}: no train/<class>/ photos to cut a catalogue from")
-    tmp = f"{output_dir}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    taken = {}
-    for split, cls, name, data in keyed:
-        n = taken[split, cls] = taken.get((split, cls), 0) + 1
-        path = (os.path.join(tmp, "catalogue", cls, name) if split == "train" and n <= per_class
-                else os.path.join(tmp, "photos", split, cls, name))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-    os.replace(tmp, output_dir)
-    return output_dir
 
 
 def main(argv):

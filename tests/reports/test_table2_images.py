@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from mm_ads.data.readers import image_folder
 from mm_ads.reports import options as options_lib
 from mm_ads.reports import table2
 from mm_ads.scl import pretrained_image_tower as pit
@@ -25,7 +26,7 @@ def photos(tmp_path_factory):
 
 
 def test_split_shop_takes_the_first_train_photos_of_each_class(photos, tmp_path):
-    shop = table2.split_shop(photos, str(tmp_path / "shop"), 2)
+    shop = image_folder.split_shop(photos, str(tmp_path / "shop"), 2)
     catalogue = sorted(os.path.relpath(os.path.join(d, f), os.path.join(shop, "catalogue"))
                        for d, _, fs in os.walk(os.path.join(shop, "catalogue")) for f in fs)
     assert catalogue == [f"{c}/{c}{i}.png" for c in CLASSES for i in range(2)]
@@ -39,10 +40,10 @@ def test_split_shop_takes_the_first_train_photos_of_each_class(photos, tmp_path)
 def test_split_shop_refuses_a_tree_without_train_class_folders(tmp_path):
     flat = str(_write_tree(tmp_path / "flat", {"a.png": _photo(1, "PNG")}))
     with pytest.raises(ValueError, match=r"flat: a.png is not <split>/<class>/<file>"):
-        table2.split_shop(flat, str(tmp_path / "shop"), 2)
+        image_folder.split_shop(flat, str(tmp_path / "shop"), 2)
     no_train = str(_write_tree(tmp_path / "nt", {"test/a/x.png": _photo(1, "PNG")}))
     with pytest.raises(ValueError, match="no train/<class>/ photos"):
-        table2.split_shop(no_train, str(tmp_path / "shop2"), 2)
+        image_folder.split_shop(no_train, str(tmp_path / "shop2"), 2)
     assert not os.path.exists(tmp_path / "shop") and not os.path.exists(tmp_path / "shop2")
 
 

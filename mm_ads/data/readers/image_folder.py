@@ -91,6 +91,40 @@ def iter_files(path):
                     yield rel, f.read()
 
 
+def split_shop(images_path, output_dir, per_class):
+    """Splits a class-per-folder photo collection (a directory or archive with split folders `train/`, ...) into a
+    shop for `prepare(..., catalogue=output_dir/catalogue)`: the first `per_class` train photos of each class (by
+    path) become `catalogue/<class>/`, every other photo `photos/<split>/<class>/`. Written once, atomically (a
+    finished `output_dir` is reused); returns it. Used to cut a photo → catalogue benchmark from photos that have
+    no catalogue of their own (README, Table 2's `catalogue` benchmark)."""
+    import shutil
+
+    if os.path.exists(os.path.join(output_dir, "photos")):
+        return output_dir
+    files = sorted(iter_files(images_path))
+    keyed = []
+    for rel, data in files:
+        parts = rel.split("/")
+        if len(parts) < 3:
+            raise ValueError(f"{images_path}: {rel} is not <split>/<class>/<file> (a catalogue is cut from the "
+                             "train split's class folders)")
+        keyed.append((parts[-3], parts[-2], parts[-1], data))
+    if not any(split == "train" for split, *_ in keyed):
+        raise ValueError(f"{images_path}: no train/<class>/ photos to cut a catalogue from")
+    tmp = f"{output_dir}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    taken = {}
+    for split, cls, name, data in keyed:
+        n = taken[split, cls] = taken.get((split, cls), 0) + 1
+        path = (os.path.join(tmp, "catalogue", cls, name) if split == "train" and n <= per_class
+                else os.path.join(tmp, "photos", split, cls, name))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    os.replace(tmp, output_dir)
+    return output_dir
+
+
 def layout(rel_paths, source):
     """(prefix to strip, has_splits) from the image paths; raises on paths that fit neither layout."""
     parts = [p.split("/") for p in rel_paths]
