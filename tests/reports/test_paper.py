@@ -249,3 +249,29 @@ def test_make_fusion_is_chosen_on_validation_gauc_of_the_make_variants():
     assert any("chosen on validation: **separate**" in line for line in md)
     assert paper.modality_findings({"rows": {}, "fusion_choice": choice}) == [
         "Modalities: MAKE fusion chosen on validation: " + choice["reason"]]
+
+
+@pytest.mark.large
+def test_make_fusion_choice_from_real_runs_on_a_world_with_a_valid_split(tmp_path, repo_root):
+    """End to end (~1 min): both fusions trained on the smoke world with a valid day; every run stopped on valid,
+    and the report's choice is the better mean validation GAUC of the runs it read."""
+    values = paper.config_lib.read_flagfile(os.path.join(repo_root, "configs", "paper", "smoke_modalities.flags"))
+    values.update(world_flagfile="configs/data/smoke_valid.flags", variants="id,make", modality_variants="make",
+                  make_fusions="concat,separate", make_epochs="1",
+                  ctr_overrides="embedding_dim=4,batch_size=128,eval_batch_size=512,checkpoint_every=50,"
+                                "early_stopping_patience=1")
+    cwd = os.getcwd()
+    os.chdir(repo_root)
+    try:
+        results = paper.run_paper(paper.PaperConfig.from_values(values), str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    choice = results["modalities"]["fusion_choice"]
+    valid = {}
+    for fusion, folder in (("concat", "image_text"), ("separate", "image_text_separate_MAKE")):
+        m = json.load(open(tmp_path / "modalities" / folder / "make" / "seed0" / "metrics.json"))
+        assert m["early_stopping"]["split"] == "valid"
+        valid[fusion] = m["early_stopping"]["best_value"]
+    assert choice["valid"] == pytest.approx(valid)
+    assert choice["chosen"] == max(valid, key=valid.get)
+    assert f"chosen on validation: **{choice['chosen']}**" in open(tmp_path / "report.md").read()
